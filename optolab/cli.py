@@ -1,0 +1,115 @@
+"""``optolab`` command line: run, validate, sites, plot.
+
+Every user error prints one line (``optolab: error: <where>: <what> Fix: <how>``) and exits
+with code 2; no traceback. Interrupting a run leaves its last checkpoint; the same command
+resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from optolab.errors import EXIT_USER_ERROR, OptolabError
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optolab", description="Causal-intervention lab for induction heads.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train a protocol (resumes an unfinished run in --out)")
+    p.add_argument("protocol")
+    p.add_argument("--seed", type=_seed, help="set the init and data seeds (the eval seed stays fixed)")
+    p.add_argument("--out", help="run directory (default: results/<name>_s<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="discard what --out holds first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for tiny models)")
+
+    p = sub.add_parser("validate", help="check a protocol and explain it in plain words")
+    p.add_argument("protocol")
+    p.add_argument("--seed", type=_seed)
+    p.add_argument("--resolved", action="store_true", help="also print the resolved YAML")
+
+    p = sub.add_parser("sites", help="every hook name with its shape for the protocol's model")
+    p.add_argument("protocol")
+
+    p = sub.add_parser("plot", help="(re)write the figures of a run directory")
+    p.add_argument("run_dir")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except OptolabError as e:
+        print(f"optolab: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("optolab: interrupted; the last checkpoint is kept — run the same command to resume.",
+              file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    import torch
+
+    from optolab.loader import load_protocol
+
+    if args.command == "run":
+        from optolab.api import default_out, run
+
+        torch.set_num_threads(max(1, args.threads))
+        protocol = load_protocol(args.protocol, seed=args.seed)
+        out = args.out or default_out(protocol)
+        result = run(protocol, out, overwrite=args.overwrite, progress=not args.no_progress)
+        s = result.summary
+        t = s.get("time_to_loss_0.5")
+        when = f"{t['sequences']:,} sequences (step {t['step']:,})" if t else "never"
+        print(f"run written to {result.path}")
+        print(f"{s['main_split']} loss below 0.5 at: {when}; final loss "
+              f"{s['final'][s['main_split']]['loss']:.4f}, figures in {result.dir.figures}")
+        return 0
+    if args.command == "validate":
+        import yaml
+
+        from optolab.describe import describe_protocol
+
+        protocol = load_protocol(args.protocol, seed=args.seed)
+        print("\n".join(describe_protocol(protocol)))
+        if args.resolved:
+            print("---")
+            print(yaml.safe_dump(protocol.resolved(), sort_keys=False), end="")
+        return 0
+    if args.command == "sites":
+        from optolab.describe import site_shapes
+
+        protocol = load_protocol(args.protocol)
+        rows = site_shapes(protocol)
+        width = max(len(n) for n, _ in rows)
+        print(f"{'hook':<{width}}  shape (dim 0 = batch)")
+        for name, shape in rows:
+            print(f"{name:<{width}}  [batch, {', '.join(map(str, shape[1:]))}]")
+        return 0
+    if args.command == "plot":
+        from optolab.api import open_run
+
+        for path in open_run(args.run_dir).plot():
+            print(path)
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

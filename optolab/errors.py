@@ -1,0 +1,198 @@
+"""One error type for everything a user can get wrong.
+
+Rules:
+- Anything caused by user input (a protocol, a task spec, a CLI flag, a run directory) raises
+  :class:`OptolabError`. Bugs in optolab raise ordinary exceptions.
+- An ``OptolabError`` names *where* (file, field path, line when YAML gives one), *what* is wrong
+  and *how to fix it*. The CLI prints ``str(err)`` as one line and exits with code 2.
+- Pydantic validation errors are translated here, once, so every schema speaks the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXIT_USER_ERROR = 2
+
+
+class OptolabError(Exception):
+    """A user-facing error: one line saying where, what, and the fix."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        fix: str | None = None,
+        source: str | Path | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.message = message
+        self.field = field
+        self.fix = fix
+        self.source = str(source) if source is not None else None
+        self.line = line
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        where = self.source or ""
+        if where and self.line is not None:
+            where += f":{self.line}"
+        parts = [p for p in (where, self.field) if p]
+        text = ": ".join(parts + [self.message]) if parts else self.message
+        if self.fix:
+            text += f" Fix: {self.fix}"
+        return " ".join(text.split())  # always one line
+
+    def located(self, source: str | Path | None, lines: Mapping[tuple, int] | None = None) -> OptolabError:
+        """The same error with a file (and a line looked up from the field path) attached."""
+        line = self.line
+        if line is None and lines is not None and self.field:
+            line = lookup_line(lines, self.field)
+        return OptolabError(self.message, field=self.field, fix=self.fix, source=source, line=line)
+
+
+# --- YAML line numbers -------------------------------------------------------------------
+
+
+def yaml_line_map(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line number (best effort)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    out: dict[tuple, int] = {}
+
+    def walk(node: Any, path: tuple) -> None:
+        out.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                kpath = path + (key.value,)
+                out[kpath] = key.start_mark.line + 1
+                walk(value, kpath)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def lookup_line(lines: Mapping[tuple, int], dotted: str) -> int | None:
+    path: list[Any] = []
+    for part in dotted.split("."):
+        path.append(int(part) if part.isdigit() else part)
+    while path:
+        key = tuple(path)
+        if key in lines:
+            return lines[key]
+        str_key = tuple(str(p) for p in path)
+        for k, v in lines.items():
+            if tuple(str(p) for p in k) == str_key:
+                return v
+        path.pop()
+    return None
+
+
+# --- pydantic ------------------------------------------------------------------------------
+
+
+def _fix_for(err: Mapping[str, Any], allowed: Sequence[str]) -> str:
+    kind = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    loc = err.get("loc") or ()
+    name = str(loc[-1]) if loc else "the field"
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(name, list(allowed), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        listing = ", ".join(sorted(allowed)) if allowed else "none"
+        return f"{hint}Remove '{name}' or use one of the allowed keys: {listing}."
+    if kind == "missing":
+        return f"add '{name}' to this section."
+    if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
+        bound = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        limit = ctx.get("gt", ctx.get("ge", ctx.get("lt", ctx.get("le"))))
+        return f"use a value {bound} {limit}."
+    if kind.startswith("int_"):
+        return "use a whole number, e.g. 0 (no quotes, no decimal point)."
+    if kind.startswith("float_"):
+        return "use a number, e.g. 1e-3."
+    if kind.startswith("bool"):
+        return "use true or false."
+    if kind in {"literal_error", "enum"}:
+        return f"use one of {ctx.get('expected', 'the listed values')}."
+    if kind.startswith("string"):
+        return "use a string."
+    if kind in {"model_type", "dict_type", "model_attributes_type"}:
+        return "write a mapping (key: value lines) here."
+    if kind.startswith("list") or kind.startswith("tuple"):
+        return "write a list, e.g. [1, 2]."
+    if kind in {"union_tag_invalid", "union_tag_not_found"}:
+        return f"set 'kind' to one of {ctx.get('expected_tags', 'the known kinds')}."
+    if kind == "value_error":
+        return ""
+    return "see the README section on protocols for the expected form."
+
+
+def from_validation_error(exc: Any, *, source: str | Path | None = None, prefix: str = "",
+                          lines: Mapping[tuple, int] | None = None, model: Any = None,
+                          tags: frozenset[str] = frozenset()) -> OptolabError:
+    """Turn the first pydantic error into an :class:`OptolabError` (one line, one fix).
+
+    ``tags`` are discriminator values that pydantic puts into locations (``task.fewshot.dim``);
+    they are dropped so the path is the one the user wrote (``task.dim``).
+    """
+    errs = exc.errors(include_url=False)
+    err = errs[0]
+    loc = [str(p) for p in err.get("loc", ())
+           if not str(p).startswith("function-") and str(p) not in tags]
+    field = ".".join(([prefix] if prefix else []) + loc)
+    allowed = _allowed_keys(model, [p for p in err.get("loc", ()) if str(p) not in tags]) if model is not None else []
+    msg = err.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = err.get("input")
+    if err.get("type") not in {"missing", "extra_forbidden"} and not isinstance(got, (dict, list)):
+        msg += f" (got {got!r})"
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    more = f" ({len(errs) - 1} more problem(s) after this one)" if len(errs) > 1 else ""
+    e = OptolabError(msg + "." + more, field=field or None, fix=_fix_for(err, allowed) or None)
+    return e.located(source, lines)
+
+
+def _allowed_keys(model: Any, loc: Sequence[Any]) -> list[str]:
+    """Field names of the pydantic model that owns the last key in ``loc``."""
+    from pydantic import BaseModel
+
+    cur = model
+    for part in list(loc)[:-1]:
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return []
+        field = cur.model_fields.get(str(part))
+        if field is None:
+            return []
+        cur = _unwrap(field.annotation)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return []
+
+
+def _unwrap(tp: Any) -> Any:
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    for arg in (tp, *get_args(tp)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        for inner in get_args(arg):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return tp

@@ -1,0 +1,126 @@
+"""Reading protocols and task specs from YAML, with errors that point at the line.
+
+Rules:
+- ``yaml.safe_load`` only. A file must be UTF-8 and hold one mapping.
+- Relative paths inside a protocol are resolved against the protocol file's folder.
+- Every failure is an :class:`~optolab.errors.OptolabError` naming the file, the field path, the
+  line where YAML gives one, and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from optolab.errors import OptolabError, from_validation_error, yaml_line_map
+from optolab.protocol import Protocol
+from optolab.tasks import TASKS, AnyTaskSpec
+
+TAGS = frozenset(TASKS)
+
+
+def read_yaml(path: str | Path, what: str = "file") -> tuple[dict, dict[tuple, int]]:
+    """``(mapping, line map)`` of a YAML file, or an OptolabError saying what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise OptolabError(f"{what} not found (looked for {p.resolve()}).", source=path,
+                           fix="check the path; relative paths start from the current folder.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise OptolabError(f"not valid UTF-8 (byte {e.start}).", source=path,
+                           fix="save the file as UTF-8 text.") from None
+    except OSError as e:
+        raise OptolabError(f"cannot read {what}: {e.strerror}.", source=path, fix="check permissions.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise OptolabError(f"YAML syntax error: {problem}.", source=path,
+                           line=mark.line + 1 if mark else None,
+                           fix="check indentation, colons and quotes around that line.") from None
+    if data is None:
+        raise OptolabError(f"the {what} is empty.", source=path, fix="write a mapping of key: value lines.")
+    if not isinstance(data, dict):
+        raise OptolabError(f"the {what} must be a mapping of key: value lines, not a {type(data).__name__}.",
+                           source=path, fix="start with keys such as 'name:' and 'task:'.")
+    return data, yaml_line_map(text)
+
+
+def _resolve_task(raw: Any, base: Path, source: str, protocol_lines: dict) -> Any:
+    """Inline a task given as a path or as ``{spec: path, overrides…}``."""
+    if isinstance(raw, str):
+        raw = {"spec": raw}
+    if not isinstance(raw, dict) or "spec" not in raw:
+        return raw
+    ref = raw["spec"]
+    if not isinstance(ref, str):
+        raise OptolabError("must be a path to a task YAML file.", field="task.spec", source=source,
+                           fix="write e.g. spec: ../tasks/fewshot_singh2024.yaml")
+    path = (base / ref) if not Path(ref).is_absolute() else Path(ref)
+    if not path.is_file():
+        raise OptolabError(f"task file '{ref}' not found (looked for {path.resolve()}).", field="task",
+                           source=source, fix="give a path relative to the protocol file, e.g. ../tasks/repeat_tokens.yaml")
+    spec, lines = read_yaml(path, "task spec")
+    overrides = {k: v for k, v in raw.items() if k != "spec"}
+    merged = {**spec, **overrides}
+    try:
+        TypeAdapter(AnyTaskSpec).validate_python(merged)
+    except ValidationError as e:
+        loc = e.errors()[0].get("loc", ())
+        key = loc[1] if len(loc) > 1 else None  # loc[0] is the task kind tag
+        if key in overrides or key is None and any(k in overrides for k in ("kind",)):
+            raise from_validation_error(e, source=source, prefix="task", lines=protocol_lines, tags=TAGS) from None
+        raise from_validation_error(e, source=path, lines=lines, tags=TAGS) from None
+    return merged
+
+
+def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None = None) -> Protocol:
+    """Load and validate a protocol file. ``seed`` sets both the init and the data seed."""
+    data, lines = read_yaml(path, "protocol")
+    source = str(path)
+    data = dict(data)
+    data.setdefault("name", Path(path).stem)
+    if name is not None:
+        data["name"] = name
+    if "task" not in data:
+        raise OptolabError("missing.", field="task", source=source,
+                           fix="add 'task: ../tasks/fewshot_singh2024.yaml' (a path or a mapping with 'kind').")
+    data["task"] = _resolve_task(data["task"], Path(path).parent, source, lines)
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise OptolabError(f"seed must be a non-negative integer (got {seed!r}).", field="--seed",
+                               fix="pass e.g. --seed 3.")
+        seeds = dict(data.get("seeds") or {})
+        seeds.update(init=seed, data=seed)
+        data["seeds"] = seeds
+    return validate_protocol(data, source=source, lines=lines)
+
+
+def validate_protocol(data: dict, *, source: str | None = None, lines: dict | None = None) -> Protocol:
+    try:
+        protocol = Protocol.model_validate(data)
+        protocol.model_config_for(_task(protocol))  # shape checks that need the task
+        protocol.eval_steps()
+        protocol.checkpoint_steps()
+    except ValidationError as e:
+        raise from_validation_error(e, source=source, lines=lines, model=Protocol, tags=TAGS) from None
+    except OptolabError as e:
+        raise e.located(source, lines) from None
+    return protocol
+
+
+def _task(protocol: Protocol):
+    from optolab.tasks import make_task
+
+    return make_task(protocol.task)
+
+
+def protocol_from_resolved(path: str | Path) -> Protocol:
+    """Load the ``protocol.yaml`` a run wrote (already resolved)."""
+    data, lines = read_yaml(path, "protocol")
+    return validate_protocol(data, source=str(path), lines=lines)

@@ -1,0 +1,44 @@
+"""Attention-pattern scores per head. All take patterns ``[batch, head, query_pos, key_pos]``
+and return ``[head]``; none needs a tokenizer, only the task's position metadata.
+
+- induction strength (Singh et al. 2024): at the query, attention on label tokens carrying the
+  query's label minus attention on label tokens carrying other labels. Range [−1, 1].
+- previous-token score: attention from i to i−1, averaged over positions i ≥ 1; and the
+  baseline-corrected a − (1−a)/i (0 for uniform attention over the i+1 visible keys, 1 for a
+  perfect previous-token head).
+- prefix matching (Olsson et al. 2022): for each query in a repeat, attention summed over the
+  keys that follow earlier occurrences of its token; averaged over such queries. Range [0, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+Pattern = Float[Tensor, "batch head q_pos k_pos"]
+
+
+def induction_strength(pattern: Pattern, match: Bool[Tensor, "batch pos"], nonmatch: Bool[Tensor, "batch pos"],
+                       query_pos: int = -1) -> Float[Tensor, "head"]:
+    row = pattern[:, :, query_pos, :]  # [batch, head, key]
+    on_match = (row * match[:, None, :]).sum(-1)
+    on_other = (row * nonmatch[:, None, :]).sum(-1)
+    return (on_match - on_other).mean(0)
+
+
+def previous_token(pattern: Pattern) -> tuple[Float[Tensor, "head"], Float[Tensor, "head"]]:
+    """``(raw, baseline_corrected)``, each averaged over query positions 1..n−1 and the batch."""
+    n = pattern.shape[-1]
+    i = torch.arange(1, n)
+    a = pattern[:, :, i, i - 1]  # [batch, head, n-1]
+    corrected = a - (1 - a) / i.to(a.dtype)
+    return a.mean((0, 2)), corrected.mean((0, 2))
+
+
+def prefix_matching(pattern: Pattern, targets: Bool[Tensor, "q_pos k_pos"]) -> Float[Tensor, "head"]:
+    n = pattern.shape[-1]
+    targets = targets[:n, :n]
+    rows = targets.any(-1)  # queries that have an earlier occurrence
+    mass = (pattern * targets).sum(-1)[:, :, rows]  # [batch, head, n_rows]
+    return mass.mean((0, 2))

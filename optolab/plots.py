@@ -1,0 +1,95 @@
+"""Seaborn figures of a run, written to ``RUN_DIR/figures/``; all regenerable from the run directory.
+
+- ``loss.png``: loss per eval split (and the running training loss) vs sequences, with the
+  task's reference levels (chance among context labels, ln n_labels, …) as dashed lines.
+- ``head_scores.png``: per-head induction strength over training for layers ≥ 1 (tasks with
+  label structure) or prefix matching on the Olsson probe (token tasks).
+- ``prev_token.png``: heatmap of the previous-token score of every head over training.
+- ``attention.png``: the final model's mean attention pattern of every head on the main split.
+
+No pyplot: figures are built with ``matplotlib.figure.Figure`` so nothing global (backends,
+state) is touched and plotting works headless.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.figure import Figure
+
+from optolab.tasks import Task
+
+
+def plot_loss(df: pd.DataFrame, task: Task, path: Path) -> Path:
+    loss = df[(df.metric == "loss") & df.layer.isna()]
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    sns.lineplot(data=loss, x="sequences", y="value", hue="split", ax=ax, marker=".", markersize=4)
+    for i, (label, level) in enumerate(task.reference_losses().items()):
+        ax.axhline(level, ls="--", lw=1, color=f"C{7 + i % 3}", label=label)
+    ax.set(ylabel="loss (nats)", xlabel="sequences seen", title="Loss per eval split")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_head_scores(df: pd.DataFrame, task: Task, path: Path) -> Path | None:
+    main = task.main_split
+    ind = df[(df.metric == "induction_strength") & (df.split == main) & (df.layer >= 1)]
+    title, ylabel = "Induction strength (query → correct − wrong label)", "induction strength"
+    if ind.empty:
+        ind = df[(df.metric == "prefix_matching") & (df.split == "probe_repeat")]
+        title, ylabel = "Prefix matching (Olsson probe)", "prefix-matching score"
+    if ind.empty:
+        return None
+    ind = ind.assign(head_label=[f"L{layer}H{h}" for layer, h in zip(ind.layer, ind.head)])
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    sns.lineplot(data=ind, x="sequences", y="value", hue="head_label", ax=ax, palette="tab20", lw=1.2)
+    loss = df[(df.metric == "loss") & (df.split == main)]
+    ax2 = ax.twinx()
+    ax2.plot(loss.sequences, loss.value, color="black", lw=1, ls=":", label=f"{main} loss")
+    ax2.set_ylabel(f"{main} loss", fontsize=8)
+    ax.set(ylabel=ylabel, xlabel="sequences seen", title=title)
+    ax.legend(fontsize=7, ncol=2, title="head")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_prev_token(df: pd.DataFrame, task: Task, path: Path) -> Path | None:
+    pt = df[(df.metric == "prev_token") & (df.split == task.main_split)]
+    if pt.empty:
+        return None
+    pt = pt.assign(head_label=[f"L{layer}H{h}" for layer, h in zip(pt.layer, pt.head)])
+    grid = pt.pivot_table(index="head_label", columns="sequences", values="value")
+    grid = grid.reindex(sorted(grid.index, key=lambda s: (int(s[1:].split("H")[0]), int(s.split("H")[1]))))
+    fig = Figure(figsize=(8, 0.25 * len(grid) + 1.5), layout="constrained")
+    ax = fig.add_subplot()
+    step = max(1, grid.shape[1] // 10)
+    sns.heatmap(grid, ax=ax, cmap="viridis", vmin=0, vmax=1, xticklabels=step,
+                cbar_kws={"label": "attention i → i−1"})
+    ax.set(title="Previous-token score over training", xlabel="sequences seen", ylabel="head")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_attention(patterns: list[torch.Tensor], path: Path) -> Path:
+    """``patterns``: per layer, the mean pattern ``[head, q, k]``."""
+    L, H = len(patterns), patterns[0].shape[0]
+    fig = Figure(figsize=(1.6 * H, 1.7 * L + 0.4), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(L, H, squeeze=False))
+    for layer, pat in enumerate(patterns):
+        for h in range(H):
+            ax = axes[layer, h]
+            sns.heatmap(pat[h].numpy(), ax=ax, vmin=0, vmax=1, cmap="magma", cbar=False, square=True,
+                        xticklabels=False, yticklabels=False)
+            ax.set_title(f"L{layer}H{h}", fontsize=8)
+    fig.suptitle("Final attention patterns (mean over the main eval split; rows: query, cols: key)",
+                 fontsize=9)
+    fig.savefig(path, dpi=110)
+    return path

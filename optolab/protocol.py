@@ -1,0 +1,196 @@
+"""The protocol: one YAML file that says what to train, how, and what to measure.
+
+Rules:
+- Sections: ``name``, ``description``, ``task``, ``model``, ``train``, ``seeds``, ``measures``
+  and ``clamps`` (reserved for the clamp engine; must be empty in this version). Unknown keys
+  at any level are errors, never ignored.
+- ``task`` is a path to a task spec YAML (relative to the protocol file), or a mapping that is
+  either a whole spec (with ``kind``) or ``{spec: PATH, <field>: <override>, …}``.
+- Counts (``sequences``, ``steps``, ``every``, …) accept ``1e6``-style numbers if integral.
+- Schedules in ``sequences`` fire at the first step whose sequence count reaches the point
+  (``step = ceil(sequences / batch_size)``), as in the authors' loop. Step 0 (the initial model)
+  and the last step are always evaluated and checkpointed.
+- The *resolved* protocol (every default filled in, the task spec inlined) is what a run
+  records; loading it again gives the same protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from optolab.config import ModelConfig
+from optolab.tasks import AnyTaskSpec, Task
+
+
+def _count(v: Any) -> Any:
+    """Accept 1e6 / "1e6" / 1000000.0 for whole-number counts; leave the rest to pydantic."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        try:
+            v = float(v.replace("_", ""))
+        except ValueError:
+            return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+Count = Annotated[int, BeforeValidator(_count), Field(ge=0)]
+PosCount = Annotated[int, BeforeValidator(_count), Field(gt=0)]
+Seed = Annotated[int, Field(strict=True, ge=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(8, ge=1)
+    d_model: int = Field(64, ge=1)
+    d_head: int | None = Field(None, ge=1, description="default: d_model / n_heads")
+    attn_only: bool = True
+    d_mlp: int = Field(256, ge=1)
+    layer_norm: bool = Field(True, description="pre-LayerNorm in every block")
+    final_ln: bool = True
+    positional: Literal["rope", "learned", "none"] = "rope"
+    rope_base: float = Field(10000.0, gt=0)
+    smeared_keys: bool = False
+    qkv_bias: bool = False
+    unembed_bias: bool = True
+    init_std: float | None = Field(None, gt=0, description="default: 1/sqrt(fan_in)")
+
+    @model_validator(mode="after")
+    def _fill_d_head(self) -> ModelSpec:
+        if self.d_head is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"n_heads ({self.n_heads}) does not divide d_model ({self.d_model}); "
+                    "choose n_heads that divides d_model, or set d_head explicitly")
+            object.__setattr__(self, "d_head", self.d_model // self.n_heads)
+        return self
+
+
+class DenseStage(Strict):
+    until: PosCount
+    every: PosCount
+
+
+class Schedule(Strict):
+    unit: Literal["sequences", "steps"] = "sequences"
+    every: PosCount = 10_000
+    dense: list[DenseStage] = Field(default_factory=list, description="denser cadence early on")
+    at: list[Count] = Field(default_factory=list, description="extra points")
+
+    def steps(self, batch_size: int, total_steps: int, field: str) -> list[int]:
+        """The sorted steps at which this schedule fires (always 0 and ``total_steps``)."""
+        from optolab.errors import OptolabError
+
+        per = batch_size if self.unit == "sequences" else 1
+        end = total_steps * per
+        points = {0, end}
+        start = 0
+        for i, stage in enumerate(sorted(self.dense, key=lambda s: s.until)):
+            points.update(range(start, min(stage.until, end) + 1, stage.every))
+            start = stage.until
+        points.update(range(start, end + 1, self.every))
+        for i, p in enumerate(self.at):
+            if p > end:
+                raise OptolabError(
+                    f"point {p} {self.unit} is past the end of training ({end} {self.unit}).",
+                    field=f"{field}.at.{i}", fix=f"use points <= {end} or train longer.")
+            points.add(p)
+        return sorted({math.ceil(p / per) for p in points})
+
+
+class Checkpoints(Strict):
+    schedule: Schedule = Field(default_factory=lambda: Schedule(every=100_000))
+    keep: int | None = Field(None, ge=1, description="keep only the newest N (default: all)")
+
+
+class TrainSpec(Strict):
+    lr: float = Field(1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0, description="max global grad norm; null: none")
+    batch_size: PosCount = 32
+    sequences: PosCount | None = Field(None, description="budget in sequences (or give steps)")
+    steps: PosCount | None = Field(None, description="budget in optimizer steps (or give sequences)")
+    fused: bool = Field(True, description="fused Adam kernel where the device has one")
+    checkpoints: Checkpoints = Field(default_factory=Checkpoints)
+
+    @model_validator(mode="after")
+    def _budget(self) -> TrainSpec:
+        if (self.sequences is None) == (self.steps is None):
+            raise ValueError("give exactly one of train.sequences or train.steps")
+        for b in self.betas:
+            if not 0 <= b < 1:
+                raise ValueError(f"Adam betas must lie in [0, 1), got {self.betas}")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps is not None else math.ceil(self.sequences / self.batch_size)
+
+
+class Seeds(Strict):
+    init: Seed = Field(0, description="model initialisation")
+    data: Seed = Field(0, description="training batches")
+    eval: Seed = Field(1, description="fixed evaluation sets (keep fixed across seeds)")
+
+
+class MeasuresSpec(Strict):
+    schedule: Schedule = Field(default_factory=Schedule)
+    eval_sequences: PosCount = Field(1000, description="sequences per eval split")
+    probe_sequences: PosCount = Field(10, description="sequences per Olsson probe (prefix matching, copying)")
+    induction_strength: bool = True
+    previous_token: bool = True
+    prefix_matching: bool = True
+    copying: bool = True
+    icl_score: bool = True
+    composition: bool = True
+
+
+class Protocol(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    description: str = ""
+    task: AnyTaskSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec
+    seeds: Seeds = Field(default_factory=Seeds)
+    measures: MeasuresSpec = Field(default_factory=MeasuresSpec)
+    clamps: list[Any] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _no_clamps_yet(self) -> Protocol:
+        if self.clamps:
+            raise ValueError("clamps are not supported by this version of optolab; remove the clamps section")
+        return self
+
+    def model_config_for(self, task: Task) -> ModelConfig:
+        io = task.model_io()
+        m = self.model
+        return ModelConfig(
+            n_layers=m.n_layers, n_heads=m.n_heads, d_model=m.d_model, d_head=m.d_head,
+            n_ctx=io.n_ctx, d_out=io.d_out, input_mode=io.input_mode, d_vocab=io.d_vocab,
+            d_input=io.d_input, n_labels=io.n_labels, attn_only=m.attn_only, d_mlp=m.d_mlp,
+            layer_norm=m.layer_norm, final_ln=m.final_ln, positional=m.positional,
+            rope_base=m.rope_base, smeared_keys=m.smeared_keys, qkv_bias=m.qkv_bias,
+            unembed_bias=m.unembed_bias, init_std=m.init_std,
+        ).validate()
+
+    def eval_steps(self) -> list[int]:
+        return self.measures.schedule.steps(self.train.batch_size, self.train.total_steps, "measures.schedule")
+
+    def checkpoint_steps(self) -> list[int]:
+        return self.train.checkpoints.schedule.steps(
+            self.train.batch_size, self.train.total_steps, "train.checkpoints.schedule")
+
+    def resolved(self) -> dict:
+        """Every field, defaults filled in, as plain YAML-able data."""
+        return self.model_dump(mode="json")

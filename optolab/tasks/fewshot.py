@@ -1,0 +1,202 @@
+"""Few-shot classification that only in-context learning solves (Singh et al. 2024, ANCHORS §1).
+
+Rules:
+- A sequence is ``x1 l1 … xN lN q``: ``burstiness`` context items of the query's class and one
+  item from each of ``N − burstiness`` distinct distractor classes, in random order, then the
+  query exemplar. The query's label is not input; the loss is taken at the query only.
+- Labels are re-drawn per sequence (relabeling): an unordered set of ``1 + n_distractors``
+  labels from ``0..n_labels−1`` is drawn from the *allowed* sets and randomly ordered; the
+  query's class gets the first label. Classes have no fixed label, so in-weights learning is
+  impossible. A ``heldout_label_frac`` of the label sets (chosen by ``task_seed``) never
+  appears in training; ``fsl_val_rl`` uses only those.
+- Exemplars are synthetic and fixed per (class, exemplar index): class prototypes of a chosen
+  ``design`` plus within-class noise (Reddy-style mixing ``(g + ε ξ)/√(1+ε²)`` in the design's
+  generating space). Training uses exemplars ``0..train_exemplars−1`` of the train classes;
+  ``fsl_train_valex`` uses the others; ``fsl_test_class`` uses exemplar 0 of held-out classes
+  (as the authors' code does).
+
+Exemplar designs (ANCHORS §7; all give the ln 2 plateau then the drop; timing differs):
+- ``relu_lowrank`` (default): ``scale · relu(W z)``, ``z ~ N(0, I_r)``, fixed ``W ~ N(0, 1/(rD))``
+  — closest to the paper's Omniglot features (loss 0.5 at ≈2e5 sequences).
+- ``lowrank``: ``scale · W z``.  ``relu``: ``scale · relu(g)``, ``g ~ N(0, I/D)``.
+- ``isotropic``: ``scale · g`` — ≈2.5× slower than the paper; all-8 previous-token clamp slower
+  than none, as in the paper.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import cached_property
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
+
+SPLITS = ("fsl_train", "fsl_val_rl", "fsl_train_valex", "fsl_test_class")
+
+
+class FewshotSpec(TaskSpec):
+    kind: Literal["fewshot"] = "fewshot"
+    n_train_classes: int = Field(50, ge=2, description="classes seen in training")
+    n_test_classes: int = Field(100, ge=2, description="held-out classes (fsl_test_class)")
+    n_exemplars: int = Field(5, ge=1, description="fixed exemplars per class")
+    train_exemplars: int = Field(1, ge=1, description="exemplars 0..k-1 are used in training")
+    dim: int = Field(512, ge=1, description="exemplar vector size")
+    design: Literal["relu_lowrank", "lowrank", "relu", "isotropic"] = "relu_lowrank"
+    latent_dim: int = Field(16, ge=1, description="rank of the low-rank designs")
+    scale: float = Field(2.0, gt=0, description="multiplier on every exemplar")
+    noise: float = Field(0.25, ge=0, description="within-class noise ε (Reddy mixing)")
+    context_pairs: int = Field(2, ge=1, description="exemplar-label pairs before the query (N)")
+    burstiness: int = Field(1, ge=1, description="context items of the query's class")
+    n_labels: int = Field(5, ge=2, description="labels re-drawn per sequence (fs_relabel)")
+    heldout_label_frac: float = Field(0.2, ge=0, lt=1, description="label sets held out of training")
+    task_seed: int = Field(20, description="seeds prototypes and the label-set split")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FewshotSpec:
+        if self.burstiness > self.context_pairs:
+            raise ValueError(
+                f"burstiness ({self.burstiness}) cannot exceed context_pairs ({self.context_pairs}); "
+                "lower burstiness or raise context_pairs")
+        k = self.n_distinct
+        if self.n_labels < k:
+            raise ValueError(
+                f"each sequence needs {k} distinct labels but n_labels is {self.n_labels}; "
+                f"set n_labels >= {k}")
+        if self.n_train_classes < k or self.n_test_classes < k:
+            raise ValueError(f"each sequence needs {k} distinct classes; use at least {k} train and test classes")
+        if self.train_exemplars >= self.n_exemplars:
+            raise ValueError(
+                f"train_exemplars ({self.train_exemplars}) must be below n_exemplars ({self.n_exemplars}) "
+                "so fsl_train_valex has held-out exemplars")
+        n_sets = math.comb(self.n_labels, k)
+        held = round(self.heldout_label_frac * n_sets)
+        if self.heldout_label_frac > 0 and not 1 <= held < n_sets:
+            raise ValueError(
+                f"heldout_label_frac {self.heldout_label_frac} of {n_sets} label sets holds out {held}; "
+                "choose a fraction that leaves at least one set on each side")
+        return self
+
+    @property
+    def n_distinct(self) -> int:
+        """Distinct classes (hence labels) per sequence."""
+        return 1 + self.context_pairs - self.burstiness
+
+
+class FewshotTask(Task):
+    kind = "fewshot"
+    spec: FewshotSpec
+
+    # --- what the task is ---------------------------------------------------------------
+
+    def model_io(self) -> ModelIO:
+        s = self.spec
+        return ModelIO(input_mode="exemplar_label", n_ctx=2 * s.context_pairs + 1, d_out=s.n_labels,
+                       d_input=s.dim, n_labels=s.n_labels)
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        return SPLITS
+
+    def reference_losses(self) -> dict[str, float]:
+        k = self.spec.n_distinct
+        return {f"ln {k} (chance among context labels)": math.log(k),
+                f"ln {self.spec.n_labels} (chance over labels)": math.log(self.spec.n_labels)}
+
+    def label_ids(self) -> torch.Tensor:
+        return torch.arange(self.spec.n_labels)
+
+    @cached_property
+    def label_sets(self) -> dict[str, torch.Tensor]:
+        """Unordered label sets, split train / held-out: ``{"train": [m, k], "heldout": [m', k]}``."""
+        s = self.spec
+        sets = torch.tensor(list(itertools.combinations(range(s.n_labels), s.n_distinct)))
+        order = torch.randperm(len(sets), generator=rng(s.task_seed, 1))
+        held = round(s.heldout_label_frac * len(sets))
+        return {"heldout": sets[order[:held]], "train": sets[order[held:]]}
+
+    @cached_property
+    def exemplars(self) -> torch.Tensor:
+        """The fixed exemplar bank ``[n_train + n_test classes, n_exemplars, dim]``."""
+        s = self.spec
+        g = rng(s.task_seed, 0)
+        n_cls = s.n_train_classes + s.n_test_classes
+        lowrank = s.design in ("relu_lowrank", "lowrank")
+        gen_dim = s.latent_dim if lowrank else s.dim
+        proto = torch.randn(n_cls, 1, gen_dim, generator=g)
+        jitter = torch.randn(n_cls, s.n_exemplars, gen_dim, generator=g)
+        latent = (proto + s.noise * jitter) / math.sqrt(1 + s.noise**2)
+        if lowrank:
+            W = torch.randn(gen_dim, s.dim, generator=g) / math.sqrt(gen_dim * s.dim)
+            x = latent @ W
+        else:
+            x = latent / math.sqrt(s.dim)
+        if s.design.startswith("relu"):
+            x = torch.relu(x)
+        return (s.scale * x).contiguous()
+
+    # --- batches ------------------------------------------------------------------------
+
+    def train_batch(self, seed: int, step: int, batch_size: int) -> Batch:
+        return self._sample(rng(seed, 101, step), batch_size, classes="train", exemplars="train",
+                            labels="train")
+
+    def eval_batch(self, split: str, seed: int, n: int) -> Batch:
+        how = {
+            "fsl_train": ("train", "train", "train"),
+            "fsl_val_rl": ("train", "train", "heldout"),
+            "fsl_train_valex": ("train", "heldout", "train"),
+            "fsl_test_class": ("test", "first", "train"),
+        }
+        if split not in how:
+            raise KeyError(f"unknown split {split!r}; fewshot has {SPLITS}")
+        classes, exemplars, labels = how[split]
+        return self._sample(rng(seed, 202, SPLITS.index(split)), n, classes=classes,
+                            exemplars=exemplars, labels=labels)
+
+    def _sample(self, g: torch.Generator, b: int, *, classes: str, exemplars: str, labels: str) -> Batch:
+        s = self.spec
+        N, B, k = s.context_pairs, s.burstiness, s.n_distinct
+        n_cls = s.n_train_classes if classes == "train" else s.n_test_classes
+        offset = 0 if classes == "train" else s.n_train_classes
+
+        # distinct classes per sequence: slot 0 is the query's class, slots 1.. the distractors
+        cls = torch.rand(b, n_cls, generator=g).argsort(dim=1)[:, :k] + offset  # [b, k]
+        # context items: B of slot 0, one of each distractor slot, shuffled
+        slots = torch.cat([torch.zeros(B, dtype=torch.long), torch.arange(1, k)])  # [N]
+        perm = torch.rand(b, N, generator=g).argsort(dim=1)
+        ctx_slot = slots[perm]  # [b, N]
+        item_slot = torch.cat([ctx_slot, torch.zeros(b, 1, dtype=torch.long)], dim=1)  # + query
+        item_cls = cls.gather(1, item_slot)  # [b, N+1]
+
+        # labels: an allowed unordered set, randomly ordered; slot j gets label order[j]
+        sets = self.label_sets[labels]
+        chosen = sets[torch.randint(len(sets), (b,), generator=g)]  # [b, k]
+        slot_label = chosen.gather(1, torch.rand(b, k, generator=g).argsort(dim=1))  # [b, k]
+        ctx_labels = slot_label.gather(1, ctx_slot)  # [b, N]
+        query_label = slot_label[:, 0]
+
+        if exemplars == "train":
+            ex = torch.randint(s.train_exemplars, (b, N + 1), generator=g)
+        elif exemplars == "heldout":
+            ex = torch.randint(s.train_exemplars, s.n_exemplars, (b, N + 1), generator=g)
+        else:
+            ex = torch.zeros(b, N + 1, dtype=torch.long)
+        x = self.exemplars[item_cls, ex]  # [b, N+1, dim]
+
+        n_ctx = 2 * N + 1
+        targets = torch.full((b, n_ctx), IGNORE, dtype=torch.long)
+        targets[:, -1] = query_label
+        label_pos = torch.arange(1, 2 * N, 2)
+        match = torch.zeros(b, n_ctx, dtype=torch.bool)
+        nonmatch = torch.zeros(b, n_ctx, dtype=torch.bool)
+        is_match = ctx_labels == query_label[:, None]
+        match[:, label_pos] = is_match
+        nonmatch[:, label_pos] = ~is_match
+        present = torch.zeros(b, s.n_labels, dtype=torch.bool).scatter_(1, ctx_labels, True)
+        return Batch(inputs=(x, ctx_labels), targets=targets, match_mask=match, nonmatch_mask=nonmatch,
+                     context_labels=present,
+                     extra={"classes": item_cls, "exemplar_ids": ex, "query_label": query_label})
