@@ -47,7 +47,7 @@ def plot_head_scores(df: pd.DataFrame, task: Task, path: Path) -> Path | None:
         title, ylabel = "Prefix matching (Olsson probe)", "prefix-matching score"
     if ind.empty:
         return None
-    ind = ind.assign(head_label=[f"L{layer}H{h}" for layer, h in zip(ind.layer, ind.head)])
+    ind = ind.assign(head_label=[f"L{layer}H{h}" for layer, h in zip(ind["layer"], ind["head"])])
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
     sns.lineplot(data=ind, x="sequences", y="value", hue="head_label", ax=ax, palette="tab20", lw=1.2)
@@ -65,7 +65,7 @@ def plot_prev_token(df: pd.DataFrame, task: Task, path: Path) -> Path | None:
     pt = df[(df.metric == "prev_token") & (df.split == task.main_split)]
     if pt.empty:
         return None
-    pt = pt.assign(head_label=[f"L{layer}H{h}" for layer, h in zip(pt.layer, pt.head)])
+    pt = pt.assign(head_label=[f"L{layer}H{h}" for layer, h in zip(pt["layer"], pt["head"])])
     grid = pt.pivot_table(index="head_label", columns="sequences", values="value")
     grid = grid.reindex(sorted(grid.index, key=lambda s: (int(s[1:].split("H")[0]), int(s.split("H")[1]))))
     fig = Figure(figsize=(8, 0.25 * len(grid) + 1.5), layout="constrained")

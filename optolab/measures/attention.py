@@ -36,9 +36,7 @@ def previous_token(pattern: Pattern) -> tuple[Float[Tensor, "head"], Float[Tenso
     return a.mean((0, 2)), corrected.mean((0, 2))
 
 
-def prefix_matching(pattern: Pattern, targets: Bool[Tensor, "q_pos k_pos"]) -> Float[Tensor, "head"]:
-    n = pattern.shape[-1]
-    targets = targets[:n, :n]
-    rows = targets.any(-1)  # queries that have an earlier occurrence
-    mass = (pattern * targets).sum(-1)[:, :, rows]  # [batch, head, n_rows]
-    return mass.mean((0, 2))
+def prefix_matching(pattern: Pattern, targets: Bool[Tensor, "batch_or_1 q_pos k_pos"]) -> Float[Tensor, "head"]:
+    rows = targets.any(-1).expand(pattern.shape[0], -1)  # [batch, q]: queries with an earlier occurrence
+    mass = (pattern * targets[:, None]).sum(-1)  # [batch, head, q]
+    return (mass * rows[:, None]).sum((0, 2)) / rows.sum().clamp_min(1)

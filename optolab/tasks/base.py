@@ -16,7 +16,7 @@ Rules:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -56,26 +56,12 @@ class Batch:
     context_labels: Bool[Tensor, "batch n_labels"] | None = None  # labels present in the context
     # token-sequence structure
     tokens: Int[Tensor, "batch pos"] | None = None
-    induction_targets: Bool[Tensor, "pos pos"] | None = None  # [q, k]: k follows an earlier copy of q
+    induction_targets: Bool[Tensor, "batch_or_1 pos pos"] | None = None  # k follows an earlier copy of q
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
         return int(self.targets.shape[0])
-
-    def slice(self, start: int, stop: int) -> Batch:
-        """Rows ``start:stop`` of every per-sequence tensor (for chunked evaluation)."""
-        def cut(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[start:stop]
-        return replace(
-            self,
-            inputs=tuple(t[start:stop] for t in self.inputs),
-            targets=self.targets[start:stop],
-            match_mask=cut(self.match_mask),
-            nonmatch_mask=cut(self.nonmatch_mask),
-            context_labels=cut(self.context_labels),
-            tokens=cut(self.tokens),
-        )
 
 
 def rng(*keys: int) -> torch.Generator:

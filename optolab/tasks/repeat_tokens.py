@@ -3,11 +3,16 @@
 Rules:
 - Tokens are ids ``0..n_tokens−1`` drawn uniformly with replacement; ``BOS`` is id ``n_tokens``,
   so the model's vocabulary is ``n_tokens + 1``. Nothing depends on a tokenizer.
-- The loss is next-token cross-entropy at every position but the last (``loss_on: all``), or
-  only where the next token is a repeat, i.e. predictable in context (``loss_on: repeats``).
-- ``induction_targets[q, k]`` marks, for a query ``q`` in copy 2.., every key ``k`` that follows
-  an earlier occurrence of the same sequence position: ``k = q − m·L + 1``. Prefix matching on
-  the task's own data is attention summed over those keys.
+- With ``seq_len_min`` set, each sequence draws its own ``L`` in ``[seq_len_min, seq_len]`` and
+  the context after its R copies is filled with fresh random tokens that carry no loss. A fixed
+  ``L`` lets a model copy by position alone (attend to ``q − L + 1``); a varying one forces a
+  real induction head.
+- The loss is next-token cross-entropy wherever the next token belongs to the copies
+  (``loss_on: all``), or only where it is a repeat, i.e. predictable in context
+  (``loss_on: repeats``).
+- ``induction_targets[b, q, k]`` marks, for a query ``q`` in copy 2.., every key ``k`` that
+  follows an earlier occurrence of the same segment position: ``k = q − m·L + 1``. Prefix
+  matching on the task's own data is attention summed over those keys.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
 
@@ -24,10 +29,18 @@ from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
 class RepeatTokensSpec(TaskSpec):
     kind: Literal["repeat_tokens"] = "repeat_tokens"
     n_tokens: int = Field(64, ge=2, description="ordinary token ids (BOS is one more)")
-    seq_len: int = Field(10, ge=1, description="random tokens per copy (L)")
+    seq_len: int = Field(10, ge=1, description="random tokens per copy (L; the maximum if seq_len_min is set)")
+    seq_len_min: int | None = Field(None, ge=1, description="draw L per sequence from [seq_len_min, seq_len]")
     n_repeats: int = Field(3, ge=2, description="copies of the random segment (R)")
     loss_on: Literal["all", "repeats"] = "all"
     task_seed: int = Field(0, description="unused by this task; kept for a uniform interface")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> RepeatTokensSpec:
+        if self.seq_len_min is not None and self.seq_len_min > self.seq_len:
+            raise ValueError(f"seq_len_min ({self.seq_len_min}) exceeds seq_len ({self.seq_len}); "
+                             "set seq_len_min <= seq_len")
+        return self
 
 
 class RepeatTokensTask(Task):
@@ -71,23 +84,35 @@ class RepeatTokensTask(Task):
 
     def _sample(self, g: torch.Generator, b: int) -> Batch:
         s = self.spec
+        n = self.n_ctx - 1  # positions after BOS
         segment = torch.randint(s.n_tokens, (b, s.seq_len), generator=g)
-        tokens = torch.cat([torch.full((b, 1), self.bos), segment.repeat(1, s.n_repeats)], dim=1)
+        if s.seq_len_min is None:
+            L = torch.full((b, 1), s.seq_len)
+        else:
+            L = torch.randint(s.seq_len_min, s.seq_len + 1, (b, 1), generator=g)
+        pos = torch.arange(n)[None, :]  # [1, n]
+        in_copies = pos < L * s.n_repeats  # [b, n]
+        filler = torch.randint(s.n_tokens, (b, n), generator=g)
+        body = torch.where(in_copies, segment.gather(1, (pos % L).expand(b, n)), filler)
+        tokens = torch.cat([torch.full((b, 1), self.bos), body], dim=1)
+        # the target at position p is token p+1 = body[p]: keep it if body[p] is in the copies
+        keep = in_copies & (pos >= L) if s.loss_on == "repeats" else in_copies
         targets = torch.full_like(tokens, IGNORE)
-        targets[:, :-1] = tokens[:, 1:]
-        if s.loss_on == "repeats":
-            targets[:, : 1 + s.seq_len - 1] = IGNORE  # next token still in the first copy
+        targets[:, :-1] = torch.where(keep, body, IGNORE)
         return Batch(inputs=(tokens,), targets=targets, tokens=tokens,
-                     induction_targets=repeat_induction_targets(s.seq_len, s.n_repeats, prefix=1))
+                     induction_targets=induction_targets(L, s.n_repeats, n + 1, prefix=1))
+
+
+def induction_targets(L: torch.Tensor, n_repeats: int, n_ctx: int, prefix: int) -> torch.Tensor:
+    """``[b, q, k]``: key ``k`` is the token after an earlier copy of query ``q``'s segment
+    position, for segments of length ``L[b]`` repeated ``n_repeats`` times after ``prefix``."""
+    q = torch.arange(n_ctx)[None, :, None] - prefix  # segment coordinates
+    k = torch.arange(n_ctx)[None, None, :] - prefix
+    L = L.reshape(-1, 1, 1)
+    gap = q - k + 1  # = m·L for the m-th earlier copy
+    return (q >= L) & (q < L * n_repeats) & (k >= 1) & (gap >= L) & (gap % L == 0)
 
 
 def repeat_induction_targets(seq_len: int, n_repeats: int, prefix: int) -> torch.Tensor:
-    """``[pos, pos]`` mask: ``k`` is the token after an earlier copy of query ``q``'s position."""
-    n = prefix + seq_len * n_repeats
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for q in range(prefix + seq_len, n):
-        k = q - seq_len + 1
-        while k >= prefix + 1:
-            mask[q, k] = True
-            k -= seq_len
-    return mask
+    """``[1, pos, pos]`` induction targets of a fixed-length repeat (see :func:`induction_targets`)."""
+    return induction_targets(torch.tensor([seq_len]), n_repeats, prefix + seq_len * n_repeats, prefix)

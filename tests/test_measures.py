@@ -1,0 +1,107 @@
+"""Measures on hand-built patterns and weights give known values."""
+
+from __future__ import annotations
+
+import torch
+
+from optolab.measures import (
+    composition_scores, copying_scores, induction_strength, prefix_matching, previous_token, repeat_probe)
+from optolab.model import build_model
+from optolab.tasks.repeat_tokens import repeat_induction_targets
+from tests.conftest import tiny_config
+
+
+def prev_token_pattern(b, h, n):
+    p = torch.zeros(b, h, n, n)
+    p[:, :, 0, 0] = 1
+    i = torch.arange(1, n)
+    p[:, :, i, i - 1] = 1
+    return p
+
+
+def uniform_pattern(b, h, n):
+    return torch.tril(torch.ones(n, n)).div(torch.arange(1, n + 1)[:, None]).expand(b, h, n, n)
+
+
+def test_previous_token_score_is_one_for_a_perfect_head_and_zero_corrected_for_uniform():
+    raw, corrected = previous_token(prev_token_pattern(2, 3, 6))
+    torch.testing.assert_close(raw, torch.ones(3))
+    torch.testing.assert_close(corrected, torch.ones(3))
+    raw_u, corrected_u = previous_token(uniform_pattern(2, 3, 6))
+    torch.testing.assert_close(corrected_u, torch.zeros(3), atol=1e-6, rtol=0)
+    assert (raw_u > 0).all() and (raw_u < 1).all()
+
+
+def test_induction_strength_perfect_wrong_and_split_attention():
+    b, h, n = 4, 2, 5
+    match = torch.zeros(b, n, dtype=torch.bool)
+    nonmatch = torch.zeros(b, n, dtype=torch.bool)
+    match[:, 1], nonmatch[:, 3] = True, True
+    p = torch.zeros(b, h, n, n)
+    p[:, 0, -1, 1] = 1.0  # head 0 attends to the correct label token
+    p[:, 1, -1, 3] = 1.0  # head 1 to the wrong one
+    torch.testing.assert_close(induction_strength(p, match, nonmatch), torch.tensor([1.0, -1.0]))
+    s = 0.75  # perfect match at strength s gives 2s - 1 (ANCHORS §2)
+    q = torch.zeros(b, 1, n, n)
+    q[:, 0, -1, 1], q[:, 0, -1, 3] = s, 1 - s
+    torch.testing.assert_close(induction_strength(q, match, nonmatch), torch.tensor([2 * s - 1]))
+
+
+def test_prefix_matching_is_one_for_a_perfect_induction_pattern():
+    L, R = 3, 3
+    targets = repeat_induction_targets(L, R, prefix=1)[0]
+    n = targets.shape[0]
+    p = torch.zeros(1, 2, n, n)
+    p[:, :, torch.arange(n), torch.arange(n)] = 1.0  # head 1: attends to itself
+    rows = targets.any(-1)
+    weights = targets[rows].float() / targets[rows].sum(-1, keepdim=True)
+    p[0, 0, rows] = weights  # head 0: spreads over all earlier-occurrence successors
+    torch.testing.assert_close(prefix_matching(p, targets[None]), torch.tensor([1.0, 0.0]))
+
+
+def test_repeat_probe_follows_olsson_and_scales_to_short_contexts():
+    probe = repeat_probe(n_tokens=50, bos=50, n_ctx=200, n=10, seed=0)
+    assert probe.tokens.shape == (10, 1 + 25 * 4)
+    short = repeat_probe(n_tokens=50, bos=50, n_ctx=21, n=10, seed=0)
+    assert short.tokens.shape == (10, 21)
+    assert repeat_probe(n_tokens=50, bos=50, n_ctx=5, n=10, seed=0) is None
+
+
+def test_composition_scores_zero_for_orthogonal_and_one_for_aligned_subspaces():
+    model = build_model(tiny_config(n_layers=2, n_heads=2, d_model=4, d_head=2), 0)
+    a0, a1 = model.blocks[0].attn, model.blocks[1].attn
+    with torch.no_grad():
+        for W in (a0.W_O, a1.W_Q, a1.W_K, a1.W_V):
+            W.zero_()
+        a0.W_O[0, 0, 0] = 1.0  # head 0 writes residual dim 0 (rank 1)
+        a1.W_Q[0, 0, 0] = 2.0  # layer-1 head 0 reads dim 0 as query: aligned
+        a1.W_K[3, 0, 1] = 1.0  # and dim 3 as key: orthogonal
+        a1.W_V[0, 0, 0] = a1.W_V[1, 0, 1] = 1.0  # value reads dims 0 and 1: half aligned
+        a0.W_O[1, 1, 2] = 1.0
+        a1.W_Q[2, 1, 0] = 1.0
+    s = composition_scores(model)
+    torch.testing.assert_close(s["comp_q"][0, 0, 1, 0], torch.tensor(1.0))
+    torch.testing.assert_close(s["comp_k"][0, 0, 1, 0], torch.tensor(0.0))
+    torch.testing.assert_close(s["comp_v"][0, 0, 1, 0], torch.tensor(2 ** -0.5))
+    torch.testing.assert_close(s["comp_q"][0, 1, 1, 1], torch.tensor(1.0))
+    torch.testing.assert_close(s["comp_q"][0, 1, 1, 0], torch.tensor(0.0))
+    assert torch.isnan(s["comp_q"][1, 0, 0, 0])  # no composition backwards
+
+
+def test_copying_score_is_high_for_an_identity_ov_and_low_for_an_anti_copier():
+    cfg = tiny_config(n_layers=1, n_heads=2, d_model=8, d_head=4, d_vocab=8, d_out=8, layer_norm=False,
+                      final_ln=False, unembed_bias=False)
+    model = build_model(cfg, 0)
+    with torch.no_grad():
+        model.W_E.copy_(torch.eye(8))
+        model.W_U.copy_(torch.eye(8))
+        attn = model.blocks[0].attn
+        attn.W_V.zero_(), attn.W_O.zero_()
+        for i in range(4):  # head 0 copies dims 0-3 through, head 1 negates them
+            attn.W_V[i, 0, i] = 1.0
+            attn.W_O[0, i, i] = 1.0
+            attn.W_V[i, 1, i] = 1.0
+            attn.W_O[1, i, i] = -1.0
+    scores = copying_scores(model, torch.arange(4))
+    assert scores[0, 0] > 0.9
+    assert scores[0, 1] < -0.9

@@ -1,0 +1,106 @@
+"""Training: determinism, resumption, the run directory, and qualitative learning."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import optolab
+from optolab.loader import protocol_from_resolved, validate_protocol
+from optolab.trainer import train
+from tests.conftest import fewshot_protocol, repeat_protocol
+
+
+def metrics(run_dir) -> pd.DataFrame:
+    return optolab.open_run(run_dir).metrics.sort_values(
+        ["step", "split", "metric", "layer", "head", "src_layer", "src_head"]).reset_index(drop=True)
+
+
+def test_same_protocol_and_seeds_give_the_same_numbers(tmp_path):
+    p = validate_protocol(fewshot_protocol())
+    a = train(p, tmp_path / "a", progress=False)
+    b = train(p, tmp_path / "b", progress=False)
+    pd.testing.assert_frame_equal(metrics(a.run_dir.path), metrics(b.run_dir.path))
+    other = validate_protocol({**fewshot_protocol(), "seeds": {"init": 1, "data": 0}})
+    c = train(other, tmp_path / "c", progress=False)
+    assert not metrics(a.run_dir.path)["value"].equals(metrics(c.run_dir.path)["value"])
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    p = validate_protocol(fewshot_protocol(steps=40))
+    full = train(p, tmp_path / "full", progress=False)
+    part = train(p, tmp_path / "part", progress=False, stop_after=25)  # "killed" after step 25
+    assert part.run_dir.read_json(part.run_dir.meta)["status"] == "stopped"
+    with part.run_dir.metrics_jsonl.open("a") as f:
+        f.write('{"step": 30, "torn')  # a line half-written when the process died
+    resumed = train(p, tmp_path / "part", progress=False)
+    pd.testing.assert_frame_equal(metrics(full.run_dir.path), metrics(resumed.run_dir.path))
+    for (name, x), (_, y) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(x, y), name
+    meta = resumed.run_dir.read_json(resumed.run_dir.meta)
+    assert [s["resumed_from_step"] for s in meta["segments"]] == [0, 20]
+    assert meta["status"] == "finished"
+
+
+def test_run_directory_is_tidy_and_self_describing(tmp_path):
+    run = optolab.run(validate_protocol(fewshot_protocol()), out=tmp_path / "run", progress=False)
+    d = run.path
+    for name in ("protocol.yaml", "meta.json", "metrics.jsonl", "metrics.parquet", "summary.json"):
+        assert (d / name).is_file(), name
+    assert sorted(p.name for p in (d / "figures").iterdir()) == [
+        "attention.png", "head_scores.png", "loss.png", "prev_token.png"]
+    assert run.checkpoint_steps == [0, 10, 20, 30]
+    assert (d / "checkpoints" / "step_00000030.optim.safetensors").is_file()
+    # the resolved protocol has every default and reloads to the same protocol
+    resolved = yaml.safe_load((d / "protocol.yaml").read_text())
+    assert resolved["model"]["d_head"] == 4 and resolved["task"]["n_labels"] == 5
+    assert protocol_from_resolved(d / "protocol.yaml") == run.protocol
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["seeds"] == {"init": 0, "data": 0, "eval": 1}
+    assert meta["versions"]["torch"] and "git_commit" in meta and meta["wall_time_s"] > 0
+    df = run.metrics
+    assert list(df.columns) == ["step", "sequences", "split", "metric", "layer", "head", "src_layer", "src_head", "value"]
+    assert (df.sequences == df.step * 16).all()
+    assert {"loss", "acc", "icl_acc", "induction_strength", "prev_token", "prev_token_corrected", "copying",
+            "comp_q", "comp_k", "comp_v"} <= set(df.metric)
+    assert set(df.split) >= {"fsl_train", "fsl_val_rl", "fsl_train_valex", "fsl_test_class", "weights", "train_batches"}
+    s = run.summary
+    assert set(s) >= {"time_to_loss_0.5", "time_to_loss_0.277", "final", "main_split"}
+    assert 0 <= s["final"]["fsl_train"]["acc"] <= 1
+    assert len(s["final"]["fsl_train"]["induction_strength"]) == 8
+
+
+def test_finished_run_is_not_overwritten_by_accident(tmp_path):
+    p = validate_protocol(fewshot_protocol(steps=10))
+    train(p, tmp_path / "r", progress=False)
+    with pytest.raises(optolab.OptolabError, match="already holds a finished run"):
+        train(p, tmp_path / "r", progress=False)
+
+
+def test_trained_model_opens_in_nnsight(tmp_path):
+    run = optolab.run(validate_protocol(fewshot_protocol(steps=10)), out=tmp_path / "r", progress=False, plots=False)
+    model = run.nnsight()
+    batch = run.eval_batch(n=8)
+    with model.trace(*batch.inputs):
+        pattern = model.blocks[1].attn.hook_pattern.output.save()
+    assert pattern.shape == (8, 4, 5, 5)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(8, 4, 5))
+
+
+def test_repeat_token_model_learns_an_induction_head(tmp_path):
+    """Qualitative (as TransformerLens' training test): the loss falls and layer-1 prefix
+    matching rises within a few hundred steps."""
+    data = repeat_protocol(steps=300, lr=3e-3)
+    data["model"]["positional"] = "rope"
+    data["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": 300}}
+    data["measures"] = {"schedule": {"unit": "steps", "every": 100}, "eval_sequences": 128}
+    run = train(validate_protocol(data), tmp_path / "r", progress=False)
+    df = run.run_dir.metrics()
+    loss = df[(df.split == "val") & (df.metric == "loss")].set_index("step").value
+    pm = df[(df.split == "val") & (df.metric == "prefix_matching") & (df.layer == 1)].groupby("step").value.max()
+    assert loss[300] < 0.5 * loss[0]
+    assert pm[0] < 0.3 and pm[300] > 0.6
