@@ -93,11 +93,11 @@ class Schedule(Strict):
         per = batch_size if self.unit == "sequences" else 1
         end = total_steps * per
         points = {0, end}
-        start = 0
-        for i, stage in enumerate(sorted(self.dense, key=lambda s: s.until)):
-            points.update(range(start, min(stage.until, end) + 1, stage.every))
+        start = 0  # each stage fires at multiples of its own cadence, from where the last ended
+        for stage in sorted(self.dense, key=lambda s: s.until):
+            points.update(p for p in range(0, min(stage.until, end) + 1, stage.every) if p >= start)
             start = stage.until
-        points.update(range(start, end + 1, self.every))
+        points.update(p for p in range(0, end + 1, self.every) if p >= start)
         for i, p in enumerate(self.at):
             if p > end:
                 raise OptolabError(

@@ -108,7 +108,12 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
             eval_time += time.perf_counter() - te
             main_loss = next(r["value"] for r in rows if r["split"] == task.main_split and r["metric"] == "loss")
             if not math.isfinite(main_loss):
-                raise OptolabError(f"the {task.main_split} loss became {main_loss} at step {step}.",
+                bar.close()
+                meta["status"] = "failed"
+                meta["failure"] = f"{task.main_split} loss {main_loss} at step {step}"
+                run.write_json(run.meta, meta)
+                raise OptolabError(f"the {task.main_split} loss became {main_loss} at step {step}; the run "
+                                   "is marked failed, its checkpoints kept.",
                                    field="train.lr", fix="lower the learning rate or set train.grad_clip.")
             bar.set_postfix({f"{task.main_split} loss": f"{main_loss:.3f}"}, refresh=False)
         if step in ckpt_steps and not (step == start and done):

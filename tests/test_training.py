@@ -104,3 +104,19 @@ def test_repeat_token_model_learns_an_induction_head(tmp_path):
     pm = df[(df.split == "val") & (df.metric == "prefix_matching") & (df.layer == 1)].groupby("step").value.max()
     assert loss[300] < 0.5 * loss[0]
     assert pm[0] < 0.3 and pm[300] > 0.6
+
+
+def test_checkpoint_pruning_keeps_the_newest_and_the_final(tmp_path):
+    data = fewshot_protocol(steps=40)
+    data["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": 10}, "keep": 2}
+    run = train(validate_protocol(data), tmp_path / "r", progress=False)
+    assert optolab.open_run(run.run_dir.path).checkpoint_steps == [30, 40]
+
+
+def test_divergence_stops_the_run_and_marks_it_failed(tmp_path):
+    run_dir = tmp_path / "r"
+    with pytest.raises(optolab.OptolabError, match="loss became nan"):
+        train(validate_protocol(fewshot_protocol(lr=1e30)), run_dir, progress=False)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["status"] == "failed"
+    assert (run_dir / "checkpoints" / "step_00000000.json").is_file()

@@ -1,0 +1,51 @@
+"""Protocol semantics: schedules, budgets, seeds, resolution."""
+
+from __future__ import annotations
+
+import pytest
+
+from optolab.loader import load_protocol, validate_protocol
+from optolab.protocol import Schedule
+from tests.conftest import ROOT, fewshot_protocol, write_protocol
+
+
+def test_schedule_in_sequences_fires_at_the_first_step_reaching_each_point():
+    s = Schedule(unit="sequences", every=100, dense=[{"until": 40, "every": 20}], at=[250])
+    # batch 32: sequences 0, 20, 40, 100, 200, 250, 300 and the end (320 = step 10)
+    assert s.steps(batch_size=32, total_steps=10, field="x") == [0, 1, 2, 4, 7, 8, 10]
+
+
+def test_schedule_in_steps_always_includes_start_and_end():
+    assert Schedule(unit="steps", every=4).steps(batch_size=32, total_steps=10, field="x") == [0, 4, 8, 10]
+
+
+def test_counts_accept_scientific_notation_and_sequences_become_steps():
+    p = validate_protocol({**fewshot_protocol(), "train": {"sequences": "1e3", "batch_size": 32}})
+    assert p.train.total_steps == 32  # ceil(1000 / 32)
+    assert p.eval_steps()[-1] == 32
+
+
+def test_seed_flag_sets_init_and_data_but_not_eval(tmp_path):
+    path = write_protocol(tmp_path, {**fewshot_protocol(), "seeds": {"init": 1, "data": 2, "eval": 7}})
+    p = load_protocol(path, seed=5)
+    assert (p.seeds.init, p.seeds.data, p.seeds.eval) == (5, 5, 7)
+
+
+def test_resolved_protocol_has_every_default_and_round_trips():
+    p = load_protocol(ROOT / "protocols" / "singh2024" / "main.yaml")
+    r = p.resolved()
+    assert r["model"]["d_head"] == 8 and r["task"]["scale"] == 2.0 and r["seeds"]["eval"] == 1
+    assert validate_protocol(r) == p
+    assert p.train.total_steps == 31_250
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "protocols").rglob("*.yaml")))
+def test_every_shipped_protocol_validates(path):
+    load_protocol(path)
+
+
+def test_task_overrides_apply_on_top_of_a_spec_file(tmp_path):
+    (tmp_path / "t.yaml").write_text("kind: fewshot\ndim: 8\nn_labels: 5\n")
+    path = write_protocol(tmp_path, {**fewshot_protocol(), "task": {"spec": "t.yaml", "n_labels": 10}})
+    proto = load_protocol(path)
+    assert proto.task.n_labels == 10 and proto.task.dim == 8
