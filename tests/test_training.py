@@ -120,3 +120,23 @@ def test_divergence_stops_the_run_and_marks_it_failed(tmp_path):
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["status"] == "failed"
     assert (run_dir / "checkpoints" / "step_00000000.json").is_file()
+
+
+def test_fewshot_phase_change_plateau_then_drop_with_induction_rising_in_the_same_window(tmp_path):
+    """The Singh et al. signature in miniature: a plateau just above ln 2, then a drop, and the
+    second layer's induction strength rises exactly when the loss drops."""
+    data = {"name": "fs", "task": {"kind": "fewshot", "dim": 64},
+            "model": {"n_layers": 2, "n_heads": 4, "d_model": 32},
+            "train": {"lr": 1e-3, "batch_size": 32, "steps": 600,
+                      "checkpoints": {"schedule": {"unit": "steps", "every": 600}}},
+            "measures": {"schedule": {"unit": "steps", "every": 50}, "eval_sequences": 200}}
+    run = train(validate_protocol(data), tmp_path / "r", progress=False)
+    df = run.run_dir.metrics()
+    loss = df[(df.split == "fsl_train") & (df.metric == "loss")].set_index("step").value
+    ind = df[(df.split == "fsl_train") & (df.metric == "induction_strength") & (df.layer == 1)].groupby("step").value.max()
+    plateau = loss[(loss.index >= 100) & (loss.index <= 250)]
+    assert ((plateau > 0.69) & (plateau < 0.9)).all(), plateau
+    assert loss[600] < 0.2
+    drop = int(loss[loss < 0.5].index[0])  # the phase-change midpoint
+    assert ind[drop - 100] < 0.2 and ind[drop + 100] > 0.5
+    assert run.summary["time_to_loss_0.5"]["step"] == drop
