@@ -127,6 +127,8 @@ def _fix_for(err: Mapping[str, Any], allowed: Sequence[str]) -> str:
         return "use true or false."
     if kind in {"literal_error", "enum"}:
         return f"use one of {ctx.get('expected', 'the listed values')}."
+    if kind == "string_pattern_mismatch":
+        return "use only letters, digits and the characters _ . + - (no spaces)."
     if kind.startswith("string"):
         return "use a string."
     if kind in {"model_type", "dict_type", "model_attributes_type"}:

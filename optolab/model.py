@@ -170,17 +170,18 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    # Submodules are declared in forward order, so ``named_modules()`` lists hooks as they fire.
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.ln1 = LayerNorm(cfg.d_model) if cfg.layer_norm else nn.Identity()
         self.attn = Attention(cfg)
+        self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]  (equals resid_post if attn-only)
         if not cfg.attn_only:
             self.ln2 = LayerNorm(cfg.d_model) if cfg.layer_norm else nn.Identity()
             self.mlp = MLP(cfg)
             self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
-        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
-        self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
-        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]  (equals resid_post if attn-only)
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
@@ -238,6 +239,7 @@ class Transformer(nn.Module):
     # --- introspection -----------------------------------------------------------------
 
     def hook_points(self) -> dict[str, HookPoint]:
+        """Every hook point by TransformerLens name, in the order they fire."""
         return {name: m for name, m in self.named_modules() if isinstance(m, HookPoint)}
 
 

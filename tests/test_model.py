@@ -52,7 +52,7 @@ def test_every_hook_fires_once_in_forward_order_with_its_shape(name):
     b, h, p, d, e = 3, cfg.n_heads, cfg.n_ctx, cfg.d_model, cfg.d_head
     logits = model(*inputs_for(cfg, b))
     assert logits.shape == (b, p, cfg.d_out)
-    assert [n for n, _ in fired] == expected_hooks(cfg)
+    assert [n for n, _ in fired] == expected_hooks(cfg) == list(model.hook_points())
     shapes = dict(fired)
     for L in range(cfg.n_layers):
         for k in ("q", "k", "v", "z"):
