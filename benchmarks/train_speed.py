@@ -37,7 +37,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
 
     protocol = load_protocol(ROOT / "protocols" / "singh2024" / "main.yaml")
     task = make_task(protocol.task)

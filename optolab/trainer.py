@@ -8,8 +8,7 @@ Rules:
 - Determinism: the model is initialised from ``seeds.init``; the batch of step t depends only on
   ``(seeds.data, t)``; eval sets only on ``seeds.eval``. So resuming from the checkpoint at step
   t continues exactly as the uninterrupted run did.
-- Process-wide settings are left alone except ``torch.set_flush_denormal(True)`` (faster exp on
-  CPU, no effect on the numbers that matter), set for the duration of ``train``.
+- No process-wide setting is changed (thread counts are the caller's: the CLI sets one thread).
 """
 
 from __future__ import annotations
@@ -89,53 +88,58 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     meta["segments"].append({"resumed_from_step": start, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     run.write_json(run.meta, meta)
 
-    torch.set_flush_denormal(True)
     t0 = time.perf_counter()
     eval_time = 0.0
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
                desc=protocol.name, mininterval=0.5)
     model.train()
     step = start
-    while True:
-        if step in eval_steps and not (step == start and done):
-            te = time.perf_counter()
-            rows = evaluate(model, task, protocol.measures, evals, forward)
-            if loss_n:
-                rows.append({"split": "train_batches", "metric": "loss", "layer": None, "head": None,
-                             "value": loss_sum.item() / loss_n})
-                loss_sum, loss_n = torch.zeros(()), 0
-            run.append_metrics([{"step": step, "sequences": step * bs, **r} for r in rows])
-            eval_time += time.perf_counter() - te
-            main_loss = next(r["value"] for r in rows if r["split"] == task.main_split and r["metric"] == "loss")
-            if not math.isfinite(main_loss):
-                bar.close()
-                meta["status"] = "failed"
-                meta["failure"] = f"{task.main_split} loss {main_loss} at step {step}"
-                run.write_json(run.meta, meta)
-                raise OptolabError(f"the {task.main_split} loss became {main_loss} at step {step}; the run "
-                                   "is marked failed, its checkpoints kept.",
-                                   field="train.lr", fix="lower the learning rate or set train.grad_clip.")
-            bar.set_postfix({f"{task.main_split} loss": f"{main_loss:.3f}"}, refresh=False)
-        if step in ckpt_steps and not (step == start and done):
-            save_checkpoint(run.checkpoints, step, step * bs, model, optimizer,
-                            {"name": protocol.name, "train_loss_sum": loss_sum.item(), "train_loss_n": loss_n})
-            prune(run.checkpoints, protocol.train.checkpoints.keep, protect={total})
-        if step >= total or (stop_after is not None and step >= stop_after):
-            break
+    try:
+        while True:
+            if step in eval_steps and not (step == start and done):
+                te = time.perf_counter()
+                rows = evaluate(model, task, protocol.measures, evals, forward)
+                if loss_n:
+                    rows.append({"split": "train_batches", "metric": "loss", "layer": None, "head": None,
+                                 "value": loss_sum.item() / loss_n})
+                    loss_sum, loss_n = torch.zeros(()), 0
+                run.append_metrics([{"step": step, "sequences": step * bs, **r} for r in rows])
+                eval_time += time.perf_counter() - te
+                main_loss = next(r["value"] for r in rows if r["split"] == task.main_split and r["metric"] == "loss")
+                if not math.isfinite(main_loss):
+                    meta["status"] = "failed"
+                    meta["failure"] = f"{task.main_split} loss {main_loss} at step {step}"
+                    run.write_json(run.meta, meta)
+                    raise OptolabError(f"the {task.main_split} loss became {main_loss} at step {step}; the run "
+                                       "is marked failed, its checkpoints kept.",
+                                       field="train.lr", fix="lower the learning rate or set train.grad_clip.")
+                bar.set_postfix({f"{task.main_split} loss": f"{main_loss:.3f}"}, refresh=False)
+            if step in ckpt_steps and not (step == start and done):
+                save_checkpoint(run.checkpoints, step, step * bs, model, optimizer,
+                                {"name": protocol.name, "train_loss_sum": loss_sum.item(), "train_loss_n": loss_n})
+                prune(run.checkpoints, protocol.train.checkpoints.keep, protect={total})
+            if step >= total or (stop_after is not None and step >= stop_after):
+                break
 
-        batch = task.train_batch(protocol.seeds.data, step, bs)
-        logits, _ = forward(model, batch, training=True)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if protocol.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), protocol.train.grad_clip)
-        optimizer.step()
-        loss_sum += loss.detach()
-        loss_n += 1
-        step += 1
-        bar.update(1)
-    bar.close()
+            batch = task.train_batch(protocol.seeds.data, step, bs)
+            logits, _ = forward(model, batch, training=True)
+            loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if protocol.train.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), protocol.train.grad_clip)
+            optimizer.step()
+            loss_sum += loss.detach()
+            loss_n += 1
+            step += 1
+            bar.update(1)
+    except KeyboardInterrupt:
+        meta["status"] = "interrupted"
+        meta["segments"][-1]["ended_at_step"] = step
+        run.write_json(run.meta, meta)
+        raise
+    finally:
+        bar.close()
 
     wall = time.perf_counter() - t0
     meta["wall_time_s"] = meta.get("wall_time_s", 0.0) + wall
