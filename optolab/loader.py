@@ -17,7 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from optolab.errors import OptolabError, from_validation_error, yaml_line_map
 from optolab.protocol import Protocol
-from optolab.tasks import TASKS, AnyTaskSpec
+from optolab.tasks import TASKS, AnyTaskSpec, make_task
 
 TAGS = frozenset(TASKS)
 
@@ -73,7 +73,7 @@ def _resolve_task(raw: Any, base: Path, source: str, protocol_lines: dict) -> An
     except ValidationError as e:
         loc = e.errors()[0].get("loc", ())
         key = loc[1] if len(loc) > 1 else None  # loc[0] is the task kind tag
-        if key in overrides or key is None and any(k in overrides for k in ("kind",)):
+        if key in overrides or (key is None and "kind" in overrides):
             raise from_validation_error(e, source=source, prefix="task", lines=protocol_lines, tags=TAGS) from None
         raise from_validation_error(e, source=path, lines=lines, tags=TAGS) from None
     return merged
@@ -95,16 +95,16 @@ def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise OptolabError(f"seed must be a non-negative integer (got {seed!r}).", field="--seed",
                                fix="pass e.g. --seed 3.")
-        seeds = dict(data.get("seeds") or {})
-        seeds.update(init=seed, data=seed)
-        data["seeds"] = seeds
+        seeds = data.get("seeds") or {}
+        if isinstance(seeds, dict):  # anything else is reported by the schema below
+            data["seeds"] = {**seeds, "init": seed, "data": seed}
     return validate_protocol(data, source=source, lines=lines)
 
 
 def validate_protocol(data: dict, *, source: str | None = None, lines: dict | None = None) -> Protocol:
     try:
         protocol = Protocol.model_validate(data)
-        protocol.model_config_for(_task(protocol))  # shape checks that need the task
+        protocol.model_config_for(make_task(protocol.task))  # shape checks that need the task
         protocol.eval_steps()
         protocol.checkpoint_steps()
     except ValidationError as e:
@@ -112,12 +112,6 @@ def validate_protocol(data: dict, *, source: str | None = None, lines: dict | No
     except OptolabError as e:
         raise e.located(source, lines) from None
     return protocol
-
-
-def _task(protocol: Protocol):
-    from optolab.tasks import make_task
-
-    return make_task(protocol.task)
 
 
 def protocol_from_resolved(path: str | Path) -> Protocol:

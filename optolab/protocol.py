@@ -42,6 +42,7 @@ def _count(v: Any) -> Any:
 Count = Annotated[int, BeforeValidator(_count), Field(ge=0)]
 PosCount = Annotated[int, BeforeValidator(_count), Field(gt=0)]
 Seed = Annotated[int, Field(strict=True, ge=0)]
+MAX_SCHEDULE_POINTS = 100_000
 
 
 class Strict(BaseModel):
@@ -92,6 +93,12 @@ class Schedule(Strict):
 
         per = batch_size if self.unit == "sequences" else 1
         end = total_steps * per
+        stages = [(s.until, s.every) for s in self.dense] + [(end, self.every)]
+        n_points = sum(min(until, end) // every for until, every in stages)
+        if n_points > MAX_SCHEDULE_POINTS:
+            raise OptolabError(
+                f"this schedule would fire about {n_points:,} times over {end:,} {self.unit}.",
+                field=f"{field}.every", fix=f"use a larger 'every' (at most {MAX_SCHEDULE_POINTS:,} points).")
         points = {0, end}
         start = 0  # each stage fires at multiples of its own cadence, from where the last ended
         for stage in sorted(self.dense, key=lambda s: s.until):

@@ -120,3 +120,46 @@ def test_run_refuses_a_folder_holding_a_different_protocol_without_touching_it(t
     code, err = run_cli(capsys, "run", path, "--out", out, "--no-progress")
     assert code == 2 and "not an optolab run directory" in err
     assert (out / "notes.txt").read_text() == "precious"
+
+
+# --- random mutations never crash the loader ------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from optolab.errors import OptolabError  # noqa: E402
+from optolab.loader import validate_protocol  # noqa: E402
+from tests.conftest import repeat_protocol  # noqa: E402
+
+ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8), st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+def _paths(d, prefix=()):
+    for k, v in d.items():
+        yield prefix + (k,)
+        if isinstance(v, dict):
+            yield from _paths(v, prefix + (k,))
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=st.sampled_from([fewshot_protocol(), repeat_protocol()]), data=st.data())
+def test_mutated_protocols_are_accepted_or_refused_with_an_optolab_error(base, data):
+    import copy
+
+    proto = copy.deepcopy(base)
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = list(_paths(proto))
+        path = data.draw(st.sampled_from(paths))
+        cur = proto
+        for k in path[:-1]:
+            cur = cur[k]
+        if data.draw(st.booleans()):
+            cur[path[-1]] = data.draw(ODD_VALUES)
+        else:
+            cur[data.draw(st.text(min_size=1, max_size=6))] = data.draw(ODD_VALUES)
+    try:
+        validate_protocol(proto)
+    except OptolabError as e:
+        assert "\n" not in str(e)

@@ -49,3 +49,11 @@ def test_task_overrides_apply_on_top_of_a_spec_file(tmp_path):
     path = write_protocol(tmp_path, {**fewshot_protocol(), "task": {"spec": "t.yaml", "n_labels": 10}})
     proto = load_protocol(path)
     assert proto.task.n_labels == 10 and proto.task.dim == 8
+
+
+def test_a_schedule_that_would_fire_absurdly_often_is_refused():
+    from optolab.errors import OptolabError
+
+    with pytest.raises(OptolabError, match="measures.schedule.every"):
+        validate_protocol({**fewshot_protocol(), "train": {"steps": 10**9},
+                           "measures": {"schedule": {"unit": "steps", "every": 1}}})
