@@ -144,8 +144,10 @@ class Attention(nn.Module):
         scores = self.hook_attn_scores(scores.masked_fill(masked, float("-inf")))
         pattern = self.hook_pattern(causal_softmax(scores))
         z = self.hook_z(per_head_mix(pattern, v))
-        # Per-head results exist for clamps; their sum over heads equals one fused output matmul.
-        result = self.hook_result(torch.einsum("bqhe,hed->bqhd", z, self.W_O))
+        # Per-head results exist for clamps (their sum over heads is the attention output):
+        # one [b·q, e] @ [e, d] matmul per head, batched over heads.
+        result = torch.bmm(z.reshape(b * n, h, e).transpose(0, 1), self.W_O).transpose(0, 1)
+        result = self.hook_result(result.reshape(b, n, h, d))
         out = result.sum(dim=2)
         return out + self.b_O if cfg.qkv_bias else out
 

@@ -169,7 +169,7 @@ class FewshotTask(Task):
         offset = 0 if classes == "train" else s.n_train_classes
 
         # distinct classes per sequence: slot 0 is the query's class, slots 1.. the distractors
-        cls = torch.rand(b, n_cls, generator=g).argsort(dim=1)[:, :k] + offset  # [b, k]
+        cls = torch.rand(b, n_cls, generator=g).topk(k, dim=1).indices + offset  # [b, k], distinct
         # context items: B of slot 0, one of each distractor slot, shuffled
         slots = torch.cat([torch.zeros(B, dtype=torch.long), torch.arange(1, k)])  # [N]
         perm = torch.rand(b, N, generator=g).argsort(dim=1)
