@@ -85,18 +85,14 @@ def yaml_line_map(text: str) -> dict[tuple, int]:
 
 
 def lookup_line(lines: Mapping[tuple, int], dotted: str) -> int | None:
-    path: list[Any] = []
-    for part in dotted.split("."):
-        path.append(int(part) if part.isdigit() else part)
-    while path:
-        key = tuple(path)
-        if key in lines:
-            return lines[key]
-        str_key = tuple(str(p) for p in path)
-        for k, v in lines.items():
-            if tuple(str(p) for p in k) == str_key:
-                return v
-        path.pop()
+    """The line of ``dotted`` (e.g. ``train.lr`` or ``measures.schedule.at.0``), or of its
+    nearest ancestor present in the file."""
+    table = {tuple(str(p) for p in key): line for key, line in lines.items()}
+    parts = dotted.split(".")
+    while parts:
+        if tuple(parts) in table:
+            return table[tuple(parts)]
+        parts.pop()
     return None
 
 
