@@ -105,6 +105,6 @@ class Task(ABC):
         """``(n_ordinary_tokens, bos_id)`` for Olsson-style token probes, or None."""
         return None
 
-    def label_ids(self) -> Float[Tensor, "n"] | None:
+    def label_ids(self) -> Int[Tensor, "n"] | None:
         """Label ids whose embeddings the copying measure pushes through each head, or None."""
         return None
