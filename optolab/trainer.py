@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from tqdm.auto import tqdm
 
 from optolab.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
@@ -159,8 +160,6 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
 
 def _check_same_protocol(run: RunDir, resolved: dict) -> None:
     """Refuse to mix two protocols in one run directory (and so to lose anything written)."""
-    import yaml
-
     if not run.protocol.is_file():
         if run.path.is_dir() and any(run.path.iterdir()):
             raise OptolabError(f"'{run.path}' exists and is not an optolab run directory.", field="--out",

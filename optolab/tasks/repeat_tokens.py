@@ -65,11 +65,10 @@ class RepeatTokensTask(Task):
 
     def reference_losses(self) -> dict[str, float]:
         s = self.spec
-        first = (s.seq_len - 1) if s.loss_on == "all" else 0
-        n_targets = self.n_ctx - 1 if s.loss_on == "all" else s.seq_len * (s.n_repeats - 1)
-        # a perfect in-context copier pays ln n_tokens only on the unpredictable first copy
-        return {f"ln {s.n_tokens} (uniform)": math.log(s.n_tokens),
-                "perfect copying": math.log(s.n_tokens) * (first + 1) / n_targets if s.loss_on == "all" else 0.0}
+        uniform = math.log(s.n_tokens)
+        # a perfect in-context copier pays ln n_tokens only on the first of R copies (any L)
+        copying = uniform / s.n_repeats if s.loss_on == "all" else 0.0
+        return {f"ln {s.n_tokens} (uniform)": uniform, "perfect copying": copying}
 
     def token_probe_vocab(self) -> tuple[int, int | None]:
         return self.spec.n_tokens, self.bos
