@@ -1,4 +1,4 @@
-"""``optolab`` command line: run, validate, sites, plot.
+"""``optolab`` command line: run, validate, sites, evaluate, plot.
 
 Every user error prints one line (``optolab: error: <where>: <what> Fix: <how>``) and exits
 with code 2; no traceback. Interrupting a run leaves its last checkpoint; the same command
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sites", help="every hook name with its shape for the protocol's model")
     p.add_argument("protocol")
+
+    p = sub.add_parser("evaluate", help="apply a protocol's clamps to a saved model and report the measures")
+    p.add_argument("protocol")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR (last checkpoint) or RUN_DIR/checkpoints/step_*.safetensors")
+    p.add_argument("--out", help="CSV to write (default: RUN_DIR/posthoc/<protocol name>.csv)")
 
     p = sub.add_parser("plot", help="(re)write the figures of a run directory")
     p.add_argument("run_dir")
@@ -101,6 +106,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{'hook':<{width}}  shape (dim 0 = batch)")
         for name, shape in rows:
             print(f"{name:<{width}}  [batch, {', '.join(map(str, shape[1:]))}]")
+        return 0
+    if args.command == "evaluate":
+        from pathlib import Path
+
+        import pandas as pd
+
+        from optolab.posthoc import accuracy_table, default_out, evaluate_checkpoint, resolve_checkpoint
+
+        torch.set_num_threads(1)
+        protocol = load_protocol(args.protocol)
+        weights, run_dir, _ = resolve_checkpoint(args.checkpoint)
+        df = evaluate_checkpoint(protocol, args.checkpoint)
+        out = Path(args.out) if args.out else default_out(run_dir, protocol, weights)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False)
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
+            print(accuracy_table(df))
+        print(f"all measures written to {out}")
         return 0
     if args.command == "plot":
         from optolab.api import open_run

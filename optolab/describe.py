@@ -42,7 +42,18 @@ def describe_protocol(p: Protocol) -> list[str]:
     on = [k for k in ("induction_strength", "previous_token", "prefix_matching", "copying", "icl_score",
                       "composition") if getattr(p.measures, k)]
     lines.append(f"Measures: {', '.join(on) or 'loss and accuracy only'} (where the task supports them).")
-    lines.append("Clamps: none — every activation is left as the model computes it.")
+    if not p.clamps:
+        lines.append("Clamps: none — every activation is left as the model computes it.")
+        return lines
+    from optolab.clamps.compile import compile_clamps
+    from optolab.clamps.describe import describe_clamp
+
+    plan = compile_clamps(p, task, cfg)
+    everything = sorted(plan.site_clamps + plan.layer_clamps + plan.freezes + ([plan.copy] if plan.copy else []),
+                        key=lambda c: c.index)
+    lines.append(f"Clamps ({len(everything)}, applied through {p.train.clamp_engine}; "
+                 "layers and heads count from 0):")
+    lines += ["  " + describe_clamp(c, plan, cfg.n_heads) for c in everything]
     return lines
 
 

@@ -148,10 +148,13 @@ def from_validation_error(exc: Any, *, source: str | Path | None = None, prefix:
     """
     errs = exc.errors(include_url=False)
     err = errs[0]
-    loc = [str(p) for p in err.get("loc", ())
-           if not str(p).startswith("function-") and str(p) not in tags]
+    raw = list(err.get("loc", ()))
+    # a tag sits where a union was chosen: first, after 'task', or after a list index
+    loc = [str(p) for k, p in enumerate(raw)
+           if not str(p).startswith("function-")
+           and not (str(p) in tags and (k == 0 or raw[k - 1] == "task" or isinstance(raw[k - 1], int)))]
     field = ".".join(([prefix] if prefix else []) + loc)
-    allowed = _allowed_keys(model, [p for p in err.get("loc", ()) if str(p) not in tags]) if model is not None else []
+    allowed = _allowed_keys(model, raw) if model is not None else []
     msg = err.get("msg", "invalid value")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
@@ -166,11 +169,19 @@ def from_validation_error(exc: Any, *, source: str | Path | None = None, prefix:
 
 
 def _allowed_keys(model: Any, loc: Sequence[Any]) -> list[str]:
-    """Field names of the pydantic model that owns the last key in ``loc``."""
+    """Field names of the pydantic model that owns the last key in ``loc``. List indices step
+    into the item type; a union tag (``clamps.0.ablate``) picks the member with that ``kind``."""
     from pydantic import BaseModel
 
-    cur = model
+    cur: Any = model
     for part in list(loc)[:-1]:
+        if isinstance(part, int):
+            continue  # the item type was unwrapped with the list
+        if isinstance(cur, list):  # union members: pick the one tagged ``part``
+            cur = next((m for m in cur if _tag(m) == part), None)
+            if cur is not None:
+                continue
+            return []
         if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
             return []
         field = cur.model_fields.get(str(part))
@@ -182,15 +193,31 @@ def _allowed_keys(model: Any, loc: Sequence[Any]) -> list[str]:
     return []
 
 
+def _tag(model: Any) -> Any:
+    """The ``kind`` literal of a discriminated-union member, or None."""
+    from typing import get_args
+
+    field = getattr(model, "model_fields", {}).get("kind")
+    args = get_args(field.annotation) if field is not None else ()
+    return args[0] if len(args) == 1 else None
+
+
 def _unwrap(tp: Any) -> Any:
+    """The pydantic model inside ``tp`` (through Optional/list/Annotated), or the list of
+    members of a discriminated union of models."""
     from typing import get_args
 
     from pydantic import BaseModel
 
-    for arg in (tp, *get_args(tp)):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-        for inner in get_args(arg):
-            if isinstance(inner, type) and issubclass(inner, BaseModel):
-                return inner
-    return tp
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    members = []
+    for arg in get_args(tp):
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            members.append(inner)
+        elif isinstance(inner, list):
+            members.extend(inner)
+    if len(members) == 1:
+        return members[0]
+    return members or tp

@@ -15,11 +15,13 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from optolab.clamps.compile import compile_clamps
+from optolab.clamps.spec import CLAMP_KINDS
 from optolab.errors import OptolabError, from_validation_error, yaml_line_map
 from optolab.protocol import Protocol
 from optolab.tasks import TASKS, AnyTaskSpec, make_task
 
-TAGS = frozenset(TASKS)
+TAGS = frozenset(TASKS) | CLAMP_KINDS
 
 
 def read_yaml(path: str | Path, what: str = "file") -> tuple[dict, dict[tuple, int]]:
@@ -79,6 +81,24 @@ def _resolve_task(raw: Any, base: Path, source: str, protocol_lines: dict) -> An
     return merged
 
 
+def _resolve_clamp_paths(clamps: Any, base: Path) -> Any:
+    """Make the files clamps read (graft/freeze ``source``, ``file``) absolute, so the resolved
+    protocol a run records points at the same files from anywhere."""
+    if clamps is None:
+        return []
+    if not isinstance(clamps, list):
+        return clamps  # the schema reports it
+    out = []
+    for c in clamps:
+        if isinstance(c, dict):
+            c = dict(c)
+            for key in ("source", "file"):
+                if isinstance(c.get(key), str) and not Path(c[key]).expanduser().is_absolute():
+                    c[key] = str((base / c[key]).resolve())
+        out.append(c)
+    return out
+
+
 def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None = None) -> Protocol:
     """Load and validate a protocol file. ``seed`` sets both the init and the data seed."""
     data, lines = read_yaml(path, "protocol")
@@ -91,6 +111,9 @@ def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None
         raise OptolabError("missing.", field="task", source=source,
                            fix="add 'task: ../tasks/fewshot_singh2024.yaml' (a path or a mapping with 'kind').")
     data["task"] = _resolve_task(data["task"], Path(path).parent, source, lines)
+    data["clamps"] = _resolve_clamp_paths(data.get("clamps"), Path(path).parent)
+    if isinstance(data.get("conditions"), dict):
+        data["conditions"] = {k: _resolve_clamp_paths(v, Path(path).parent) for k, v in data["conditions"].items()}
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise OptolabError(f"seed must be a non-negative integer (got {seed!r}).", field="--seed",
@@ -104,9 +127,17 @@ def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None
 def validate_protocol(data: dict, *, source: str | None = None, lines: dict | None = None) -> Protocol:
     try:
         protocol = Protocol.model_validate(data)
-        protocol.model_config_for(make_task(protocol.task))  # shape checks that need the task
+        task = make_task(protocol.task)
+        cfg = protocol.model_config_for(task)  # shape checks that need the task
         protocol.eval_steps()
         protocol.checkpoint_steps()
+        if protocol.clamps:
+            compile_clamps(protocol, task, cfg)
+        if protocol.conditions:
+            from optolab.posthoc import compile_condition, condition_protocols
+
+            for name, p in condition_protocols(protocol).items():
+                compile_condition(p, name, len(protocol.clamps), task, cfg)
     except ValidationError as e:
         raise from_validation_error(e, source=source, lines=lines, model=Protocol, tags=TAGS) from None
     except OptolabError as e:

@@ -2,8 +2,8 @@
 
 Rules:
 - Sections: ``name``, ``description``, ``task``, ``model``, ``train``, ``seeds``, ``measures``
-  and ``clamps`` (reserved for the clamp engine; must be empty in this version). Unknown keys
-  at any level are errors, never ignored.
+  and ``clamps`` (:mod:`optolab.clamps.spec`). Unknown keys at any level are errors, never
+  ignored.
 - ``task`` is a path to a task spec YAML (relative to the protocol file), or a mapping that is
   either a whole spec (with ``kind``) or ``{spec: PATH, <field>: <override>, …}``.
 - Counts (``sequences``, ``steps``, ``every``, …) accept ``1e6``-style numbers if integral.
@@ -17,31 +17,16 @@ Rules:
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from optolab.clamps.spec import AnyClamp
 from optolab.config import ModelConfig
+from optolab.counts import Count, PosCount, Seed
 from optolab.tasks import AnyTaskSpec, Task
 
 
-def _count(v: Any) -> Any:
-    """Accept 1e6 / "1e6" / 1000000.0 for whole-number counts; leave the rest to pydantic."""
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str):
-        try:
-            v = float(v.replace("_", ""))
-        except ValueError:
-            return v
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return v
-
-
-Count = Annotated[int, BeforeValidator(_count), Field(ge=0)]
-PosCount = Annotated[int, BeforeValidator(_count), Field(gt=0)]
-Seed = Annotated[int, Field(strict=True, ge=0)]
 MAX_SCHEDULE_POINTS = 100_000
 
 
@@ -129,6 +114,8 @@ class TrainSpec(Strict):
     sequences: PosCount | None = Field(None, description="budget in sequences (or give steps)")
     steps: PosCount | None = Field(None, description="budget in optimizer steps (or give sequences)")
     fused: bool = Field(True, description="fused Adam kernel where the device has one")
+    clamp_engine: Literal["nnsight", "hooks"] = Field(
+        "nnsight", description="how clamps are applied: nnsight traces, or the same ops as raw forward hooks")
     checkpoints: Checkpoints = Field(default_factory=Checkpoints)
 
     @model_validator(mode="after")
@@ -171,13 +158,9 @@ class Protocol(Strict):
     train: TrainSpec
     seeds: Seeds = Field(default_factory=Seeds)
     measures: MeasuresSpec = Field(default_factory=MeasuresSpec)
-    clamps: list[Any] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _no_clamps_yet(self) -> Protocol:
-        if self.clamps:
-            raise ValueError("clamps are not supported by this version of optolab; remove the clamps section")
-        return self
+    clamps: list[AnyClamp] = Field(default_factory=list)
+    conditions: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+$")], list[AnyClamp]] = Field(
+        default_factory=dict, description="post-hoc conditions for `optolab evaluate` (base clamps + these)")
 
     def model_config_for(self, task: Task) -> ModelConfig:
         io = task.model_io()

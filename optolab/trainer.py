@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from optolab.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
 from optolab.errors import OptolabError
-from optolab.forward import Forward, PlainForward
+from optolab.forward import Forward, make_forward
 from optolab.measures.evaluate import EvalSet, evaluate
 from optolab.model import Transformer, build_model
 from optolab.protocol import Protocol
@@ -55,7 +55,6 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     ``stop_after`` ends the loop early after that step's checkpoint/eval, as a kill would
     (used by tests of resumption); the run is then left unfinished.
     """
-    forward = forward or PlainForward()
     run = RunDir(out)
     resolved = protocol.resolved()
     _check_same_protocol(run, resolved)
@@ -63,6 +62,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
 
     task = make_task(protocol.task)
     cfg = protocol.model_config_for(task)
+    forward = forward or make_forward(protocol, task, cfg)
     model = build_model(cfg, protocol.seeds.init)
     optimizer = make_optimizer(protocol, model)
     evals = EvalSet.build(task, protocol.measures, protocol.seeds.eval, cfg.n_ctx)
@@ -99,7 +99,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
         while True:
             if step in eval_steps and not (step == start and done):
                 te = time.perf_counter()
-                rows = evaluate(model, task, protocol.measures, evals, forward)
+                rows = evaluate(model, task, protocol.measures, evals, forward, step)
                 if loss_n:
                     rows.append({"split": "train_batches", "metric": "loss", "layer": None, "head": None,
                                  "value": loss_sum.item() / loss_n})
@@ -123,13 +123,15 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
                 break
 
             batch = task.train_batch(protocol.seeds.data, step, bs)
-            logits, _ = forward(model, batch, training=True)
+            logits, _ = forward(model, batch, step=step, training=True)
             loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            forward.after_backward(model, step)
             if protocol.train.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), protocol.train.grad_clip)
             optimizer.step()
+            forward.after_update(model, step)
             loss_sum += loss.detach()
             loss_n += 1
             step += 1

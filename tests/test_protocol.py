@@ -40,8 +40,10 @@ def test_resolved_protocol_has_every_default_and_round_trips():
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "protocols").rglob("*.yaml")))
-def test_every_shipped_protocol_validates(path):
-    load_protocol(path)
+def test_every_shipped_protocol_validates_and_its_resolved_form_round_trips(path):
+    p = load_protocol(path)
+    assert validate_protocol(p.resolved()) == p  # what a run records loads back the same
+    assert path.read_text().startswith("#")  # each file opens with what it tests and expects
 
 
 def test_task_overrides_apply_on_top_of_a_spec_file(tmp_path):

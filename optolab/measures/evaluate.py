@@ -57,7 +57,9 @@ def _rows(split: str, metric: str, per_head: torch.Tensor, layer: int) -> list[d
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, task: Task, spec: MeasuresSpec, evals: EvalSet, forward: Forward) -> list[dict]:
+def evaluate(model: Transformer, task: Task, spec: MeasuresSpec, evals: EvalSet, forward: Forward,
+             step: int = 0) -> list[dict]:
+    """Every measure at ``step`` (clamps active at that step act, as in training)."""
     was_training = model.training
     model.eval()
     L = model.cfg.n_layers
@@ -65,7 +67,7 @@ def evaluate(model: Transformer, task: Task, spec: MeasuresSpec, evals: EvalSet,
     rows: list[dict] = []
     try:
         for split, batch in evals.splits.items():
-            logits, saved = forward(model, batch, training=False, save=sites)
+            logits, saved = forward(model, batch, step=step, training=False, save=sites)
             rows += _loss_rows(split, logits, batch)
             if spec.icl_score and batch.tokens is not None:
                 rows += _icl_rows(split, logits, batch)
@@ -81,7 +83,7 @@ def evaluate(model: Transformer, task: Task, spec: MeasuresSpec, evals: EvalSet,
                 if spec.prefix_matching and batch.induction_targets is not None:
                     rows += _rows(split, "prefix_matching", prefix_matching(pattern, batch.induction_targets), layer)
         if evals.probe is not None:
-            _, saved = forward(model, evals.probe, training=False, save=sites)
+            _, saved = forward(model, evals.probe, step=step, training=False, save=sites)
             for layer in range(L):
                 rows += _rows("probe_repeat", "prefix_matching",
                               prefix_matching(saved[sites[layer]], evals.probe.induction_targets), layer)

@@ -1,0 +1,125 @@
+"""Files a clamp reads: graft models, freeze values and tensors for ``set: file``.
+
+Rules:
+- A ``source`` is a run directory (its last checkpoint, or ``step``) or a checkpoint
+  ``.safetensors`` file. Only safetensors are read: nothing is unpickled.
+- A graft model is rebuilt from its own run's ``protocol.yaml`` when there is one (so a model
+  of another shape can be grafted if the site's activation fits), else with this protocol's
+  model config. It must take the same inputs and produce the site with the same shape.
+- Paths are resolved by the loader against the protocol file's folder before they get here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from optolab.checkpoint import list_checkpoints, load_weights, stem
+from optolab.errors import OptolabError
+from optolab.model import Transformer
+
+
+def _err(i: int, field: str, message: str, fix: str) -> OptolabError:
+    return OptolabError(message, field=f"clamps.{i}.{field}", fix=fix)
+
+
+def _path(p: str, base_dir: Path | None) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() or base_dir is None else base_dir / path
+
+
+def checkpoint_file(i: int, source: str, step: int | None, base_dir: Path | None) -> tuple[Path, Path | None]:
+    """``(weights file, run directory or None)`` for a clamp's ``source``."""
+    p = _path(source, base_dir)
+    if p.is_dir():
+        steps = list_checkpoints(p / "checkpoints")
+        if not steps:
+            raise _err(i, "source", f"'{source}' holds no checkpoints.",
+                       "point at a run directory written by `optolab run`, or at a step_*.safetensors file.")
+        if step is None:
+            step = steps[-1]
+        if step not in steps:
+            raise _err(i, "step", f"'{source}' has no checkpoint at step {step}.", f"use one of {steps}.")
+        return p / "checkpoints" / f"{stem(step)}.safetensors", p
+    if not p.is_file():
+        raise _err(i, "source", f"'{source}' does not exist (looked for {p.resolve()}).",
+                   "give a run directory or a checkpoint .safetensors file; relative paths start at the protocol's folder.")
+    if p.suffix != ".safetensors" or p.name.endswith(".optim.safetensors"):
+        raise _err(i, "source", f"'{p.name}' is not a model checkpoint.",
+                   "use a step_*.safetensors file (pickled checkpoints are refused).")
+    if step is not None:
+        raise _err(i, "step", "'step' only applies when source is a run directory.", "remove 'step'.")
+    run_dir = p.parent.parent
+    return p, run_dir if (run_dir / "protocol.yaml").is_file() else None
+
+
+def load_frozen_model(i: int, spec, cfg, task, batch, shapes: dict, base_dir: Path | None) -> Transformer:
+    from optolab.clamps.compile import dry_run
+    from optolab.clamps.sites import canonical
+    from optolab.loader import protocol_from_resolved
+    from optolab.tasks import make_task
+
+    weights, run_dir = checkpoint_file(i, spec.source, spec.step, base_dir)
+    other_cfg = cfg
+    if run_dir is not None:
+        other = protocol_from_resolved(run_dir / "protocol.yaml")
+        other_cfg = other.model_config_for(make_task(other.task))
+    for key in ("input_mode", "d_input", "n_labels", "d_vocab"):
+        if getattr(other_cfg, key) != getattr(cfg, key):
+            raise _err(i, "source", f"the graft model takes different inputs ({key} {getattr(other_cfg, key)} "
+                       f"vs {getattr(cfg, key)} here).", "graft from a run of the same task.")
+    model = Transformer(other_cfg)
+    try:
+        load_weights(weights, model)
+    except OptolabError as e:
+        raise _err(i, "source", e.message, "graft from a checkpoint of the run that wrote it.") from None
+    site = canonical(spec.site)
+    theirs = dry_run(model, batch)
+    if theirs.get(site) != shapes[site]:
+        raise _err(i, "site", f"the graft model's '{site}' has shape {theirs.get(site)}, this model's is "
+                   f"{shapes[site]}.", "graft a site whose activation has the same shape in both models.")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_param_values(i: int, spec, model: Transformer, base_dir: Path | None) -> dict[str, Tensor]:
+    weights, _ = checkpoint_file(i, spec.source, spec.step, base_dir)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise _err(i, "source", f"cannot read '{weights}': {e}.", "point at an intact checkpoint.") from None
+    mine = dict(model.named_parameters())[spec.param]
+    theirs = state.get(spec.param)
+    if theirs is None or theirs.shape != mine.shape:
+        got = "missing" if theirs is None else f"shape {tuple(theirs.shape)}"
+        raise _err(i, "source", f"the checkpoint's '{spec.param}' is {got}; this model needs {tuple(mine.shape)}.",
+                   "use a checkpoint of a model with the same shape.")
+    return {spec.param: theirs.clone()}
+
+
+def load_tensor_file(i: int, file: str, base_dir: Path | None, site_shape: tuple[int, ...]) -> Tensor:
+    p = _path(file, base_dir)
+    if p.suffix != ".safetensors" or not p.is_file():
+        raise _err(i, "file", f"'{file}' is not an existing .safetensors file.",
+                   "save the tensor with safetensors.torch.save_file({'value': t}, 'x.safetensors').")
+    try:
+        state = load_file(str(p))
+    except (SafetensorError, OSError) as e:
+        raise _err(i, "file", f"cannot read '{file}': {e}.", "write it with safetensors.torch.save_file.") from None
+    if len(state) != 1:
+        raise _err(i, "file", f"'{file}' holds {len(state)} tensors; exactly one is needed.",
+                   "save a single tensor (any key).")
+    t = next(iter(state.values())).float()
+    try:
+        torch.broadcast_shapes(t.shape, site_shape)
+    except RuntimeError:
+        raise _err(i, "file", f"the tensor has shape {tuple(t.shape)}, which does not broadcast to the site's "
+                   f"shape [batch, {', '.join(map(str, site_shape[1:]))}].",
+                   "store a tensor shaped like the site without the batch axis (or broadcastable to it).") from None
+    return t

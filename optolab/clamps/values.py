@@ -1,0 +1,64 @@
+"""What a clamp writes: the value of every entry it selects, as a function of the activation.
+
+Rules:
+- A value function takes the site's activation ``out`` (as earlier clamps left it) and the
+  step's :class:`PassContext`, and returns a tensor broadcastable to ``out``. The engine keeps it
+  only on the selected entries (``torch.where``), so nothing is written in place and no
+  gradient reaches ``out`` through a replaced entry.
+- Values that stand for "another input" (mean, resample, graft, preserve) are detached unless
+  the recipe needs their gradient (preserved and recorded activations keep theirs: gradients
+  reach the clean pass, as in the authors' two-pass clamps).
+- Built-in patterns (ANCHORS §2), for a row ``i`` of ``[query_pos, key_pos]``:
+  previous_token(s): ``P[i, i-1] = s, P[i, i] = 1 - s`` (i ≥ 1), ``P[0, 0] = 1``;
+  perfect_match(s), query row only: ``s`` spread evenly over the label tokens that carry the
+  query's label, ``1 - s`` over the other label tokens, 0 elsewhere (an oracle: it reads the
+  batch's labels); uniform: ``1 / (i + 1)`` on keys ``0..i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from optolab.tasks.base import Batch
+
+
+@dataclass
+class PassContext:
+    batch: Batch
+    recorded: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (pass, site) -> activation
+    grafted: dict[str, Tensor] = field(default_factory=dict)  # site -> frozen model's activation
+    saved: dict[str, Tensor] = field(default_factory=dict)  # what the caller asked to save
+
+
+def previous_token_pattern(n_q: int, n_k: int, strength: float) -> Tensor:
+    p = torch.zeros(n_q, n_k)
+    idx = torch.arange(1, n_q)
+    p[idx, idx - 1] = strength
+    p[idx, idx] = 1 - strength
+    p[0, 0] = 1.0
+    return p
+
+
+def uniform_pattern(n_q: int, n_k: int) -> Tensor:
+    p = torch.ones(n_q, n_k).tril()
+    return p / p.sum(-1, keepdim=True)
+
+
+def perfect_match_rows(batch: Batch, strength: float) -> Tensor:
+    """``[batch, 1, 1, key_pos]``: the oracle query row (see the module rules)."""
+    match = batch.match_mask.float()
+    other = batch.nonmatch_mask.float()
+    row = strength * match / match.sum(-1, keepdim=True).clamp_min(1) \
+        + (1 - strength) * other / other.sum(-1, keepdim=True).clamp_min(1)
+    return row[:, None, None, :]
+
+
+def shift_right(e: Tensor) -> Tensor:
+    """Each position takes the previous position's vector; the first and last keep their own
+    (in ``x1 l1 x2 l2 q``, every label slot then holds the exemplar before it)."""
+    shifted = e.clone()
+    shifted[:, 1:-1] = e[:, :-2]
+    return shifted
