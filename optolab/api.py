@@ -23,7 +23,7 @@ import torch
 
 from optolab.checkpoint import list_checkpoints, load_weights, stem
 from optolab.errors import OptolabError
-from optolab.forward import PlainForward
+from optolab.forward import make_forward
 from optolab.loader import load_protocol, protocol_from_resolved
 from optolab.model import Transformer, build_model
 from optolab.plots import plot_attention, plot_head_scores, plot_loss, plot_prev_token
@@ -103,8 +103,10 @@ class Run:
         if self.checkpoint_steps:
             model = self.model()
             sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+            forward = make_forward(self.protocol, self.task, model.cfg)  # patterns as the clamps left them
             with torch.no_grad():
-                _, saved = PlainForward()(model, self.eval_batch(n=256), training=False, save=sites)
+                _, saved = forward(model, self.eval_batch(n=256), step=self.checkpoint_steps[-1], training=False,
+                                   save=sites)
             written.append(plot_attention([saved[s].mean(0) for s in sites], figs / "attention.png"))
         return [p for p in written if p is not None]
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import save_file
 
-from optolab.trainer import train
 from optolab.loader import validate_protocol
+from optolab.trainer import train
 from tests.conftest import fewshot_protocol, repeat_protocol, write_protocol
+from optolab.cli import main
 from tests.test_bad_input import run_cli
 
 PREV = {"kind": "set", "site": "pattern0", "heads": [1], "to": "previous_token"}
@@ -105,3 +106,43 @@ def test_clamp_errors_do_not_touch_an_existing_run(tmp_path, capsys):
     code, err = run_cli(capsys, "run", write_protocol(tmp_path, bad), "--out", tmp_path / "run", "--overwrite")
     assert code == 2 and "clamps.0.heads" in err
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_validate_explains_each_clamp_in_plain_words(tmp_path, capsys):
+    data = fewshot_protocol()
+    data["clamps"] = [{**PREV, "name": "pt", "window": {"start": 0, "stop": 18, "unit": "steps"}},
+                      {"kind": "ablate", "site": "v1", "heads": [0, 2]},
+                      {"kind": "layer_clamp", "apply_at": "train"}]
+    data["clamps"][1]["window"] = {"start": 5, "unit": "steps"}
+    assert main(["validate", str(write_protocol(tmp_path, data))]) == 0
+    out = capsys.readouterr().out
+    assert ("Clamp 0 (pt), from step 0 to 18 (0–288 sequences), in training and evaluation: head 1 of layer 0 "
+            "attends only to the previous token") in out
+    assert "Clamp 1, from step 5 to 30" in out and "(heads 0, 2) is set to zero" in out
+    assert "in training only: perfect previous-token input" in out
+
+
+def test_evaluate_applies_conditions_to_a_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(capsys, "run", write_protocol(tmp_path, fewshot_protocol(steps=10)), "--out", run,
+                   "--no-progress")[0] == 0
+    post = fewshot_protocol(steps=10)
+    post["conditions"] = {"no_layer1": [{"kind": "ablate", "site": "result1"}],
+                          "pattern_preserving_L0H1": [{"kind": "preserve", "site": "pattern1"},
+                                                      {"kind": "ablate", "site": "v0", "heads": [1]}]}
+    path = write_protocol(tmp_path, post, "post.yaml")
+    code, err = run_cli(capsys, "evaluate", path, "--checkpoint", run)
+    assert code == 0, err
+    import pandas as pd
+
+    df = pd.read_csv(run / "posthoc" / "tiny_fewshot.csv")
+    assert list(df.condition.unique()) == ["base", "no_layer1", "pattern_preserving_L0H1"]
+    acc = df[(df.metric == "loss") & (df.split == "fsl_train")].set_index("condition").value
+    trained = pd.read_parquet(run / "metrics.parquet")
+    final = trained[(trained.metric == "loss") & (trained.split == "fsl_train")].sort_values("step").value.iloc[-1]
+    assert abs(acc["base"] - final) < 1e-6  # no clamps: the run's own final eval
+    assert acc["no_layer1"] != acc["base"]
+
+    post["conditions"]["broken"] = [{"kind": "ablate", "site": "v9"}]
+    code, err = run_cli(capsys, "evaluate", write_protocol(tmp_path, post, "post.yaml"), "--checkpoint", run)
+    assert code == 2 and "conditions.broken.0.site" in err
