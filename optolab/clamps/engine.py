@@ -84,10 +84,15 @@ def site_op(c: Compiled, exemplar_label: bool) -> Op:
     value = _value_fn(c)
     info, heads, positions = c.site, c.heads, c.positions
 
+    masks: dict[torch.Size, Tensor] = {}  # per activation shape (lengths can vary per batch)
+
     def op(out: Tensor, ctx: PassContext) -> Tensor:
-        pos = _positions(positions, out.shape[info.pos_axis], exemplar_label) if info.pos_axis is not None else None
-        mask = selection_mask(tuple(out.shape), info.head_axis, heads, info.pos_axis, pos)
-        return torch.where(TRUE if mask is None else mask, value(out, ctx), out)
+        mask = masks.get(out.shape)
+        if mask is None:
+            pos = _positions(positions, out.shape[info.pos_axis], exemplar_label) if info.pos_axis is not None else None
+            mask = selection_mask(tuple(out.shape), info.head_axis, heads, info.pos_axis, pos)
+            mask = masks[out.shape] = TRUE if mask is None else mask
+        return torch.where(mask, value(out, ctx), out)
 
     return op
 
@@ -197,13 +202,14 @@ class ClampForward(Forward):
         self._plain = PlainForward()
         self._applied_sources: set[int] = set()
         self._snapshots: list[tuple[nn.Parameter, tuple, Tensor]] = []
+        self._acting = sorted(plan.site_clamps + plan.layer_clamps + ([plan.copy] if plan.copy else []),
+                              key=lambda c: c.index)
 
     # --- which clamps act ----------------------------------------------------------------
 
     def active(self, step: int, training: bool) -> list[Compiled]:
-        p = self.plan
-        every = p.site_clamps + p.layer_clamps + ([p.copy] if p.copy else [])
-        return sorted((c for c in every if c.when.active(step, training, p.total_steps)), key=lambda c: c.index)
+        total = self.plan.total_steps
+        return [c for c in self._acting if c.when.active(step, training, total)]
 
     def __call__(self, model: nn.Module, batch: Batch, *, step: int, training: bool,
                  save: Sequence[str] = ()) -> tuple[Tensor, dict[str, Tensor]]:
@@ -232,8 +238,7 @@ class ClampForward(Forward):
     def _run(self, model: nn.Module, p: Pass, batch: Batch, ctx: PassContext) -> Tensor:
         if self.backend == "hooks":
             return self._run_hooks(model, p, batch, ctx)
-        nn_model, envoys = self._wrap(model)
-        steps = [(envoys[site], ops) for site, ops in p.steps]
+        nn_model, steps = self._wrap(model, p)
         with nn_model.trace(*batch.inputs):
             for envoy, ops in steps:
                 out = envoy.output
@@ -263,7 +268,8 @@ class ClampForward(Forward):
             for h in handles:
                 h.remove()
 
-    def _wrap(self, model: nn.Module):
+    def _wrap(self, model: nn.Module, p: Pass):
+        """The model's nnsight wrapper (made once per model) and the pass's (envoy, ops) list."""
         cached = self._envoys.get(id(model))
         if cached is None or cached[0]._module is not model:
             from nnsight import NNsight
@@ -275,12 +281,17 @@ class ClampForward(Forward):
                 for part in name.split("."):
                     env = env[int(part)] if part.isdigit() else getattr(env, part)
                 envoys[name] = env
-            cached = self._envoys[id(model)] = (nn_model, envoys)
-        return cached
+            cached = self._envoys[id(model)] = (nn_model, envoys, {})
+        nn_model, envoys, steps = cached
+        if id(p) not in steps:
+            steps[id(p)] = (p, [(envoys[site], ops) for site, ops in p.steps])  # p kept alive: ids stay unique
+        return nn_model, steps[id(p)][1]
 
     # --- freezes ---------------------------------------------------------------------------
 
     def _slices(self, model: nn.Module, step: int):
+        if not self.plan.freezes:
+            return
         params = dict(model.named_parameters())
         for c in self.plan.freezes:
             if c.when.active(step, True, self.plan.total_steps):
