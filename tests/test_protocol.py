@@ -59,3 +59,19 @@ def test_a_schedule_that_would_fire_absurdly_often_is_refused():
     with pytest.raises(OptolabError, match="measures.schedule.every"):
         validate_protocol({**fewshot_protocol(), "train": {"steps": 10**9},
                            "measures": {"schedule": {"unit": "steps", "every": 1}}})
+
+
+def test_readme_clamp_example_validates_and_is_described_as_documented(capsys):
+    import yaml
+
+    from optolab.describe import describe_protocol
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Writing a clamp protocol", 1)[1]
+    example = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
+    after = section.split("plain words:", 1)[1]
+    shown = after.split("```", 2)[1]  # the documented `optolab validate` output
+    base = load_protocol(ROOT / "protocols" / "singh2024" / "fig5b_prev_token.yaml").resolved()
+    p = validate_protocol({**base, **example})
+    described = " ".join(" ".join(describe_protocol(p)).split())
+    assert " ".join(shown.split()) in described

@@ -139,9 +139,10 @@ def build_program(plan: Plan, active: list[Compiled], save: Sequence[str]) -> Pr
             by_site.setdefault(site, []).append(op)
         return Pass(name, list(by_site.items()))
 
-    # rank orders the ops at one site: 0 record-before, 1 preserve, 2 clamps, 3 recipe writes, 4 reads
-    def common(name: str) -> list[tuple[str, int, Op]]:
-        return [(c.site.name, 2, site_op(c, ex)) for c in ordinary]
+    # rank orders the ops at one site: 0 read the input, 1 preserve, 2 clamps, 3 recipe writes,
+    # 4 records, 5 saves — so every record and save sees the value the model goes on with
+    clamp_ops = [(c.site.name, 2, site_op(c, ex)) for c in ordinary]
+    grafts = [c for c in ordinary if c.kind == "graft"]
 
     if preserves:
         passes.append(assemble("clean", [(c.site.name, 4, record(("clean", c.site.name))) for c in preserves]))
@@ -149,7 +150,7 @@ def build_program(plan: Plan, active: list[Compiled], save: Sequence[str]) -> Pr
     if layer is not None:
         L = layer.spec.layer
         embed, resid, nxt = "blocks.0.hook_resid_pre", f"blocks.{L}.hook_resid_post", f"blocks.{L + 1}.attn"
-        ops = common("shifted") + [
+        ops = clamp_ops + [
             (embed, 0, record(("shifted", "embed"))),
             (resid, 3, lambda out, ctx: shift_right(ctx.recorded[("shifted", "embed")])),
             (f"{nxt}.hook_pattern", 4, record(("shifted", f"{nxt}.hook_pattern"))),
@@ -159,9 +160,9 @@ def build_program(plan: Plan, active: list[Compiled], save: Sequence[str]) -> Pr
             output = ("shifted", f"{nxt}.hook_attn_scores", layer.spec.copy_head)
             ops += [(s, 5, save_op(s)) for s in save]
             passes.append(assemble("shifted", ops))
-            return Program(passes, output, [c for c in ordinary if c.kind == "graft"])
+            return Program(passes, output, grafts)
         passes.append(assemble("shifted", ops))
-    main = common("main") + [(c.site.name, 1, site_op(c, ex)) for c in preserves]
+    main = clamp_ops + [(c.site.name, 1, site_op(c, ex)) for c in preserves]
     if layer is not None:
         main += [
             (embed, 0, record(("main", "embed"))),
@@ -174,7 +175,7 @@ def build_program(plan: Plan, active: list[Compiled], save: Sequence[str]) -> Pr
         output = ("main", scores, copy.spec.head)
     main += [(s, 5, save_op(s)) for s in save]
     passes.append(assemble("main", main))
-    return Program(passes, output, [c for c in ordinary if c.kind == "graft"])
+    return Program(passes, output, grafts)
 
 
 def copy_logits(logits: Tensor, scores: Tensor, head: int, batch: Batch) -> Tensor:
