@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Pinned so pip takes the CPU wheel; pyproject keeps an open range for users elsewhere.
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-clamps install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
+
+bench-clamps: $(STAMP)
+	$(BIN)/python benchmarks/clamp_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
