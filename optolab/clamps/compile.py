@@ -85,10 +85,6 @@ class Plan:
     freezes: list[Compiled] = field(default_factory=list)
     grafts: dict[int, Transformer] = field(default_factory=dict)  # clamp index -> frozen model
 
-    @property
-    def empty(self) -> bool:
-        return not (self.site_clamps or self.copy or self.layer_clamps or self.freezes)
-
 
 def _err(i: int, field_: str, message: str, fix: str) -> OptolabError:
     return OptolabError(message, field=f"clamps.{i}.{field_}" if field_ else f"clamps.{i}", fix=fix)
