@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from optolab.clamps.compile import compile_clamps
 from optolab.clamps.spec import CLAMP_KINDS
 from optolab.errors import OptolabError, from_validation_error, yaml_line_map
 from optolab.protocol import Protocol
-from optolab.tasks import TASKS, AnyTaskSpec, make_task
+from optolab.tasks import make_task, validate_task_spec
 
-TAGS = frozenset(TASKS) | CLAMP_KINDS
+TAGS = CLAMP_KINDS
 
 
 def read_yaml(path: str | Path, what: str = "file") -> tuple[dict, dict[tuple, int]]:
@@ -71,13 +71,13 @@ def _resolve_task(raw: Any, base: Path, source: str, protocol_lines: dict) -> An
     overrides = {k: v for k, v in raw.items() if k != "spec"}
     merged = {**spec, **overrides}
     try:
-        TypeAdapter(AnyTaskSpec).validate_python(merged)
-    except ValidationError as e:
-        loc = e.errors()[0].get("loc", ())
-        key = loc[1] if len(loc) > 1 else None  # loc[0] is the task kind tag
-        if key in overrides or (key is None and "kind" in overrides):
-            raise from_validation_error(e, source=source, prefix="task", lines=protocol_lines, tags=TAGS) from None
-        raise from_validation_error(e, source=path, lines=lines, tags=TAGS) from None
+        validate_task_spec(merged)
+    except OptolabError as e:
+        key = (e.field or "").split(".")[1] if "." in (e.field or "") else None
+        if key in overrides:  # the protocol's override is what is wrong
+            raise e.located(source, protocol_lines) from None
+        validate_task_spec(merged, field="", source=str(path), lines=lines)
+        raise e.located(str(path), lines) from None
     return merged
 
 
@@ -126,6 +126,8 @@ def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None
 
 def validate_protocol(data: dict, *, source: str | None = None, lines: dict | None = None) -> Protocol:
     try:
+        if isinstance(data.get("task"), dict):  # validated apart so errors name task.<field>
+            data = {**data, "task": validate_task_spec(data["task"], source=source, lines=lines)}
         protocol = Protocol.model_validate(data)
         task = make_task(protocol.task)
         cfg = protocol.model_config_for(task)  # shape checks that need the task

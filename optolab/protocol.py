@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, model_validator
 
 from optolab.clamps.spec import AnyClamp
 from optolab.config import ModelConfig
 from optolab.counts import Count, PosCount, Seed
-from optolab.tasks import AnyTaskSpec, Task
+from optolab.tasks import Task, TaskSpec, validate_task_spec
 
 
 MAX_SCHEDULE_POINTS = 100_000
@@ -35,6 +35,7 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
+    n_ctx: int | None = Field(None, ge=1, description="context length; default: the task's")
     n_layers: int = Field(2, ge=1)
     n_heads: int = Field(8, ge=1)
     d_model: int = Field(64, ge=1)
@@ -153,7 +154,8 @@ class MeasuresSpec(Strict):
 class Protocol(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     description: str = ""
-    task: AnyTaskSpec
+    # validated by the task's own Spec class (found by kind or generator; see tasks/registry.py)
+    task: Annotated[SerializeAsAny[TaskSpec], BeforeValidator(validate_task_spec)]
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec
     seeds: Seeds = Field(default_factory=Seeds)
@@ -165,9 +167,16 @@ class Protocol(Strict):
     def model_config_for(self, task: Task) -> ModelConfig:
         io = task.model_io()
         m = self.model
+        if m.n_ctx is not None and io.n_ctx > m.n_ctx:
+            from optolab.errors import OptolabError
+
+            raise OptolabError(
+                f"the task's sequences are {io.n_ctx} positions long but model.n_ctx is {m.n_ctx}.",
+                field="model.n_ctx", fix=f"raise model.n_ctx to at least {io.n_ctx}, or shorten the task's "
+                "context (seq_len, context_pairs, …).")
         return ModelConfig(
             n_layers=m.n_layers, n_heads=m.n_heads, d_model=m.d_model, d_head=m.d_head,
-            n_ctx=io.n_ctx, d_out=io.d_out, input_mode=io.input_mode, d_vocab=io.d_vocab,
+            n_ctx=m.n_ctx or io.n_ctx, d_out=io.d_out, input_mode=io.input_mode, d_vocab=io.d_vocab,
             d_input=io.d_input, n_labels=io.n_labels, attn_only=m.attn_only, d_mlp=m.d_mlp,
             layer_norm=m.layer_norm, final_ln=m.final_ln, positional=m.positional,
             rope_base=m.rope_base, smeared_keys=m.smeared_keys, qkv_bias=m.qkv_bias,
@@ -183,4 +192,7 @@ class Protocol(Strict):
 
     def resolved(self) -> dict:
         """Every field, defaults filled in, as plain YAML-able data."""
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        if out["task"].get("generator") is None:
+            out["task"].pop("generator", None)
+        return out

@@ -1,23 +1,23 @@
-"""Built-in tasks, by ``kind``. ``make_task(spec)`` turns a validated spec into a task."""
+"""Tasks: synthetic sequence generators behind one interface (:class:`Task`).
+
+Built-in kinds: ``fewshot`` (Singh et al. 2024), ``repeat_tokens`` (Olsson et al. 2022),
+``gaussian_icl`` (Reddy 2023), ``bursty_classes`` (Chan et al. 2022), ``markov_icl`` (Edelman et
+al. 2024) and ``trigger_bigram`` (Bietti et al. 2023). Users add their own by entry point or by
+``generator: package.module:Class`` (:mod:`optolab.tasks.registry`).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Union
-
-from pydantic import Field
-
-from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec
+from optolab.tasks.base import IGNORE, Batch, Holdout, ModelIO, Task, TaskSpec, rng
+from optolab.tasks.bursty_classes import BurstyClassesSpec, BurstyClassesTask
 from optolab.tasks.fewshot import FewshotSpec, FewshotTask
+from optolab.tasks.gaussian_icl import GaussianICLSpec, GaussianICLTask
+from optolab.tasks.markov_icl import MarkovICLSpec, MarkovICLTask
+from optolab.tasks.registry import BUILTIN, known_kinds, make_task, task_class, validate_task_spec
 from optolab.tasks.repeat_tokens import RepeatTokensSpec, RepeatTokensTask
+from optolab.tasks.trigger_bigram import TriggerBigramSpec, TriggerBigramTask
 
-TASKS: dict[str, type[Task]] = {FewshotTask.kind: FewshotTask, RepeatTokensTask.kind: RepeatTokensTask}
-
-AnyTaskSpec = Annotated[Union[FewshotSpec, RepeatTokensSpec], Field(discriminator="kind")]
-
-
-def make_task(spec: TaskSpec) -> Task:
-    return TASKS[spec.kind](spec)  # type: ignore[attr-defined]
-
-
-__all__ = ["IGNORE", "TASKS", "AnyTaskSpec", "Batch", "FewshotSpec", "FewshotTask", "ModelIO",
-           "RepeatTokensSpec", "RepeatTokensTask", "Task", "TaskSpec", "make_task"]
+__all__ = ["BUILTIN", "IGNORE", "Batch", "BurstyClassesSpec", "BurstyClassesTask", "FewshotSpec", "FewshotTask",
+           "GaussianICLSpec", "GaussianICLTask", "Holdout", "MarkovICLSpec", "MarkovICLTask", "ModelIO",
+           "RepeatTokensSpec", "RepeatTokensTask", "Task", "TaskSpec", "TriggerBigramSpec", "TriggerBigramTask",
+           "known_kinds", "make_task", "rng", "task_class", "validate_task_spec"]

@@ -11,6 +11,15 @@ Rules:
   ``IGNORE`` (−100) elsewhere, so "where the loss is taken" is data, not code.
 - Whatever the measures need rides on the batch as optional fields (``None`` when a task does
   not have that structure); measures that need a missing field are skipped, never faked.
+- A task states its contract as data, so :func:`optolab.testing.check_task` can check it:
+  ``holdouts()`` (ids that training must never show, read from ``Batch.extra``), ``icl_splits``
+  (splits whose every target is recoverable from the context) and ``model_io()`` (shapes and
+  ranges). Per-sequence provenance rides in ``Batch.extra``: ``classes`` ``[batch, items]``
+  (class id of every exemplar, the query last; −1 for a class drawn fresh for one sequence),
+  ``exemplar_ids``, ``exemplar_keys`` (one id per (class, exemplar)) and ``label_sets``
+  ``[batch, k]`` (the sorted labels a sequence uses).
+- A task class names its spec class as ``Spec``; the registry (:mod:`optolab.tasks.registry`)
+  finds a task by ``kind`` (built-in or entry point) or by ``generator: package.module:Class``.
 """
 
 from __future__ import annotations
@@ -22,16 +31,41 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from jaxtyping import Bool, Int
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 IGNORE = -100
 
 
 class TaskSpec(BaseModel):
-    """Base of every task spec: unknown keys are errors, values are validated on assignment."""
+    """Base of every task spec: unknown keys are errors, and a spec is immutable once built.
+
+    ``generator`` (``package.module:Class``) is how a protocol names a task class that is not
+    built in; it is recorded in the resolved protocol so the run can be loaded again."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    generator: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+                                  description="package.module:TaskClass of a user generator")
+    task_seed: int = Field(0, description="seeds what defines the task itself (prototypes, splits)")
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Ids of one kind that training batches must never contain.
+
+    ``field`` is a key of ``Batch.extra`` holding an integer tensor ``[batch, m]``. With
+    ``per="item"`` every entry is an id; with ``per="row"`` each row (e.g. a sorted label set)
+    is one id, given here as a tuple. ``splits`` are eval splits that must draw *only* held-out
+    ids (so the split really tests generalisation); negative entries (fresh draws) are ignored.
+    """
+
+    field: str
+    ids: frozenset
+    per: str = "item"  # "item" | "row"
+    splits: tuple[str, ...] = ()
+    what: str = ""  # plain words for messages, e.g. "held-out classes"
 
 
 @dataclass(frozen=True)
@@ -74,6 +108,7 @@ class Task(ABC):
     """A synthetic sequence task. Subclasses set ``kind`` and implement the abstract methods."""
 
     kind: ClassVar[str]
+    Spec: ClassVar[type[TaskSpec]]
     spec: TaskSpec
 
     def __init__(self, spec: TaskSpec) -> None:
@@ -108,3 +143,26 @@ class Task(ABC):
     def label_ids(self) -> Int[Tensor, "n"] | None:
         """Label ids whose embeddings the copying measure pushes through each head, or None."""
         return None
+
+    # --- the contract (checked by optolab.testing.check_task) ---------------------------
+
+    def holdouts(self) -> tuple[Holdout, ...]:
+        """What training must never show (see :class:`Holdout`)."""
+        return ()
+
+    @property
+    def icl_splits(self) -> tuple[str, ...]:
+        """Eval splits whose every target can be read off the context: for exemplar-label tasks
+        an earlier item of the query's class carries the target label; for token tasks the
+        target follows an earlier occurrence of the current token."""
+        return ()
+
+    def reference_curves(self) -> dict[str, Tensor]:
+        """Named per-position loss curves ``[n_ctx]`` (NaN where no loss is taken), e.g. the
+        in-context unigram and bigram estimators of a Markov-chain task."""
+        return {}
+
+    def describe(self) -> list[str]:
+        """A few lines in plain words: what a sequence is and what the splits test."""
+        doc = (type(self).__doc__ or type(self).__module__).strip().splitlines()
+        return [doc[0]] if doc else []

@@ -36,7 +36,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
+from optolab.tasks.base import IGNORE, Batch, Holdout, ModelIO, Task, TaskSpec, rng
+from optolab.tasks.exemplars import Design, default_scale, exemplar_bank
 
 SPLITS = ("fsl_train", "fsl_val_rl", "fsl_train_valex", "fsl_test_class")
 
@@ -48,7 +49,7 @@ class FewshotSpec(TaskSpec):
     n_exemplars: int = Field(5, ge=1, description="fixed exemplars per class")
     train_exemplars: int = Field(1, ge=1, description="exemplars 0..k-1 are used in training")
     dim: int = Field(512, ge=1, description="exemplar vector size")
-    design: Literal["relu_lowrank", "lowrank", "relu", "isotropic"] = "relu_lowrank"
+    design: Design = "relu_lowrank"
     latent_dim: int = Field(16, ge=1, description="rank of the low-rank designs")
     scale: float | None = Field(None, gt=0, description="multiplier on every exemplar (default: 1 isotropic, else 2)")
     noise: float = Field(0.25, ge=0, description="within-class noise ε (Reddy mixing)")
@@ -61,7 +62,7 @@ class FewshotSpec(TaskSpec):
     @model_validator(mode="after")
     def _consistent(self) -> FewshotSpec:
         if self.scale is None:
-            object.__setattr__(self, "scale", 1.0 if self.design == "isotropic" else 2.0)
+            object.__setattr__(self, "scale", default_scale(self.design))
         if self.burstiness > self.context_pairs:
             raise ValueError(
                 f"burstiness ({self.burstiness}) cannot exceed context_pairs ({self.context_pairs}); "
@@ -92,7 +93,10 @@ class FewshotSpec(TaskSpec):
 
 
 class FewshotTask(Task):
+    """Few-shot classification solvable only in context (Singh et al. 2024): x1 l1 … xN lN q."""
+
     kind = "fewshot"
+    Spec = FewshotSpec
     spec: FewshotSpec
 
     # --- what the task is ---------------------------------------------------------------
@@ -127,21 +131,28 @@ class FewshotTask(Task):
     def exemplars(self) -> torch.Tensor:
         """The fixed exemplar bank ``[n_train + n_test classes, n_exemplars, dim]``."""
         s = self.spec
-        g = rng(s.task_seed, 0)
-        n_cls = s.n_train_classes + s.n_test_classes
-        lowrank = s.design in ("relu_lowrank", "lowrank")
-        gen_dim = s.latent_dim if lowrank else s.dim
-        proto = torch.randn(n_cls, 1, gen_dim, generator=g)
-        jitter = torch.randn(n_cls, s.n_exemplars, gen_dim, generator=g)
-        latent = (proto + s.noise * jitter) / math.sqrt(1 + s.noise**2)
-        if lowrank:
-            W = torch.randn(gen_dim, s.dim, generator=g) / math.sqrt(gen_dim)
-            x = latent @ W
-        else:
-            x = latent / math.sqrt(s.dim)
-        if s.design.startswith("relu"):
-            x = torch.relu(x)
-        return (s.scale * x).contiguous()
+        return exemplar_bank(rng(s.task_seed, 0), n_classes=s.n_train_classes + s.n_test_classes,
+                             n_exemplars=s.n_exemplars, dim=s.dim, design=s.design,
+                             latent_dim=s.latent_dim, noise=s.noise, scale=s.scale)
+
+    # --- the contract -------------------------------------------------------------------
+
+    def holdouts(self) -> tuple[Holdout, ...]:
+        s = self.spec
+        test_classes = range(s.n_train_classes, s.n_train_classes + s.n_test_classes)
+        valex = {c * s.n_exemplars + e for c in range(s.n_train_classes)
+                 for e in range(s.train_exemplars, s.n_exemplars)}
+        out = [Holdout("classes", frozenset(test_classes), splits=("fsl_test_class",), what="held-out classes"),
+               Holdout("exemplar_keys", frozenset(valex), splits=("fsl_train_valex",),
+                       what="held-out exemplars of train classes")]
+        if len(self.label_sets["heldout"]):
+            out.append(Holdout("label_sets", frozenset(tuple(r) for r in self.label_sets["heldout"].tolist()),
+                               per="row", splits=("fsl_val_rl",), what="held-out label sets"))
+        return tuple(out)
+
+    @property
+    def icl_splits(self) -> tuple[str, ...]:
+        return SPLITS
 
     # --- batches ------------------------------------------------------------------------
 
@@ -204,4 +215,6 @@ class FewshotTask(Task):
         present = torch.zeros(b, s.n_labels, dtype=torch.bool).scatter_(1, ctx_labels, True)
         return Batch(inputs=(x, ctx_labels), targets=targets, match_mask=match, nonmatch_mask=nonmatch,
                      context_labels=present,
-                     extra={"classes": item_cls, "exemplar_ids": ex, "query_label": query_label})
+                     extra={"classes": item_cls, "exemplar_ids": ex, "query_label": query_label,
+                            "exemplar_keys": item_cls * s.n_exemplars + ex,
+                            "label_sets": chosen.sort(dim=1).values})

@@ -33,7 +33,6 @@ class RepeatTokensSpec(TaskSpec):
     seq_len_min: int | None = Field(None, ge=1, description="draw L per sequence from [seq_len_min, seq_len]")
     n_repeats: int = Field(3, ge=2, description="copies of the random segment (R)")
     loss_on: Literal["all", "repeats"] = "all"
-    task_seed: int = Field(0, description="unused by this task; kept for a uniform interface")
 
     @model_validator(mode="after")
     def _lengths(self) -> RepeatTokensSpec:
@@ -44,7 +43,10 @@ class RepeatTokensSpec(TaskSpec):
 
 
 class RepeatTokensTask(Task):
+    """Repeated random tokens (Olsson et al. 2022): BOS t1..tL t1..tL …, next-token loss."""
+
     kind = "repeat_tokens"
+    Spec = RepeatTokensSpec
     spec: RepeatTokensSpec
 
     @property
@@ -69,6 +71,11 @@ class RepeatTokensTask(Task):
         # a perfect in-context copier pays ln n_tokens only on the first of R copies (any L)
         copying = uniform / s.n_repeats if s.loss_on == "all" else 0.0
         return {f"ln {s.n_tokens} (uniform)": uniform, "perfect copying": copying}
+
+    @property
+    def icl_splits(self) -> tuple[str, ...]:
+        # with loss on every copy, the first copy cannot be read off the context
+        return ("val",) if self.spec.loss_on == "repeats" else ()
 
     def token_probe_vocab(self) -> tuple[int, int | None]:
         return self.spec.n_tokens, self.bos

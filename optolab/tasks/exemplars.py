@@ -1,0 +1,65 @@
+"""Synthetic exemplars: fixed vectors per (class, exemplar index), in one of four designs.
+
+Rules (ANCHORS §7):
+- Every class has a prototype ``g`` in a generating space; exemplar ``j`` of the class is
+  ``(g + ε ξ_j)/√(1+ε²)`` (Reddy-style mixing), so ``ε`` sets within-class spread.
+- ``relu_lowrank`` (scale 2): ``scale · relu(W z)`` with a ``latent_dim``-dim latent and a fixed
+  ``W ~ N(0, 1/r)``; ``lowrank``: without the relu; ``relu``: ``scale · relu(g)`` with
+  ``g ~ N(0, I/D)``; ``isotropic`` (scale 1): ``scale · g``.
+- :func:`exemplar_label_batch` lays out ``x1 l1 … xN lN q`` batches with the loss at the query
+  and the label-token metadata the measures use; the ``classes`` it gets define what matches.
+- The bank is a pure function of its arguments and the generator's state; the order of draws
+  is fixed (prototypes, jitter, then ``W``) so banks do not change between versions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from optolab.tasks.base import IGNORE, Batch
+
+Design = Literal["relu_lowrank", "lowrank", "relu", "isotropic"]
+
+
+def default_scale(design: str) -> float:
+    return 1.0 if design == "isotropic" else 2.0
+
+
+def exemplar_bank(g: torch.Generator, *, n_classes: int, n_exemplars: int, dim: int, design: str,
+                  latent_dim: int, noise: float, scale: float) -> Float[Tensor, "cls ex dim"]:
+    lowrank = design in ("relu_lowrank", "lowrank")
+    gen_dim = latent_dim if lowrank else dim
+    proto = torch.randn(n_classes, 1, gen_dim, generator=g)
+    jitter = torch.randn(n_classes, n_exemplars, gen_dim, generator=g)
+    latent = (proto + noise * jitter) / math.sqrt(1 + noise**2)
+    if lowrank:
+        W = torch.randn(gen_dim, dim, generator=g) / math.sqrt(gen_dim)
+        x = latent @ W
+    else:
+        x = latent / math.sqrt(dim)
+    if design.startswith("relu"):
+        x = torch.relu(x)
+    return (scale * x).contiguous()
+
+
+def exemplar_label_batch(x: torch.Tensor, ctx_labels: torch.Tensor, target: torch.Tensor, classes: torch.Tensor,
+                    n_labels: int) -> Batch:
+    """An ``x1 l1 … xN lN q`` batch with the loss at the query and label-token metadata."""
+    b, N = ctx_labels.shape
+    n_ctx = 2 * N + 1
+    targets = torch.full((b, n_ctx), IGNORE, dtype=torch.long)
+    targets[:, -1] = target
+    label_pos = torch.arange(1, 2 * N, 2)
+    is_match = classes[:, :N] == classes[:, N:]  # items of the query's class
+    match = torch.zeros(b, n_ctx, dtype=torch.bool)
+    nonmatch = torch.zeros(b, n_ctx, dtype=torch.bool)
+    match[:, label_pos] = is_match
+    nonmatch[:, label_pos] = ~is_match
+    present = torch.zeros(b, n_labels, dtype=torch.bool).scatter_(1, ctx_labels, True)
+    return Batch(inputs=(x, ctx_labels), targets=targets, match_mask=match, nonmatch_mask=nonmatch,
+                 context_labels=present, extra={"classes": classes, "query_label": target})

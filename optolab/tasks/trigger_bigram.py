@@ -1,0 +1,168 @@
+"""Trigger → output sequences on a bigram background (Bietti et al. 2023, "Birth of a transformer").
+
+Rules:
+- A synthetic background replaces the authors' tiny-Shakespeare characters: a fixed bigram
+  table over ``n_tokens`` ids with Dirichlet(``background_concentration``) rows, drawn from
+  ``task_seed``, and the first token from its stationary distribution. Rows are stored as
+  ``resolution`` equal-probability slots (probabilities are multiples of 1/resolution), which
+  *is* the background distribution and makes sampling one gather per position.
+- ``n_triggers`` trigger tokens: the most frequent tokens of the background (``fixed_triggers``,
+  the authors' ``fixed_special_toks``) or drawn per sequence from the unigram distribution
+  without replacement. Each sequence draws an output token per trigger, uniformly from the
+  vocabulary; whenever a trigger occurs, the next token is its output.
+- Training loss: next-token loss everywhere (``loss_on: all``) or only on outputs after a
+  trigger's second and later occurrences (``loss_on: outputs``, the authors' loss_head_only).
+- Eval splits: ``induction`` (loss only on those second-and-later outputs: solvable only by an
+  induction head) and ``val`` (the training loss). ``induction`` carries ``induction_targets``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
+from optolab.tasks.markov_icl import stationary
+from optolab.tasks.tokens import gamma, induction_targets_from_tokens, inverse_cdf
+
+SPLITS = ("induction", "val")
+
+
+class TriggerBigramSpec(TaskSpec):
+    kind: Literal["trigger_bigram"] = "trigger_bigram"
+    n_tokens: int = Field(64, ge=3, description="vocabulary size")
+    seq_len: int = Field(256, ge=4, description="tokens per sequence (the model's context)")
+    n_triggers: int = Field(5, ge=1, description="k: trigger tokens")
+    fixed_triggers: bool = Field(True, description="the k most frequent tokens; false: drawn per sequence")
+    background_concentration: float = Field(0.1, gt=0, description="Dirichlet α of the bigram rows (small: peaked)")
+    resolution: int = Field(1024, ge=16, description="background probabilities are multiples of 1/resolution")
+    loss_on: Literal["all", "outputs"] = "all"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TriggerBigramSpec:
+        if self.n_triggers >= self.n_tokens:
+            raise ValueError(f"n_triggers ({self.n_triggers}) must be below n_tokens ({self.n_tokens}) "
+                             "so some tokens are ordinary; lower n_triggers")
+        return self
+
+
+class TriggerBigramTask(Task):
+    """Trigger→output pairs on a bigram background (Bietti et al. 2023): next-token loss."""
+
+    kind = "trigger_bigram"
+    Spec = TriggerBigramSpec
+    spec: TriggerBigramSpec
+
+    def __init__(self, spec: TriggerBigramSpec) -> None:
+        super().__init__(spec)
+        s = spec
+        g = rng(s.task_seed, 0)
+        V = s.n_tokens
+        rows = _dirichlet_rows(V, s.background_concentration, g)
+        # quantise each row to `resolution` slots (largest remainder), so sampling is exact
+        slots = torch.floor(rows * s.resolution)
+        short = s.resolution - slots.sum(-1)
+        rem = rows * s.resolution - slots
+        top = rem.argsort(dim=-1, descending=True).argsort(dim=-1) < short[:, None]
+        counts = (slots + top.float()).long()  # [V, V], rows sum to resolution
+        self.bigram = counts.float() / s.resolution
+        self.slot_table = torch.repeat_interleave(torch.arange(V).repeat(V), counts.flatten()).view(V, s.resolution)
+        self.unigram = stationary(self.bigram[None], V, 1).squeeze(0)
+        self.frequent = self.unigram.argsort(descending=True)[: s.n_triggers]
+
+    def model_io(self) -> ModelIO:
+        s = self.spec
+        return ModelIO(input_mode="tokens", n_ctx=s.seq_len, d_out=s.n_tokens, d_vocab=s.n_tokens)
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        return SPLITS
+
+    @property
+    def icl_splits(self) -> tuple[str, ...]:
+        return ("induction",)
+
+    def reference_losses(self) -> dict[str, float]:
+        s = self.spec
+        p = self.bigram.clamp_min(1e-12)
+        bigram_entropy = float(-(self.unigram[:, None] * self.bigram * p.log()).sum())
+        return {f"ln {s.n_tokens} (uniform)": math.log(s.n_tokens),
+                "background bigram entropy": bigram_entropy}
+
+    def token_probe_vocab(self) -> tuple[int, None]:
+        return self.spec.n_tokens, None
+
+    @cached_property
+    def _unigram_cdf(self) -> torch.Tensor:
+        return self.unigram.cumsum(0)
+
+    # --- batches ------------------------------------------------------------------------
+
+    def train_batch(self, seed: int, step: int, batch_size: int) -> Batch:
+        batch = self._sample(rng(seed, 101, step), batch_size)
+        if self.spec.loss_on == "outputs":
+            batch.targets = torch.where(self._second_outputs(batch), batch.targets, IGNORE)
+        return batch
+
+    def eval_batch(self, split: str, seed: int, n: int) -> Batch:
+        if split not in SPLITS:
+            raise KeyError(f"unknown split {split!r}; trigger_bigram has {SPLITS}")
+        batch = self._sample(rng(seed, 202, SPLITS.index(split)), n)
+        if split == "induction" or self.spec.loss_on == "outputs":
+            keep = self._second_outputs(batch)
+            batch.targets = torch.where(keep, batch.targets, IGNORE)
+            if split == "induction":
+                batch.induction_targets = induction_targets_from_tokens(batch.tokens, keep)
+        return batch
+
+    def _second_outputs(self, batch: Batch) -> torch.Tensor:
+        """``[b, T]``: position t holds a trigger seen before t, so its next token is an output
+        that already appeared in context."""
+        tokens, trig = batch.tokens, batch.extra["triggers"]
+        is_trig = (tokens[:, :, None] == trig[:, None, :]).any(-1)  # [b, T]
+        earlier = (tokens[:, :, None] == tokens[:, None, :]).tril(-1).any(-1)  # token seen before t
+        keep = is_trig & earlier
+        keep[:, -1] = False
+        return keep
+
+    def _sample(self, g: torch.Generator, b: int) -> Batch:
+        s = self.spec
+        V, T, k = s.n_tokens, s.seq_len, s.n_triggers
+        if s.fixed_triggers:
+            trig = self.frequent.expand(b, k)
+        else:
+            trig = torch.multinomial(self.unigram.expand(b, -1), k, replacement=False, generator=g)
+        outputs = torch.randint(V, (b, k), generator=g)
+        pick = torch.randint(s.resolution, (b, T - 1), generator=g)  # background slot per position
+        output_of = torch.full((b, V), -1, dtype=torch.long).scatter_(1, trig, outputs)  # -1: not a trigger
+        first = inverse_cdf(self._unigram_cdf, torch.rand(b, generator=g))
+        tokens = _walk(first, pick, self.slot_table, output_of)  # [b, T]
+        targets = torch.full((b, T), IGNORE, dtype=torch.long)
+        targets[:, :-1] = tokens[:, 1:]
+        return Batch(inputs=(tokens,), targets=targets, tokens=tokens,
+                     extra={"triggers": trig, "outputs": outputs})
+
+
+def _dirichlet_rows(n: int, alpha: float, g: torch.Generator) -> torch.Tensor:
+    rows = gamma(torch.full((n, n), float(alpha)), g).double()
+    rows = rows.clamp_min(1e-30)
+    return rows / rows.sum(-1, keepdim=True)
+
+
+def _walk(first: torch.Tensor, pick: torch.Tensor, slot_table: torch.Tensor, output_of: torch.Tensor) -> torch.Tensor:
+    """``x_{t+1}`` = the trigger's output if ``x_t`` is a trigger of that sequence, else background
+    slot ``pick[t]`` of row ``x_t``. Sequential by nature; numpy keeps each step to three ops."""
+    slots, outs, picks = slot_table.numpy(), output_of.numpy(), pick.numpy()
+    b, steps = picks.shape
+    rows = np.arange(b)
+    tokens = np.empty((b, steps + 1), dtype=np.int64)
+    x = tokens[:, 0] = first.numpy()
+    for t in range(steps):
+        out = outs[rows, x]
+        x = tokens[:, t + 1] = np.where(out >= 0, out, slots[x, picks[:, t]])
+    return torch.from_numpy(tokens)
