@@ -47,6 +47,8 @@ class GaussianICLSpec(TaskSpec):
     zipf: float = Field(0.0, ge=0, description="α: class weights ∝ rank^-α")
     novel_frac: float = Field(0.0, ge=0, le=1, description="fraction of training sequences of fresh classes")
     n_test_classes: int = Field(1000, ge=1, description="held-out classes for the ic split")
+    distinct_labels: bool = Field(False, description="fresh and held-out classes of a sequence get distinct labels "
+                                  "(Reddy's no_repeats)")
 
     @model_validator(mode="after")
     def _consistent(self) -> GaussianICLSpec:
@@ -63,6 +65,9 @@ class GaussianICLSpec(TaskSpec):
         if N // B > K:
             raise ValueError(f"a bursty sequence needs N/B = {N // B} distinct classes but n_classes is {K}; "
                              "raise n_classes or burstiness")
+        if self.distinct_labels and N // B > L:
+            raise ValueError(f"distinct_labels needs N/B = {N // B} labels per sequence but n_labels is {L}; "
+                             "raise n_labels or burstiness, or set distinct_labels: false")
         if N // B > self.n_test_classes:
             raise ValueError(f"the ic split needs N/B = {N // B} distinct held-out classes; "
                              f"set n_test_classes >= {N // B}")
@@ -140,6 +145,16 @@ class GaussianICLTask(Task):
         ctx = sample_iid(self.class_probs, (b, self.spec.context_pairs), g)
         return (iid_excluding(self.class_probs, ctx, query, g) if exclude_query else ctx), query
 
+    def _fresh_labels(self, g: torch.Generator, b: int, n: int) -> torch.Tensor:
+        """Labels ``[b, n]`` for up to ``n`` fresh classes per sequence (indexed by slot)."""
+        L = self.spec.n_labels
+        if self.spec.distinct_labels and n <= L:
+            return torch.rand(b, L, generator=g).argsort(dim=1)[:, :n]
+        if self.spec.distinct_labels:  # more classes than labels (i.i.d. sequences): labels must repeat
+            perm = torch.rand(b, L, generator=g).argsort(dim=1)
+            return perm[:, torch.arange(n) % L]
+        return torch.randint(L, (b, n), generator=g)
+
     def _sample(self, g: torch.Generator, b: int, split: str) -> Batch:
         s = self.spec
         N, K, L = s.context_pairs, s.n_classes, s.n_labels
@@ -162,8 +177,7 @@ class GaussianICLTask(Task):
         means = self.means[classes.clamp(0, K + s.n_test_classes - 1)]  # [b, N+1, D]
         labels = self.class_labels[classes.clamp(0, K - 1)]  # fixed labels (train classes)
         if split == "ic":  # novel classes: a random label per class per sequence
-            per_class = torch.randint(L, (b, s.n_test_classes), generator=g)
-            labels = per_class.gather(1, classes - K)
+            labels = self._fresh_labels(g, b, N + 1).gather(1, _slots_per_row(classes))
         elif split == "ic2":  # permute the label set per sequence
             perm = torch.rand(b, L, generator=g).argsort(dim=1)
             labels = perm.gather(1, labels)
@@ -171,7 +185,7 @@ class GaussianICLTask(Task):
             novel = torch.rand(b, generator=g) < s.novel_frac
             # fresh classes: relabel slot ids 0..N per sequence, new means and labels for each
             fresh_means = torch.randn(b, N + 1, s.dim, generator=g) / math.sqrt(s.dim)
-            fresh_labels = torch.randint(L, (b, N + 1), generator=g)
+            fresh_labels = self._fresh_labels(g, b, N + 1)
             slot = _slots_per_row(classes)
             means = torch.where(novel[:, None, None], fresh_means.gather(1, slot[..., None].expand_as(means)), means)
             labels = torch.where(novel[:, None], fresh_labels.gather(1, slot), labels)

@@ -8,8 +8,9 @@ Rules:
   ``L`` lets a model copy by position alone (attend to ``q − L + 1``); a varying one forces a
   real induction head.
 - The loss is next-token cross-entropy wherever the next token belongs to the copies
-  (``loss_on: all``), or only where it is a repeat, i.e. predictable in context
-  (``loss_on: repeats``).
+  (``loss_on: all``), or only where an induction head can predict it (``loss_on: repeats``:
+  from the second token of copy 2 on; the first token of a copy follows the previous copy's
+  last token, whose earlier occurrences say nothing about it).
 - ``induction_targets[b, q, k]`` marks, for a query ``q`` in copy 2.., every key ``k`` that
   follows an earlier occurrence of the same segment position: ``k = q − m·L + 1``. Prefix
   matching on the task's own data is attention summed over those keys.
@@ -69,7 +70,11 @@ class RepeatTokensTask(Task):
         s = self.spec
         uniform = math.log(s.n_tokens)
         # a perfect in-context copier pays ln n_tokens only on the first of R copies (any L)
-        copying = uniform / s.n_repeats if s.loss_on == "all" else 0.0
+        # an induction head cannot predict the first copy, nor the first token of the second
+        # (nothing in the context says a copy starts there): L + 1 of the R·L targets
+        lengths = range(s.seq_len_min or s.seq_len, s.seq_len + 1)
+        unpredictable = sum((L + 1) / (s.n_repeats * L) for L in lengths) / len(lengths)
+        copying = uniform * unpredictable if s.loss_on == "all" else 0.0
         return {f"ln {s.n_tokens} (uniform)": uniform, "perfect copying": copying}
 
     @property
@@ -102,7 +107,9 @@ class RepeatTokensTask(Task):
         body = torch.where(in_copies, segment.gather(1, (pos % L).expand(b, n)), filler)
         tokens = torch.cat([torch.full((b, 1), self.bos), body], dim=1)
         # the target at position p is token p+1 = body[p]: keep it if body[p] is in the copies
-        keep = in_copies & (pos >= L) if s.loss_on == "repeats" else in_copies
+        # "repeats": from the second token of copy 2 on (the first follows copy 1's last token,
+        # whose earlier occurrences do not predict it)
+        keep = in_copies & (pos > L) if s.loss_on == "repeats" else in_copies
         targets = torch.full_like(tokens, IGNORE)
         targets[:, :-1] = torch.where(keep, body, IGNORE)
         return Batch(inputs=(tokens,), targets=targets, tokens=tokens,
