@@ -1,4 +1,4 @@
-"""``optolab`` command line: run, validate, sites, evaluate, plot.
+"""``optolab`` command line: run, validate, sites, evaluate, plot, tasks show|check|list.
 
 Every user error prints one line (``optolab: error: <where>: <what> Fix: <how>``) and exits
 with code 2; no traceback. Interrupting a run leaves its last checkpoint; the same command
@@ -51,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="(re)write the figures of a run directory")
     p.add_argument("run_dir")
+
+    p = sub.add_parser("tasks", help="inspect and check task generators")
+    tasks = p.add_subparsers(dest="tasks_command", required=True)
+    t = tasks.add_parser("show", help="decoded sequences and split statistics of a task (spec YAML or protocol)")
+    t.add_argument("task")
+    t.add_argument("--n", type=int, default=3, help="training sequences to print")
+    t.add_argument("--seed", type=_seed, default=0)
+    t = tasks.add_parser("check", help="check a generator's contract (optolab.testing.check_task)")
+    t.add_argument("task")
+    t.add_argument("--max-batch-ms", type=float, default=50.0, help="time budget of one batch of 32")
+    tasks.add_parser("list", help="the task kinds this installation knows")
     return parser
 
 
@@ -72,6 +83,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     from optolab.loader import load_protocol
 
+    if args.command in ("run", "validate") and _is_toy(args.protocol):
+        return _toy(args)
     if args.command == "run":
         from optolab.api import default_out, run
 
@@ -125,6 +138,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(accuracy_table(df))
         print(f"all measures written to {out}")
         return 0
+    if args.command == "tasks":
+        return _tasks(args)
     if args.command == "plot":
         from optolab.api import open_run
 
@@ -132,6 +147,64 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(path)
         return 0
     raise AssertionError(args.command)
+
+
+def _is_toy(path: str) -> bool:
+    from optolab.loader import read_yaml
+
+    data, _ = read_yaml(path, "protocol")
+    return data.get("kind") == "toy_tensor"
+
+
+def _toy(args: argparse.Namespace) -> int:
+    from optolab.toy import describe_toy, load_toy, run_toy
+
+    protocol = load_toy(args.protocol)
+    print("\n".join(describe_toy(protocol)))
+    if args.command == "validate":
+        return 0
+    out = args.out or f"results/{protocol.name}"
+    summary = run_toy(protocol, out, overwrite=args.overwrite)
+    for name, c in summary["conditions"].items():
+        print(f"{name}: median {c['median_iterations']} iterations to {summary['threshold']:g} × initial loss "
+              f"(by seed: {c['iterations_by_seed']})")
+    print(f"run written to {out}")
+    return 0
+
+
+def _load_task(path: str):
+    """A task from a task spec YAML, or from a protocol (its ``task:``)."""
+    from optolab.loader import load_protocol, read_yaml
+    from optolab.tasks import make_task
+    from optolab.testing.contract import as_task
+
+    data, _ = read_yaml(path, "task spec")
+    if "task" in data and "kind" not in data and "generator" not in data:
+        return make_task(load_protocol(path).task)
+    return as_task(path)
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(1)
+    if args.tasks_command == "list":
+        from optolab.tasks import BUILTIN, known_kinds
+
+        for kind in known_kinds():
+            origin = "built-in" if kind in BUILTIN else "entry point"
+            print(f"{kind}  ({origin})")
+        return 0
+    task = _load_task(args.task)
+    if args.tasks_command == "show":
+        from optolab.taskinfo import show_task
+
+        print("\n".join(show_task(task, n=args.n, seed=args.seed)))
+        return 0
+    from optolab.testing.contract import check_task
+
+    print(check_task(task, max_batch_ms=args.max_batch_ms))
+    return 0
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ class FewshotTask(Task):
 
     @property
     def eval_splits(self) -> tuple[str, ...]:
-        return SPLITS
+        # with heldout_label_frac 0 there are no held-out label sets, so no fsl_val_rl
+        return tuple(s for s in SPLITS if s != "fsl_val_rl" or self.spec.heldout_label_frac > 0)
 
     def reference_losses(self) -> dict[str, float]:
         k = self.spec.n_distinct
@@ -152,7 +153,7 @@ class FewshotTask(Task):
 
     @property
     def icl_splits(self) -> tuple[str, ...]:
-        return SPLITS
+        return self.eval_splits
 
     # --- batches ------------------------------------------------------------------------
 
@@ -167,8 +168,8 @@ class FewshotTask(Task):
             "fsl_train_valex": ("train", "heldout", "train"),
             "fsl_test_class": ("test", "first", "train"),
         }
-        if split not in how:
-            raise KeyError(f"unknown split {split!r}; fewshot has {SPLITS}")
+        if split not in self.eval_splits:
+            raise KeyError(f"unknown split {split!r}; this fewshot task has {self.eval_splits}")
         classes, exemplars, labels = how[split]
         return self._sample(rng(seed, 202, SPLITS.index(split)), n, classes=classes,
                             exemplars=exemplars, labels=labels)

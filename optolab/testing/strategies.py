@@ -148,7 +148,7 @@ def gaussian_icl_specs(draw: Any) -> GaussianICLSpec:
 @st.composite
 def bursty_classes_specs(draw: Any) -> BurstyClassesSpec:
     ways = draw(st.integers(1, 3))
-    context_pairs = ways * draw(st.integers(1, 4))
+    context_pairs = ways * draw(st.integers(2 if ways == 1 else 1, 4))
     shots = draw(st.integers(1, context_pairs // ways))
     n_labels = draw(st.integers(max(2, ways), 10))
     return BurstyClassesSpec(
