@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Pinned so pip takes the CPU wheel; pyproject keeps an open range for users elsewhere.
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test bench bench-clamps install clean
+.PHONY: demo test bench bench-clamps bench-generators install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench: $(STAMP)
 
 bench-clamps: $(STAMP)
 	$(BIN)/python benchmarks/clamp_overhead.py
+
+bench-generators: $(STAMP)
+	$(BIN)/python benchmarks/generators.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

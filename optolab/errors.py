@@ -57,6 +57,15 @@ class OptolabError(Exception):
         return OptolabError(self.message, field=self.field, fix=self.fix, source=source, line=line)
 
 
+class SpecError(ValueError):
+    """Raised inside a pydantic validator that checks several fields together: names the field
+    to blame and the fix, so the translated error is as precise as a single-field one."""
+
+    def __init__(self, field: str, message: str, fix: str) -> None:
+        self.field, self.message, self.fix = field, message, fix
+        super().__init__(f"{message} Fix: {fix}")
+
+
 # --- YAML line numbers -------------------------------------------------------------------
 
 
@@ -153,6 +162,11 @@ def from_validation_error(exc: Any, *, source: str | Path | None = None, prefix:
     loc = [str(p) for k, p in enumerate(raw)
            if not str(p).startswith("function-")
            and not (str(p) in tags and (k == 0 or raw[k - 1] == "task" or isinstance(raw[k - 1], int)))]
+    spec_error = (err.get("ctx") or {}).get("error")
+    if isinstance(spec_error, SpecError):
+        field = ".".join(([prefix] if prefix else []) + loc + [spec_error.field])
+        more = f" ({len(errs) - 1} more problem(s) after this one)" if len(errs) > 1 else ""
+        return OptolabError(spec_error.message + more, field=field, fix=spec_error.fix).located(source, lines)
     field = ".".join(([prefix] if prefix else []) + loc)
     allowed = _allowed_keys(model, raw) if model is not None else []
     msg = err.get("msg", "invalid value")

@@ -107,6 +107,9 @@ def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None
     data.setdefault("name", Path(path).stem)
     if name is not None:
         data["name"] = name
+    if data.get("kind") == "toy_tensor":
+        raise OptolabError("this is a toy-model protocol (kind: toy_tensor), not a transformer protocol.",
+                           source=source, fix="use `optolab run` or `optolab validate` on it.")
     if "task" not in data:
         raise OptolabError("missing.", field="task", source=source,
                            fix="add 'task: ../tasks/fewshot_singh2024.yaml' (a path or a mapping with 'kind').")

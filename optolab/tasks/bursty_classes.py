@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from optolab.errors import SpecError
 from optolab.tasks.base import Batch, Holdout, ModelIO, Task, TaskSpec, rng
 from optolab.tasks.exemplars import Design, default_scale, exemplar_bank, exemplar_label_batch
 from optolab.tasks.tokens import iid_excluding, sample_distinct, sample_iid
@@ -56,22 +57,22 @@ class BurstyClassesSpec(TaskSpec):
             object.__setattr__(self, "n_labels", self.n_classes)
         N, ways = self.context_pairs, self.bursty_classes
         if ways * self.shots > N:
-            raise ValueError(f"a bursty block of bursty_classes × shots = {ways} × {self.shots} does not fit "
-                             f"in context_pairs ({N}); lower shots or raise context_pairs")
+            raise SpecError("shots", f"a bursty block of bursty_classes × shots = {ways} × {self.shots} does not "
+                            f"fit in context_pairs ({N}).", "lower shots or raise context_pairs.")
         if N % ways:
-            raise ValueError(f"the fewshot_holdout split fills the context with {ways} classes, so "
-                             f"context_pairs ({N}) must be a multiple of bursty_classes ({ways})")
+            raise SpecError("context_pairs", f"the fewshot_holdout split fills the context with {ways} classes, so "
+                            f"context_pairs ({N}) must be a multiple of bursty_classes ({ways}).",
+                            f"use context_pairs = {(N // ways + 1) * ways}.")
         if self.n_labels > self.n_classes:
-            raise ValueError(f"n_labels ({self.n_labels}) exceeds n_classes ({self.n_classes}); labels are "
-                             "fixed per class, so use n_labels <= n_classes")
+            raise SpecError("n_labels", f"n_labels ({self.n_labels}) exceeds n_classes ({self.n_classes}); labels "
+                            "are fixed per class.", "use n_labels <= n_classes.")
         if self.n_classes % self.n_labels:
-            raise ValueError(f"n_classes ({self.n_classes}) must be a multiple of n_labels ({self.n_labels}) "
-                             "for a balanced class→label map")
-        if ways > self.n_holdout_classes or ways > self.n_classes:
-            raise ValueError(f"bursty_classes ({ways}) exceeds the classes available; "
-                             "use n_holdout_classes and n_classes >= bursty_classes")
-        if ways > self.n_labels:
-            raise ValueError(f"bursty_classes ({ways}) exceeds n_labels ({self.n_labels})")
+            raise SpecError("n_classes", f"n_classes ({self.n_classes}) must be a multiple of n_labels "
+                            f"({self.n_labels}) for a balanced class→label map.",
+                            "choose n_classes as a multiple of n_labels.")
+        if ways > min(self.n_holdout_classes, self.n_classes, self.n_labels):
+            raise SpecError("bursty_classes", f"bursty_classes ({ways}) exceeds the classes or labels available.",
+                            "use n_holdout_classes, n_classes and n_labels >= bursty_classes.")
         return self
 
 

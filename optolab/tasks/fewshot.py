@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from optolab.errors import SpecError
 from optolab.tasks.base import IGNORE, Batch, Holdout, ModelIO, Task, TaskSpec, rng
 from optolab.tasks.exemplars import Design, default_scale, exemplar_bank
 
@@ -64,26 +65,24 @@ class FewshotSpec(TaskSpec):
         if self.scale is None:
             object.__setattr__(self, "scale", default_scale(self.design))
         if self.burstiness > self.context_pairs:
-            raise ValueError(
-                f"burstiness ({self.burstiness}) cannot exceed context_pairs ({self.context_pairs}); "
-                "lower burstiness or raise context_pairs")
+            raise SpecError("burstiness", f"burstiness ({self.burstiness}) cannot exceed context_pairs "
+                            f"({self.context_pairs}).", "lower burstiness or raise context_pairs.")
         k = self.n_distinct
         if self.n_labels < k:
-            raise ValueError(
-                f"each sequence needs {k} distinct labels but n_labels is {self.n_labels}; "
-                f"set n_labels >= {k}")
+            raise SpecError("n_labels", f"each sequence needs {k} distinct labels but n_labels is {self.n_labels}.",
+                            f"set n_labels >= {k}.")
         if self.n_train_classes < k or self.n_test_classes < k:
-            raise ValueError(f"each sequence needs {k} distinct classes; use at least {k} train and test classes")
+            raise SpecError("n_train_classes" if self.n_train_classes < k else "n_test_classes",
+                            f"each sequence needs {k} distinct classes.", f"use at least {k} train and test classes.")
         if self.train_exemplars >= self.n_exemplars:
-            raise ValueError(
-                f"train_exemplars ({self.train_exemplars}) must be below n_exemplars ({self.n_exemplars}) "
-                "so fsl_train_valex has held-out exemplars")
+            raise SpecError("train_exemplars", f"train_exemplars ({self.train_exemplars}) must be below n_exemplars "
+                            f"({self.n_exemplars}) so fsl_train_valex has held-out exemplars.",
+                            "lower train_exemplars or raise n_exemplars.")
         n_sets = math.comb(self.n_labels, k)
         held = round(self.heldout_label_frac * n_sets)
         if self.heldout_label_frac > 0 and not 1 <= held < n_sets:
-            raise ValueError(
-                f"heldout_label_frac {self.heldout_label_frac} of {n_sets} label sets holds out {held}; "
-                "choose a fraction that leaves at least one set on each side")
+            raise SpecError("heldout_label_frac", f"{self.heldout_label_frac} of {n_sets} label sets holds out "
+                            f"{held}.", "choose a fraction that leaves at least one set on each side, or 0.")
         return self
 
     @property

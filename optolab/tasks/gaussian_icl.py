@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from optolab.errors import SpecError
 from optolab.tasks.base import Batch, Holdout, ModelIO, Task, TaskSpec, rng
 from optolab.tasks.exemplars import exemplar_label_batch
 from optolab.tasks.tokens import iid_excluding, sample_distinct, sample_iid
@@ -54,23 +55,24 @@ class GaussianICLSpec(TaskSpec):
     def _consistent(self) -> GaussianICLSpec:
         N, B, K, L = self.context_pairs, self.burstiness, self.n_classes, self.n_labels
         if N % B:
-            raise ValueError(f"context_pairs ({N}) must be a multiple of burstiness ({B}) so each of N/B "
-                             f"classes appears B times; use burstiness in {[d for d in range(1, N + 1) if N % d == 0]}")
+            raise SpecError("burstiness", f"context_pairs ({N}) must be a multiple of burstiness ({B}), so each "
+                            "of N/B classes appears B times.",
+                            f"use burstiness in {[d for d in range(1, N + 1) if N % d == 0]}.")
         if L > K:
-            raise ValueError(f"n_labels ({L}) exceeds n_classes ({K}): some labels would have no class; "
-                             "use n_labels <= n_classes")
+            raise SpecError("n_labels", f"n_labels ({L}) exceeds n_classes ({K}): some labels would have no class.",
+                            "use n_labels <= n_classes.")
         if K % L:
-            raise ValueError(f"n_classes ({K}) must be a multiple of n_labels ({L}) for a balanced "
-                             f"class→label map; use n_classes = {max(L, K // L * L)} or {(K // L + 1) * L}")
+            raise SpecError("n_classes", f"n_classes ({K}) must be a multiple of n_labels ({L}) for a balanced "
+                            "class→label map.", f"use n_classes = {max(L, K // L * L)} or {(K // L + 1) * L}.")
         if N // B > K:
-            raise ValueError(f"a bursty sequence needs N/B = {N // B} distinct classes but n_classes is {K}; "
-                             "raise n_classes or burstiness")
+            raise SpecError("n_classes", f"a bursty sequence needs N/B = {N // B} distinct classes but n_classes "
+                            f"is {K}.", "raise n_classes or burstiness.")
         if self.distinct_labels and N // B > L:
-            raise ValueError(f"distinct_labels needs N/B = {N // B} labels per sequence but n_labels is {L}; "
-                             "raise n_labels or burstiness, or set distinct_labels: false")
+            raise SpecError("distinct_labels", f"distinct labels for N/B = {N // B} classes need that many labels "
+                            f"but n_labels is {L}.", "raise n_labels or burstiness, or set distinct_labels: false.")
         if N // B > self.n_test_classes:
-            raise ValueError(f"the ic split needs N/B = {N // B} distinct held-out classes; "
-                             f"set n_test_classes >= {N // B}")
+            raise SpecError("n_test_classes", f"the ic split needs N/B = {N // B} distinct held-out classes.",
+                            f"set n_test_classes >= {N // B}.")
         return self
 
 

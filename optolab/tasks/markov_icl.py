@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from optolab.errors import SpecError
 from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
 from optolab.tasks.tokens import gamma, induction_targets_from_tokens, inverse_cdf, sample_chain
 
@@ -41,11 +42,11 @@ class MarkovICLSpec(TaskSpec):
     @model_validator(mode="after")
     def _consistent(self) -> MarkovICLSpec:
         if self.n_states**self.order > 4096:
-            raise ValueError(f"n_states^order = {self.n_states}^{self.order} contexts is too many "
-                             "(max 4096); lower order or n_states")
+            raise SpecError("order", f"n_states^order = {self.n_states}^{self.order} contexts is too many "
+                            "(at most 4096).", "lower order or n_states.")
         if self.seq_len <= self.order + 1:
-            raise ValueError(f"seq_len ({self.seq_len}) must exceed order + 1 ({self.order + 1}) "
-                             "so some position has a full context and a next token")
+            raise SpecError("seq_len", f"seq_len ({self.seq_len}) must exceed order + 1 ({self.order + 1}) so "
+                            "some position has a full context and a next token.", f"use seq_len >= {self.order + 2}.")
         return self
 
 

@@ -133,6 +133,22 @@ def validate_task_spec(data: Any, *, field: str = "task", source: str | None = N
         raise (e.located(source, lines) if source else e) from None
 
 
+def _defined_for(spec_cls: type[TaskSpec]) -> type[Task] | None:
+    """An already-imported Task class whose ``Spec`` is exactly ``spec_cls``."""
+    todo = list(Task.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if cls.__dict__.get("Spec") is spec_cls:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None
+
+
 def make_task(spec: TaskSpec) -> Task:
-    """The task a validated spec describes."""
+    """The task a validated spec describes: by ``generator``, by ``kind``, or (for a spec built
+    in Python from an imported class) the class whose ``Spec`` it is."""
+    if spec.generator is None and spec.kind not in BUILTIN:
+        cls = _defined_for(type(spec))
+        if cls is not None:
+            return cls(spec)
     return task_class(spec.kind, spec.generator)(spec)

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from optolab.errors import SpecError
 from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
 
 
@@ -38,8 +39,8 @@ class RepeatTokensSpec(TaskSpec):
     @model_validator(mode="after")
     def _lengths(self) -> RepeatTokensSpec:
         if self.seq_len_min is not None and self.seq_len_min > self.seq_len:
-            raise ValueError(f"seq_len_min ({self.seq_len_min}) exceeds seq_len ({self.seq_len}); "
-                             "set seq_len_min <= seq_len")
+            raise SpecError("seq_len_min", f"seq_len_min ({self.seq_len_min}) exceeds seq_len ({self.seq_len}).",
+                            "set seq_len_min <= seq_len.")
         return self
 
 

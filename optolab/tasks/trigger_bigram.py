@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from optolab.errors import SpecError
 from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
 from optolab.tasks.markov_icl import stationary
 from optolab.tasks.tokens import gamma, induction_targets_from_tokens, inverse_cdf
@@ -46,8 +47,8 @@ class TriggerBigramSpec(TaskSpec):
     @model_validator(mode="after")
     def _consistent(self) -> TriggerBigramSpec:
         if self.n_triggers >= self.n_tokens:
-            raise ValueError(f"n_triggers ({self.n_triggers}) must be below n_tokens ({self.n_tokens}) "
-                             "so some tokens are ordinary; lower n_triggers")
+            raise SpecError("n_triggers", f"n_triggers ({self.n_triggers}) must be below n_tokens "
+                            f"({self.n_tokens}) so some tokens are ordinary.", "lower n_triggers or raise n_tokens.")
         return self
 
 
