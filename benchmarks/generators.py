@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = [
     "singh2024/main.yaml",  # fewshot
     "olsson2022/repeat_2layer.yaml",  # repeat_tokens
-    "reddy2023/labels32_s0.yaml",  # gaussian_icl
+    "reddy2023/labels32.yaml",  # gaussian_icl
     "chan2022/bursty.yaml",  # bursty_classes
     "edelman2024/markov.yaml",  # markov_icl
     "bietti2023/triggers.yaml",  # trigger_bigram

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from optolab.loader import validate_protocol
 from optolab.trainer import train
-from tests.conftest import fewshot_protocol, repeat_protocol, write_protocol
+from tests.conftest import ROOT, fewshot_protocol, repeat_protocol, write_protocol
 from optolab.cli import main
 from tests.test_bad_input import run_cli
 
@@ -146,3 +146,12 @@ def test_evaluate_applies_conditions_to_a_checkpoint(tmp_path, capsys):
     post["conditions"]["broken"] = [{"kind": "ablate", "site": "v9"}]
     code, err = run_cli(capsys, "evaluate", write_protocol(tmp_path, post, "post.yaml"), "--checkpoint", run)
     assert code == 2 and "conditions.broken.0.site" in err
+
+
+def test_freeze_description_keeps_thousands_in_the_window():
+    from optolab.describe import describe_protocol
+    from optolab.loader import load_protocol
+
+    p = load_protocol(ROOT / "protocols" / "bietti2023" / "triggers_frozen.yaml")
+    text = "\n".join(describe_protocol(p))
+    assert "Clamp 0, from step 0 to 10,000 (0–320,000 sequences, the whole run): parameter blocks.0.attn.W_Q" in text

@@ -22,13 +22,15 @@ def _where(c: Compiled, n_heads: int) -> str:
     return text
 
 
-def _when(c: Compiled, plan: Plan) -> str:
+def _when(c: Compiled, plan: Plan, phase: bool = True) -> str:
     w, bs = c.when, plan.batch_size
     span = f"from step {w.start:,} to {w.stop:,} ({w.start * bs:,}–{w.stop * bs:,} sequences" + (
         ", the whole run)" if w.start == 0 and w.stop == plan.total_steps else ")")
-    phase = {(True, True): "in training and evaluation", (True, False): "in training only",
+    if not phase:
+        return span
+    words = {(True, True): "in training and evaluation", (True, False): "in training only",
              (False, True): "in evaluation only"}[(w.train, w.eval)]
-    return f"{span}, {phase}"
+    return f"{span}, {words}"
 
 
 def describe_clamp(c: Compiled, plan: Plan, n_heads: int) -> str:
@@ -38,7 +40,7 @@ def describe_clamp(c: Compiled, plan: Plan, n_heads: int) -> str:
         what = _special(c, n_heads)
     else:
         what = _site_words(c, n_heads)
-    when = _when(c, plan) if kind != "freeze" else _when(c, plan).split(",")[0]
+    when = _when(c, plan, phase=kind != "freeze")  # a freeze acts on updates: no eval phase
     return f"{label}, {when}: {what}"
 
 
