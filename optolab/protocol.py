@@ -146,6 +146,8 @@ class MeasuresSpec(Strict):
     induction_strength: bool = True
     previous_token: bool = True
     prefix_matching: bool = True
+    lagged_prefix_matching: bool = Field(True, description="also the best score over target keys shifted by 0..max_lag")
+    max_lag: int = Field(8, ge=0, le=64)
     copying: bool = True
     icl_score: bool = True
     composition: bool = True

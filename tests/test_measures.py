@@ -105,3 +105,23 @@ def test_copying_score_is_high_for_an_identity_ov_and_low_for_an_anti_copier():
     scores = copying_scores(model, torch.arange(4))
     assert scores[0, 0] > 0.9
     assert scores[0, 1] < -0.9
+
+
+def test_lagged_prefix_matching_finds_a_head_that_attends_past_olssons_target():
+    from optolab.measures.attention import lagged_prefix_matching, prefix_matching
+    from optolab.tasks.repeat_tokens import repeat_induction_targets
+
+    targets = repeat_induction_targets(seq_len=8, n_repeats=2, prefix=1)  # [1, 17, 17]
+    n = targets.shape[-1]
+    pattern = torch.zeros(1, 2, n, n)
+    pattern[:, :, torch.arange(n), 0] = 1.0  # default: attend BOS
+    for q in range(n):
+        keys = targets[0, q].nonzero().flatten()
+        if len(keys):
+            pattern[0, :, q] = 0
+            pattern[0, 0, q, keys[0]] = 1.0  # head 0: Olsson's target
+            pattern[0, 1, q, keys[0] + 3] = 1.0  # head 1: three positions later (a lag-3 circuit)
+    strict = prefix_matching(pattern, targets)
+    best, lag = lagged_prefix_matching(pattern, targets, max_lag=5)
+    assert strict.tolist() == [1.0, 0.0]
+    assert best.tolist() == [1.0, 1.0] and lag.tolist() == [0.0, 3.0]

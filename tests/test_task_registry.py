@@ -118,7 +118,7 @@ def test_task_file_errors_point_into_the_task_file(tmp_path, capsys):
     path = write_protocol(tmp_path, _protocol({"spec": "t.yaml", "n_labels": 8}))
     assert main(["validate", str(path)]) == 2
     assert "t.yaml:3: noise" in capsys.readouterr().err
-    path = write_protocol(tmp_path, _protocol({"spec": "t.yaml", "noise": 0.2, "n_classes": 30}))
+    path = write_protocol(tmp_path, _protocol({"spec": "t.yaml", "noise": 0.2, "n_classes": 100}))
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "p.yaml" in err and "multiple of n_labels" in err

@@ -8,6 +8,11 @@ and return ``[head]``; none needs a tokenizer, only the task's position metadata
   perfect previous-token head).
 - prefix matching (Olsson et al. 2022): for each query in a repeat, attention summed over the
   keys that follow earlier occurrences of its token; averaged over such queries. Range [0, 1].
+- lagged prefix matching: the same with every target key moved ``d`` positions later, for the
+  lag ``d ∈ [0, max_lag]`` that maximises it (per head; the lag is reported too). On exact
+  repeats a two-layer model can copy through a previous-token head that looks ``d + 1`` back
+  (key side) and one that looks ``d`` back (value side): it then attends ``d`` past Olsson's
+  target and its strict score stays near 0 although it copies perfectly. Lag 0 is Olsson's.
 """
 
 from __future__ import annotations
@@ -40,3 +45,18 @@ def prefix_matching(pattern: Pattern, targets: Bool[Tensor, "batch_or_1 q_pos k_
     rows = targets.any(-1).expand(pattern.shape[0], -1)  # [batch, q]: queries with an earlier occurrence
     mass = (pattern * targets[:, None]).sum(-1)  # [batch, head, q]
     return (mass * rows[:, None]).sum((0, 2)) / rows.sum().clamp_min(1)
+
+
+def lagged_prefix_matching(pattern: Pattern, targets: Bool[Tensor, "batch_or_1 q_pos k_pos"],
+                           max_lag: int = 8) -> tuple[Float[Tensor, "head"], Float[Tensor, "head"]]:
+    """``(score, lag)`` per head: prefix matching with target keys shifted by the best lag."""
+    n = targets.shape[-1]
+    scores = []
+    for d in range(max_lag + 1):
+        shifted = torch.zeros_like(targets)
+        shifted[..., d:] = targets[..., : n - d]
+        shifted &= torch.ones(n, n, dtype=torch.bool, device=targets.device).tril()  # stay causal
+        scores.append(prefix_matching(pattern, shifted))
+    table = torch.stack(scores)  # [lag, head]
+    best, lag = table.max(0)
+    return best, lag.to(best.dtype)

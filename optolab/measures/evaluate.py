@@ -10,6 +10,9 @@ Rules:
   actually used (after interventions, through the same ``Forward`` as training).
 - Weight-based scores (copying, composition) use split ``"weights"``; the Olsson probe uses
   ``"probe_repeat"``.
+- ``prefix_matching_lagged`` / ``prefix_matching_lag`` (task splits with induction targets):
+  the best score over target keys shifted by 0..``max_lag`` and that lag (see
+  :mod:`optolab.measures.attention`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from optolab.forward import Forward
-from optolab.measures.attention import induction_strength, prefix_matching, previous_token
+from optolab.measures.attention import induction_strength, lagged_prefix_matching, prefix_matching, previous_token
 from optolab.measures.composition import composition_scores
 from optolab.measures.probes import copying_scores, icl_positions, repeat_probe
 from optolab.model import Transformer
@@ -82,6 +85,10 @@ def evaluate(model: Transformer, task: Task, spec: MeasuresSpec, evals: EvalSet,
                     rows += _rows(split, "prev_token_corrected", corrected, layer)
                 if spec.prefix_matching and batch.induction_targets is not None:
                     rows += _rows(split, "prefix_matching", prefix_matching(pattern, batch.induction_targets), layer)
+                    if spec.lagged_prefix_matching:
+                        best, lag = lagged_prefix_matching(pattern, batch.induction_targets, spec.max_lag)
+                        rows += _rows(split, "prefix_matching_lagged", best, layer)
+                        rows += _rows(split, "prefix_matching_lag", lag, layer)
         if evals.probe is not None:
             _, saved = forward(model, evals.probe, step=step, training=False, save=sites)
             for layer in range(L):
