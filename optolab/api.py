@@ -20,16 +20,17 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from optolab.checkpoint import list_checkpoints, load_weights, stem
 from optolab.errors import OptolabError
 from optolab.forward import make_forward
 from optolab.loader import load_protocol, protocol_from_resolved
 from optolab.model import Transformer, build_model
-from optolab.plots import plot_attention, plot_head_scores, plot_loss, plot_prev_token
+from optolab.plots import plot_attention, plot_head_scores, plot_loss, plot_loss_by_position, plot_prev_token
 from optolab.protocol import Protocol
 from optolab.rundir import RunDir
-from optolab.tasks import Batch, Task, make_task
+from optolab.tasks import IGNORE, Batch, Task, make_task
 from optolab.trainer import train
 
 
@@ -108,7 +109,26 @@ class Run:
                 _, saved = forward(model, self.eval_batch(n=256), step=self.checkpoint_steps[-1], training=False,
                                    save=sites)
             written.append(plot_attention([saved[s].mean(0) for s in sites], figs / "attention.png"))
+            curves = self.task.reference_curves()
+            if curves:
+                written.append(plot_loss_by_position(self._loss_by_position(), curves, figs / "loss_by_position.png"))
         return [p for p in written if p is not None]
+
+    def _loss_by_position(self, n: int = 256) -> dict[int, torch.Tensor]:
+        """Per-position loss ``[pos]`` (NaN where no loss is taken) on the main split, at every
+        checkpoint, through the protocol's clamps."""
+        batch = self.eval_batch(n=n)
+        keep = batch.targets != IGNORE
+        out = {}
+        for step in self.checkpoint_steps:
+            model = self.model(step)
+            forward = make_forward(self.protocol, self.task, model.cfg)
+            with torch.no_grad():
+                logits, _ = forward(model, batch, step=step, training=False)
+            per = F.cross_entropy(logits.transpose(1, 2), batch.targets.clamp_min(0), reduction="none")
+            out[step] = torch.where(keep, per, 0.0).sum(0) / keep.sum(0).clamp_min(1)
+            out[step][~keep.any(0)] = float("nan")
+        return out
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.meta.get('status')!r})"

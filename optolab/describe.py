@@ -24,7 +24,8 @@ def describe_protocol(p: Protocol) -> list[str]:
     kind = "attention-only" if m.attn_only else f"with MLPs (d_mlp {m.d_mlp})"
     lines = [
         f"Protocol '{p.name}'" + (f": {p.description}" if p.description else ""),
-        f"Task: {p.task.kind} — " + ", ".join(f"{k}={v}" for k, v in p.task.model_dump().items() if k != "kind" and not (k == "generator" and v is None)),
+        f"Task: {p.task.kind} — " + ", ".join(f"{k}={v}" for k, v in p.task.model_dump().items()
+                                              if k != "kind" and not (k == "generator" and v is None)),
         f"  eval splits: {', '.join(task.eval_splits)} (main: {task.main_split}); context {io.n_ctx} positions.",
         f"Model: {m.n_layers} layers × {m.n_heads} heads, d_model {m.d_model}, d_head {m.d_head}, {kind}, "
         f"{'pre-LayerNorm' if m.layer_norm else 'no block LayerNorm'}"

@@ -6,6 +6,8 @@
   label structure) or prefix matching on the Olsson probe (token tasks).
 - ``prev_token.png``: heatmap of the previous-token score of every head over training.
 - ``attention.png``: the final model's mean attention pattern of every head on the main split.
+- ``loss_by_position.png`` (tasks with reference curves, e.g. ``markov_icl``): the loss at each
+  position at every checkpoint, against the task's per-position reference estimators.
 
 No pyplot: figures are built with ``matplotlib.figure.Figure`` so nothing global (backends,
 state) is touched and plotting works headless.
@@ -92,4 +94,19 @@ def plot_attention(patterns: list[torch.Tensor], path: Path) -> Path:
     fig.suptitle("Final attention patterns (mean over the main eval split; rows: query, cols: key)",
                  fontsize=9)
     fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_loss_by_position(per_step: dict[int, torch.Tensor], curves: dict[str, torch.Tensor], path: Path) -> Path:
+    """``per_step``: checkpoint step → loss per position; ``curves``: name → reference per position."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    palette = sns.color_palette("viridis", len(per_step))
+    for color, (step, loss) in zip(palette, sorted(per_step.items())):
+        ax.plot(np.arange(len(loss)), loss.numpy(), color=color, lw=1.2, label=f"step {step:,}")
+    for i, (name, curve) in enumerate(curves.items()):
+        ax.plot(np.arange(len(curve)), curve.numpy(), ls="--", lw=1.2, color=f"C{3 + i}", label=name)
+    ax.set(xlabel="position", ylabel="loss (nats)", title="Loss by position vs in-context estimators")
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path, dpi=120)
     return path

@@ -71,8 +71,7 @@ def _field_strategy(info: Any) -> st.SearchStrategy:
         top = max(low + 1e-3, 2 * base if base > 0 else low + 1.0)
         if hi is not None:
             top = min(top, float(hi))
-        inner = st.floats(low, top, exclude_min=lo_open, exclude_max=hi_open or (hi is not None and top == hi and hi_open),
-                          allow_nan=False)
+        inner = st.floats(low, top, exclude_min=lo_open, exclude_max=hi_open and top == hi, allow_nan=False)
     else:
         return st.just(default)
     return st.one_of(st.none(), inner) if optional and default is None else inner
