@@ -92,18 +92,19 @@ def test_attention_is_causal():
     assert not torch.allclose(a[:, -1], b[:, -1])
 
 
-def test_fast_attention_helpers_match_einsum():
+@pytest.mark.parametrize("n", [6, 40])  # 40 positions × 4 heads > ALL_PAIRS_MAX: the plain-matmul branch
+def test_fast_attention_helpers_match_einsum(n):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 6, 4, 5, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(3, n, 4, 5, generator=g) for _ in range(3))
     torch.testing.assert_close(per_head_scores(q, k), torch.einsum("bqhe,bkhe->bhqk", q, k))
-    mask = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    mask = torch.ones(n, n, dtype=torch.bool).triu(1)
     scores = torch.einsum("bqhe,bkhe->bhqk", q, k).masked_fill(mask, float("-inf"))
     pattern = causal_softmax(scores)
     torch.testing.assert_close(pattern, torch.softmax(scores, -1))
     torch.testing.assert_close(per_head_mix(pattern, v), torch.einsum("bhqk,bkhe->bqhe", pattern, v))
     extreme = scores * 1e3  # exp underflow: still a distribution with exact zeros above the diagonal
     p = causal_softmax(extreme)
-    torch.testing.assert_close(p.sum(-1), torch.ones(3, 4, 6))
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, 4, n))
     assert (p.masked_select(mask) == 0).all()
 
 

@@ -147,6 +147,15 @@ class GaussianICLTask(Task):
         ctx = sample_iid(self.class_probs, (b, self.spec.context_pairs), g)
         return (iid_excluding(self.class_probs, ctx, query, g) if exclude_query else ctx), query
 
+    def _fresh_slots(self, g: torch.Generator, b: int, bursty: torch.Tensor) -> torch.Tensor:
+        """``[b, N+1]`` slot ids of fresh-class sequences (equal ids = the same fresh class)."""
+        s = self.spec
+        N, k = s.context_pairs, s.context_pairs // s.burstiness
+        order = torch.rand(b, N, generator=g).argsort(dim=1)
+        bursty_ctx = torch.arange(k).repeat_interleave(s.burstiness)[order]  # [b, N]
+        bursty_slots = torch.cat([bursty_ctx, torch.randint(k, (b, 1), generator=g)], dim=1)
+        return torch.where(bursty[:, None], bursty_slots, torch.arange(N + 1).expand(b, -1))
+
     def _fresh_labels(self, g: torch.Generator, b: int, n: int) -> torch.Tensor:
         """Labels ``[b, n]`` for up to ``n`` fresh classes per sequence (indexed by slot)."""
         L = self.spec.n_labels
@@ -170,28 +179,38 @@ class GaussianICLTask(Task):
             ctx, query = self._iid_classes(g, b, exclude_query=True)
         else:  # training distribution
             bursty = torch.rand(b, generator=g) < s.bursty_frac
-            b_ctx, b_query = self._bursty_classes(g, b, self.class_probs)
-            i_ctx, i_query = self._iid_classes(g, b, exclude_query=False)
-            ctx = torch.where(bursty[:, None], b_ctx, i_ctx)
-            query = torch.where(bursty, b_query, i_query)
+            novel = (torch.rand(b, generator=g) < s.novel_frac if s.novel_frac > 0
+                     else torch.zeros(b, dtype=torch.bool))
+            ctx = torch.zeros(b, N, dtype=torch.long)
+            query = torch.zeros(b, dtype=torch.long)
+            if not novel.all():  # draw train classes only when some sequence uses them
+                b_ctx, b_query = self._bursty_classes(g, b, self.class_probs)
+                i_ctx, i_query = self._iid_classes(g, b, exclude_query=False)
+                ctx = torch.where(bursty[:, None], b_ctx, i_ctx)
+                query = torch.where(bursty, b_query, i_query)
         classes = torch.cat([ctx, query[:, None]], dim=1)  # [b, N+1]
 
         means = self.means[classes.clamp(0, K + s.n_test_classes - 1)]  # [b, N+1, D]
         labels = self.class_labels[classes.clamp(0, K - 1)]  # fixed labels (train classes)
+        # (for an all-fresh training batch these are placeholders, replaced below)
         if split == "ic":  # novel classes: a random label per class per sequence
             labels = self._fresh_labels(g, b, N + 1).gather(1, _slots_per_row(classes))
         elif split == "ic2":  # permute the label set per sequence
             perm = torch.rand(b, L, generator=g).argsort(dim=1)
             labels = perm.gather(1, labels)
-        elif split == "train" and s.novel_frac > 0:
-            novel = torch.rand(b, generator=g) < s.novel_frac
-            # fresh classes: relabel slot ids 0..N per sequence, new means and labels for each
+        elif split == "train" and novel.any():
+            # fresh classes: slot ids per sequence (bursty: N/B slots B times each, the query one
+            # of them; i.i.d.: all distinct), each slot a new mean and label
+            slot = self._fresh_slots(g, b, bursty)
             fresh_means = torch.randn(b, N + 1, s.dim, generator=g) / math.sqrt(s.dim)
             fresh_labels = self._fresh_labels(g, b, N + 1)
-            slot = _slots_per_row(classes)
-            means = torch.where(novel[:, None, None], fresh_means.gather(1, slot[..., None].expand_as(means)), means)
-            labels = torch.where(novel[:, None], fresh_labels.gather(1, slot), labels)
-            classes = torch.where(novel[:, None], -1 - slot, classes)
+            fresh_means = fresh_means.gather(1, slot[..., None].expand_as(means))
+            if novel.all():  # the common "only in-context learning helps" setting: no mixing
+                means, labels, classes = fresh_means, fresh_labels.gather(1, slot), -1 - slot
+            else:
+                means = torch.where(novel[:, None, None], fresh_means, means)
+                labels = torch.where(novel[:, None], fresh_labels.gather(1, slot), labels)
+                classes = torch.where(novel[:, None], -1 - slot, classes)
 
         eta = torch.randn(b, N + 1, s.dim, generator=g) / math.sqrt(s.dim)
         x = (means + s.noise * eta) / math.sqrt(1 + s.noise**2)
