@@ -115,6 +115,7 @@ class TrainSpec(Strict):
     sequences: PosCount | None = Field(None, description="budget in sequences (or give steps)")
     steps: PosCount | None = Field(None, description="budget in optimizer steps (or give sequences)")
     fused: bool = Field(True, description="fused Adam kernel where the device has one")
+    flush_denormals: bool = Field(True, description="treat denormal floats as 0 while training (CPU speed)")
     clamp_engine: Literal["nnsight", "hooks"] = Field(
         "nnsight", description="how clamps are applied: nnsight traces, or the same ops as raw forward hooks")
     checkpoints: Checkpoints = Field(default_factory=Checkpoints)

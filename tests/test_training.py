@@ -140,3 +140,11 @@ def test_fewshot_phase_change_plateau_then_drop_with_induction_rising_in_the_sam
     drop = int(loss[loss < 0.5].index[0])  # the phase-change midpoint
     assert ind[drop - 100] < 0.2 and ind[drop + 100] > 0.5
     assert run.summary["time_to_loss_0.5"]["step"] == drop
+
+
+def test_denormals_are_flushed_only_while_training(tmp_path):
+    tiny = torch.tensor(1e-40)  # a denormal float32
+    p = validate_protocol(repeat_protocol(steps=4))
+    assert p.resolved()["train"]["flush_denormals"] is True
+    train(p, tmp_path / "run", progress=False)
+    assert (tiny * 1.0).item() != 0.0  # torch's default (keep denormals) is back after the run
