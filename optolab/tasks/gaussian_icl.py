@@ -169,6 +169,7 @@ class GaussianICLTask(Task):
     def _sample(self, g: torch.Generator, b: int, split: str) -> Batch:
         s = self.spec
         N, K, L = s.context_pairs, s.n_classes, s.n_labels
+        novel = torch.zeros(b, dtype=torch.bool)
         if split == "ic":
             test_probs = torch.ones(s.n_test_classes) / s.n_test_classes
             ctx, query = self._bursty_classes(g, b, test_probs)
@@ -179,8 +180,8 @@ class GaussianICLTask(Task):
             ctx, query = self._iid_classes(g, b, exclude_query=True)
         else:  # training distribution
             bursty = torch.rand(b, generator=g) < s.bursty_frac
-            novel = (torch.rand(b, generator=g) < s.novel_frac if s.novel_frac > 0
-                     else torch.zeros(b, dtype=torch.bool))
+            if s.novel_frac > 0:
+                novel = torch.rand(b, generator=g) < s.novel_frac
             ctx = torch.zeros(b, N, dtype=torch.long)
             query = torch.zeros(b, dtype=torch.long)
             if not novel.all():  # draw train classes only when some sequence uses them
@@ -190,9 +191,10 @@ class GaussianICLTask(Task):
                 query = torch.where(bursty, b_query, i_query)
         classes = torch.cat([ctx, query[:, None]], dim=1)  # [b, N+1]
 
-        means = self.means[classes.clamp(0, K + s.n_test_classes - 1)]  # [b, N+1, D]
-        labels = self.class_labels[classes.clamp(0, K - 1)]  # fixed labels (train classes)
-        # (for an all-fresh training batch these are placeholders, replaced below)
+        all_fresh = split == "train" and bool(novel.all())
+        if not all_fresh:
+            means = self.means[classes.clamp(0, K + s.n_test_classes - 1)]  # [b, N+1, D]
+            labels = self.class_labels[classes.clamp(0, K - 1)]  # fixed labels (train classes)
         if split == "ic":  # novel classes: a random label per class per sequence
             labels = self._fresh_labels(g, b, N + 1).gather(1, _slots_per_row(classes))
         elif split == "ic2":  # permute the label set per sequence
@@ -204,8 +206,8 @@ class GaussianICLTask(Task):
             slot = self._fresh_slots(g, b, bursty)
             fresh_means = torch.randn(b, N + 1, s.dim, generator=g) / math.sqrt(s.dim)
             fresh_labels = self._fresh_labels(g, b, N + 1)
-            fresh_means = fresh_means.gather(1, slot[..., None].expand_as(means))
-            if novel.all():  # the common "only in-context learning helps" setting: no mixing
+            fresh_means = fresh_means.gather(1, slot[..., None].expand(-1, -1, s.dim))
+            if all_fresh:  # the common "only in-context learning helps" setting: no mixing
                 means, labels, classes = fresh_means, fresh_labels.gather(1, slot), -1 - slot
             else:
                 means = torch.where(novel[:, None, None], fresh_means, means)
