@@ -25,8 +25,8 @@ import torch
 from pydantic import Field, model_validator
 
 from optolab.errors import SpecError
-from optolab.tasks.base import Batch, Holdout, ModelIO, Task, TaskSpec, rng
-from optolab.tasks.exemplars import Design, default_scale, exemplar_bank, exemplar_label_batch
+from optolab.tasks.base import Batch, Holdout, TaskSpec, rng
+from optolab.tasks.exemplars import Design, ExemplarLabelTask, default_scale, exemplar_bank, exemplar_label_batch
 from optolab.tasks.tokens import iid_excluding, sample_distinct, sample_iid
 
 SPLITS = ("fewshot_holdout", "no_support", "train")
@@ -76,17 +76,12 @@ class BurstyClassesSpec(TaskSpec):
         return self
 
 
-class BurstyClassesTask(Task):
+class BurstyClassesTask(ExemplarLabelTask):
     """Bursty few-shot sequences with fixed labels (Chan et al. 2022): x1 l1 … xN lN q."""
 
     kind = "bursty_classes"
     Spec = BurstyClassesSpec
     spec: BurstyClassesSpec
-
-    def model_io(self) -> ModelIO:
-        s = self.spec
-        return ModelIO(input_mode="exemplar_label", n_ctx=2 * s.context_pairs + 1, d_out=s.n_labels,
-                       d_input=s.dim, n_labels=s.n_labels)
 
     @property
     def eval_splits(self) -> tuple[str, ...]:

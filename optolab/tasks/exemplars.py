@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from optolab.tasks.base import IGNORE, Batch
+from optolab.tasks.base import IGNORE, Batch, ModelIO, Task
 
 Design = Literal["relu_lowrank", "lowrank", "relu", "isotropic"]
 
@@ -45,6 +45,16 @@ def exemplar_bank(g: torch.Generator, *, n_classes: int, n_exemplars: int, dim: 
     if design.startswith("relu"):
         x = torch.relu(x)
     return (scale * x).contiguous()
+
+
+class ExemplarLabelTask(Task):
+    """A task of ``x1 l1 … xN lN q`` sequences: its spec has ``context_pairs`` (N), ``dim`` and
+    ``n_labels``, and the model predicts one of ``n_labels`` at the query."""
+
+    def model_io(self) -> ModelIO:
+        s = self.spec
+        return ModelIO(input_mode="exemplar_label", n_ctx=2 * s.context_pairs + 1, d_out=s.n_labels,
+                       d_input=s.dim, n_labels=s.n_labels)
 
 
 def exemplar_label_batch(x: torch.Tensor, ctx_labels: torch.Tensor, target: torch.Tensor, classes: torch.Tensor,

@@ -37,8 +37,8 @@ import torch
 from pydantic import Field, model_validator
 
 from optolab.errors import SpecError
-from optolab.tasks.base import IGNORE, Batch, Holdout, ModelIO, Task, TaskSpec, rng
-from optolab.tasks.exemplars import Design, default_scale, exemplar_bank
+from optolab.tasks.base import IGNORE, Batch, Holdout, TaskSpec, rng
+from optolab.tasks.exemplars import Design, ExemplarLabelTask, default_scale, exemplar_bank
 
 SPLITS = ("fsl_train", "fsl_val_rl", "fsl_train_valex", "fsl_test_class")
 
@@ -91,7 +91,7 @@ class FewshotSpec(TaskSpec):
         return 1 + self.context_pairs - self.burstiness
 
 
-class FewshotTask(Task):
+class FewshotTask(ExemplarLabelTask):
     """Few-shot classification solvable only in context (Singh et al. 2024): x1 l1 … xN lN q."""
 
     kind = "fewshot"
@@ -99,11 +99,6 @@ class FewshotTask(Task):
     spec: FewshotSpec
 
     # --- what the task is ---------------------------------------------------------------
-
-    def model_io(self) -> ModelIO:
-        s = self.spec
-        return ModelIO(input_mode="exemplar_label", n_ctx=2 * s.context_pairs + 1, d_out=s.n_labels,
-                       d_input=s.dim, n_labels=s.n_labels)
 
     @property
     def eval_splits(self) -> tuple[str, ...]:

@@ -29,8 +29,8 @@ import torch
 from pydantic import Field, model_validator
 
 from optolab.errors import SpecError
-from optolab.tasks.base import Batch, Holdout, ModelIO, Task, TaskSpec, rng
-from optolab.tasks.exemplars import exemplar_label_batch
+from optolab.tasks.base import Batch, Holdout, TaskSpec, rng
+from optolab.tasks.exemplars import ExemplarLabelTask, exemplar_label_batch
 from optolab.tasks.tokens import iid_excluding, sample_distinct, sample_iid
 
 SPLITS = ("ic", "ic2", "iw", "train")
@@ -76,7 +76,7 @@ class GaussianICLSpec(TaskSpec):
         return self
 
 
-class GaussianICLTask(Task):
+class GaussianICLTask(ExemplarLabelTask):
     """Gaussian-mixture in-context classification (Reddy 2023): x1 l1 … xN lN q, loss at q."""
 
     kind = "gaussian_icl"
@@ -93,11 +93,6 @@ class GaussianICLTask(Task):
         self.class_labels = (torch.arange(s.n_classes) % s.n_labels)[torch.randperm(s.n_classes, generator=g)]
         w = (torch.arange(1, s.n_classes + 1, dtype=torch.float64) ** -s.zipf)
         self.class_probs = (w / w.sum()).float()
-
-    def model_io(self) -> ModelIO:
-        s = self.spec
-        return ModelIO(input_mode="exemplar_label", n_ctx=2 * s.context_pairs + 1, d_out=s.n_labels,
-                       d_input=s.dim, n_labels=s.n_labels)
 
     @property
     def eval_splits(self) -> tuple[str, ...]:
