@@ -121,3 +121,15 @@ def test_the_speed_budget_is_enforced():
 
 def test_the_pytest_fixture_is_the_checker(check_task):
     assert check_task(RepeatTokensSpec(), **QUICK).kind == "repeat_tokens"
+
+
+def test_a_generator_that_raises_is_reported_in_one_line():
+    class Crashing(FewshotTask):
+        def eval_batch(self, split, seed, n):
+            if split == "fsl_test_class":
+                raise IndexError("index 150 is out of bounds")
+            return super().eval_batch(split, seed, n)
+
+    with pytest.raises(TaskContractError) as e:
+        check_task(Crashing(FewshotSpec(dim=16)), **QUICK)
+    assert "contract.calls" in str(e.value) and "eval_batch('fsl_test_class', 0, 16) raised IndexError" in str(e.value)

@@ -75,8 +75,12 @@ def check_task(task_or_spec: Any, *, seeds: tuple[int, ...] = (0, 1), steps: tup
     _check_splits(task)
     report.checks.append("splits")
 
-    train = {(s, t): task.train_batch(s, t, batch_size) for s in seeds for t in steps}
-    evals = {split: task.eval_batch(split, seeds[0], eval_sequences) for split in task.eval_splits}
+    train = {(s, t): _call(task.train_batch, s, t, batch_size) for s in seeds for t in steps}
+    evals = {split: _call(task.eval_batch, split, seeds[0], eval_sequences) for split in task.eval_splits}
+    for where, batch in [*(((f"train_batch{k}"), b) for k, b in train.items()), *evals.items()]:
+        if not isinstance(batch, Batch):
+            raise _fail("shapes", f"{where} returned a {type(batch).__name__}, not a Batch.",
+                        "return optolab.tasks.Batch(inputs=..., targets=...).")
     _check_determinism(task, train, evals, batch_size, eval_sequences)
     report.checks.append("determinism")
 
@@ -117,6 +121,16 @@ def check_task(task_or_spec: Any, *, seeds: tuple[int, ...] = (0, 1), steps: tup
 
 
 # --- the checks --------------------------------------------------------------------------
+
+
+def _call(method: Any, *args: Any) -> Any:
+    """Call a generator method; an exception in it is a broken contract, reported in one line."""
+    try:
+        return method(*args)
+    except Exception as e:  # noqa: BLE001 - any failure of user code is reported, not re-raised
+        call = f"{method.__name__}({', '.join(map(repr, args))})"
+        raise _fail("calls", f"{call} raised {type(e).__name__}: {e}",
+                    "fix the generator; call that method directly to see the traceback.") from None
 
 
 def _check_splits(task: Task) -> None:
@@ -187,8 +201,6 @@ def _check_determinism(task: Task, train: dict, evals: dict, batch_size: int, n_
 def _check_batch(task: Task, batch: Batch, where: str, n: int) -> None:
     io = task.model_io()
     fix_io = "make the batch agree with model_io(), or model_io() with the batch."
-    if not isinstance(batch, Batch):
-        raise _fail("shapes", f"{where} is a {type(batch).__name__}, not a Batch.", "return optolab.tasks.Batch.")
     tg = batch.targets
     if tg.dtype != torch.long or tg.dim() != 2 or tg.shape[0] != n:
         raise _fail("shapes", f"{where}: targets must be int64 [batch={n}, pos], got {tg.dtype} {list(tg.shape)}.",
