@@ -4,6 +4,8 @@
 - ``time_to_loss_0.5``: the first eval where the main split's loss is below 0.5 (the
   phase-change midpoint of ANCHORS §3), as ``{"step", "sequences"}``, or null.
 - ``time_to_loss_0.277``: the same at 0.4·ln 2 (Singh et al.'s learning time).
+- ``phase_change``: the main split's loss drop found by :func:`optolab.phase.detect`
+  (``onset``, ``midpoint``, ``end`` in sequences, the ``plateau`` before it, …) or null.
 - ``main_split``, ``icl_positions`` (token tasks), ``final_step``, ``final_sequences``.
 """
 
@@ -14,6 +16,7 @@ import math
 import pandas as pd
 
 from optolab.measures.evaluate import icl_score_positions
+from optolab.phase import detect
 from optolab.protocol import Protocol
 from optolab.tasks import Task
 
@@ -27,6 +30,12 @@ def first_below(df: pd.DataFrame, split: str, threshold: float) -> dict | None:
         return None
     row = hit.iloc[0]
     return {"step": int(row.step), "sequences": int(row.sequences)}
+
+
+def _phase_change(df: pd.DataFrame, split: str) -> dict | None:
+    loss = df[(df.split == split) & (df.metric == "loss")].sort_values("step")
+    found = detect(loss.sequences.to_numpy(), loss.value.to_numpy())
+    return found.event.to_dict() if found.event is not None else None
 
 
 def summarize(df: pd.DataFrame, task: Task, protocol: Protocol) -> dict:
@@ -46,6 +55,7 @@ def summarize(df: pd.DataFrame, task: Task, protocol: Protocol) -> dict:
         "final_step": int(df.step.max()),
         "final_sequences": int(df.sequences.max()),
         **{f"time_to_loss_{k}": first_below(df, task.main_split, v) for k, v in THRESHOLDS.items()},
+        "phase_change": _phase_change(df, task.main_split),
         "final": final,
     }
     probe = task.eval_batch(task.main_split, protocol.seeds.eval, 1)

@@ -129,7 +129,7 @@ def test_fewshot_phase_change_plateau_then_drop_with_induction_rising_in_the_sam
             "model": {"n_layers": 2, "n_heads": 4, "d_model": 32},
             "train": {"lr": 1e-3, "batch_size": 32, "steps": 600,
                       "checkpoints": {"schedule": {"unit": "steps", "every": 600}}},
-            "measures": {"schedule": {"unit": "steps", "every": 50}, "eval_sequences": 200}}
+            "measures": {"schedule": {"unit": "steps", "every": 25}, "eval_sequences": 200}}
     run = train(validate_protocol(data), tmp_path / "r", progress=False)
     df = run.run_dir.metrics()
     loss = df[(df.split == "fsl_train") & (df.metric == "loss")].set_index("step").value
@@ -140,6 +140,9 @@ def test_fewshot_phase_change_plateau_then_drop_with_induction_rising_in_the_sam
     drop = int(loss[loss < 0.5].index[0])  # the phase-change midpoint
     assert ind[drop - 100] < 0.2 and ind[drop + 100] > 0.5
     assert run.summary["time_to_loss_0.5"]["step"] == drop
+    pc = run.summary["phase_change"]  # the detector agrees: a drop after a plateau near ln 2
+    assert pc is not None and abs(pc["midpoint"] - drop * 32) <= 100 * 32
+    assert 0.69 < pc["plateau"] < 0.9 and pc["end_level"] < 0.2
 
 
 def test_denormals_are_flushed_only_while_training(tmp_path):
@@ -148,3 +151,4 @@ def test_denormals_are_flushed_only_while_training(tmp_path):
     assert p.resolved()["train"]["flush_denormals"] is True
     train(p, tmp_path / "run", progress=False)
     assert (tiny * 1.0).item() != 0.0  # torch's default (keep denormals) is back after the run
+

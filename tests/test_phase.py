@@ -1,0 +1,92 @@
+"""Phase-change detection on synthetic curves with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optolab.phase import detect, ratio, summarize_times
+
+
+def sigmoid_drop(x, at, width, high, low):
+    return low + (high - low) / (1 + np.exp((x - at) / width))
+
+
+def noisy(y, sigma, seed):
+    return y + np.random.default_rng(seed).normal(0, sigma, len(y))
+
+
+X = np.arange(0, 300_001, 5000, dtype=float)  # an eval every 5,000 sequences
+
+
+@pytest.mark.parametrize("at", [60_000, 150_000, 240_000])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_noisy_sigmoid_drop_is_found_at_its_known_time(at, seed):
+    # initial fall to a plateau near ln 2, then the phase change at `at`
+    y = sigmoid_drop(X, 8000, 3000, 1.6, 0.72) - 0.72 + sigmoid_drop(X, at, 8000, 0.72, 0.05)
+    pc = detect(X, noisy(y, 0.02, seed))
+    assert pc.found
+    assert abs(pc.event.midpoint - at) <= 10_000  # within two eval intervals
+    assert pc.event.onset < pc.event.midpoint < pc.event.end
+    assert abs(pc.event.plateau - 0.72) < 0.05
+    assert abs(pc.event.end_level - 0.05) < 0.08
+
+
+def test_no_drop_is_reported_as_no_phase_change():
+    y = noisy(np.full(len(X), 0.72), 0.03, 0)
+    pc = detect(X, y)
+    assert not pc.found and pc.events == ()
+
+
+def test_a_slow_linear_creep_is_not_a_phase_change_when_small():
+    y = noisy(0.72 - 0.02 * X / X.max(), 0.02, 1)
+    assert not detect(X, y).found
+
+
+def test_two_drops_are_both_found_and_the_larger_is_the_phase_change():
+    y = 2.0 - 0.4 / (1 + np.exp(-(X - 80_000) / 6000)) - 1.2 / (1 + np.exp(-(X - 200_000) / 6000))
+    pc = detect(X, noisy(y, 0.01, 3))
+    mids = sorted(e.midpoint for e in pc.events)
+    assert len(mids) == 2
+    assert abs(mids[0] - 80_000) <= 10_000 and abs(mids[1] - 200_000) <= 10_000
+    assert abs(pc.event.midpoint - 200_000) <= 10_000
+    assert abs(pc.event.plateau - 1.6) < 0.05  # the level between the two drops
+
+
+def test_a_drop_at_the_very_start_is_listed_and_counts_only_when_asked():
+    y = noisy(sigmoid_drop(X, 5000, 4000, 1.6, 0.1), 0.01, 4)
+    pc = detect(X, y)
+    assert not pc.found  # no plateau before it: the fall from initialisation
+    assert len(pc.events) == 1 and pc.events[0].midpoint <= 15_000 and not pc.events[0].after_plateau
+    pc = detect(X, y, require_plateau=False)
+    assert pc.found and pc.event.midpoint <= 15_000
+
+
+def test_a_drop_at_the_very_end_is_found():
+    y = sigmoid_drop(X, 285_000, 5000, 0.72, 0.1)
+    pc = detect(X, noisy(y, 0.01, 5))
+    assert pc.found and abs(pc.event.midpoint - 285_000) <= 10_000
+
+
+def test_rising_measures_use_direction_up():
+    y = noisy(0.05 + 0.8 / (1 + np.exp(-(X - 120_000) / 8000)), 0.02, 6)
+    pc = detect(X, y, direction="up")
+    assert pc.found and abs(pc.event.midpoint - 120_000) <= 10_000
+    assert pc.event.end_level > pc.event.start_level
+
+
+def test_seed_summary_and_ratio_with_bootstrap_intervals():
+    s = summarize_times([100, 110, 120, 130, 140])
+    assert s["median"] == 120 and s["ci_low"] <= 120 <= s["ci_high"] and s["n_found"] == 5
+    never = summarize_times([100, None, None])
+    assert never["median"] is None and never["n_found"] == 1
+    r = ratio([50, 55, 60], [100, 110, 120])
+    assert r["ratio"] == pytest.approx(55 / 110) and r["ci_low"] <= r["ratio"] <= r["ci_high"]
+    assert ratio([50, None, None], [100, 110, 120])["ratio"] is None
+
+
+def test_a_slow_large_creep_is_an_event_but_not_a_phase_change():
+    y = noisy(1.0 - 0.5 * X / X.max(), 0.005, 7)  # falls 0.5 steadily over the whole run
+    pc = detect(X, y)
+    assert pc.events and not any(e.abrupt for e in pc.events)
+    assert not pc.found
