@@ -1,4 +1,4 @@
-"""``optolab`` command line: run, validate, sites, evaluate, plot, tasks show|check|list.
+"""``optolab`` command line: run, validate, sites, evaluate, plot, sweep, report, tasks show|check|list.
 
 Every user error prints one line (``optolab: error: <where>: <what> Fix: <how>``) and exits
 with code 2; no traceback. Interrupting a run leaves its last checkpoint; the same command
@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="(re)write the figures of a run directory")
     p.add_argument("run_dir")
+
+    p = sub.add_parser("sweep", help="run a sweep file (skips finished runs, resumes unfinished ones)")
+    p.add_argument("sweep")
+    p.add_argument("--out", required=True, help="sweep directory (one run directory per run id)")
+    p.add_argument("--workers", type=int, help="processes (default: CPU count); one torch thread each")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the runs only")
+
+    p = sub.add_parser("report", help="summary.csv, conditions.csv and report.md of a sweep directory")
+    p.add_argument("sweep_dir")
 
     p = sub.add_parser("tasks", help="inspect and check task generators")
     tasks = p.add_subparsers(dest="tasks_command", required=True)
@@ -140,6 +149,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "tasks":
         return _tasks(args)
+    if args.command == "sweep":
+        from optolab.sweep import load_sweep, run_sweep
+
+        if args.dry_run:
+            _, runs = load_sweep(args.sweep)
+            for rid in runs:
+                print(rid)
+            return 0
+        status = run_sweep(args.sweep, args.out, workers=args.workers)
+        done = sum(v == "done" for v in status.values())
+        print(f"{done} runs trained, {len(status) - done} already finished; written to {args.out}")
+        return 0
+    if args.command == "report":
+        from optolab.report import write_report
+
+        for path in write_report(args.sweep_dir):
+            print(path)
+        return 0
     if args.command == "plot":
         from optolab.api import open_run
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from optolab.loader import load_protocol, validate_protocol
@@ -39,7 +41,7 @@ def test_resolved_protocol_has_every_default_and_round_trips():
     assert p.train.total_steps == 31_250
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "protocols").rglob("*.yaml")))
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "protocols").rglob("*.yaml") if "sweeps" not in p.parts))
 def test_every_shipped_protocol_validates_and_its_resolved_form_round_trips(path):
     if "kind: toy_tensor" in path.read_text():
         from optolab.toy import ToyProtocol, load_toy
@@ -81,3 +83,12 @@ def test_readme_clamp_example_validates_and_is_described_as_documented(capsys):
     p = validate_protocol({**base, **example})
     described = " ".join(" ".join(describe_protocol(p)).split())
     assert " ".join(shown.split()) in described
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "protocols" / "sweeps").glob("*.yaml")))
+def test_every_shipped_sweep_expands_into_valid_runs(path):
+    from optolab.sweep import load_sweep
+
+    spec, runs = load_sweep(path)
+    assert len(runs) == len(spec.seeds) * len(spec.conditions) * max(1, math.prod(map(len, spec.grid.values())))
+    assert path.read_text().startswith("#")

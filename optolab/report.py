@@ -1,0 +1,95 @@
+"""``optolab report SWEEP_DIR``: tidy tables over a sweep's runs.
+
+Rules:
+- ``summary.csv``: one row per finished run — run id, condition, grid point, seed, the main
+  split's phase change (onset, midpoint, end in sequences, and the plateau before it; empty
+  when none was found), the first eval below loss 0.5, final loss and accuracy.
+- ``conditions.csv``: one row per condition × grid point — seeds, how many found a phase
+  change, the median midpoint with a bootstrap 95 % CI, and (with a ``reference`` condition)
+  the ratio of medians to the reference at the same grid point with its CI
+  (:mod:`optolab.phase`; "never" counts as later than everything).
+- ``report.md``: both tables in Markdown. Unfinished runs are listed as missing, never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from optolab.errors import OptolabError
+from optolab.phase import ratio, summarize_times
+
+
+def run_rows(sweep_dir: Path) -> tuple[dict, pd.DataFrame, list[str]]:
+    meta_path = sweep_dir / "sweep.json"
+    if not meta_path.is_file():
+        raise OptolabError(f"'{sweep_dir}' has no sweep.json.", field="SWEEP_DIR",
+                           fix="give the --out folder of an `optolab sweep` run.")
+    meta = json.loads(meta_path.read_text())
+    rows, missing = [], []
+    for rid, info in meta["runs"].items():
+        path = sweep_dir / rid / "summary.json"
+        if not path.is_file():
+            missing.append(rid)
+            continue
+        s = json.loads(path.read_text())
+        main = s["main_split"]
+        pc = s.get("phase_change") or {}
+        t05 = s.get("time_to_loss_0.5") or {}
+        rows.append({"run": rid, "condition": info["condition"], "group": info["group"],
+                     **{f"grid.{k}": v for k, v in info["point"].items()}, "seed": info["seed"],
+                     "onset": pc.get("onset"), "midpoint": pc.get("midpoint"), "end": pc.get("end"),
+                     "plateau": pc.get("plateau"), "loss_below_0.5": t05.get("sequences"),
+                     "final_loss": s["final"][main]["loss"], "final_acc": s["final"][main].get("acc")})
+    return meta, pd.DataFrame(rows), missing
+
+
+def condition_table(meta: dict, df: pd.DataFrame) -> pd.DataFrame:
+    reference = meta["sweep"].get("reference")
+    out = []
+    for group, g in df.groupby("group", sort=False):
+        mids = [None if pd.isna(v) else float(v) for v in g["midpoint"]]
+        st = summarize_times(mids)
+        row = {"group": group, "condition": g["condition"].iloc[0], "seeds": st["n"], "found": st["n_found"],
+               "median_midpoint": st["median"], "ci_low": st["ci_low"], "ci_high": st["ci_high"]}
+        if reference is not None:
+            ref_group = reference + group[len(g["condition"].iloc[0]):]  # same grid point
+            ref = df[df.group == ref_group]
+            if len(ref):
+                r = ratio(mids, [None if pd.isna(v) else float(v) for v in ref["midpoint"]])
+                row.update(ratio=r["ratio"], ratio_ci_low=r["ci_low"], ratio_ci_high=r["ci_high"])
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (numbers to 4 significant digits, blanks for missing)."""
+    def cell(v: object) -> str:
+        if v is None or (isinstance(v, float) and pd.isna(v)):
+            return ""
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def write_report(sweep_dir: str | Path) -> list[Path]:
+    sweep_dir = Path(sweep_dir)
+    meta, df, missing = run_rows(sweep_dir)
+    if df.empty:
+        raise OptolabError(f"no finished runs in '{sweep_dir}'.", field="SWEEP_DIR",
+                           fix="run `optolab sweep` to completion first (it resumes).")
+    cond = condition_table(meta, df)
+    paths = [sweep_dir / "summary.csv", sweep_dir / "conditions.csv", sweep_dir / "report.md"]
+    df.to_csv(paths[0], index=False)
+    cond.to_csv(paths[1], index=False)
+    lines = [f"# Sweep {meta['sweep']['name']}", "",
+             f"{len(df)} finished runs" + (f"; missing: {', '.join(missing)}" if missing else "") + ".", "",
+             "## Phase change per condition (midpoint of the main split's loss drop, sequences)", "",
+             markdown_table(cond), "", "## Runs", "", markdown_table(df)]
+    paths[2].write_text("\n".join(lines) + "\n")
+    return paths

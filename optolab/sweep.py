@@ -1,0 +1,197 @@
+"""Sweeps: one protocol expanded over conditions × a grid of fields × seeds, run locally.
+
+Rules:
+- A sweep file names a base ``protocol`` (relative to the sweep file), ``seeds``, optional
+  ``conditions`` (a list of ``{name, protocol?, set?}``: another base file and/or dotted-field
+  overrides) and an optional ``grid`` (``{dotted.field: [values]}``, crossed with everything).
+  ``reference`` names the condition other conditions are compared with in reports.
+- Every run gets a stable, readable id: ``<condition>[__<field>-<value>…]_s<seed>``, and its own
+  run directory ``OUT/<id>``. Every expanded protocol is validated before anything runs: an
+  unknown field, an empty grid list or a duplicate condition name is one clear error.
+- ``optolab sweep`` skips finished runs (``summary.json`` present) and resumes unfinished ones
+  from their checkpoints (the trainer does), so re-running the same command completes a sweep.
+- The local executor is a process pool (one torch thread per worker, default: the CPU count).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from optolab.counts import Seed
+from optolab.errors import OptolabError, from_validation_error
+from optolab.protocol import Protocol
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    protocol: str | None = Field(None, description="another base protocol (relative to the sweep file)")
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted field -> value overrides")
+
+
+class SweepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    protocol: str
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    conditions: list[Condition] = Field(default_factory=lambda: [Condition(name="base")], min_length=1)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    reference: str | None = None
+
+    @field_validator("conditions")
+    @classmethod
+    def _unique(cls, conditions: list[Condition]) -> list[Condition]:
+        names = [c.name for c in conditions]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"condition names must be unique; {dup} appear more than once")
+        return conditions
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for field, values in grid.items():
+            if not values:
+                raise ValueError(f"grid field '{field}' has no values; give at least one or remove it")
+        return grid
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested dicts (lists by index), creating mappings where missing."""
+    parts = dotted.split(".")
+    cur: Any = data
+    for part in parts[:-1]:
+        if isinstance(cur, list):
+            cur = cur[int(part)]
+            continue
+        if not isinstance(cur.get(part), (dict, list)):
+            cur[part] = {}
+        cur = cur[part]
+    if isinstance(cur, list):
+        cur[int(parts[-1])] = value
+    else:
+        cur[parts[-1]] = value
+
+
+def _label(value: Any) -> str:
+    """A value as it can appear in a run id (letters, digits, _ . + -)."""
+    import re
+
+    text = re.sub(r"[^A-Za-z0-9_.+-]", "", str(value).replace("/", "-"))
+    return text[:24] or "x"
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    id: str
+    protocol: Protocol
+    condition: str
+    point: dict  # grid field -> value
+    seed: int
+
+    @property
+    def group(self) -> str:
+        """The condition and grid point without the seed: what reports aggregate over."""
+        return self.id.rsplit("_s", 1)[0]
+
+
+def expand(spec: SweepSpec, base_dir: Path) -> dict[str, SweepRun]:
+    """``run id -> SweepRun`` for every condition × grid point × seed, each validated."""
+    from optolab.loader import load_protocol
+
+    fields = list(spec.grid)
+    runs: dict[str, SweepRun] = {}
+    for cond in spec.conditions:
+        base_path = base_dir / (cond.protocol or spec.protocol)
+        base = load_protocol(base_path).resolved()
+        for values in itertools.product(*(spec.grid[f] for f in fields)):
+            point = dict(zip(fields, values))
+            for seed in spec.seeds:
+                data = copy.deepcopy(base)
+                for dotted, value in {**cond.set, **point}.items():
+                    _set(data, dotted, value)
+                data["seeds"]["init"] = data["seeds"]["data"] = seed
+                suffix = "".join(f"__{f.rsplit('.', 1)[-1]}-{_label(v)}" for f, v in point.items())
+                run_id = f"{cond.name}{suffix}_s{seed}"
+                data["name"] = f"{spec.name}.{run_id}"
+                protocol = _validate(data, run_id, {**cond.set, **point})
+                runs[run_id] = SweepRun(run_id, protocol, cond.name, point, seed)
+    return runs
+
+
+def _validate(data: dict, run_id: str, overrides: dict) -> Protocol:
+    from optolab.loader import validate_protocol
+
+    try:
+        return validate_protocol(data)
+    except OptolabError as e:
+        hint = f" (sweep run '{run_id}', overrides {sorted(overrides)})" if overrides else f" (sweep run '{run_id}')"
+        raise OptolabError(e.message + hint, field=e.field, fix=e.fix or "check the grid and condition fields.") from None
+
+
+def load_sweep(path: str | Path) -> tuple[SweepSpec, dict[str, SweepRun]]:
+    from optolab.loader import read_yaml
+
+    data, lines = read_yaml(path, "sweep file")
+    data = {"name": Path(path).stem, **data}
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e, source=str(path), lines=lines, model=SweepSpec) from None
+    runs = expand(spec, Path(path).parent)
+    if spec.reference is not None and spec.reference not in {c.name for c in spec.conditions}:
+        raise OptolabError(f"reference '{spec.reference}' is not a condition name.", field="reference",
+                           source=str(path), fix=f"use one of {[c.name for c in spec.conditions]}.")
+    return spec, runs
+
+
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
+
+
+def _run_one(protocol_data: dict, out: str) -> str:
+    """Worker: one run, one torch thread. Takes plain data so it pickles under any start method."""
+    import torch
+
+    from optolab.api import run
+    from optolab.loader import validate_protocol
+
+    torch.set_num_threads(1)
+    run(validate_protocol(protocol_data), out, progress=False)
+    return out
+
+
+def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None) -> dict[str, str]:
+    """Run every unfinished run of a sweep; ``{run id: "done" | "skipped"}``."""
+    spec, runs = load_sweep(path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({
+        "sweep": spec.model_dump(mode="json"), "source": str(Path(path).resolve()),
+        "runs": {rid: {"condition": r.condition, "point": r.point, "seed": r.seed, "group": r.group}
+                 for rid, r in runs.items()}}, indent=2, default=str))
+    status = {rid: "skipped" for rid in runs if finished(out / rid)}
+    todo = {rid: r.protocol for rid, r in runs.items() if rid not in status}
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    if workers == 1:
+        for rid, p in todo.items():
+            _run_one(p.resolved(), str(out / rid))
+            status[rid] = "done"
+        return status
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_run_one, p.resolved(), str(out / rid)): rid for rid, p in todo.items()}
+        for fut in as_completed(futures):
+            fut.result()  # a failed run raises here, after the others were submitted
+            status[futures[fut]] = "done"
+    return status

@@ -1,0 +1,77 @@
+"""Sweeps: expansion, validation, the local executor (skips finished runs), and the report."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from optolab.cli import main
+from optolab.sweep import load_sweep
+
+from .conftest import fewshot_protocol, write_protocol
+
+
+def _sweep(tmp_path, **extra) -> str:
+    write_protocol(tmp_path, fewshot_protocol(steps=20), "base.yaml")
+    data = {"name": "tiny", "protocol": "base.yaml", "seeds": [0, 1], "reference": "lr1e-3",
+            "conditions": [{"name": "lr1e-3"}, {"name": "lr3e-3", "set": {"train.lr": 3e-3}}], **extra}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def test_expansion_gives_stable_readable_ids_and_applies_overrides(tmp_path):
+    _, runs = load_sweep(_sweep(tmp_path, grid={"task.n_labels": [5, 6]}))
+    assert sorted(runs) == sorted(f"{c}__n_labels-{n}_s{s}" for c in ("lr1e-3", "lr3e-3")
+                                  for n in (5, 6) for s in (0, 1))
+    r = runs["lr3e-3__n_labels-6_s1"]
+    assert r.protocol.train.lr == 3e-3 and r.protocol.task.n_labels == 6
+    assert r.protocol.seeds.init == r.protocol.seeds.data == 1 and r.group == "lr3e-3__n_labels-6"
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"grid": {"task.n_lables": [5]}}, "did you mean 'n_labels'"),
+    ({"grid": {"train.lr": []}}, "has no values"),
+    ({"conditions": [{"name": "a"}, {"name": "a"}]}, "appear more than once"),
+    ({"reference": "nope"}, "is not a condition name"),
+    ({"grid": {"task.n_labels": [1]}}, "task.n_labels"),
+])
+def test_bad_sweeps_are_refused_in_one_line(tmp_path, capsys, extra, words):
+    assert main(["sweep", _sweep(tmp_path, **extra), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_runs_in_parallel_skips_finished_runs_and_reports(tmp_path, capsys):
+    sweep, out = _sweep(tmp_path), tmp_path / "out"
+    assert main(["sweep", sweep, "--out", str(out), "--workers", "2"]) == 0
+    assert "4 runs trained" in capsys.readouterr().out
+    stamp = (out / "lr1e-3_s0" / "summary.json").stat().st_mtime_ns
+    assert main(["sweep", sweep, "--out", str(out), "--workers", "2"]) == 0
+    assert "0 runs trained, 4 already finished" in capsys.readouterr().out
+    assert (out / "lr1e-3_s0" / "summary.json").stat().st_mtime_ns == stamp  # not recomputed
+    # the same run alone gives the same numbers as inside the sweep
+    solo = tmp_path / "solo"
+    _, runs = load_sweep(sweep)
+    from optolab.api import run
+
+    run(runs["lr3e-3_s1"].protocol, solo, progress=False)
+    a = json.loads((solo / "summary.json").read_text())["final"]
+    b = json.loads((out / "lr3e-3_s1" / "summary.json").read_text())["final"]
+    assert a == b
+    assert main(["report", str(out)]) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 4 and {"onset", "midpoint", "plateau", "final_loss"} <= set(summary.columns)
+    conditions = pd.read_csv(out / "conditions.csv")
+    assert list(conditions.group) == ["lr1e-3", "lr3e-3"] and (conditions.seeds == 2).all()
+    assert "ratio" in conditions.columns
+    assert "# Sweep tiny" in (out / "report.md").read_text()
+
+
+def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "has no sweep.json" in capsys.readouterr().err
