@@ -4,10 +4,11 @@ Rules:
 - ``summary.csv``: one row per finished run — run id, condition, grid point, seed, the main
   split's phase change (onset, midpoint, end in sequences, and the plateau before it; empty
   when none was found), the first eval below loss 0.5, final loss and accuracy.
-- ``conditions.csv``: one row per condition × grid point — seeds, how many found a phase
-  change, the median midpoint with a bootstrap 95 % CI, and (with a ``reference`` condition)
-  the ratio of medians to the reference at the same grid point with its CI
-  (:mod:`optolab.phase`; "never" counts as later than everything).
+- ``conditions.csv``: one row per condition × grid point, for two times — the phase change's
+  midpoint and the first eval below loss 0.5 (``t05``, which exists also for runs that drop
+  without a plateau) — how many seeds have it, the median with a bootstrap 95 % CI, and (with
+  a ``reference`` condition) the ratio of medians to the reference at the same grid point with
+  its CI (:mod:`optolab.phase`; "never" counts as later than everything).
 - ``report.md``: both tables in Markdown. Unfinished runs are listed as missing, never guessed.
 """
 
@@ -46,20 +47,27 @@ def run_rows(sweep_dir: Path) -> tuple[dict, pd.DataFrame, list[str]]:
     return meta, pd.DataFrame(rows), missing
 
 
+def _times(values: pd.Series) -> list[float | None]:
+    return [None if pd.isna(v) else float(v) for v in values]
+
+
 def condition_table(meta: dict, df: pd.DataFrame) -> pd.DataFrame:
+    """Per condition × grid point, for two times: the phase change's ``midpoint`` and the first
+    eval below loss 0.5 (``t05``, Singh et al.'s measure; defined also without a plateau)."""
     reference = meta["sweep"].get("reference")
     out = []
     for group, g in df.groupby("group", sort=False):
-        mids = [None if pd.isna(v) else float(v) for v in g["midpoint"]]
-        st = summarize_times(mids)
-        row = {"group": group, "condition": g["condition"].iloc[0], "seeds": st["n"], "found": st["n_found"],
-               "median_midpoint": st["median"], "ci_low": st["ci_low"], "ci_high": st["ci_high"]}
-        if reference is not None:
-            ref_group = reference + group[len(g["condition"].iloc[0]):]  # same grid point
-            ref = df[df.group == ref_group]
+        condition = g["condition"].iloc[0]
+        row = {"group": group, "condition": condition, "seeds": len(g)}
+        ref = df[df.group == reference + group[len(condition):]] if reference is not None else df.iloc[:0]
+        for col, name in (("midpoint", "midpoint"), ("loss_below_0.5", "t05")):
+            st = summarize_times(_times(g[col]))
+            row.update({f"{name}_found": st["n_found"], f"{name}_median": st["median"],
+                        f"{name}_ci_low": st["ci_low"], f"{name}_ci_high": st["ci_high"]})
             if len(ref):
-                r = ratio(mids, [None if pd.isna(v) else float(v) for v in ref["midpoint"]])
-                row.update(ratio=r["ratio"], ratio_ci_low=r["ci_low"], ratio_ci_high=r["ci_high"])
+                r = ratio(_times(g[col]), _times(ref[col]))
+                row.update({f"{name}_ratio": r["ratio"], f"{name}_ratio_ci_low": r["ci_low"],
+                            f"{name}_ratio_ci_high": r["ci_high"]})
         out.append(row)
     return pd.DataFrame(out)
 
@@ -89,7 +97,7 @@ def write_report(sweep_dir: str | Path) -> list[Path]:
     cond.to_csv(paths[1], index=False)
     lines = [f"# Sweep {meta['sweep']['name']}", "",
              f"{len(df)} finished runs" + (f"; missing: {', '.join(missing)}" if missing else "") + ".", "",
-             "## Phase change per condition (midpoint of the main split's loss drop, sequences)", "",
+             "## Per condition (sequences; midpoint of the phase change, and first eval below loss 0.5)", "",
              markdown_table(cond), "", "## Runs", "", markdown_table(df)]
     paths[2].write_text("\n".join(lines) + "\n")
     return paths

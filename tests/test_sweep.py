@@ -68,7 +68,7 @@ def test_a_sweep_runs_in_parallel_skips_finished_runs_and_reports(tmp_path, caps
     assert len(summary) == 4 and {"onset", "midpoint", "plateau", "final_loss"} <= set(summary.columns)
     conditions = pd.read_csv(out / "conditions.csv")
     assert list(conditions.group) == ["lr1e-3", "lr3e-3"] and (conditions.seeds == 2).all()
-    assert "ratio" in conditions.columns
+    assert {"midpoint_ratio", "t05_median", "t05_ratio_ci_low"} <= set(conditions.columns)
     assert "# Sweep tiny" in (out / "report.md").read_text()
 
 
