@@ -9,7 +9,12 @@ Rules:
   without a plateau) — how many seeds have it, the median with a bootstrap 95 % CI, and (with
   a ``reference`` condition) the ratio of medians to the reference at the same grid point with
   its CI (:mod:`optolab.phase`; "never" counts as later than everything).
-- ``report.md``: both tables in Markdown. Unfinished runs are listed as missing, never guessed.
+- Figures (``figures/``): ``loss_curves.png`` (main-split loss per condition, median over
+  seeds with the seeds' range as a band, phase-change onsets as ticks) and ``times.png``
+  (first eval below 0.5 per condition: seeds as dots, median with its bootstrap CI).
+- ``report.md``: both tables in Markdown with the figures linked; ``report.html``: the same,
+  self-contained (figures embedded), to send to a colleague. Unfinished runs are listed as
+  missing, never guessed.
 """
 
 from __future__ import annotations
@@ -85,6 +90,70 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
+def _curves(sweep_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
+    frames = []
+    for row in df.itertuples(index=False):
+        m = pd.read_parquet(sweep_dir / row.run / "metrics.parquet")
+        main = json.loads((sweep_dir / row.run / "summary.json").read_text())["main_split"]
+        loss = m[(m.split == main) & (m.metric == "loss")][["sequences", "value"]]
+        frames.append(loss.assign(group=row.group, seed=row.seed))
+    return pd.concat(frames, ignore_index=True)
+
+
+def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame) -> list[Path]:
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    figs = sweep_dir / "figures"
+    figs.mkdir(exist_ok=True)
+    curves = _curves(sweep_dir, df)
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    sns.lineplot(data=curves, x="sequences", y="value", hue="group", estimator="median",
+                 errorbar=("pi", 100), ax=ax, lw=1.3)
+    palette = dict(zip(cond["group"], sns.color_palette(n_colors=len(cond))))
+    for row in df.itertuples(index=False):
+        if not pd.isna(row.onset):
+            ax.axvline(row.onset, ymax=0.04, color=palette.get(row.group, "k"), lw=1.5)
+    ax.set(yscale="log", ylabel="main-split loss (median over seeds; band: range)", xlabel="sequences seen",
+           title="Loss per condition (ticks: phase-change onsets)")
+    ax.legend(fontsize=7, title="condition")
+    loss_path = figs / "loss_curves.png"
+    fig.savefig(loss_path, dpi=110)
+
+    fig = Figure(figsize=(6.5, 0.45 * len(cond) + 1.5), layout="constrained")
+    ax = fig.add_subplot()
+    sns.stripplot(data=df, y="group", x="loss_below_0.5", ax=ax, color="0.4", size=5, jitter=0.1)
+    for i, row in enumerate(cond.itertuples(index=False)):
+        if row.t05_median is not None and not pd.isna(row.t05_median):
+            lo = row.t05_ci_low if not pd.isna(row.t05_ci_low) else row.t05_median
+            hi = row.t05_ci_high if not pd.isna(row.t05_ci_high) else row.t05_median
+            ax.errorbar(row.t05_median, i, xerr=[[row.t05_median - lo], [hi - row.t05_median]], fmt="o",
+                        color="C3", capsize=4)
+    ax.set(xlabel="sequences to loss < 0.5 (dots: seeds; red: median, 95 % CI)", ylabel="",
+           title="Learning time per condition")
+    times_path = figs / "times.png"
+    fig.savefig(times_path, dpi=110)
+    return [loss_path, times_path]
+
+
+def _html(markdown_sections: list[tuple[str, str]], tables: list[pd.DataFrame], images: list[Path],
+          title: str) -> str:
+    import base64
+    import html
+
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse;"
+             "font-size:90%}td,th{border:1px solid #ccc;padding:2px 6px}</style>", f"<h1>{html.escape(title)}</h1>"]
+    for (heading, text), table in zip(markdown_sections, tables):
+        parts += [f"<h2>{html.escape(heading)}</h2>", f"<p>{html.escape(text)}</p>",
+                  table.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")]
+    for img in images:
+        data = base64.b64encode(img.read_bytes()).decode()
+        parts.append(f"<p><img alt='{img.stem}' src='data:image/png;base64,{data}' style='max-width:100%'></p>")
+    return "\n".join(parts) + "\n"
+
+
 def write_report(sweep_dir: str | Path) -> list[Path]:
     sweep_dir = Path(sweep_dir)
     meta, df, missing = run_rows(sweep_dir)
@@ -92,12 +161,18 @@ def write_report(sweep_dir: str | Path) -> list[Path]:
         raise OptolabError(f"no finished runs in '{sweep_dir}'.", field="SWEEP_DIR",
                            fix="run `optolab sweep` to completion first (it resumes).")
     cond = condition_table(meta, df)
-    paths = [sweep_dir / "summary.csv", sweep_dir / "conditions.csv", sweep_dir / "report.md"]
+    paths = [sweep_dir / "summary.csv", sweep_dir / "conditions.csv", sweep_dir / "report.md",
+             sweep_dir / "report.html"]
     df.to_csv(paths[0], index=False)
     cond.to_csv(paths[1], index=False)
+    images = plot_report(sweep_dir, df, cond)
     lines = [f"# Sweep {meta['sweep']['name']}", "",
              f"{len(df)} finished runs" + (f"; missing: {', '.join(missing)}" if missing else "") + ".", "",
              "## Per condition (sequences; midpoint of the phase change, and first eval below loss 0.5)", "",
-             markdown_table(cond), "", "## Runs", "", markdown_table(df)]
+             markdown_table(cond), "", "## Runs", "", markdown_table(df), "",
+             *(f"![{img.stem}](figures/{img.name})" for img in images)]
     paths[2].write_text("\n".join(lines) + "\n")
-    return paths
+    done = f"{len(df)} finished runs" + (f"; missing: {', '.join(missing)}" if missing else "") + "."
+    paths[3].write_text(_html([("Per condition (sequences)", done), ("Runs", "")], [cond, df], images,
+                              f"Sweep {meta['sweep']['name']}"))
+    return paths + images

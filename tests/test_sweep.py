@@ -70,6 +70,9 @@ def test_a_sweep_runs_in_parallel_skips_finished_runs_and_reports(tmp_path, caps
     assert list(conditions.group) == ["lr1e-3", "lr3e-3"] and (conditions.seeds == 2).all()
     assert {"midpoint_ratio", "t05_median", "t05_ratio_ci_low"} <= set(conditions.columns)
     assert "# Sweep tiny" in (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table" in html  # self-contained
+    assert (out / "figures" / "loss_curves.png").is_file() and (out / "figures" / "times.png").is_file()
 
 
 def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
