@@ -78,3 +78,38 @@ def test_a_sweep_runs_in_parallel_skips_finished_runs_and_reports(tmp_path, caps
 def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "has no sweep.json" in capsys.readouterr().err
+
+
+def test_a_sweep_killed_mid_run_resumes_without_recomputing_and_matches_an_uninterrupted_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from optolab.api import run
+
+    base = fewshot_protocol(steps=400)
+    base["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": 20}}
+    write_protocol(tmp_path, base, "base.yaml")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "kill", "protocol": "base.yaml", "seeds": [0, 1]}))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "optolab.cli", "sweep", str(sweep), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = out / "base_s1" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (second.is_dir() and any(second.glob("step_00000060.safetensors"))):  # mid-way through run 2
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "base_s0" / "summary.json").is_file() and not (out / "base_s1" / "summary.json").exists()
+    first = (out / "base_s0" / "summary.json").stat().st_mtime_ns
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert (out / "base_s0" / "summary.json").stat().st_mtime_ns == first  # finished run not recomputed
+    _, runs = load_sweep(sweep)
+    run(runs["base_s1"].protocol, tmp_path / "solo", progress=False)
+    resumed = pd.read_parquet(out / "base_s1" / "metrics.parquet")
+    solo = pd.read_parquet(tmp_path / "solo" / "metrics.parquet")
+    pd.testing.assert_frame_equal(resumed, solo)  # bit-identical metrics
