@@ -72,7 +72,7 @@ class MarkovICLTask(Task):
     @cached_property
     def _references(self) -> dict[str, torch.Tensor]:
         s = self.spec
-        batch = self._sample(rng(s.task_seed, 303), s.reference_sequences, with_targets=True)
+        batch = self._sample(rng(s.task_seed, 303), s.reference_sequences)
         return reference_curves(batch.tokens, s.n_states, s.order, s.concentration)
 
     def reference_curves(self) -> dict[str, torch.Tensor]:
@@ -96,7 +96,7 @@ class MarkovICLTask(Task):
         batch.induction_targets = induction_targets_from_tokens(batch.tokens, query, self.spec.order)
         return batch
 
-    def _sample(self, g: torch.Generator, b: int, with_targets: bool = True) -> Batch:
+    def _sample(self, g: torch.Generator, b: int) -> Batch:
         s = self.spec
         k, n, S, T = s.n_states, s.order, self.n_contexts, s.seq_len
         alpha = torch.full((b, S, k), float(s.concentration))

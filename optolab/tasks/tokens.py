@@ -13,6 +13,8 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
@@ -20,7 +22,7 @@ from torch import Tensor
 
 
 def sample_chain(first: Int[Tensor, "batch"], next_table: Int[Tensor, "batch pos state"],
-                 state_of: "callable | None" = None) -> Int[Tensor, "batch pos"]:
+                 state_of: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> Int[Tensor, "batch pos"]:
     """Tokens ``[b, T]`` with ``x_0 = first`` and ``x_{t+1} = next_table[b, t, s_t]``, where the
     state ``s_t`` is ``x_t`` (or ``state_of(s_{t-1}, x_t)`` for higher-order chains)."""
     table = next_table.numpy()
