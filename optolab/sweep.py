@@ -182,7 +182,9 @@ def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None) 
         "runs": {rid: {"condition": r.condition, "point": r.point, "seed": r.seed, "group": r.group}
                  for rid, r in runs.items()}}, indent=2, default=str))
     status = {rid: "skipped" for rid in runs if finished(out / rid)}
-    todo = {rid: r.protocol for rid, r in runs.items() if rid not in status}
+    # Longest runs first, so the pool does not end on one long straggler.
+    todo = {rid: r.protocol for rid, r in sorted(runs.items(), key=lambda kv: -kv[1].protocol.train.sequences)
+            if rid not in status}
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     if workers == 1:
         for rid, p in todo.items():
