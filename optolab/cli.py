@@ -55,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a sweep file (skips finished runs, resumes unfinished ones)")
     p.add_argument("sweep")
     p.add_argument("--out", required=True, help="sweep directory (one run directory per run id)")
-    p.add_argument("--workers", type=int, help="processes (default: CPU count); one torch thread each")
+    p.add_argument("--workers", type=int, help="processes, or CPUs of a local Ray (default: CPU count); one torch thread each")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs only")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local process pool (default) or Ray")
+    p.add_argument("--address", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a local Ray)")
 
     p = sub.add_parser("report", help="summary.csv, conditions.csv and report.md of a sweep directory")
     p.add_argument("sweep_dir")
@@ -157,10 +160,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             for rid in runs:
                 print(rid)
             return 0
-        status = run_sweep(args.sweep, args.out, workers=args.workers)
+        status = run_sweep(args.sweep, args.out, workers=args.workers, executor=args.executor,
+                           address=args.address)
         done = sum(v == "done" for v in status.values())
-        print(f"{done} runs trained, {len(status) - done} already finished; written to {args.out}")
-        return 0
+        skipped = sum(v == "skipped" for v in status.values())
+        failed = {rid: v for rid, v in status.items() if v.startswith("failed")}
+        print(f"{done} runs trained, {skipped} already finished, {len(failed)} failed; written to {args.out}")
+        for rid, v in failed.items():
+            print(f"  {rid}: {v}", file=sys.stderr)
+        if failed:
+            print("Re-run the same command to retry the failed runs (finished ones are skipped).", file=sys.stderr)
+        return 1 if failed else 0
     if args.command == "report":
         from optolab.report import write_report
 

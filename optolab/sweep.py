@@ -10,7 +10,8 @@ Rules:
   unknown field, an empty grid list or a duplicate condition name is one clear error.
 - ``optolab sweep`` skips finished runs (``summary.json`` present) and resumes unfinished ones
   from their checkpoints (the trainer does), so re-running the same command completes a sweep.
-- The local executor is a process pool (one torch thread per worker, default: the CPU count).
+- Runs train through an executor (``optolab/executors.py``): a local process pool by default, or
+  Ray (``--executor ray``) on a local instance or a cluster.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import copy
 import itertools
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,40 +160,44 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file()
 
 
-def _run_one(protocol_data: dict, out: str) -> str:
-    """Worker: one run, one torch thread. Takes plain data so it pickles under any start method."""
-    import torch
-
-    from optolab.api import run
-    from optolab.loader import validate_protocol
-
-    torch.set_num_threads(1)
-    run(validate_protocol(protocol_data), out, progress=False)
-    return out
+def _cost(protocol: Protocol) -> int:
+    return protocol.train.total_steps * protocol.train.batch_size
 
 
-def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None) -> dict[str, str]:
-    """Run every unfinished run of a sweep; ``{run id: "done" | "skipped"}``."""
+def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, executor: str = "local",
+              address: str | None = None) -> dict[str, str]:
+    """Train every unfinished run of a sweep; ``{run id: "done" | "skipped" | "failed: …"}``.
+
+    Bad input (the sweep file, the executor, an unreachable Ray address) raises before anything
+    is written. A run that fails does not stop the others.
+    """
+    from optolab import executors
+
+    if executor not in executors.EXECUTORS:
+        raise OptolabError(f"unknown executor '{executor}'.", field="--executor",
+                           fix=f"use one of {list(executors.EXECUTORS)}.")
     spec, runs = load_sweep(path)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({
-        "sweep": spec.model_dump(mode="json"), "source": str(Path(path).resolve()),
-        "runs": {rid: {"condition": r.condition, "point": r.point, "seed": r.seed, "group": r.group}
-                 for rid, r in runs.items()}}, indent=2, default=str))
     status = {rid: "skipped" for rid in runs if finished(out / rid)}
     # Longest runs first, so the pool does not end on one long straggler.
-    todo = {rid: r.protocol for rid, r in sorted(runs.items(), key=lambda kv: -kv[1].protocol.train.sequences)
-            if rid not in status}
+    todo = {rid: r.protocol.resolved() for rid, r in
+            sorted(runs.items(), key=lambda kv: -_cost(kv[1].protocol)) if rid not in status}
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    if workers == 1:
-        for rid, p in todo.items():
-            _run_one(p.resolved(), str(out / rid))
-            status[rid] = "done"
-        return status
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_run_one, p.resolved(), str(out / rid)): rid for rid, p in todo.items()}
-        for fut in as_completed(futures):
-            fut.result()  # a failed run raises here, after the others were submitted
-            status[futures[fut]] = "done"
+    ray = started = None
+    if executor == "ray" and todo:
+        ray, started = executors.connect_ray(executors.ray_address(address), workers)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.json").write_text(json.dumps({
+            "sweep": spec.model_dump(mode="json"), "source": str(Path(path).resolve()),
+            "runs": {rid: {"condition": r.condition, "point": r.point, "seed": r.seed, "group": r.group}
+                     for rid, r in runs.items()}}, indent=2, default=str))
+        if ray is not None:
+            executors.check_shared_storage(ray, out)
+            status.update(executors.run_ray(todo, out, ray))
+        else:
+            status.update(executors.run_local(todo, out, workers))
+    finally:
+        if started:
+            ray.shutdown()
     return status

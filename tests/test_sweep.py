@@ -113,3 +113,46 @@ def test_a_sweep_killed_mid_run_resumes_without_recomputing_and_matches_an_unint
     resumed = pd.read_parquet(out / "base_s1" / "metrics.parquet")
     solo = pd.read_parquet(tmp_path / "solo" / "metrics.parquet")
     pd.testing.assert_frame_equal(resumed, solo)  # bit-identical metrics
+
+
+def test_a_pool_worker_killed_mid_run_fails_that_run_only_and_a_rerun_resumes_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from optolab.api import run
+
+    base = fewshot_protocol(steps=400)
+    base["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": 20}}
+    write_protocol(tmp_path, base, "base.yaml")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({  # the long run goes first; the short ones share the other worker
+        "name": "killw", "protocol": "base.yaml", "seeds": [0],
+        "conditions": [{"name": "long"}, {"name": "short", "set": {"train.steps": 30}},
+                       {"name": "short2", "set": {"train.steps": 30, "train.lr": 3e-3}}]}))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "optolab", "sweep", str(sweep), "--out", str(out), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    long_ckpt = out / "long_s0" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not ((out / "short_s0" / "summary.json").is_file() and (out / "short2_s0" / "summary.json").is_file()
+               and any(long_ckpt.glob("step_00000060.safetensors"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before a worker was killed"
+        time.sleep(0.05)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    for pid in children:  # the pool's workers (one is mid-way through the long run)
+        os.kill(int(pid), signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "long_s0: failed" in err and "Traceback" not in err
+    assert not (out / "long_s0" / "summary.json").exists()
+    stamps = {r: (out / r / "summary.json").stat().st_mtime_ns for r in ("short_s0", "short2_s0")}
+    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    assert rerun.returncode == 0 and "1 runs trained, 2 already finished" in rerun.stdout
+    assert stamps == {r: (out / r / "summary.json").stat().st_mtime_ns for r in stamps}  # not recomputed
+    _, runs = load_sweep(sweep)
+    run(runs["long_s0"].protocol, tmp_path / "solo", progress=False)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "long_s0" / "metrics.parquet"),
+                                  pd.read_parquet(tmp_path / "solo" / "metrics.parquet"))
