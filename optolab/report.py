@@ -9,9 +9,13 @@ Rules:
   without a plateau) — how many seeds have it, the median with a bootstrap 95 % CI, and (with
   a ``reference`` condition) the ratio of medians to the reference at the same grid point with
   its CI (:mod:`optolab.phase`; "never" counts as later than everything).
-- Figures (``figures/``): ``loss_curves.png`` (main-split loss per condition, median over
-  seeds with the seeds' range as a band, phase-change onsets as ticks) and ``times.png``
-  (first eval below 0.5 per condition: seeds as dots, median with its bootstrap CI).
+  The same for ``score_midpoint``: the midpoint of the rise of the run's strongest last-layer
+  head score (``induction_strength``, or ``prefix_matching`` for token tasks; ``score`` names
+  the head) — when the induction head forms, beside when the loss drops.
+- Phase changes are recomputed from each run's ``metrics.parquet`` with the installed
+  detector, so one report never mixes detector versions.
+- Figures (``figures/``, :mod:`optolab.report_figures`): loss curves, head-score
+  trajectories, and learning times with CIs.
 - ``report.md``: both tables in Markdown with the figures linked; ``report.html``: the same,
   self-contained (figures embedded), to send to a colleague. Unfinished runs are listed as
   missing, never guessed.
@@ -25,10 +29,29 @@ from pathlib import Path
 import pandas as pd
 
 from optolab.errors import OptolabError
-from optolab.phase import ratio, summarize_times
+from optolab.phase import detect, ratio, summarize_times
+from optolab.report_figures import plot_report
+from optolab.summary import head_score, phase_change
+
+
+def _score_rise(m: pd.DataFrame, split: str) -> dict:
+    """The rise of the strongest final head's score (onset/midpoint in sequences), if any."""
+    found = head_score(m, split)
+    if found is None:
+        return {}
+    metric, layer = found
+    rows = m[(m.split == split) & (m.metric == metric) & (m["layer"] == layer) & m["src_layer"].isna()]
+    last = rows[rows.step == rows.step.max()]
+    head = int(last.loc[last.value.idxmax(), "head"])
+    curve = rows[rows["head"] == head].sort_values("step")
+    event = detect(curve.sequences.to_numpy(), curve.value.to_numpy(), direction="up").event
+    return {"score": f"{metric} L{layer}H{head}", "score_final": float(curve.value.iloc[-1]),
+            "score_onset": event.onset if event else None, "score_midpoint": event.midpoint if event else None}
 
 
 def run_rows(sweep_dir: Path) -> tuple[dict, pd.DataFrame, list[str]]:
+    """One row per finished run. Phase changes are recomputed from ``metrics.parquet`` with the
+    installed detector, so a report never mixes detector versions."""
     meta_path = sweep_dir / "sweep.json"
     if not meta_path.is_file():
         raise OptolabError(f"'{sweep_dir}' has no sweep.json.", field="SWEEP_DIR",
@@ -42,13 +65,15 @@ def run_rows(sweep_dir: Path) -> tuple[dict, pd.DataFrame, list[str]]:
             continue
         s = json.loads(path.read_text())
         main = s["main_split"]
-        pc = s.get("phase_change") or {}
+        m = pd.read_parquet(sweep_dir / rid / "metrics.parquet")
+        pc = phase_change(m, main) or {}
         t05 = s.get("time_to_loss_0.5") or {}
         rows.append({"run": rid, "condition": info["condition"], "group": info["group"],
                      **{f"grid.{k}": v for k, v in info["point"].items()}, "seed": info["seed"],
                      "onset": pc.get("onset"), "midpoint": pc.get("midpoint"), "end": pc.get("end"),
                      "plateau": pc.get("plateau"), "loss_below_0.5": t05.get("sequences"),
-                     "final_loss": s["final"][main]["loss"], "final_acc": s["final"][main].get("acc")})
+                     "final_loss": s["final"][main]["loss"], "final_acc": s["final"][main].get("acc"),
+                     **_score_rise(m, main)})
     return meta, pd.DataFrame(rows), missing
 
 
@@ -65,7 +90,10 @@ def condition_table(meta: dict, df: pd.DataFrame) -> pd.DataFrame:
         condition = g["condition"].iloc[0]
         row = {"group": group, "condition": condition, "seeds": len(g)}
         ref = df[df.group == reference + group[len(condition):]] if reference is not None else df.iloc[:0]
-        for col, name in (("midpoint", "midpoint"), ("loss_below_0.5", "t05")):
+        times = [("midpoint", "midpoint"), ("loss_below_0.5", "t05")]
+        if "score_midpoint" in df:
+            times.append(("score_midpoint", "score_midpoint"))
+        for col, name in times:
             st = summarize_times(_times(g[col]))
             row.update({f"{name}_found": st["n_found"], f"{name}_median": st["median"],
                         f"{name}_ci_low": st["ci_low"], f"{name}_ci_high": st["ci_high"]})
@@ -88,53 +116,6 @@ def markdown_table(df: pd.DataFrame) -> str:
     rule = "|" + "---|" * len(df.columns)
     body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, rule, *body])
-
-
-def _curves(sweep_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
-    frames = []
-    for row in df.itertuples(index=False):
-        m = pd.read_parquet(sweep_dir / row.run / "metrics.parquet")
-        main = json.loads((sweep_dir / row.run / "summary.json").read_text())["main_split"]
-        loss = m[(m.split == main) & (m.metric == "loss")][["sequences", "value"]]
-        frames.append(loss.assign(group=row.group, seed=row.seed))
-    return pd.concat(frames, ignore_index=True)
-
-
-def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame) -> list[Path]:
-    import seaborn as sns
-    from matplotlib.figure import Figure
-
-    figs = sweep_dir / "figures"
-    figs.mkdir(exist_ok=True)
-    curves = _curves(sweep_dir, df)
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    sns.lineplot(data=curves, x="sequences", y="value", hue="group", estimator="median",
-                 errorbar=("pi", 100), ax=ax, lw=1.3)
-    palette = dict(zip(cond["group"], sns.color_palette(n_colors=len(cond))))
-    for row in df.itertuples(index=False):
-        if not pd.isna(row.onset):
-            ax.axvline(row.onset, ymax=0.04, color=palette.get(row.group, "k"), lw=1.5)
-    ax.set(yscale="log", ylabel="main-split loss (median over seeds; band: range)", xlabel="sequences seen",
-           title="Loss per condition (ticks: phase-change onsets)")
-    ax.legend(fontsize=7, title="condition")
-    loss_path = figs / "loss_curves.png"
-    fig.savefig(loss_path, dpi=110)
-
-    fig = Figure(figsize=(6.5, 0.45 * len(cond) + 1.5), layout="constrained")
-    ax = fig.add_subplot()
-    sns.stripplot(data=df, y="group", x="loss_below_0.5", ax=ax, color="0.4", size=5, jitter=0.1)
-    for i, row in enumerate(cond.itertuples(index=False)):
-        if row.t05_median is not None and not pd.isna(row.t05_median):
-            lo = row.t05_ci_low if not pd.isna(row.t05_ci_low) else row.t05_median
-            hi = row.t05_ci_high if not pd.isna(row.t05_ci_high) else row.t05_median
-            ax.errorbar(row.t05_median, i, xerr=[[row.t05_median - lo], [hi - row.t05_median]], fmt="o",
-                        color="C3", capsize=4)
-    ax.set(xlabel="sequences to loss < 0.5 (dots: seeds; red: median, 95 % CI)", ylabel="",
-           title="Learning time per condition")
-    times_path = figs / "times.png"
-    fig.savefig(times_path, dpi=110)
-    return [loss_path, times_path]
 
 
 def _html(markdown_sections: list[tuple[str, str]], tables: list[pd.DataFrame], images: list[Path],

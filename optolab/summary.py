@@ -32,7 +32,20 @@ def first_below(df: pd.DataFrame, split: str, threshold: float) -> dict | None:
     return {"step": int(row.step), "sequences": int(row.sequences)}
 
 
-def _phase_change(df: pd.DataFrame, split: str) -> dict | None:
+SCORES = ("induction_strength", "prefix_matching")  # the head score whose rise is timed, first found
+
+
+def head_score(m: pd.DataFrame, split: str) -> tuple[str, int] | None:
+    """``(metric, layer)`` of the induction-type score to follow: the first of :data:`SCORES`
+    the run measured on its main split, in the last layer."""
+    for metric in SCORES:
+        rows = m[(m.split == split) & (m.metric == metric) & m["src_layer"].isna()]
+        if not rows.empty:
+            return metric, int(rows["layer"].max())
+    return None
+
+
+def phase_change(df: pd.DataFrame, split: str) -> dict | None:
     loss = df[(df.split == split) & (df.metric == "loss")].sort_values("step")
     found = detect(loss.sequences.to_numpy(), loss.value.to_numpy())
     return found.event.to_dict() if found.event is not None else None
@@ -55,7 +68,7 @@ def summarize(df: pd.DataFrame, task: Task, protocol: Protocol) -> dict:
         "final_step": int(df.step.max()),
         "final_sequences": int(df.sequences.max()),
         **{f"time_to_loss_{k}": first_below(df, task.main_split, v) for k, v in THRESHOLDS.items()},
-        "phase_change": _phase_change(df, task.main_split),
+        "phase_change": phase_change(df, task.main_split),
         "final": final,
     }
     probe = task.eval_batch(task.main_split, protocol.seeds.eval, 1)

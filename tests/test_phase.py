@@ -90,3 +90,24 @@ def test_a_slow_large_creep_is_an_event_but_not_a_phase_change():
     pc = detect(X, y)
     assert pc.events and not any(e.abrupt for e in pc.events)
     assert not pc.found
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_large_first_fall_from_initialisation_does_not_hide_the_later_phase_change(seed):
+    # the shape of a 15-label run: ln 15 -> 0.9 quickly, a slow creep to 0.75, then the drop at
+    # 1e6; the first fall is the larger one but follows no plateau
+    x = np.arange(0, 1_600_001, 5000, dtype=float)
+    y = (0.9 + 2.1 * np.exp(-x / 20_000) - 0.15 * x / 800_000 * (x < 800_000)
+         - 0.15 * (x >= 800_000) - 0.73 / (1 + np.exp(-(x - 1_000_000) / 60_000)))
+    pc = detect(x, noisy(y, 0.01, seed))
+    assert pc.found and len(pc.events) == 2
+    assert not pc.events[0].after_plateau
+    assert abs(pc.event.midpoint - 1_000_000) <= 40_000
+    assert 0.72 < pc.event.plateau < 0.9 and 700_000 < pc.event.onset < pc.event.midpoint
+
+
+def test_a_short_plateau_after_a_slow_first_fall_counts():
+    # the layer-1 clamp's shape: a gentle fall to a short plateau near ln 5, then a steep drop
+    y = 1.95 - 0.3 * np.minimum(X, 15_000) / 15_000 - 1.6 / (1 + np.exp(-(X - 55_000) / 6000))
+    pc = detect(X, noisy(y, 0.01, 5))
+    assert pc.found and abs(pc.event.midpoint - 55_000) <= 10_000 and 1.5 < pc.event.plateau < 1.8
