@@ -62,6 +62,7 @@ def _score_curves(metrics: dict, df: pd.DataFrame) -> tuple[pd.DataFrame, list[s
 def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame) -> list[Path]:
     import seaborn as sns
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figs = sweep_dir / "figures"
     figs.mkdir(exist_ok=True)
@@ -98,6 +99,8 @@ def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame) -> list[P
                 ax.set(title=f"{label} H{head}" if r == 0 or c == 0 else f"H{head}", xlabel="", ylabel="")
                 ax.title.set_fontsize(8)
                 ax.tick_params(labelsize=6)
+                ax.xaxis.set_major_locator(MaxNLocator(3))
+                ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         if axes[0][0].get_legend() is not None:
             axes[0][0].legend(fontsize=6, title=None)
         fig.suptitle("Head-score trajectories (median over seeds; band: range)", fontsize=10)

@@ -72,7 +72,10 @@ def test_a_sweep_runs_in_parallel_skips_finished_runs_and_reports(tmp_path, caps
     assert "# Sweep tiny" in (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table" in html  # self-contained
-    assert (out / "figures" / "loss_curves.png").is_file() and (out / "figures" / "times.png").is_file()
+    for fig in ("loss_curves", "head_scores", "times"):
+        assert (out / "figures" / f"{fig}.png").is_file()
+    assert summary["score"].str.startswith("induction_strength L1H").all()
+    assert "score_midpoint_found" in conditions.columns
 
 
 def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
