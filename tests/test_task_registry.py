@@ -100,6 +100,7 @@ def test_bad_generators_are_refused_in_one_line(user_module, tmp_path, capsys, t
     ({"kind": "trigger_bigram", "n_tokens": 5, "n_triggers": 5}, "task.n_triggers", "below n_tokens"),
     ({"kind": "fewshot", "n_labels": 2, "context_pairs": 3}, "task.n_labels", "set n_labels >= 3"),
     ({"kind": "repeat_tokens", "seq_len": 30, "n_repeats": 3}, "model.n_ctx", "raise model.n_ctx to at least 91"),
+    ({"kind": "repeat_tokens", "seq_len": 1, "n_repeats": 2, "loss_on": "repeats"}, "task.seq_len", "scores nothing"),
 ])
 def test_impossible_task_parameters_are_refused(tmp_path, capsys, task, field, words):
     data = _protocol(task)

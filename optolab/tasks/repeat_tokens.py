@@ -41,6 +41,12 @@ class RepeatTokensSpec(TaskSpec):
         if self.seq_len_min is not None and self.seq_len_min > self.seq_len:
             raise SpecError("seq_len_min", f"seq_len_min ({self.seq_len_min}) exceeds seq_len ({self.seq_len}).",
                             "set seq_len_min <= seq_len.")
+        shortest = self.seq_len_min or self.seq_len
+        if self.loss_on == "repeats" and shortest * (self.n_repeats - 1) < 2:
+            field = "seq_len_min" if self.seq_len_min is not None else "seq_len"
+            raise SpecError(field, f"loss_on: repeats scores nothing in a sequence with L = {shortest} and "
+                            f"n_repeats = {self.n_repeats} (the first repeated token is never scored).",
+                            f"use {field} >= 2, n_repeats >= 3, or loss_on: all.")
         return self
 
 

@@ -123,11 +123,14 @@ def fewshot_specs(draw: Any) -> FewshotSpec:
 
 @st.composite
 def repeat_tokens_specs(draw: Any) -> RepeatTokensSpec:
-    seq_len = draw(st.integers(1, 12))
+    n_repeats = draw(st.integers(2, 4))
+    loss_on = draw(st.sampled_from(["all", "repeats"]))
+    shortest = 2 if loss_on == "repeats" and n_repeats == 2 else 1  # something must be scored
+    seq_len = draw(st.integers(shortest, 12))
     variable = draw(st.booleans())
     return RepeatTokensSpec(n_tokens=draw(st.integers(2, 40)), seq_len=seq_len,
-                            seq_len_min=draw(st.integers(1, seq_len)) if variable else None,
-                            n_repeats=draw(st.integers(2, 4)), loss_on=draw(st.sampled_from(["all", "repeats"])))
+                            seq_len_min=draw(st.integers(shortest, seq_len)) if variable else None,
+                            n_repeats=n_repeats, loss_on=loss_on)
 
 
 @st.composite
