@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optolab.tasks import IGNORE, FewshotSpec, RepeatTokensSpec, make_task
+from optolab.tasks import IGNORE, FewshotSpec, make_task
+from optolab.testing.strategies import repeat_tokens_specs
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -124,16 +125,8 @@ def test_impossible_fewshot_parameters_are_refused(bad, field):
         FewshotSpec(**bad)
 
 
-@st.composite
-def repeat_specs(draw):
-    seq_len = draw(st.integers(1, 12))
-    return RepeatTokensSpec(n_tokens=draw(st.integers(2, 50)), seq_len=seq_len,
-                            seq_len_min=draw(st.one_of(st.none(), st.integers(1, seq_len))),
-                            n_repeats=draw(st.integers(2, 5)), loss_on=draw(st.sampled_from(["all", "repeats"])))
-
-
 @SETTINGS
-@given(spec=repeat_specs(), seed=st.integers(0, 2**31), step=st.integers(0, 10**6))
+@given(spec=repeat_tokens_specs(), seed=st.integers(0, 2**31), step=st.integers(0, 10**6))
 def test_repeat_tokens_structure_and_determinism(spec, seed, step):
     task = make_task(spec)
     batch = task.train_batch(seed, step, 6)
