@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except OptolabError as e:
         print(f"optolab: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(e, "exit_code", EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("optolab: interrupted; the last checkpoint is kept — run the same command to resume.",
               file=sys.stderr)
@@ -169,7 +169,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         for rid, v in failed.items():
             print(f"  {rid}: {v}", file=sys.stderr)
         if failed:
-            print("Re-run the same command to retry the failed runs (finished ones are skipped).", file=sys.stderr)
+            print("Re-run the same command to retry interrupted runs (finished and diverged ones are skipped).",
+                  file=sys.stderr)
         return 1 if failed else 0
     if args.command == "report":
         from optolab.report import write_report

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
 
 
 class OptolabError(Exception):
@@ -55,6 +56,12 @@ class OptolabError(Exception):
         if line is None and lines is not None and self.field:
             line = lookup_line(lines, self.field)
         return OptolabError(self.message, field=self.field, fix=self.fix, source=source, line=line)
+
+
+class RunFailed(OptolabError):
+    """A run that stopped on its own (it diverged): not bad input, so the CLI exits 1."""
+
+    exit_code = EXIT_RUN_FAILED
 
 
 class SpecError(ValueError):

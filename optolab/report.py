@@ -3,7 +3,8 @@
 Rules:
 - ``summary.csv``: one row per finished run — run id, condition, grid point, seed, the main
   split's phase change (onset, midpoint, end in sequences, and the plateau before it; empty
-  when none was found), the first eval below loss 0.5, final loss and accuracy.
+  when none was found), the first eval below loss 0.5, final loss and accuracy, and ``status``
+  (``finished``, or ``failed`` for a run that diverged: its times count as "never").
 - ``conditions.csv``: one row per condition × grid point, for two times — the phase change's
   midpoint and the first eval below loss 0.5 (``t05``, which exists also for runs that drop
   without a plateau) — how many seeds have it, the median with a bootstrap 95 % CI, and (with
@@ -68,11 +69,13 @@ def run_rows(sweep_dir: Path) -> tuple[dict, pd.DataFrame, list[str]]:
         m = pd.read_parquet(sweep_dir / rid / "metrics.parquet")
         pc = phase_change(m, main) or {}
         t05 = s.get("time_to_loss_0.5") or {}
+        final = s.get("final", {}).get(main, {})  # a diverged run has none
         rows.append({"run": rid, "condition": info["condition"], "group": info["group"],
                      **{f"grid.{k}": v for k, v in info["point"].items()}, "seed": info["seed"],
+                     "status": s.get("status", "finished"),
                      "onset": pc.get("onset"), "midpoint": pc.get("midpoint"), "end": pc.get("end"),
                      "plateau": pc.get("plateau"), "loss_below_0.5": t05.get("sequences"),
-                     "final_loss": s["final"][main]["loss"], "final_acc": s["final"][main].get("acc"),
+                     "final_loss": final.get("loss"), "final_acc": final.get("acc"),
                      **_score_rise(m, main)})
     return meta, pd.DataFrame(rows), missing
 

@@ -7,6 +7,8 @@
 - ``phase_change``: the main split's loss drop found by :func:`optolab.phase.detect`
   (``onset``, ``midpoint``, ``end`` in sequences, the ``plateau`` before it, …) or null.
 - ``main_split``, ``icl_positions`` (token tasks), ``final_step``, ``final_sequences``.
+- ``status``: ``finished``; a run that diverged writes only ``status: failed``, ``failure``
+  (step, sequences, what) and ``last_checkpoint_step`` (:mod:`optolab.trainer`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def summarize(df: pd.DataFrame, task: Task, protocol: Protocol) -> dict:
             split.setdefault(row.metric, {})[f"L{row.layer}H{row.head}"] = row.value
     out = {
         "name": protocol.name,
+        "status": "finished",
         "main_split": task.main_split,
         "final_step": int(df.step.max()),
         "final_sequences": int(df.sequences.max()),

@@ -8,7 +8,8 @@ Rules:
 - Every run gets a stable, readable id: ``<condition>[__<field>-<value>…]_s<seed>``, and its own
   run directory ``OUT/<id>``. Every expanded protocol is validated before anything runs: an
   unknown field, an empty grid list or a duplicate condition name is one clear error.
-- ``optolab sweep`` skips finished runs (``summary.json`` present) and resumes unfinished ones
+- ``optolab sweep`` skips finished runs (``summary.json`` present; a diverged run is finished
+  too, as failed, and stays so) and resumes unfinished ones
   from their checkpoints (the trainer does), so re-running the same command completes a sweep.
 - Runs train through an executor (``optolab/executors.py``): a local process pool by default, or
   Ray (``--executor ray``) on a local instance or a cluster.
@@ -160,6 +161,14 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file()
 
 
+def _previous(run_dir: Path) -> str:
+    """``skipped`` for a finished run; a diverged run stays failed (re-running it would diverge again)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("status") == "failed":
+        return f"failed: diverged earlier ({summary.get('failure', {}).get('what', '?')}); not retried"
+    return "skipped"
+
+
 def _cost(protocol: Protocol) -> int:
     return protocol.train.total_steps * protocol.train.batch_size
 
@@ -178,7 +187,7 @@ def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, 
                            fix=f"use one of {list(executors.EXECUTORS)}.")
     spec, runs = load_sweep(path)
     out = Path(out)
-    status = {rid: "skipped" for rid in runs if finished(out / rid)}
+    status = {rid: _previous(out / rid) for rid in runs if finished(out / rid)}
     # Longest runs first, so the pool does not end on one long straggler.
     todo = {rid: r.protocol.resolved() for rid, r in
             sorted(runs.items(), key=lambda kv: -_cost(kv[1].protocol)) if rid not in status}

@@ -13,6 +13,7 @@ Rules:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from optolab.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
-from optolab.errors import OptolabError
+from optolab.errors import OptolabError, RunFailed
 from optolab.forward import Forward, make_forward
 from optolab.measures.evaluate import EvalSet, evaluate
 from optolab.model import Transformer, build_model
@@ -112,14 +113,12 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
                 eval_time += time.perf_counter() - te
                 main_loss = next(r["value"] for r in rows if r["split"] == task.main_split and r["metric"] == "loss")
                 if not math.isfinite(main_loss):
-                    meta["status"] = "failed"
-                    meta["failure"] = f"{task.main_split} loss {main_loss} at step {step}"
-                    run.write_json(run.meta, meta)
-                    raise OptolabError(f"the {task.main_split} loss became {main_loss} at step {step}; the run "
-                                       "is marked failed, its checkpoints kept.",
-                                       field="train.lr", fix="lower the learning rate or set train.grad_clip.")
+                    _diverged(run, meta, protocol, task, step, f"the {task.main_split} eval loss is {main_loss}")
                 bar.set_postfix({f"{task.main_split} loss": f"{main_loss:.3f}"}, refresh=False)
             if step in ckpt_steps and not (step == start and done):
+                bad = _non_finite_parameter(model)
+                if bad is not None:  # never checkpoint a broken model: the last good one stays the last
+                    _diverged(run, meta, protocol, task, step, f"parameter {bad} is not finite")
                 save_checkpoint(run.checkpoints, step, step * bs, model, optimizer,
                                 {"name": protocol.name, "train_loss_sum": loss_sum.item(), "train_loss_n": loss_n})
                 prune(run.checkpoints, protocol.train.checkpoints.keep, protect={total})
@@ -129,6 +128,8 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
             batch = task.train_batch(protocol.seeds.data, step, bs)
             logits, _ = forward(model, batch, step=step, training=True)
             loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+            if not torch.isfinite(loss):  # one scalar check per step; caught before the update
+                _diverged(run, meta, protocol, task, step, f"the training loss is {loss.item()}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             forward.after_backward(model, step)
@@ -165,6 +166,31 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     return TrainResult(run, model, task, summary)
 
 
+def _non_finite_parameter(model: torch.nn.Module) -> str | None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return name
+    return None
+
+
+def _diverged(run: RunDir, meta: dict, protocol: Protocol, task: Task, step: int, what: str) -> None:
+    """Stop a diverged run: metrics so far kept (and written to parquet), checkpoints untouched,
+    ``summary.json`` and ``meta.json`` marked failed; raises :class:`RunFailed`."""
+    last = list_checkpoints(run.checkpoints)
+    last_good = last[-1] if last else None
+    meta.update(status="failed", failure=f"{what} at step {step}")
+    meta["segments"][-1]["ended_at_step"] = step
+    run.write_json(run.meta, meta)
+    run.write_parquet()
+    run.write_json(run.summary, {
+        "name": protocol.name, "status": "failed", "main_split": task.main_split,
+        "failure": {"step": step, "sequences": step * protocol.train.batch_size, "what": what},
+        "last_checkpoint_step": last_good})
+    raise RunFailed(f"the run diverged: {what} at step {step}. It is marked failed in summary.json; "
+                    f"metrics so far and checkpoints up to step {last_good} are kept.",
+                    field="train.lr", fix="lower train.lr or set train.grad_clip, then run with --overwrite.")
+
+
 def _check_same_protocol(run: RunDir, resolved: dict) -> None:
     """Refuse to mix two protocols in one run directory (and so to lose anything written)."""
     if not run.protocol.is_file():
@@ -179,5 +205,9 @@ def _check_same_protocol(run: RunDir, resolved: dict) -> None:
             f"'{run.path}' holds a run of a different protocol (sections differ: {', '.join(changed)}).",
             field="--out", fix="pass another --out, or --overwrite to discard that run.")
     if (run.path / "summary.json").is_file():
+        if json.loads((run.path / "summary.json").read_text()).get("status") == "failed":
+            raise OptolabError(f"'{run.path}' holds a run of this protocol that diverged (see its summary.json).",
+                               field="--out", fix="change train.lr or train.grad_clip and use another --out, "
+                               "or pass --overwrite to redo it.")
         raise OptolabError(f"'{run.path}' already holds a finished run of this protocol.", field="--out",
                            fix="open it with `optolab plot` / optolab.open_run, or pass --overwrite to redo it.")
