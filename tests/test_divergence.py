@@ -66,3 +66,16 @@ def test_a_sweep_goes_on_past_a_diverging_run_and_the_report_lists_it(tmp_path, 
     summary = pd.read_csv(out / "summary.csv").set_index("run")
     assert summary.loc["explodes_s0", "status"] == "failed" and pd.isna(summary.loc["explodes_s0", "final_loss"])
     assert summary.loc["ok_s0", "status"] == "finished"
+
+
+def test_the_python_api_raises_run_failed_at_the_first_step(tmp_path):
+    import pytest
+
+    from optolab.errors import RunFailed
+    from optolab.loader import validate_protocol
+    from optolab.trainer import train
+
+    with pytest.raises(RunFailed, match="the training loss is nan at step 1"):
+        train(validate_protocol(fewshot_protocol(lr=1e30)), tmp_path / "r", progress=False)
+    assert json.loads((tmp_path / "r" / "meta.json").read_text())["status"] == "failed"
+    assert list_checkpoints(tmp_path / "r" / "checkpoints") == [0]
