@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -64,6 +65,16 @@ def list_checkpoints(folder: Path) -> list[int]:
     return sorted(steps)
 
 
+def _read(path: Path, field: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or one clear error (a torn, foreign or pickled file)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise OptolabError(f"'{Path(path).name}' is not a readable safetensors file ({e}).", field=field,
+                           source=str(path), fix="point at a step_*.safetensors written by optolab; pickled "
+                           "(.pt/.pth) checkpoints are never loaded.") from None
+
+
 def load_weights(path: Path, model: nn.Module) -> None:
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -72,7 +83,7 @@ def load_weights(path: Path, model: nn.Module) -> None:
     if not path.is_file():
         raise OptolabError(f"checkpoint '{path}' not found.", field="--checkpoint",
                            fix="list RUN_DIR/checkpoints/ and pick a step_*.safetensors file.")
-    state = load_file(str(path))
+    state = _read(path, "--checkpoint")
     missing = set(model.state_dict()) - set(state)
     unexpected = set(state) - set(model.state_dict())
     if missing or unexpected:
@@ -92,7 +103,7 @@ def load_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
     """Restore model and optimizer in place; return the sidecar."""
     base = folder / stem(step)
     load_weights(base.with_suffix(".safetensors"), model)
-    state = load_file(str(folder / f"{stem(step)}.optim.safetensors"))
+    state = _read(folder / f"{stem(step)}.optim.safetensors", "--out")
     params = dict(model.named_parameters())
     for key, value in state.items():
         name, field = key.split("::")

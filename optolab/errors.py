@@ -100,6 +100,35 @@ def yaml_line_map(text: str) -> dict[tuple, int]:
     return out
 
 
+def duplicate_key(text: str) -> tuple[str, int, int] | None:
+    """``(dotted path, first line, repeated line)`` of the first key written twice in one
+    mapping (YAML silently keeps the last one, which hides typos), or None."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+
+    def walk(node: Any, path: tuple) -> tuple[str, int, int] | None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key, value in node.value:
+                line = key.start_mark.line + 1
+                if key.value in seen:
+                    return ".".join(map(str, path + (key.value,))), seen[key.value], line
+                seen[key.value] = line
+                found = walk(value, path + (key.value,))
+                if found:
+                    return found
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                found = walk(item, path + (i,))
+                if found:
+                    return found
+        return None
+
+    return walk(root, ()) if root is not None else None
+
+
 def lookup_line(lines: Mapping[tuple, int], dotted: str) -> int | None:
     """The line of ``dotted`` (e.g. ``train.lr`` or ``measures.schedule.at.0``), or of its
     nearest ancestor present in the file."""
@@ -171,7 +200,7 @@ def from_validation_error(exc: Any, *, source: str | Path | None = None, prefix:
            and not (str(p) in tags and (k == 0 or raw[k - 1] == "task" or isinstance(raw[k - 1], int)))]
     spec_error = (err.get("ctx") or {}).get("error")
     if isinstance(spec_error, SpecError):
-        field = ".".join(([prefix] if prefix else []) + loc + [spec_error.field])
+        field = ".".join(([prefix] if prefix else []) + loc + ([spec_error.field] if spec_error.field else []))
         more = f" ({len(errs) - 1} more problem(s) after this one)" if len(errs) > 1 else ""
         return OptolabError(spec_error.message + more, field=field, fix=spec_error.fix).located(source, lines)
     field = ".".join(([prefix] if prefix else []) + loc)

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from optolab.clamps.compile import compile_clamps
 from optolab.clamps.spec import CLAMP_KINDS
-from optolab.errors import OptolabError, from_validation_error, yaml_line_map
+from optolab.errors import OptolabError, duplicate_key, from_validation_error, yaml_line_map
 from optolab.protocol import Protocol
 from optolab.tasks import make_task, validate_task_spec
 
@@ -45,6 +45,12 @@ def read_yaml(path: str | Path, what: str = "file") -> tuple[dict, dict[tuple, i
         raise OptolabError(f"YAML syntax error: {problem}.", source=path,
                            line=mark.line + 1 if mark else None,
                            fix="check indentation, colons and quotes around that line.") from None
+    dup = duplicate_key(text)
+    if dup is not None:
+        field, first, again = dup
+        raise OptolabError(f"'{field.rsplit('.', 1)[-1]}' is given more than once (first on line {first}); YAML "
+                           "would silently keep only the last.", field=field, source=path, line=again,
+                           fix="keep one of them.")
     if data is None:
         raise OptolabError(f"the {what} is empty.", source=path, fix="write a mapping of key: value lines.")
     if not isinstance(data, dict):

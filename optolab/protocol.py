@@ -24,24 +24,27 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsA
 from optolab.clamps.spec import AnyClamp
 from optolab.config import ModelConfig
 from optolab.counts import Count, PosCount, Seed
+from optolab.errors import SpecError
 from optolab.tasks import Task, TaskSpec, validate_task_spec
 
 
 MAX_SCHEDULE_POINTS = 100_000
+MAX_PARAMS = 1_000_000_000  # parameters in the blocks; 16 GiB with Adam's two moments and grads
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(Strict):
-    n_ctx: int | None = Field(None, ge=1, description="context length; default: the task's")
-    n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(8, ge=1)
-    d_model: int = Field(64, ge=1)
-    d_head: int | None = Field(None, ge=1, description="default: d_model / n_heads")
+    # Upper bounds catch typos (an extra zero or three), not ambition: see MAX_PARAMS.
+    n_ctx: int | None = Field(None, ge=1, le=65_536, description="context length; default: the task's")
+    n_layers: int = Field(2, ge=1, le=256)
+    n_heads: int = Field(8, ge=1, le=1024)
+    d_model: int = Field(64, ge=1, le=65_536)
+    d_head: int | None = Field(None, ge=1, le=65_536, description="default: d_model / n_heads")
     attn_only: bool = True
-    d_mlp: int = Field(256, ge=1)
+    d_mlp: int = Field(256, ge=1, le=262_144)
     layer_norm: bool = Field(True, description="pre-LayerNorm in every block")
     final_ln: bool = True
     positional: Literal["rope", "learned", "none"] = "rope"
@@ -55,10 +58,15 @@ class ModelSpec(Strict):
     def _fill_d_head(self) -> ModelSpec:
         if self.d_head is None:
             if self.d_model % self.n_heads:
-                raise ValueError(
-                    f"n_heads ({self.n_heads}) does not divide d_model ({self.d_model}); "
-                    "choose n_heads that divides d_model, or set d_head explicitly")
+                divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
+                raise SpecError("n_heads", f"n_heads ({self.n_heads}) does not divide d_model ({self.d_model}).",
+                                f"use n_heads in {divisors[-6:]}, or set d_head explicitly.")
             object.__setattr__(self, "d_head", self.d_model // self.n_heads)
+        block = 4 * self.d_model * self.n_heads * self.d_head + (0 if self.attn_only else 2 * self.d_model * self.d_mlp)
+        if self.n_layers * block > MAX_PARAMS:
+            raise SpecError("d_model", f"this model has about {self.n_layers * block:.2g} parameters in its blocks "
+                            f"(over {MAX_PARAMS:.0e}; with Adam that is {16 * self.n_layers * block / 2**30:.0f} GiB).",
+                            "optolab trains small models: check n_layers, d_model, n_heads and d_head for a typo.")
         return self
 
 
@@ -123,10 +131,13 @@ class TrainSpec(Strict):
     @model_validator(mode="after")
     def _budget(self) -> TrainSpec:
         if (self.sequences is None) == (self.steps is None):
-            raise ValueError("give exactly one of train.sequences or train.steps")
+            both = "both are given" if self.steps is not None else "neither is given"
+            raise SpecError("steps", f"give exactly one of train.sequences or train.steps ({both}).",
+                            "keep one budget, e.g. steps: 1000 or sequences: 1e6.")
         for b in self.betas:
             if not 0 <= b < 1:
-                raise ValueError(f"Adam betas must lie in [0, 1), got {self.betas}")
+                raise SpecError("betas", f"Adam betas must lie in [0, 1), got {self.betas}.",
+                                "use e.g. betas: [0.9, 0.999].")
         return self
 
     @property

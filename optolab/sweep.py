@@ -28,12 +28,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from optolab.counts import Seed
-from optolab.errors import OptolabError, from_validation_error
+from optolab.errors import OptolabError, SpecError, from_validation_error, lookup_line
 from optolab.protocol import Protocol
 
 
 class Condition(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     protocol: str | None = Field(None, description="another base protocol (relative to the sweep file)")
@@ -41,7 +41,7 @@ class Condition(BaseModel):
 
 
 class SweepSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     protocol: str
@@ -56,7 +56,8 @@ class SweepSpec(BaseModel):
         names = [c.name for c in conditions]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"condition names must be unique; {dup} appear more than once")
+            raise SpecError("", f"condition names must be unique; {dup} appear more than once.",
+                            "rename the repeated conditions.")
         return conditions
 
     @field_validator("grid")
@@ -64,7 +65,7 @@ class SweepSpec(BaseModel):
     def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for field, values in grid.items():
             if not values:
-                raise ValueError(f"grid field '{field}' has no values; give at least one or remove it")
+                raise SpecError(field, f"grid field '{field}' has no values.", "give at least one value, or remove it.")
         return grid
 
 
@@ -107,15 +108,25 @@ class SweepRun:
         return self.id.rsplit("_s", 1)[0]
 
 
-def expand(spec: SweepSpec, base_dir: Path) -> dict[str, SweepRun]:
-    """``run id -> SweepRun`` for every condition × grid point × seed, each validated."""
+def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: dict | None = None
+           ) -> dict[str, SweepRun]:
+    """``run id -> SweepRun`` for every condition × grid point × seed, each validated. Errors
+    name the sweep file (``source``) and the sweep field that caused them."""
     from optolab.loader import load_protocol
 
     fields = list(spec.grid)
     runs: dict[str, SweepRun] = {}
-    for cond in spec.conditions:
+    for k, cond in enumerate(spec.conditions):
         base_path = base_dir / (cond.protocol or spec.protocol)
-        base = load_protocol(base_path).resolved()
+        field = f"conditions.{k}.protocol" if cond.protocol else "protocol"
+        if not base_path.is_file():
+            raise OptolabError(f"base protocol '{base_path.name}' not found (looked for {base_path.resolve()}).",
+                               field=field, fix="give a path relative to the sweep file.").located(source, lines)
+        try:
+            base = load_protocol(base_path).resolved()
+        except OptolabError as e:
+            raise OptolabError(f"its protocol is invalid: {e.format()}", field=field,
+                               fix=None).located(source, lines) from None
         for values in itertools.product(*(spec.grid[f] for f in fields)):
             point = dict(zip(fields, values))
             for seed in spec.seeds:
@@ -126,19 +137,25 @@ def expand(spec: SweepSpec, base_dir: Path) -> dict[str, SweepRun]:
                 suffix = "".join(f"__{f.rsplit('.', 1)[-1]}-{_label(v)}" for f, v in point.items())
                 run_id = f"{cond.name}{suffix}_s{seed}"
                 data["name"] = f"{spec.name}.{run_id}"
-                protocol = _validate(data, run_id, {**cond.set, **point})
+                protocol = _validate(data, run_id, {**cond.set, **point}, source, lines)
                 runs[run_id] = SweepRun(run_id, protocol, cond.name, point, seed)
     return runs
 
 
-def _validate(data: dict, run_id: str, overrides: dict) -> Protocol:
+def _validate(data: dict, run_id: str, overrides: dict, source: str | None, lines: dict | None) -> Protocol:
     from optolab.loader import validate_protocol
 
     try:
         return validate_protocol(data)
     except OptolabError as e:
         hint = f" (sweep run '{run_id}', overrides {sorted(overrides)})" if overrides else f" (sweep run '{run_id}')"
-        raise OptolabError(e.message + hint, field=e.field, fix=e.fix or "check the grid and condition fields.") from None
+        # point at the sweep line that set the field when there is one (grid or a condition's set)
+        culprit = next((f for f in overrides if e.field and (e.field == f or e.field.startswith(f + ".")
+                                                             or f.startswith(e.field + "."))), None)
+        where = lookup_line(lines or {}, f"grid.{culprit}") if culprit else None
+        err = OptolabError(e.message + hint, field=e.field, fix=e.fix or "check the grid and condition fields.",
+                           source=source, line=where)
+        raise err from None
 
 
 def load_sweep(path: str | Path) -> tuple[SweepSpec, dict[str, SweepRun]]:
@@ -150,7 +167,7 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, dict[str, SweepRun]]:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
         raise from_validation_error(e, source=str(path), lines=lines, model=SweepSpec) from None
-    runs = expand(spec, Path(path).parent)
+    runs = expand(spec, Path(path).parent, str(path), lines)
     if spec.reference is not None and spec.reference not in {c.name for c in spec.conditions}:
         raise OptolabError(f"reference '{spec.reference}' is not a condition name.", field="reference",
                            source=str(path), fix=f"use one of {[c.name for c in spec.conditions]}.")

@@ -30,13 +30,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from optolab.counts import PosCount, Seed
-from optolab.errors import OptolabError
+from optolab.errors import OptolabError, SpecError
 
 Vector = Literal["a", "b", "c"]
 
 
 class ToyProtocol(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: Literal["toy_tensor"]
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
@@ -53,12 +53,14 @@ class ToyProtocol(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> ToyProtocol:
         if not self.conditions:
-            raise ValueError("conditions is empty; add e.g. none: []")
+            raise SpecError("conditions", "conditions is empty.", "add e.g. none: []")
         for name, clamped in self.conditions.items():
             if len(set(clamped)) != len(clamped):
-                raise ValueError(f"condition '{name}' lists a vector twice: {clamped}")
+                raise SpecError(f"conditions.{name}", f"condition '{name}' lists a vector twice: {clamped}.",
+                                "list each of a, b, c at most once.")
             if len(clamped) == 3:
-                raise ValueError(f"condition '{name}' clamps a, b and c: nothing is left to learn; drop one")
+                raise SpecError(f"conditions.{name}", f"condition '{name}' clamps a, b and c: nothing is left to learn.",
+                                "drop one of them.")
         return self
 
 

@@ -36,7 +36,7 @@ CASES = {
     "unknown nested key": ("train.learning_rate", 0.1, "train.learning_rate", "lr"),
     "wrong type": ("train.batch_size", "big", "train.batch_size", "whole number"),
     "negative lr": ("train.lr", -0.001, "train.lr", "> 0"),
-    "n_heads not dividing d_model": ("model.n_heads", 5, "model", "divides d_model"),
+    "n_heads not dividing d_model": ("model.n_heads", 5, "model.n_heads", "does not divide d_model"),
     "seed not an integer": ("seeds.init", 1.5, "seeds.init", "whole number"),
     "seed as a string": ("seeds.data", "zero", "seeds.data", "whole number"),
     "bad positional": ("model.positional", "sinusoidal", "model.positional", "rope"),

@@ -24,10 +24,11 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from optolab.counts import Count
+from optolab.errors import SpecError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Heads = Union[Literal["all"], list[Annotated[int, Field(strict=True)]]]
@@ -42,13 +43,14 @@ class Window(Strict):
     @model_validator(mode="after")
     def _ordered(self) -> Window:
         if self.stop is not None and self.stop <= self.start:
-            raise ValueError(f"window.stop ({self.stop}) must be greater than window.start ({self.start})")
+            raise SpecError("stop", f"window.stop ({self.stop}) must be greater than window.start ({self.start}).",
+                            "swap them, or omit stop to clamp until the end of training.")
         return self
 
 
 def _no_empty(v: Any) -> Any:
     if isinstance(v, list) and not v:
-        raise ValueError("an empty list selects nothing; omit the field or list at least one index")
+        raise SpecError("", "an empty list selects nothing.", "omit the field (all), or list at least one index.")
     return v
 
 
@@ -84,15 +86,18 @@ class SetTo(SiteClamp):
     @model_validator(mode="after")
     def _args(self) -> SetTo:
         if self.to == "constant" and self.value is None:
-            raise ValueError("to: constant needs 'value' (e.g. value: 0.0)")
+            raise SpecError("value", "to: constant needs 'value'.", "add e.g. value: 0.0")
         if self.to != "constant" and self.value is not None:
-            raise ValueError(f"'value' is only used with to: constant (this clamp sets to: {self.to})")
+            raise SpecError("value", f"'value' is only used with to: constant (this clamp sets to: {self.to}).",
+                            "remove value, or set to: constant.")
         if self.to == "file" and not self.file:
-            raise ValueError("to: file needs 'file' (a .safetensors path)")
+            raise SpecError("file", "to: file needs 'file'.", "add file: a .safetensors path relative to the protocol.")
         if self.to != "file" and self.file:
-            raise ValueError(f"'file' is only used with to: file (this clamp sets to: {self.to})")
+            raise SpecError("file", f"'file' is only used with to: file (this clamp sets to: {self.to}).",
+                            "remove file, or set to: file.")
         if self.to in ("constant", "file", "uniform") and self.strength != 1.0:
-            raise ValueError(f"'strength' is only used with previous_token and perfect_match, not {self.to}")
+            raise SpecError("strength", f"'strength' is only used with previous_token and perfect_match, not {self.to}.",
+                            "remove strength.")
         return self
 
 
@@ -146,7 +151,8 @@ class Freeze(ClampBase):
     @model_validator(mode="after")
     def _train_only(self) -> Freeze:
         if self.apply_at == "eval":
-            raise ValueError("freeze acts on training updates only; remove apply_at or set it to train/both")
+            raise SpecError("apply_at", "freeze acts on training updates only.",
+                            "remove apply_at or set it to train or both.")
         return self
 
 

@@ -43,7 +43,7 @@ class TaskSpec(BaseModel):
     ``generator`` (``package.module:Class``) is how a protocol names a task class that is not
     built in; it is recorded in the resolved protocol so the run can be loaded again."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: str
     generator: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
