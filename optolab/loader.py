@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from optolab.clamps.compile import compile_clamps
 from optolab.clamps.spec import CLAMP_KINDS
+from optolab.footprint import check_footprint
 from optolab.errors import OptolabError, duplicate_key, from_validation_error, yaml_line_map
 from optolab.protocol import Protocol
 from optolab.tasks import make_task, validate_task_spec
@@ -138,8 +139,10 @@ def validate_protocol(data: dict, *, source: str | None = None, lines: dict | No
         if isinstance(data.get("task"), dict):  # validated apart so errors name task.<field>
             data = {**data, "task": validate_task_spec(data["task"], source=source, lines=lines)}
         protocol = Protocol.model_validate(data)
+        check_footprint(protocol, None)  # before the task allocates anything
         task = make_task(protocol.task)
         cfg = protocol.model_config_for(task)  # shape checks that need the task
+        check_footprint(protocol, cfg.n_ctx)
         protocol.eval_steps()
         protocol.checkpoint_steps()
         if protocol.clamps:

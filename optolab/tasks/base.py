@@ -50,6 +50,11 @@ class TaskSpec(BaseModel):
                                   description="package.module:TaskClass of a user generator")
     task_seed: int = Field(0, description="seeds what defines the task itself (prototypes, splits)")
 
+    def static_bytes(self) -> int:
+        """Memory the task allocates up front (exemplar banks, tables): checked by
+        :mod:`optolab.footprint` before the task is built. 0 when nothing large."""
+        return 0
+
 
 @dataclass(frozen=True)
 class Holdout:

@@ -49,6 +49,10 @@ class BurstyClassesSpec(TaskSpec):
     shots: int = Field(3, ge=1, description="items per bursty class in training")
     zipf: float = Field(0.0, ge=0, description="α: class weights ∝ rank^-α")
 
+    def static_bytes(self) -> int:
+        bank = (self.n_classes + self.n_holdout_classes) * self.n_exemplars * max(self.dim, self.latent_dim)
+        return 4 * 2 * bank
+
     @model_validator(mode="after")
     def _consistent(self) -> BurstyClassesSpec:
         if self.scale is None:

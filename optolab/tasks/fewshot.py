@@ -60,6 +60,11 @@ class FewshotSpec(TaskSpec):
     heldout_label_frac: float = Field(0.2, ge=0, lt=1, description="label sets held out of training")
     task_seed: int = Field(20, description="seeds prototypes and the label-set split")
 
+    def static_bytes(self) -> int:
+        bank = (self.n_train_classes + self.n_test_classes) * self.n_exemplars * max(self.dim, self.latent_dim)
+        label_sets = math.comb(self.n_labels, min(self.n_distinct, self.n_labels)) * self.n_distinct
+        return 4 * 2 * bank + 8 * 4 * label_sets  # the bank and its draws; every label set, listed
+
     @model_validator(mode="after")
     def _consistent(self) -> FewshotSpec:
         if self.scale is None:

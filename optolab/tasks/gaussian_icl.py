@@ -51,6 +51,9 @@ class GaussianICLSpec(TaskSpec):
     distinct_labels: bool = Field(False, description="fresh and held-out classes of a sequence get distinct labels "
                                   "(Reddy's no_repeats)")
 
+    def static_bytes(self) -> int:
+        return 4 * (self.n_classes + self.n_test_classes) * self.dim
+
     @model_validator(mode="after")
     def _consistent(self) -> GaussianICLSpec:
         N, B, K, L = self.context_pairs, self.burstiness, self.n_classes, self.n_labels

@@ -39,6 +39,9 @@ class MarkovICLSpec(TaskSpec):
     concentration: float = Field(1.0, gt=0, description="α of the Dirichlet rows")
     reference_sequences: int = Field(2000, ge=10, description="sequences used to estimate the reference losses")
 
+    def static_bytes(self) -> int:
+        return 4 * self.reference_sequences * self.seq_len * self.n_states ** (self.order + 1)
+
     @model_validator(mode="after")
     def _consistent(self) -> MarkovICLSpec:
         if self.n_states**self.order > 4096:

@@ -44,6 +44,9 @@ class TriggerBigramSpec(TaskSpec):
     resolution: int = Field(1024, ge=16, description="background probabilities are multiples of 1/resolution")
     loss_on: Literal["all", "outputs"] = "all"
 
+    def static_bytes(self) -> int:
+        return 8 * self.n_tokens * (self.n_tokens + self.resolution)  # bigram table and its sampler
+
     @model_validator(mode="after")
     def _consistent(self) -> TriggerBigramSpec:
         if self.n_triggers >= self.n_tokens:
