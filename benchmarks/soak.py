@@ -1,0 +1,83 @@
+"""Soak: train a clamped protocol for many steps through the real trainer and watch memory.
+
+nnsight has leaked across repeated traces before; a sweep runs hundreds of thousands of traced
+steps per process. This trains ``protocols/singh2024/fig5b_layer1_copy.yaml`` (two clamps
+through nnsight: an ablation, and the three-pass layer-1 clamp with a perfect-copy head) for
+``--steps`` steps (default 1e5) with the protocol's evals and checkpoints, and prints RSS at the
+start of training, every ``--every`` steps, and at the end. Nothing is kept on disk.
+Target (issue 7): RSS growth under 5 % from the first report to the last.
+
+    .venv/bin/python benchmarks/soak.py [--steps 100000] [--every 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from optolab.forward import make_forward
+from optolab.loader import load_protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Watched:
+    """The protocol's own Forward, reporting RSS every ``every`` training steps."""
+
+    def __init__(self, inner, every: int, log: list) -> None:
+        self.inner, self.every, self.log = inner, every, log
+
+    def __call__(self, model, batch, *, step, training, **kwargs):
+        if training and step % self.every == 0:
+            self.log.append((step, rss_mib(), time.perf_counter()))
+            print(f"step {step:>7}: RSS {self.log[-1][1]:7.1f} MiB", flush=True)
+        return self.inner(model, batch, step=step, training=training, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=100_000)
+    ap.add_argument("--every", type=int, default=10_000)
+    ap.add_argument("--protocol", default=str(ROOT / "protocols" / "singh2024" / "fig5b_layer1_copy.yaml"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    from optolab.loader import validate_protocol
+    from optolab.tasks import make_task
+    from optolab.trainer import train
+
+    data = load_protocol(args.protocol).resolved()
+    data["train"].pop("sequences", None)
+    data["train"]["steps"] = args.steps
+    data["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": max(args.steps // 5, 1)}, "keep": 1}
+    protocol = validate_protocol(data)
+    task = make_task(protocol.task)
+    log: list = []
+    forward = Watched(make_forward(protocol, task, protocol.model_config_for(task)), args.every, log)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        train(protocol, Path(tmp) / "run", forward=forward, progress=False)
+        wall = time.perf_counter() - t0
+    end = rss_mib()
+    first = log[1][1] if len(log) > 1 else log[0][1]  # after warm-up (allocator, first eval)
+    print(f"{args.steps} steps with {len(protocol.clamps)} clamps in {wall:.0f} s ({args.steps / wall:.0f} steps/s)")
+    print(f"RSS at step {log[1][0] if len(log) > 1 else 0}: {first:.1f} MiB; at the end: {end:.1f} MiB; "
+          f"growth {100 * (end - first) / first:+.1f} % (target < 5 %)")
+
+
+if __name__ == "__main__":
+    main()
