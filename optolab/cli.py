@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local process pool (default) or Ray")
     p.add_argument("--address", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--pack", choices=["auto", "off"], default="auto",
+                   help="train runs that differ only in seeds as one seed ensemble (default: auto)")
+    p.add_argument("--max-pack", type=int, default=8, help="most runs in one ensemble (default 8)")
 
     p = sub.add_parser("report", help="summary.csv, conditions.csv and report.md of a sweep directory")
     p.add_argument("sweep_dir")
@@ -161,7 +164,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(rid)
             return 0
         status = run_sweep(args.sweep, args.out, workers=args.workers, executor=args.executor,
-                           address=args.address)
+                           address=args.address, pack=args.pack, max_pack=args.max_pack)
         done = sum(v == "done" for v in status.values())
         skipped = sum(v == "skipped" for v in status.values())
         failed = {rid: v for rid, v in status.items() if v.startswith("failed")}

@@ -1,11 +1,12 @@
 """Executors: where the runs of a sweep train.
 
 Rules:
-- An executor gets ``{run id: resolved protocol}`` and a sweep directory, trains every run into
-  ``OUT/<run id>`` and returns ``{run id: "done" | "failed: <one line>"}``. One failed run never
-  stops the others; the caller decides what a failure means.
-- Every run trains in its own process with one torch thread, so runs never share state and a
-  run trained by any executor equals the same run trained alone (``optolab run``).
+- An executor gets *jobs* — a single run, or several runs packed into a seed ensemble
+  (:mod:`optolab.ensemble`) — and a sweep directory, trains every run into ``OUT/<run id>`` and
+  returns ``{run id: "done" | "failed: <one line>"}``. One failed run never stops the others;
+  the caller decides what a failure means.
+- Every job trains in its own process with one torch thread, so jobs never share state; a run
+  trained alone equals ``optolab run`` exactly, a packed run within the ensemble tolerance.
 - ``local`` (the default): a process pool on this machine, ``workers`` processes (default: the
   CPU count).
 - ``ray``: Ray tasks of one CPU each. With an ``address`` (``--address``, or ``RAY_ADDRESS``
@@ -47,30 +48,64 @@ def train_one(protocol_data: dict, out: str) -> str:
     return out
 
 
+def train_job(members: list[tuple[dict, str]]) -> dict[str, str]:
+    """One job: a single run, or several packed into a seed ensemble (:mod:`optolab.ensemble`).
+    ``{out: "done" | "failed: …"}``; a single run's failure raises instead, like ``train_one``."""
+    import torch
+
+    from optolab.ensemble import train_ensemble
+    from optolab.errors import RunFailed
+    from optolab.loader import validate_protocol
+
+    if len(members) == 1:
+        return {train_one(*members[0]): "done"}
+    torch.set_num_threads(1)
+    results = train_ensemble([validate_protocol(d) for d, _ in members], [o for _, o in members])
+    out = {o: ("failed: " + _one_line(r) if isinstance(r, RunFailed) else "done")
+           for (_, o), r in zip(members, results)}
+    for (_, o), r in zip(members, results):
+        if not isinstance(r, RunFailed):
+            from optolab.api import open_run
+
+            open_run(o).plot()  # as optolab.api.run does for a run trained alone
+    return out
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[-1] if text else ''}"
 
 
-def run_local(todo: dict[str, dict], out: Path, workers: int) -> dict[str, str]:
+Job = list[tuple[str, dict]]  # (run id, resolved protocol) of each member
+
+
+def _collect(job: Job, out: Path, result: dict[str, str] | None, err: BaseException | None) -> dict[str, str]:
+    if err is not None:
+        return {rid: f"failed: {_one_line(err)}" for rid, _ in job}
+    return {rid: result.get(str(out / rid), "done") for rid, _ in job}
+
+
+def _members(job: Job, out: Path) -> list[tuple[dict, str]]:
+    return [(data, str(out / rid)) for rid, data in job]
+
+
+def run_local(jobs: list[Job], out: Path, workers: int) -> dict[str, str]:
     status: dict[str, str] = {}
     if workers == 1:
-        for rid, data in todo.items():
+        for job in jobs:
             try:
-                train_one(data, str(out / rid))
-                status[rid] = "done"
+                status.update(_collect(job, out, train_job(_members(job, out)), None))
             except Exception as e:  # noqa: BLE001 - one broken run must not stop the sweep
-                status[rid] = f"failed: {_one_line(e)}"
+                status.update(_collect(job, out, None, e))
         return status
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(train_one, data, str(out / rid)): rid for rid, data in todo.items()}
+        futures = {pool.submit(train_job, _members(job, out)): job for job in jobs}
         for fut in as_completed(futures):
-            rid = futures[fut]
+            job = futures[fut]
             try:
-                fut.result()
-                status[rid] = "done"
+                status.update(_collect(job, out, fut.result(), None))
             except Exception as e:  # noqa: BLE001 - including a worker killed mid-run
-                status[rid] = f"failed: {_one_line(e)}"
+                status.update(_collect(job, out, None, e))
     return status
 
 
@@ -150,21 +185,21 @@ def check_shared_storage(ray, out: Path) -> None:
                            fix="put --out on storage shared by every node, mounted at the same path.")
 
 
-def run_ray(todo: dict[str, dict], out: Path, ray, max_retries: int = 3) -> dict[str, str]:
-    remote = ray.remote(num_cpus=1, max_retries=max_retries)(train_one)
-    refs = {remote.remote(data, str((out / rid).resolve())): rid for rid, data in todo.items()}
+def run_ray(jobs: list[Job], out: Path, ray, max_retries: int = 3) -> dict[str, str]:
+    remote = ray.remote(num_cpus=1, max_retries=max_retries)(train_job)
+    resolved = out.resolve()
+    refs = {remote.remote(_members(job, resolved)): job for job in jobs}
     status: dict[str, str] = {}
     pending = list(refs)
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            rid = refs[ready[0]]
+            job = refs[ready[0]]
             try:
-                ray.get(ready[0])
-                status[rid] = "done"
+                status.update(_collect(job, resolved, ray.get(ready[0]), None))
             except ray.exceptions.RayError as e:
                 cause = getattr(e, "cause", None)
-                status[rid] = f"failed: {_one_line(cause if isinstance(cause, BaseException) else e)}"
+                status.update(_collect(job, resolved, None, cause if isinstance(cause, BaseException) else e))
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref, force=True)

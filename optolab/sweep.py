@@ -12,7 +12,9 @@ Rules:
   too, as failed, and stays so) and resumes unfinished ones
   from their checkpoints (the trainer does), so re-running the same command completes a sweep.
 - Runs train through an executor (``optolab/executors.py``): a local process pool by default, or
-  Ray (``--executor ray``) on a local instance or a cluster.
+  Ray (``--executor ray``) on a local instance or a cluster. With ``--pack auto`` (the default)
+  runs that differ only in seeds train together as seed ensembles (:func:`plan_jobs`,
+  :mod:`optolab.ensemble`); ``--pack off`` trains every run alone.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from optolab.counts import Seed
 from optolab.errors import OptolabError, SpecError, from_validation_error, lookup_line
 from optolab.protocol import Protocol
+from optolab.rundir import write_atomic
 
 
 class Condition(BaseModel):
@@ -190,8 +195,35 @@ def _cost(protocol: Protocol) -> int:
     return protocol.train.total_steps * protocol.train.batch_size
 
 
+def plan_jobs(runs: dict[str, SweepRun], todo: list[str], out: Path, *, pack: str, max_pack: int,
+              workers: int) -> list[list[str]]:
+    """Group the runs to train into jobs: with ``pack="auto"``, runs that differ only in seeds
+    (and can resume together) share a seed ensemble of at most ``max_pack`` members, split so
+    every worker gets work; everything else trains alone. Longest jobs first."""
+    from optolab.ensemble import pack_key, resumable_together, why_not_packable
+
+    groups: dict[str, list[str]] = {}
+    singles: list[list[str]] = []
+    for rid in todo:
+        protocol = runs[rid].protocol
+        if pack == "off" or why_not_packable(protocol) is not None:
+            singles.append([rid])
+        else:
+            groups.setdefault(pack_key(protocol), []).append(rid)
+    jobs = list(singles)
+    packable = sum(len(g) for g in groups.values()) or 1
+    for group in groups.values():
+        if not resumable_together([out / rid for rid in group]):
+            jobs += [[rid] for rid in group]
+            continue
+        n_chunks = min(len(group), max(math.ceil(len(group) / max_pack), round(workers * len(group) / packable)))
+        size = math.ceil(len(group) / n_chunks)
+        jobs += [group[i: i + size] for i in range(0, len(group), size)]
+    return sorted(jobs, key=lambda job: -_cost(runs[job[0]].protocol) * len(job) ** 0.5)
+
+
 def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, executor: str = "local",
-              address: str | None = None) -> dict[str, str]:
+              address: str | None = None, pack: str = "auto", max_pack: int = 8) -> dict[str, str]:
     """Train every unfinished run of a sweep; ``{run id: "done" | "skipped" | "failed: …"}``.
 
     Bad input (the sweep file, the executor, an unreachable Ray address) raises before anything
@@ -202,27 +234,38 @@ def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, 
     if executor not in executors.EXECUTORS:
         raise OptolabError(f"unknown executor '{executor}'.", field="--executor",
                            fix=f"use one of {list(executors.EXECUTORS)}.")
+    if pack not in ("auto", "off"):
+        raise OptolabError(f"unknown packing '{pack}'.", field="--pack", fix="use auto or off.")
+    if max_pack < 1:
+        raise OptolabError(f"--max-pack must be at least 1 (got {max_pack}).", field="--max-pack",
+                           fix="use e.g. --max-pack 8.")
     spec, runs = load_sweep(path)
     out = Path(out)
     status = {rid: _previous(out / rid) for rid in runs if finished(out / rid)}
-    # Longest runs first, so the pool does not end on one long straggler.
-    todo = {rid: r.protocol.resolved() for rid, r in
-            sorted(runs.items(), key=lambda kv: -_cost(kv[1].protocol)) if rid not in status}
+    todo = [rid for rid in runs if rid not in status]
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    jobs = plan_jobs(runs, todo, out, pack=pack, max_pack=max_pack, workers=workers)
+    workers = min(workers, len(jobs) or 1)
     ray = started = None
     if executor == "ray" and todo:
         ray, started = executors.connect_ray(executors.ray_address(address), workers)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep.json").write_text(json.dumps({
+        meta_path = out / "sweep.json"
+        invocations = json.loads(meta_path.read_text()).get("invocations", []) if meta_path.is_file() else []
+        invocations.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "executor": executor, "pack": pack,
+                            "workers": workers, "jobs": jobs})  # which runs trained together, and how
+        write_atomic(meta_path, json.dumps({
             "sweep": spec.model_dump(mode="json"), "source": str(Path(path).resolve()),
             "runs": {rid: {"condition": r.condition, "point": r.point, "seed": r.seed, "group": r.group}
-                     for rid, r in runs.items()}}, indent=2, default=str))
+                     for rid, r in runs.items()},
+            "invocations": invocations}, indent=2, default=str))
+        payload = [[(rid, runs[rid].protocol.resolved()) for rid in job] for job in jobs]
         if ray is not None:
             executors.check_shared_storage(ray, out)
-            status.update(executors.run_ray(todo, out, ray))
+            status.update(executors.run_ray(payload, out, ray))
         else:
-            status.update(executors.run_local(todo, out, workers))
+            status.update(executors.run_local(payload, out, workers))
     finally:
         if started:
             ray.shutdown()

@@ -60,9 +60,12 @@ def test_a_sweep_runs_in_parallel_skips_finished_runs_and_reports(tmp_path, caps
     from optolab.api import run
 
     run(runs["lr3e-3_s1"].protocol, solo, progress=False)
-    a = json.loads((solo / "summary.json").read_text())["final"]
-    b = json.loads((out / "lr3e-3_s1" / "summary.json").read_text())["final"]
-    assert a == b
+    a = pd.read_parquet(solo / "metrics.parquet")
+    b = pd.read_parquet(out / "lr3e-3_s1" / "metrics.parquet")  # trained in a seed ensemble (--pack auto)
+    assert (a.value - b.value).abs().max() < 1e-5
+    first, second = json.loads((out / "sweep.json").read_text())["invocations"]
+    assert sorted(map(sorted, first["jobs"])) == [["lr1e-3_s0", "lr1e-3_s1"], ["lr3e-3_s0", "lr3e-3_s1"]]
+    assert second["jobs"] == []  # the re-run had nothing to train
     assert main(["report", str(out)]) == 0
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 4 and {"onset", "midpoint", "plateau", "final_loss"} <= set(summary.columns)
@@ -98,7 +101,8 @@ def test_a_sweep_killed_mid_run_resumes_without_recomputing_and_matches_an_unint
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"name": "kill", "protocol": "base.yaml", "seeds": [0, 1]}))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "optolab.cli", "sweep", str(sweep), "--out", str(out), "--workers", "1"]
+    cmd = [sys.executable, "-m", "optolab.cli", "sweep", str(sweep), "--out", str(out), "--workers", "1",
+           "--pack", "off"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = out / "base_s1" / "checkpoints"
     deadline = time.monotonic() + 120
@@ -137,7 +141,8 @@ def test_a_pool_worker_killed_mid_run_fails_that_run_only_and_a_rerun_resumes_it
         "conditions": [{"name": "long"}, {"name": "short", "set": {"train.steps": 30}},
                        {"name": "short2", "set": {"train.steps": 30, "train.lr": 3e-3}}]}))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "optolab", "sweep", str(sweep), "--out", str(out), "--workers", "2"]
+    cmd = [sys.executable, "-m", "optolab", "sweep", str(sweep), "--out", str(out), "--workers", "2",
+           "--pack", "off"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     long_ckpt = out / "long_s0" / "checkpoints"
     deadline = time.monotonic() + 120
@@ -159,3 +164,20 @@ def test_a_pool_worker_killed_mid_run_fails_that_run_only_and_a_rerun_resumes_it
     run(runs["long_s0"].protocol, tmp_path / "solo", progress=False)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "long_s0" / "metrics.parquet"),
                                   pd.read_parquet(tmp_path / "solo" / "metrics.parquet"))
+
+
+def test_plan_jobs_packs_seed_ensembles_only_of_compatible_runs(tmp_path):
+    from optolab.sweep import plan_jobs
+
+    sweep = _sweep(tmp_path, seeds=list(range(8)), reference="a", conditions=[
+        {"name": "a"}, {"name": "frozen", "set": {"clamps": [{"kind": "freeze", "param": "blocks.0.attn.W_Q"}]}}])
+    _, runs = load_sweep(sweep)
+    todo = list(runs)
+    jobs = plan_jobs(runs, todo, tmp_path / "out", pack="auto", max_pack=8, workers=2)
+    packed = [j for j in jobs if len(j) > 1]
+    assert sorted(map(len, packed)) == [4, 4]  # 8 seeds of `a`, split so both workers get work
+    assert all(runs[r].condition == "a" for j in packed for r in j)
+    assert sorted(r for j in jobs if len(j) == 1 for r in j) == sorted(f"frozen_s{s}" for s in range(8))
+    small = plan_jobs(runs, todo, tmp_path / "out", pack="auto", max_pack=3, workers=1)
+    assert max(map(len, small)) == 3
+    assert all(len(j) == 1 for j in plan_jobs(runs, todo, tmp_path / "out", pack="off", max_pack=8, workers=2))

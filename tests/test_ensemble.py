@@ -1,0 +1,109 @@
+"""Seed ensembles: each member's run directory equals the same run done alone (within a stated
+tolerance, per clamp kind), resumes work, and incompatible runs are never packed."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from optolab.ensemble import pack_key, train_ensemble, why_not_packable
+from optolab.loader import validate_protocol
+from optolab.trainer import train
+
+from .conftest import fewshot_protocol
+
+# Batched matrix products sum in another order than the solo run's, so numbers agree to float32
+# rounding, not bit for bit. Measured over 60 steps: at most 6e-7 for every clamp kind below.
+TOLERANCE = 1e-5
+
+CLAMPS = {
+    "none": [],
+    "set+ablate": [{"kind": "set", "site": "blocks.0.attn.hook_pattern", "heads": [0], "to": "previous_token"},
+                   {"kind": "ablate", "site": "blocks.1.attn.hook_v", "heads": [1, 2]}],
+    "perfect_match": [{"kind": "set", "site": "blocks.1.attn.hook_pattern", "heads": [0], "to": "perfect_match",
+                       "window": {"start": 0, "stop": 30, "unit": "steps"}}],
+    "layer_clamp (3 passes)": [{"kind": "layer_clamp", "layer": 0, "copy_head": 1}],
+    "perfect_copy (2 passes)": [{"kind": "perfect_copy", "layer": 1, "head": 0}],
+    "scale+stop_gradient": [{"kind": "scale", "site": "blocks.0.hook_resid_post", "factor": 0.5},
+                            {"kind": "stop_gradient", "site": "blocks.0.attn.hook_z", "heads": [2]}],
+}
+
+
+def _members(clamps, seeds=(0, 1, 2), **train):
+    out = []
+    for s in seeds:
+        data = fewshot_protocol(steps=60, **train)
+        data.update(name=f"m{s}", clamps=copy.deepcopy(clamps), seeds={"init": s, "data": s, "eval": 1})
+        out.append(validate_protocol(data))
+    return out
+
+
+def _max_diff(a, b) -> float:
+    x, y = pd.read_parquet(a / "metrics.parquet"), pd.read_parquet(b / "metrics.parquet")
+    pd.testing.assert_frame_equal(x.drop(columns="value"), y.drop(columns="value"))
+    return float(np.nanmax(np.abs(x.value.to_numpy() - y.value.to_numpy())))
+
+
+@pytest.mark.parametrize("kind", list(CLAMPS))
+def test_each_member_equals_its_run_alone(kind, tmp_path):
+    protocols = _members(CLAMPS[kind])
+    train_ensemble(protocols, [tmp_path / f"ens{i}" for i in range(3)])
+    for i, p in enumerate(protocols):
+        train(p, tmp_path / f"solo{i}", progress=False)
+        assert _max_diff(tmp_path / f"ens{i}", tmp_path / f"solo{i}") < TOLERANCE
+        assert (tmp_path / f"ens{i}" / "summary.json").is_file()
+        assert sorted(p.name for p in (tmp_path / f"ens{i}" / "checkpoints").glob("*.json")) == \
+            sorted(p.name for p in (tmp_path / f"solo{i}" / "checkpoints").glob("*.json"))
+
+
+def test_an_interrupted_ensemble_resumes_from_its_members_checkpoints(tmp_path):
+    protocols = _members(CLAMPS["set+ablate"], seeds=(3, 4))
+    outs = [tmp_path / "a", tmp_path / "b"]
+    train_ensemble(protocols, outs, stop_after=20)
+    assert not (outs[0] / "summary.json").exists()
+    train_ensemble(protocols, outs)
+    for i, p in enumerate(protocols):
+        train(p, tmp_path / f"solo{i}", progress=False)
+        assert _max_diff(outs[i], tmp_path / f"solo{i}") < TOLERANCE
+
+
+def test_packing_never_mixes_incompatible_runs():
+    a, b = _members([], seeds=(0, 1))
+    assert pack_key(a) == pack_key(b)  # seeds and names may differ
+    (lr,) = _members([], seeds=(0,), lr=3e-3)
+    assert pack_key(lr) != pack_key(a)
+    (clamped,) = _members(CLAMPS["set+ablate"], seeds=(0,))
+    assert pack_key(clamped) != pack_key(a)
+    other_eval = validate_protocol({**a.resolved(), "seeds": {"init": 0, "data": 0, "eval": 7}})
+    assert pack_key(other_eval) != pack_key(a)  # a different eval set is a different measurement
+    (clipped,) = _members([], seeds=(0,), grad_clip=1.0)
+    assert "grad_clip" in why_not_packable(clipped)
+    (frozen,) = _members([{"kind": "freeze", "param": "blocks.0.attn.W_Q"}], seeds=(0,))
+    assert "freeze" in why_not_packable(frozen)
+    with pytest.raises(ValueError, match="share everything"):
+        train_ensemble([a, lr], ["x", "y"])
+
+
+def test_a_member_that_diverges_stops_alone(tmp_path, monkeypatch):
+    from optolab.errors import RunFailed
+    from optolab.tasks.fewshot import FewshotTask
+
+    original = FewshotTask.train_batch
+
+    def poisoned(self, seed, step, batch_size):
+        batch = original(self, seed, step, batch_size)
+        if seed == 1 and step >= 25:
+            batch.inputs[0].fill_(float("nan"))
+        return batch
+
+    monkeypatch.setattr(FewshotTask, "train_batch", poisoned)
+    protocols = _members([], seeds=(0, 1))
+    results = train_ensemble(protocols, [tmp_path / "a", tmp_path / "b"])
+    assert isinstance(results[1], RunFailed) and "step 25" in str(results[1])
+    assert results[0]["status"] == "finished"
+    monkeypatch.setattr(FewshotTask, "train_batch", original)
+    train(protocols[0], tmp_path / "solo", progress=False)
+    assert _max_diff(tmp_path / "a", tmp_path / "solo") < TOLERANCE  # the healthy member is unaffected
