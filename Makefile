@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Pinned so pip takes the CPU wheel; pyproject keeps an open range for users elsewhere.
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test bench bench-clamps bench-generators bench-soak install clean
+.PHONY: demo test bench bench-train bench-clamps bench-generators bench-ensemble bench-soak install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,8 +23,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-bench: $(STAMP)
+# Everything but the soak (1e5 steps, ~10 min on its own): a few minutes on one core.
+bench: bench-train bench-clamps bench-ensemble bench-generators
+
+bench-train: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
+
+bench-ensemble: $(STAMP)
+	$(BIN)/python benchmarks/ensemble.py
 
 bench-clamps: $(STAMP)
 	$(BIN)/python benchmarks/clamp_overhead.py
