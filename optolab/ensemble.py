@@ -36,7 +36,7 @@ from torch.func import functional_call, vmap
 from optolab.checkpoint import list_checkpoints
 from optolab.errors import RunFailed
 from optolab.forward import Forward, PlainForward, make_forward
-from optolab.model import build_model
+from optolab.model import PLAIN_KERNELS, build_model
 from optolab.protocol import Protocol
 from optolab.runbook import RunBook
 from optolab.tasks import IGNORE, make_task
@@ -178,7 +178,11 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
                                     step=step, training=True)
                 return logits
 
-            logits = vmap(member)(params, buffers, tensors)  # [member, batch, pos, d_out]
+            token = PLAIN_KERNELS.set(True)
+            try:
+                logits = vmap(member)(params, buffers, tensors)  # [member, batch, pos, d_out]
+            finally:
+                PLAIN_KERNELS.reset(token)
             targets = tensors["targets"]
             per_token = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE,
                                         reduction="none").view(S, -1)

@@ -18,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextvars
 import math
 
 import einops
@@ -65,6 +66,12 @@ def apply_rotary(x: Float[Tensor, "batch pos head d_head"], table: Tensor) -> Te
 
 SHORT_ROW_KEYS = 8
 
+# The short-context kernels below trade extra arithmetic for fewer, larger ops: right for one
+# model, wrong under torch.func.vmap over ensemble members, where every op is already batched
+# over members and the extra arithmetic (and strided copies) dominate. The ensemble trainer sets
+# this for the duration of its training steps (optolab.ensemble); nothing else changes it.
+PLAIN_KERNELS: contextvars.ContextVar[bool] = contextvars.ContextVar("optolab_plain_kernels", default=False)
+
 
 def causal_softmax(scores: Float[Tensor, "batch head q_pos k_pos"]) -> Tensor:
     """Softmax over keys. For rows of a few keys it is taken over the second-to-last axis of the
@@ -88,7 +95,7 @@ def per_head_scores(q: Float[Tensor, "batch q_pos head d_head"],
     matmul of tiny matrices. Longer contexts use the plain per-head matmul."""
     b, nq, h, e = q.shape
     nk = k.shape[1]
-    if nq * h > ALL_PAIRS_MAX:  # the h× wasted work no longer pays: plain per-head matmul
+    if nq * h > ALL_PAIRS_MAX or PLAIN_KERNELS.get():  # the h× wasted work does not pay: plain matmul
         return torch.matmul(q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1))
     allpairs = torch.bmm(q.reshape(b, nq * h, e), k.reshape(b, nk * h, e).transpose(1, 2))
     return torch.diagonal(allpairs.view(b, nq, h, nk, h), dim1=2, dim2=4).permute(0, 3, 1, 2).contiguous()
@@ -99,7 +106,7 @@ def per_head_mix(pattern: Float[Tensor, "batch head q_pos k_pos"],
     """z[b,q,h] = Σ_k pattern[b,h,q,k] v[b,k,h]: one [h·q, k] @ [k, h·e] matmul per sequence,
     keeping the head-diagonal blocks (same trick and reason as :func:`per_head_scores`)."""
     b, h, nq, nk = pattern.shape
-    if nq * h > ALL_PAIRS_MAX:
+    if nq * h > ALL_PAIRS_MAX or PLAIN_KERNELS.get():
         return torch.matmul(pattern, v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
     allpairs = torch.bmm(pattern.reshape(b, h * nq, nk), v.reshape(b, nk, -1))  # [b, h·q, h'·e]
     return torch.diagonal(allpairs.view(b, h, nq, h, -1), dim1=1, dim2=3).permute(0, 1, 3, 2).contiguous()
@@ -161,9 +168,13 @@ class Attention(nn.Module):
         z = self.hook_z(per_head_mix(pattern, v))
         # Per-head results exist for clamps (their sum over heads is the attention output):
         # one [b·q, e] @ [e, d] matmul per head, batched over heads.
-        result = torch.bmm(z.reshape(b * n, h, e).transpose(0, 1), self.W_O).transpose(0, 1)
-        result = self.hook_result(result.reshape(b, n, h, d))
-        out = result.sum(dim=2)
+        if PLAIN_KERNELS.get() and not self.hook_result._forward_hooks:
+            # nothing listens at hook_result (the ensemble trainer's hooks register there when a
+            # clamp does): one [b·n, h·e] @ [h·e, d] product instead of h per-head ones
+            out = z.reshape(b, n, h * e) @ self.W_O.reshape(h * e, d)
+        else:
+            result = torch.bmm(z.reshape(b * n, h, e).transpose(0, 1), self.W_O).transpose(0, 1)
+            out = self.hook_result(result.reshape(b, n, h, d)).sum(dim=2)
         return out + self.b_O if cfg.qkv_bias else out
 
 

@@ -27,6 +27,7 @@ CLAMPS = {
                        "window": {"start": 0, "stop": 30, "unit": "steps"}}],
     "layer_clamp (3 passes)": [{"kind": "layer_clamp", "layer": 0, "copy_head": 1}],
     "perfect_copy (2 passes)": [{"kind": "perfect_copy", "layer": 1, "head": 0}],
+    "ablate hook_result (mean)": [{"kind": "ablate", "site": "blocks.1.attn.hook_result", "heads": [1], "how": "mean"}],
     "scale+stop_gradient": [{"kind": "scale", "site": "blocks.0.hook_resid_post", "factor": 0.5},
                             {"kind": "stop_gradient", "site": "blocks.0.attn.hook_z", "heads": [2]}],
 }
