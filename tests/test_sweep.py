@@ -132,7 +132,7 @@ def test_a_pool_worker_killed_mid_run_fails_that_run_only_and_a_rerun_resumes_it
 
     from optolab.api import run
 
-    base = fewshot_protocol(steps=400)
+    base = fewshot_protocol(steps=1000)  # long enough to be mid-run on a loaded machine
     base["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": 20}}
     write_protocol(tmp_path, base, "base.yaml")
     sweep = tmp_path / "sweep.yaml"
