@@ -53,6 +53,7 @@ def train_job(members: list[tuple[dict, str]]) -> dict[str, str]:
     ``{out: "done" | "failed: …"}``; a single run's failure raises instead, like ``train_one``."""
     import torch
 
+    from optolab.api import open_run
     from optolab.ensemble import train_ensemble
     from optolab.errors import RunFailed
     from optolab.loader import validate_protocol
@@ -61,14 +62,11 @@ def train_job(members: list[tuple[dict, str]]) -> dict[str, str]:
         return {train_one(*members[0]): "done"}
     torch.set_num_threads(1)
     results = train_ensemble([validate_protocol(d) for d, _ in members], [o for _, o in members])
-    out = {o: ("failed: " + _one_line(r) if isinstance(r, RunFailed) else "done")
-           for (_, o), r in zip(members, results)}
     for (_, o), r in zip(members, results):
         if not isinstance(r, RunFailed):
-            from optolab.api import open_run
-
             open_run(o).plot()  # as optolab.api.run does for a run trained alone
-    return out
+    return {o: ("failed: " + _one_line(r) if isinstance(r, RunFailed) else "done")
+            for (_, o), r in zip(members, results)}
 
 
 def _one_line(err: BaseException) -> str:
