@@ -35,11 +35,11 @@ def rss_mib() -> float:
 class Watched:
     """The protocol's own Forward, reporting RSS every ``every`` training steps."""
 
-    def __init__(self, inner, every: int, log: list) -> None:
-        self.inner, self.every, self.log = inner, every, log
+    def __init__(self, inner, every: int, last: int, log: list) -> None:
+        self.inner, self.every, self.last, self.log = inner, every, last, log
 
     def __call__(self, model, batch, *, step, training, **kwargs):
-        if training and step % self.every == 0:
+        if training and (step % self.every == 0 or step == self.last):
             self.log.append((step, rss_mib(), time.perf_counter()))
             print(f"step {step:>7}: RSS {self.log[-1][1]:7.1f} MiB", flush=True)
         return self.inner(model, batch, step=step, training=training, **kwargs)
@@ -67,17 +67,17 @@ def main() -> None:
     protocol = validate_protocol(data)
     task = make_task(protocol.task)
     log: list = []
-    forward = Watched(make_forward(protocol, task, protocol.model_config_for(task)), args.every, log)
+    forward = Watched(make_forward(protocol, task, protocol.model_config_for(task)), args.every, args.steps - 1, log)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         train(protocol, Path(tmp) / "run", forward=forward, progress=False)
         wall = time.perf_counter() - t0
-    end = rss_mib()
-    first = log[1][1] if len(log) > 1 else log[0][1]  # after warm-up (allocator, first eval)
+    after = rss_mib()
+    (first_step, first, _), (last_step, last, _) = log[1] if len(log) > 2 else log[0], log[-1]
     print(f"{args.steps} steps with {len(protocol.clamps)} clamps in {wall:.0f} s ({args.steps / wall:.0f} steps/s)")
-    print(f"RSS at step {log[1][0] if len(log) > 1 else 0}: {first:.1f} MiB; at the end: {end:.1f} MiB; "
-          f"growth {100 * (end - first) / first:+.1f} % (target < 5 %)")
-
+    print(f"RSS at step {first_step} (after warm-up): {first:.1f} MiB; at step {last_step}: {last:.1f} MiB; "
+          f"growth {100 * (last - first) / first:+.1f} % (target < 5 %)")
+    print(f"RSS after the run wrote metrics.parquet and summary.json (pandas): {after:.1f} MiB")
 
 if __name__ == "__main__":
     main()
