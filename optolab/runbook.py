@@ -80,10 +80,12 @@ class RunBook:
         fresh = not (step == self.start_step and self.resumed)
         return fresh and (step in self.eval_steps or step in self.ckpt_steps)
 
-    def at_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def at_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+        """Evals and checkpoints due at ``step``; True when it evaluated (``last_loss`` is new)."""
         if not self.busy(step):
-            return
-        if step in self.eval_steps:
+            return False
+        evaluated = step in self.eval_steps
+        if evaluated:
             te = time.perf_counter()
             rows = evaluate(model, self.task, self.protocol.measures, self.evals, self.forward, step)
             if self.loss_n:
@@ -104,6 +106,7 @@ class RunBook:
                             {"name": self.protocol.name, "train_loss_sum": self.loss_sum.item(),
                              "train_loss_n": self.loss_n})
             prune(self.run.checkpoints, self.protocol.train.checkpoints.keep, protect={self.total})
+        return evaluated
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss.detach()

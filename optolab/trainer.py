@@ -68,8 +68,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     torch.set_flush_denormal(protocol.train.flush_denormals)
     try:
         while True:
-            book.at_step(step, model, optimizer)
-            if book.last_loss is not None:
+            if book.at_step(step, model, optimizer):
                 bar.set_postfix({f"{task.main_split} loss": f"{book.last_loss:.3f}"}, refresh=False)
             if step >= total or (stop_after is not None and step >= stop_after):
                 break
