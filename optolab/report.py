@@ -50,15 +50,16 @@ def _score_rise(m: pd.DataFrame, split: str) -> dict:
             "score_onset": event.onset if event else None, "score_midpoint": event.midpoint if event else None}
 
 
-def run_rows(sweep_dir: Path) -> tuple[dict, pd.DataFrame, list[str]]:
-    """One row per finished run. Phase changes are recomputed from ``metrics.parquet`` with the
-    installed detector, so a report never mixes detector versions."""
+def run_rows(sweep_dir: Path) -> tuple[dict, pd.DataFrame, list[str], dict[str, tuple[str, pd.DataFrame]]]:
+    """One row per finished run, the missing runs, and each run's ``(main split, metrics)``
+    (read once, for the figures too). Phase changes are recomputed from ``metrics.parquet``
+    with the installed detector, so a report never mixes detector versions."""
     meta_path = sweep_dir / "sweep.json"
     if not meta_path.is_file():
         raise OptolabError(f"'{sweep_dir}' has no sweep.json.", field="SWEEP_DIR",
                            fix="give the --out folder of an `optolab sweep` run.")
     meta = json.loads(meta_path.read_text())
-    rows, missing = [], []
+    rows, missing, metrics = [], [], {}
     for rid, info in meta["runs"].items():
         path = sweep_dir / rid / "summary.json"
         if not path.is_file():
@@ -67,6 +68,7 @@ def run_rows(sweep_dir: Path) -> tuple[dict, pd.DataFrame, list[str]]:
         s = json.loads(path.read_text())
         main = s["main_split"]
         m = pd.read_parquet(sweep_dir / rid / "metrics.parquet")
+        metrics[rid] = (main, m)
         pc = phase_change(m, main) or {}
         t05 = s.get("time_to_loss_0.5") or {}
         final = s.get("final", {}).get(main, {})  # a diverged run has none
@@ -77,7 +79,7 @@ def run_rows(sweep_dir: Path) -> tuple[dict, pd.DataFrame, list[str]]:
                      "plateau": pc.get("plateau"), "loss_below_0.5": t05.get("sequences"),
                      "final_loss": final.get("loss"), "final_acc": final.get("acc"),
                      **_score_rise(m, main)})
-    return meta, pd.DataFrame(rows), missing
+    return meta, pd.DataFrame(rows), missing, metrics
 
 
 def _times(values: pd.Series) -> list[float | None]:
@@ -140,7 +142,7 @@ def _html(markdown_sections: list[tuple[str, str]], tables: list[pd.DataFrame], 
 
 def write_report(sweep_dir: str | Path) -> list[Path]:
     sweep_dir = Path(sweep_dir)
-    meta, df, missing = run_rows(sweep_dir)
+    meta, df, missing, metrics = run_rows(sweep_dir)
     if df.empty:
         raise OptolabError(f"no finished runs in '{sweep_dir}'.", field="SWEEP_DIR",
                            fix="run `optolab sweep` to completion first (it resumes).")
@@ -149,7 +151,7 @@ def write_report(sweep_dir: str | Path) -> list[Path]:
              sweep_dir / "report.html"]
     df.to_csv(paths[0], index=False)
     cond.to_csv(paths[1], index=False)
-    images = plot_report(sweep_dir, df, cond)
+    images = plot_report(sweep_dir, df, cond, metrics)
     lines = [f"# Sweep {meta['sweep']['name']}", "",
              f"{len(df)} finished runs" + (f"; missing: {', '.join(missing)}" if missing else "") + ".", "",
              "## Per condition (sequences; midpoint of the phase change, and first eval below loss 0.5)", "",

@@ -12,20 +12,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from optolab.summary import head_score
-
-
-def _metrics(sweep_dir: Path, df: pd.DataFrame) -> dict[str, tuple[str, pd.DataFrame]]:
-    out = {}
-    for row in df.itertuples(index=False):
-        main = json.loads((sweep_dir / row.run / "summary.json").read_text())["main_split"]
-        out[row.run] = (main, pd.read_parquet(sweep_dir / row.run / "metrics.parquet"))
-    return out
 
 
 def _loss_curves(metrics: dict, df: pd.DataFrame) -> pd.DataFrame:
@@ -59,14 +50,15 @@ def _score_curves(metrics: dict, df: pd.DataFrame) -> tuple[pd.DataFrame, list[s
     return pd.concat(frames, ignore_index=True).astype({"head": int}), rows
 
 
-def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame) -> list[Path]:
+def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame,
+                metrics: dict[str, tuple[str, pd.DataFrame]]) -> list[Path]:
+    """The figures; ``metrics`` is each run's ``(main split, metrics table)`` from the report."""
     import seaborn as sns
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     figs = sweep_dir / "figures"
     figs.mkdir(exist_ok=True)
-    metrics = _metrics(sweep_dir, df)
     palette = dict(zip(cond["group"], sns.color_palette(n_colors=len(cond))))
     paths = []
 
