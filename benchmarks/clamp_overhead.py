@@ -39,13 +39,19 @@ CONDITIONS = {
     "two-pass (pattern-preserving)": ([{"kind": "preserve", "site": "pattern1"},
                                        {"kind": "ablate", "site": "v0", "heads": [2]}], "nnsight"),
     "layer-1 clamp (two traces)": ([{"kind": "layer_clamp"}], "nnsight"),
+    "none, compiled": ([], "compile"),
+    "pattern clamp, compiled": ([PREV], "compile"),
+    "two-pass, compiled": ([{"kind": "preserve", "site": "pattern1"},
+                            {"kind": "ablate", "site": "v0", "heads": [2]}], "compile"),
+    "layer-1 clamp, compiled": ([{"kind": "layer_clamp"}], "compile"),
 }
 
 
 def make_stepper(clamps: list[dict], engine: str):
     base = load_protocol(ROOT / "protocols" / "singh2024" / "main.yaml")
-    protocol = base.model_validate({**base.resolved(), "clamps": clamps,
-                                    "train": {**base.resolved()["train"], "clamp_engine": engine}})
+    train = {**base.resolved()["train"]}
+    train.update({"compile": True} if engine == "compile" else {"clamp_engine": engine})
+    protocol = base.model_validate({**base.resolved(), "clamps": clamps, "train": train})
     task = make_task(protocol.task)
     cfg = protocol.model_config_for(task)
     model = build_model(cfg, 0)

@@ -14,11 +14,17 @@ Rules:
   same ops, per member. The loss is each member's mean, summed: members share no parameter, so
   each gets exactly its own gradient; Adam is elementwise, so the stacked update is each
   member's own.
+- With ``train.compile`` the vmapped forward, all passes of the step's clamp program included,
+  is one compiled graph per program (:class:`_CompiledLogits`, the mechanism of
+  :mod:`optolab.compiled`).
 - Evals and checkpoints: at those steps a member's weights and Adam state are copied into a solo
-  model and optimizer, and its RunBook evaluates and checkpoints them through the protocol's own
-  Forward (nnsight): the solo code path. Resuming reads those checkpoints back.
+  model and optimizer, which its RunBook checkpoints; evals run on one model shared by all
+  members (loaded with each member's weights in turn) through one protocol Forward, nnsight or
+  compiled as a solo run's would, so compiled eval graphs are built once per ensemble, not per
+  member. Resuming reads the members' checkpoints back.
 - Numbers equal the solo run's up to float summation order in batched matrix products; the
-  tolerance is stated and tested in ``tests/test_ensemble.py``.
+  tolerance is stated and tested in ``tests/test_ensemble.py`` (and ``tests/test_compiled.py``
+  for compiled ensembles).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from optolab.checkpoint import list_checkpoints
+from optolab.clamps.engine import ClampForward, Program
+from optolab.compiled import NO_CLAMPS, CompiledForward, SiteDispatch, fresh_caches
 from optolab.errors import RunFailed
 from optolab.forward import Forward, PlainForward, make_forward
 from optolab.model import PLAIN_KERNELS, build_model
@@ -108,9 +116,44 @@ def _unstack_batch(tensors: dict[str, Tensor], rest: dict, n_inputs: int) -> Bat
 def _train_forward(protocol: Protocol, task, cfg) -> Forward:
     """The protocol's clamps with the hook backend (nnsight traces do not run under vmap)."""
     forward = make_forward(protocol, task, cfg)
+    if isinstance(forward, CompiledForward):
+        forward = forward.inner
     if not isinstance(forward, PlainForward):
         forward.backend = "hooks"
     return forward
+
+
+class _CompiledLogits:
+    """``train.compile``: the vmapped members' forward, every pass of the step's clamp program,
+    as one compiled graph per program (see :mod:`optolab.compiled`; sites act through a
+    :class:`~optolab.compiled.SiteDispatch` on the shared skeleton)."""
+
+    def __init__(self, skeleton: nn.Module, forward: Forward) -> None:
+        self.forward = forward
+        self.dispatch = SiteDispatch(skeleton)
+        self.compiled = torch.compile(self._logits, fullgraph=True, dynamic=False)
+        self.warm: set[tuple] = set()
+
+    def __call__(self, step: int, params, buffers, tensors, rest: dict, n_inputs: int) -> Tensor:
+        program = NO_CLAMPS
+        if isinstance(self.forward, ClampForward):
+            program = self.forward.prepare(self.dispatch.model, None, step, True)[0] or NO_CLAMPS
+        signature = (id(program), tuple(t.shape for t in tensors.values()))
+        if signature not in self.warm:  # an eager pass first fills the ops' per-shape caches
+            self.dispatch.cover(program)
+            with torch.no_grad():
+                self._logits(program, params, buffers, tensors, rest, n_inputs)
+            self.warm.add(signature)
+        return self.compiled(program, params, buffers, tensors, rest, n_inputs)
+
+    def _logits(self, program: Program, params, buffers, tensors, rest: dict, n_inputs: int) -> Tensor:
+        skeleton, run = self.dispatch.model, self.dispatch.run
+
+        def member(p: dict, b: dict, t: dict) -> Tensor:
+            return run(program, _unstack_batch(t, rest, n_inputs), {},
+                       lambda *inputs: functional_call(skeleton, (p, b), inputs))[0]
+
+        return vmap(member)(params, buffers, tensors)
 
 
 def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *, progress: bool = False,
@@ -132,8 +175,10 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     p0 = protocols[0]
     task = make_task(p0.task)
     cfg = p0.model_config_for(task)
-    books = [RunBook(p, o, task, cfg, make_forward(p, task, cfg)) for p, o in zip(protocols, outs)]
+    evaluator = make_forward(p0, task, cfg)  # members' clamps are equal (pack_key): one Forward
+    books = [RunBook(p, o, task, cfg, evaluator) for p, o in zip(protocols, outs)]
     models = [build_model(cfg, p.seeds.init) for p in protocols]
+    shared = build_model(cfg, p0.seeds.init)  # evaluated with each member's weights in turn
     optimizers = [make_optimizer(p, m) for p, m in zip(protocols, models)]
     starts = {b.start(m, o) for b, m, o in zip(books, models, optimizers)}
     step = starts.pop()
@@ -147,6 +192,9 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     _load_moments(optimizer, params, models, optimizers)
     skeleton = copy.deepcopy(models[0]).to("meta")
     forward = _train_forward(p0, task, cfg)
+    compiled = _CompiledLogits(skeleton, forward) if p0.train.compile else None
+    if compiled is not None:
+        fresh_caches()
     S = len(protocols)
 
     alive = [True] * S
@@ -167,7 +215,10 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
                 _sync_members(params, optimizer, models, optimizers)
                 for i, (b, m, o) in enumerate(zip(books, models, optimizers)):
                     if alive[i]:
-                        guard(i, b.at_step, step, m, o)
+                        with torch.no_grad():
+                            for mine, theirs in zip(shared.parameters(), m.parameters()):
+                                mine.copy_(theirs)
+                        guard(i, b.at_step, step, m, o, shared)
             if step >= total or (stop_after is not None and step >= stop_after) or not any(alive):
                 break
             batches = [task.train_batch(p.seeds.data, step, bs) for p in protocols]
@@ -178,11 +229,14 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
                                     step=step, training=True)
                 return logits
 
-            token = PLAIN_KERNELS.set(True)
-            try:
-                logits = vmap(member)(params, buffers, tensors)  # [member, batch, pos, d_out]
-            finally:
-                PLAIN_KERNELS.reset(token)
+            if compiled is not None:
+                logits = compiled(step, params, buffers, tensors, rest, n_inputs)
+            else:
+                token = PLAIN_KERNELS.set(True)
+                try:
+                    logits = vmap(member)(params, buffers, tensors)  # [member, batch, pos, d_out]
+                finally:
+                    PLAIN_KERNELS.reset(token)
             targets = tensors["targets"]
             per_token = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE,
                                         reduction="none").view(S, -1)

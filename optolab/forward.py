@@ -57,10 +57,17 @@ class PlainForward(Forward):
 
 
 def make_forward(protocol, task, cfg) -> Forward:
-    """The Forward a protocol needs: plain without clamps, else the compiled clamp engine."""
-    if not protocol.clamps:
-        return PlainForward()
-    from optolab.clamps.compile import compile_clamps
-    from optolab.clamps.engine import ClampForward
+    """The Forward a protocol needs: plain without clamps, else the clamp engine with the
+    protocol's compiled plan; with ``train.compile`` its training calls go through
+    :class:`optolab.compiled.CompiledForward`."""
+    forward: Forward = PlainForward()
+    if protocol.clamps:
+        from optolab.clamps.compile import compile_clamps
+        from optolab.clamps.engine import ClampForward
 
-    return ClampForward(compile_clamps(protocol, task, cfg), backend=protocol.train.clamp_engine)
+        forward = ClampForward(compile_clamps(protocol, task, cfg), backend=protocol.train.clamp_engine)
+    if protocol.train.compile:
+        from optolab.compiled import CompiledForward
+
+        forward = CompiledForward(forward)
+    return forward

@@ -80,14 +80,17 @@ class RunBook:
         fresh = not (step == self.start_step and self.resumed)
         return fresh and (step in self.eval_steps or step in self.ckpt_steps)
 
-    def at_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-        """Evals and checkpoints due at ``step``; True when it evaluated (``last_loss`` is new)."""
+    def at_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                eval_model: torch.nn.Module | None = None) -> bool:
+        """Evals and checkpoints due at ``step``; True when it evaluated (``last_loss`` is new).
+        ``eval_model`` (the same weights in another module, e.g. one shared by an ensemble's
+        members so their evals share compiled graphs) is evaluated in place of ``model``."""
         if not self.busy(step):
             return False
         evaluated = step in self.eval_steps
         if evaluated:
             te = time.perf_counter()
-            rows = evaluate(model, self.task, self.protocol.measures, self.evals, self.forward, step)
+            rows = evaluate(model if eval_model is None else eval_model, self.task, self.protocol.measures, self.evals, self.forward, step)
             if self.loss_n:
                 rows.append({"split": "train_batches", "metric": "loss", "layer": None, "head": None,
                              "value": self.loss_sum.item() / self.loss_n})

@@ -3,7 +3,8 @@
 Rules:
 - A sweep file names a base ``protocol`` (relative to the sweep file), ``seeds``, optional
   ``conditions`` (a list of ``{name, protocol?, set?}``: another base file and/or dotted-field
-  overrides) and an optional ``grid`` (``{dotted.field: [values]}``, crossed with everything).
+  overrides) and an optional ``grid`` (``{dotted.field: [values]}``, crossed with everything);
+  a top-level ``set`` applies to every run (a condition's own ``set`` wins).
   ``reference`` names the condition other conditions are compared with in reports.
 - Every run gets a stable, readable id: ``<condition>[__<field>-<value>…]_s<seed>``, and its own
   run directory ``OUT/<id>``. Every expanded protocol is validated before anything runs: an
@@ -52,6 +53,8 @@ class SweepSpec(BaseModel):
     protocol: str
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     conditions: list[Condition] = Field(default_factory=lambda: [Condition(name="base")], min_length=1)
+    set: dict[str, Any] = Field(default_factory=dict,
+                                description="dotted field -> value overrides for every run (a condition's own set wins)")
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     reference: str | None = None
 
@@ -136,13 +139,13 @@ def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: di
             point = dict(zip(fields, values))
             for seed in spec.seeds:
                 data = copy.deepcopy(base)
-                for dotted, value in {**cond.set, **point}.items():
+                for dotted, value in {**spec.set, **cond.set, **point}.items():
                     _set(data, dotted, value)
                 data["seeds"]["init"] = data["seeds"]["data"] = seed
                 suffix = "".join(f"__{f.rsplit('.', 1)[-1]}-{_label(v)}" for f, v in point.items())
                 run_id = f"{cond.name}{suffix}_s{seed}"
                 data["name"] = f"{spec.name}.{run_id}"
-                protocol = _validate(data, run_id, {**cond.set, **point}, source, lines)
+                protocol = _validate(data, run_id, {**spec.set, **cond.set, **point}, source, lines)
                 runs[run_id] = SweepRun(run_id, protocol, cond.name, point, seed)
     return runs
 

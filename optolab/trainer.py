@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from optolab.compiled import fresh_caches
 from optolab.forward import Forward, make_forward
 from optolab.model import Transformer, build_model
 from optolab.protocol import Protocol
@@ -53,6 +54,8 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     task = make_task(protocol.task)
     cfg = protocol.model_config_for(task)
     forward = forward or make_forward(protocol, task, cfg)
+    if protocol.train.compile:
+        fresh_caches()
     book = RunBook(protocol, out, task, cfg, forward)
     model = build_model(cfg, protocol.seeds.init)
     optimizer = make_optimizer(protocol, model)

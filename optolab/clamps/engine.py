@@ -59,7 +59,14 @@ def _value_fn(c: Compiled) -> Callable[[Tensor, PassContext], Tensor]:
         return lambda out, ctx: out.detach().roll(1, dims=0)
     if kind == "set":
         if s.to in ("previous_token", "uniform"):
-            return lambda out, ctx: _fixed_pattern(s.to, out.shape[-2], out.shape[-1], s.strength)
+            patterns: dict[torch.Size, Tensor] = {}  # per shape; a plain dict the compiler can read
+
+            def fixed(out: Tensor, ctx: PassContext) -> Tensor:
+                p = patterns.get(out.shape)
+                if p is None:
+                    p = patterns[out.shape] = _fixed_pattern(s.to, out.shape[-2], out.shape[-1], s.strength)
+                return p
+            return fixed
         if s.to == "perfect_match":
             return lambda out, ctx: perfect_match_rows(ctx.batch, s.strength)
         if s.to == "constant":
@@ -178,6 +185,14 @@ def build_program(plan: Plan, active: list[Compiled], save: Sequence[str]) -> Pr
     return Program(passes, output, grafts)
 
 
+def program_logits(program: Program, logits: Tensor, ctx: PassContext, batch: Batch) -> Tensor:
+    """The last pass's logits, or the copy head's logits where the program defines the output."""
+    if program.copy is None:
+        return logits
+    pass_name, site, head = program.copy
+    return copy_logits(logits, ctx.recorded[(pass_name, site)], head, batch)
+
+
 def copy_logits(logits: Tensor, scores: Tensor, head: int, batch: Batch) -> Tensor:
     """Query logits from one head's pre-softmax scores to the label tokens (ANCHORS §2): each
     context label gets the log-sum-exp of its tokens' scores (= the score when it occurs once),
@@ -214,25 +229,32 @@ class ClampForward(Forward):
 
     def __call__(self, model: nn.Module, batch: Batch, *, step: int, training: bool,
                  save: Sequence[str] = ()) -> tuple[Tensor, dict[str, Tensor]]:
+        program, grafted = self.prepare(model, batch, step, training, save)
+        if program is None:
+            return self._plain(model, batch, step=step, training=training, save=save)
+        ctx = PassContext(batch, grafted=grafted)
+        logits = None
+        for p in program.passes:
+            logits = self._run(model, p, batch, ctx)
+        return program_logits(program, logits, ctx, batch), ctx.saved
+
+    def prepare(self, model: nn.Module, batch: Batch, step: int, training: bool,
+                save: Sequence[str] = ()) -> tuple[Program | None, dict]:
+        """Everything before the passes: freeze sources applied, the program of the clamps active
+        at ``step`` (None when none is), and the grafted activations it reads."""
         self._apply_freeze_sources(model, step, training)
         active = self.active(step, training)
         if not active:
-            return self._plain(model, batch, step=step, training=training, save=save)
+            return None, {}
         key = (tuple(c.index for c in active), tuple(save))
         program = self._programs.get(key)
         if program is None:
             program = self._programs[key] = build_program(self.plan, active, save)
-        ctx = PassContext(batch)
+        grafted = {}
         for g in program.grafts:
             _, got = self._plain(self.plan.grafts[g.index], batch, step=step, training=False, save=[g.site.name])
-            ctx.grafted[g.index] = got[g.site.name]
-        logits = None
-        for p in program.passes:
-            logits = self._run(model, p, batch, ctx)
-        if program.copy is not None:
-            pass_name, site, head = program.copy
-            logits = copy_logits(logits, ctx.recorded[(pass_name, site)], head, batch)
-        return logits, ctx.saved
+            grafted[g.index] = got[g.site.name]
+        return program, grafted
 
     # --- one pass ------------------------------------------------------------------------
 

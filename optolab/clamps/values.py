@@ -29,7 +29,7 @@ from optolab.tasks.base import Batch
 class PassContext:
     batch: Batch
     recorded: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (pass, site) -> activation
-    grafted: dict[str, Tensor] = field(default_factory=dict)  # site -> frozen model's activation
+    grafted: dict[int, Tensor] = field(default_factory=dict)  # graft clamp index -> source model activation
     saved: dict[str, Tensor] = field(default_factory=dict)  # what the caller asked to save
 
 

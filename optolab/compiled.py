@@ -1,0 +1,133 @@
+"""The compiled path (``train.compile: true``): training forwards through ``torch.compile``.
+
+Rules:
+- Same protocol semantics as the clamp engine: the same :class:`~optolab.clamps.engine.Program`
+  (passes, sites in forward order, ops in protocol order) built by the same engine, applied at
+  the same hook points. Only the mechanism differs: each site has one permanent forward hook
+  (:class:`SiteDispatch`) that does nothing until a program call sets the ops of the pass being
+  run; the whole program (every pass, plus the copy head's logits) is one compiled graph.
+- What is compiled: every forward of the run, training steps and evaluations (which save the
+  activations measures read through the same dispatch, ``save`` ops last at their site, as the
+  engine orders them). The loss, backward and optimizer step stay with the trainer.
+- Each distinct program compiles once per input shape (shapes are static, so an eval set of
+  another size is another graph). Before that, one eager pass without gradients fills the
+  per-shape caches the ops keep (selection masks, fixed patterns), so the compiler only ever
+  sees dictionary lookups. Every step is compiled, so a resumed run repeats the uninterrupted
+  one exactly.
+- Results equal the nnsight path up to float rounding (the compiler reorders sums); the
+  tolerance is stated and tested in ``tests/test_compiled.py``.
+- A compiled run starts by clearing torch.compile's caches (:func:`fresh_caches`) and allowing
+  :data:`RECOMPILES` graphs per function (torch's default, 8, is below what a run with clamp
+  windows and two eval shapes needs): a long-lived process (a sweep worker, a notebook) then
+  never hits the limit, where torch would silently fall back to eager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from optolab.clamps.engine import ClampForward, Op, Pass, Program, program_logits, save_op
+from optolab.clamps.values import PassContext
+from optolab.forward import Forward
+from optolab.tasks.base import Batch
+
+NO_CLAMPS = Program([Pass("main", [])], None, [])
+RECOMPILES = 64
+
+
+def fresh_caches() -> None:
+    torch.compiler.reset()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILES)
+
+
+def saving(save: Sequence[str]) -> Program:
+    """The unclamped program that saves ``save`` (the engine runs such calls without nnsight)."""
+    return Program([Pass("main", [(s, [save_op(s)]) for s in save])], None, [])
+
+
+class SiteDispatch:
+    """Permanent forward hooks on a model's sites that apply the current pass's ops.
+
+    ``ops``/``ctx`` are set only for the duration of a program call (inside the compiled
+    region); outside one every hook returns None, so nnsight traces and plain calls of the same
+    model see an untouched forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.ops: dict[str, list[Op]] | None = None
+        self.ctx: PassContext | None = None
+        self._hooked: set[str] = set()
+
+    def cover(self, program: Program) -> None:
+        modules = dict(self.model.named_modules())
+        for p in program.passes:
+            for site, _ops in p.steps:
+                if site not in self._hooked:
+                    modules[site].register_forward_hook(self._hook(site))
+                    self._hooked.add(site)
+
+    def _hook(self, site: str):
+        def fn(_module, _inputs, out):
+            ops = self.ops.get(site) if self.ops is not None else None
+            if not ops:
+                return None
+            new = out
+            for op in ops:
+                new = op(new, self.ctx)
+            return new
+        return fn
+
+    def run(self, program: Program, batch: Batch, grafted: dict,
+            model: Callable | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every pass of ``program`` on ``batch``: the logits the loss is taken on, and the saved
+        activations. ``model`` stands in for the hooked model (an ensemble member's
+        ``functional_call`` of it)."""
+        model = self.model if model is None else model
+        ctx = PassContext(batch, grafted=grafted)
+        self.ctx = ctx
+        logits = None
+        for p in program.passes:
+            self.ops = dict(p.steps)
+            logits = model(*batch.inputs)
+        self.ops = None
+        self.ctx = None
+        return program_logits(program, logits, ctx, batch), ctx.saved
+
+
+class CompiledForward(Forward):
+    """The protocol's Forward (``inner``: the clamp engine, or plain) with every call compiled."""
+
+    def __init__(self, inner: Forward) -> None:
+        self.inner = inner
+        self._dispatch: SiteDispatch | None = None
+        self._compiled: Callable | None = None
+        self._warm: set[tuple] = set()
+        self._saving: dict[tuple[str, ...], Program] = {}
+
+    def __call__(self, model: nn.Module, batch: Batch, *, step: int, training: bool,
+                 save: Sequence[str] = ()) -> tuple[Tensor, dict[str, Tensor]]:
+        program, grafted = None, {}
+        if isinstance(self.inner, ClampForward):
+            program, grafted = self.inner.prepare(model, batch, step, training, save)
+        if program is None:
+            key = tuple(save)
+            program = self._saving.get(key) or self._saving.setdefault(key, saving(key))
+        if self._dispatch is None or self._dispatch.model is not model:
+            self._dispatch, self._warm = SiteDispatch(model), set()
+            self._compiled = torch.compile(self._dispatch.run, fullgraph=True, dynamic=False)
+        signature = (id(program), tuple(t.shape for t in batch.inputs))
+        if signature not in self._warm:  # an eager pass first fills the ops' per-shape caches
+            self._dispatch.cover(program)
+            with torch.no_grad():
+                self._dispatch.run(program, batch, grafted)
+            self._warm.add(signature)
+        return self._compiled(program, batch, grafted)
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        self.inner.after_backward(model, step)
+
+    def after_update(self, model: nn.Module, step: int) -> None:
+        self.inner.after_update(model, step)
