@@ -38,6 +38,19 @@ NO_CLAMPS = Program([Pass("main", [])], None, [])
 RECOMPILES = 64
 
 
+# Inductor's CPU kernels vectorise the innermost axis. Ours are a head's 8 dims and a context of
+# a few keys: with 256-bit vectors (8 floats) those are whole vectors, with the default 512-bit
+# ones they are masked half-vectors and horizontal reductions. Measured on the attention block
+# of the main config (one core, forward + backward): 868 µs at 512 bits, 462 µs at 256 bits;
+# a compiled ensemble of 8: 618 -> 733 model-steps/s.
+OPTIONS = {"cpp.simdlen": 256}
+
+
+def compile_fn(fn: Callable) -> Callable:
+    """``fn`` through torch.compile as this module uses it: one graph, static shapes."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=OPTIONS)
+
+
 def fresh_caches() -> None:
     torch.compiler.reset()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILES)
@@ -117,7 +130,7 @@ class CompiledForward(Forward):
             program = self._saving.get(key) or self._saving.setdefault(key, saving(key))
         if self._dispatch is None or self._dispatch.model is not model:
             self._dispatch, self._warm = SiteDispatch(model), set()
-            self._compiled = torch.compile(self._dispatch.run, fullgraph=True, dynamic=False)
+            self._compiled = compile_fn(self._dispatch.run)
         signature = (id(program), tuple(t.shape for t in batch.inputs))
         if signature not in self._warm:  # an eager pass first fills the ops' per-shape caches
             self._dispatch.cover(program)

@@ -41,7 +41,7 @@ from torch.func import functional_call, vmap
 
 from optolab.checkpoint import list_checkpoints
 from optolab.clamps.engine import ClampForward, Program
-from optolab.compiled import NO_CLAMPS, CompiledForward, SiteDispatch, fresh_caches
+from optolab.compiled import NO_CLAMPS, CompiledForward, SiteDispatch, compile_fn, fresh_caches
 from optolab.errors import RunFailed
 from optolab.forward import Forward, PlainForward, make_forward
 from optolab.model import PLAIN_KERNELS, build_model
@@ -131,7 +131,7 @@ class _CompiledLogits:
     def __init__(self, skeleton: nn.Module, forward: Forward) -> None:
         self.forward = forward
         self.dispatch = SiteDispatch(skeleton)
-        self.compiled = torch.compile(self._logits, fullgraph=True, dynamic=False)
+        self.compiled = compile_fn(self._logits)
         self.warm: set[tuple] = set()
 
     def __call__(self, step: int, params, buffers, tensors, rest: dict, n_inputs: int) -> Tensor:
