@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Pinned so pip takes the CPU wheel; pyproject keeps an open range for users elsewhere.
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test bench bench-train bench-clamps bench-generators bench-ensemble bench-soak install clean
+.PHONY: demo test bench bench-train bench-clamps bench-generators bench-ensemble bench-soak bench-t4 install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,7 +30,9 @@ bench-train: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
 
 bench-ensemble: $(STAMP)
-	$(BIN)/python benchmarks/ensemble.py
+	$(BIN)/python benchmarks/ensemble.py --sizes 1 8
+	$(BIN)/python benchmarks/ensemble.py --compile --steps 1000 --sizes 1 4 8 16
+	$(BIN)/python benchmarks/ensemble.py --compile --steps 1000 --sizes 8 --protocols none --parallel 2
 
 bench-clamps: $(STAMP)
 	$(BIN)/python benchmarks/clamp_overhead.py
@@ -40,6 +42,10 @@ bench-generators: $(STAMP)
 
 bench-soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py
+
+# The T4 sweep end to end (two workers, compiled, packed): takes the minutes it measures.
+bench-t4: $(STAMP)
+	$(BIN)/python benchmarks/t4_sweep.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

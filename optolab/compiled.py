@@ -1,4 +1,4 @@
-"""The compiled path (``train.compile: true``): training forwards through ``torch.compile``.
+"""The compiled path (``train.compile: true``): every forward of a run through ``torch.compile``.
 
 Rules:
 - Same protocol semantics as the clamp engine: the same :class:`~optolab.clamps.engine.Program`
@@ -20,17 +20,28 @@ Rules:
   :data:`RECOMPILES` graphs per function (torch's default, 8, is below what a run with clamp
   windows and two eval shapes needs): a long-lived process (a sweep worker, a notebook) then
   never hits the limit, where torch would silently fall back to eager.
+- On CPU the compiler needs a C++ compiler; without one the protocol is refused before anything
+  runs (:func:`require_compiler`), not at the first step.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from optolab.clamps.engine import ClampForward, Op, Pass, Program, program_logits, save_op
+from optolab.clamps.engine import (
+    ClampForward,
+    Op,
+    Pass,
+    Program,
+    program_logits,
+    save_op,
+)
 from optolab.clamps.values import PassContext
+from optolab.errors import OptolabError
 from optolab.forward import Forward
 from optolab.tasks.base import Batch
 
@@ -49,6 +60,13 @@ OPTIONS = {"cpp.simdlen": 256}
 def compile_fn(fn: Callable) -> Callable:
     """``fn`` through torch.compile as this module uses it: one graph, static shapes."""
     return torch.compile(fn, fullgraph=True, dynamic=False, options=OPTIONS)
+
+
+def require_compiler() -> None:
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        raise OptolabError("train.compile needs a C++ compiler on CPU (torch.compile builds its kernels), "
+                           "and none is on PATH.", field="train.compile",
+                           fix="install one (e.g. g++), or set train.compile: false.")
 
 
 def fresh_caches() -> None:

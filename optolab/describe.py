@@ -52,7 +52,8 @@ def describe_protocol(p: Protocol) -> list[str]:
     plan = compile_clamps(p, task, cfg)
     everything = sorted(plan.site_clamps + plan.layer_clamps + plan.freezes + ([plan.copy] if plan.copy else []),
                         key=lambda c: c.index)
-    lines.append(f"Clamps ({len(everything)}, applied through {p.train.clamp_engine}; "
+    how = "the compiled path (train.compile)" if p.train.compile else p.train.clamp_engine
+    lines.append(f"Clamps ({len(everything)}, applied through {how}; "
                  "layers and heads count from 0):")
     lines += ["  " + describe_clamp(c, plan, cfg.n_heads) for c in everything]
     return lines

@@ -41,7 +41,13 @@ from torch.func import functional_call, vmap
 
 from optolab.checkpoint import list_checkpoints
 from optolab.clamps.engine import ClampForward, Program
-from optolab.compiled import NO_CLAMPS, CompiledForward, SiteDispatch, compile_fn, fresh_caches
+from optolab.compiled import (
+    NO_CLAMPS,
+    CompiledForward,
+    SiteDispatch,
+    compile_fn,
+    fresh_caches,
+)
 from optolab.errors import RunFailed
 from optolab.forward import Forward, PlainForward, make_forward
 from optolab.model import PLAIN_KERNELS, build_model

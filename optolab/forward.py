@@ -67,7 +67,8 @@ def make_forward(protocol, task, cfg) -> Forward:
 
         forward = ClampForward(compile_clamps(protocol, task, cfg), backend=protocol.train.clamp_engine)
     if protocol.train.compile:
-        from optolab.compiled import CompiledForward
+        from optolab.compiled import CompiledForward, require_compiler
 
+        require_compiler()
         forward = CompiledForward(forward)
     return forward

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from optolab.ensemble import train_ensemble
+from optolab.errors import OptolabError
 from optolab.loader import validate_protocol
 from optolab.model import build_model
 from optolab.trainer import train
@@ -99,3 +100,11 @@ def test_a_resumed_compiled_run_repeats_the_uninterrupted_one(tmp_path):
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
     assert full.run_dir.metrics()["value"].equals(resumed.run_dir.metrics()["value"])
+
+
+def test_no_cpp_compiler_is_one_clear_error_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr("optolab.compiled.shutil.which", lambda name: None)
+    with pytest.raises(OptolabError) as err:
+        train(_protocol([], True), tmp_path / "run", progress=False)
+    assert err.value.field == "train.compile" and "train.compile: false" in err.value.fix
+    assert not (tmp_path / "run").exists()
