@@ -5,9 +5,10 @@ steps per process. This trains ``protocols/singh2024/fig5b_layer1_copy.yaml`` (t
 through nnsight: an ablation, and the three-pass layer-1 clamp with a perfect-copy head) for
 ``--steps`` steps (default 1e5) with the protocol's evals and checkpoints, and prints RSS at the
 start of training, every ``--every`` steps, and at the end. Nothing is kept on disk.
-Target (issue 7): RSS growth under 5 % from the first report to the last.
+``--compile`` soaks the compiled path (``train.compile``) instead.
+Target (issues 6 and 7): RSS growth under 5 % from the first report to the last.
 
-    .venv/bin/python benchmarks/soak.py [--steps 100000] [--every 10000]
+    .venv/bin/python benchmarks/soak.py [--steps 100000] [--every 10000] [--compile]
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--every", type=int, default=10_000)
     ap.add_argument("--protocol", default=str(ROOT / "protocols" / "singh2024" / "fig5b_layer1_copy.yaml"))
+    ap.add_argument("--compile", action="store_true", help="soak the compiled path (train.compile) instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -64,6 +66,7 @@ def main() -> None:
     data["train"].pop("sequences", None)
     data["train"]["steps"] = args.steps
     data["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": max(args.steps // 5, 1)}, "keep": 1}
+    data["train"]["compile"] = args.compile
     protocol = validate_protocol(data)
     task = make_task(protocol.task)
     log: list = []
@@ -78,6 +81,7 @@ def main() -> None:
     print(f"RSS at step {first_step} (after warm-up): {first:.1f} MiB; at step {last_step}: {last:.1f} MiB; "
           f"growth {100 * (last - first) / first:+.1f} % (target < 5 %)")
     print(f"RSS after the run wrote metrics.parquet and summary.json (pandas): {after:.1f} MiB")
+
 
 if __name__ == "__main__":
     main()
