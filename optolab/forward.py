@@ -58,7 +58,7 @@ class PlainForward(Forward):
 
 def make_forward(protocol, task, cfg) -> Forward:
     """The Forward a protocol needs: plain without clamps, else the clamp engine with the
-    protocol's compiled plan; with ``train.compile`` its training calls go through
+    protocol's compiled plan; with ``train.compile`` every call goes through
     :class:`optolab.compiled.CompiledForward`."""
     forward: Forward = PlainForward()
     if protocol.clamps:

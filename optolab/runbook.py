@@ -90,7 +90,8 @@ class RunBook:
         evaluated = step in self.eval_steps
         if evaluated:
             te = time.perf_counter()
-            rows = evaluate(model if eval_model is None else eval_model, self.task, self.protocol.measures, self.evals, self.forward, step)
+            rows = evaluate(model if eval_model is None else eval_model, self.task, self.protocol.measures,
+                            self.evals, self.forward, step)
             if self.loss_n:
                 rows.append({"split": "train_batches", "metric": "loss", "layer": None, "head": None,
                              "value": self.loss_sum.item() / self.loss_n})

@@ -9,7 +9,9 @@ Rules:
 - Determinism: the model is initialised from ``seeds.init``; the batch of step t depends only on
   ``(seeds.data, t)``; eval sets only on ``seeds.eval``. So resuming from the checkpoint at step
   t continues exactly as the uninterrupted run did.
-- No process-wide setting is changed (thread counts are the caller's: the CLI sets one thread).
+- No process-wide setting is changed (thread counts are the caller's: the CLI sets one thread),
+  except that a ``train.compile`` run starts from cleared torch.compile caches with a higher
+  recompile limit (:func:`optolab.compiled.fresh_caches` says why).
 """
 
 from __future__ import annotations
