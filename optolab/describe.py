@@ -33,7 +33,8 @@ def describe_protocol(p: Protocol) -> list[str]:
         f"{', smeared keys' if m.smeared_keys else ''}; input {io.input_mode}, output {io.d_out}; {n_params:,} parameters.",
         f"Training: Adam lr {t.lr:g}, betas {t.betas}, weight decay {t.weight_decay:g}, "
         f"grad clip {t.grad_clip if t.grad_clip else 'none'}, batch {t.batch_size}, "
-        f"{t.total_steps:,} steps = {t.total_steps * t.batch_size:,} sequences.",
+        f"{t.total_steps:,} steps = {t.total_steps * t.batch_size:,} sequences"
+        + ("; every forward through torch.compile (train.compile)." if t.compile else "."),
         f"Seeds: init {p.seeds.init}, data {p.seeds.data}, eval {p.seeds.eval}.",
         f"Evaluation: {_schedule(p.measures.schedule, t.batch_size, len(p.eval_steps()))}, "
         f"{p.measures.eval_sequences} sequences per split.",
