@@ -120,11 +120,13 @@ class SiteDispatch:
         ctx = PassContext(batch, grafted=grafted)
         self.ctx = ctx
         logits = None
-        for p in program.passes:
-            self.ops = dict(p.steps)
-            logits = model(*batch.inputs)
-        self.ops = None
-        self.ctx = None
+        try:
+            for p in program.passes:
+                self.ops = dict(p.steps)
+                logits = model(*batch.inputs)
+        finally:  # an interrupted call must not leave ops acting on later plain calls
+            self.ops = None
+            self.ctx = None
         return program_logits(program, logits, ctx, batch), ctx.saved
 
 
