@@ -127,8 +127,9 @@ class TrainSpec(Strict):
     clamp_engine: Literal["nnsight", "hooks"] = Field(
         "nnsight", description="how clamps are applied: nnsight traces, or the same ops as raw forward hooks")
     compile: bool = Field(
-        False, description="training forwards through torch.compile (optolab.compiled): ~2x faster steps, "
-                           "equal to the nnsight path up to float rounding; costs a compile per clamp program")
+        False, description="every forward (training and evals) through torch.compile (optolab.compiled): "
+                           "~1.6-2.8x faster, equal to the nnsight path up to float rounding; "
+                           "costs a compile per clamp program")
     checkpoints: Checkpoints = Field(default_factory=Checkpoints)
 
     @model_validator(mode="after")

@@ -32,6 +32,12 @@ def test_expansion_gives_stable_readable_ids_and_applies_overrides(tmp_path):
     assert r.protocol.seeds.init == r.protocol.seeds.data == 1 and r.group == "lr3e-3__n_labels-6"
 
 
+def test_a_top_level_set_applies_to_every_run_and_a_condition_set_wins(tmp_path):
+    _, runs = load_sweep(_sweep(tmp_path, set={"train.compile": True, "train.lr": 2e-3}))
+    assert all(r.protocol.train.compile for r in runs.values())
+    assert runs["lr1e-3_s0"].protocol.train.lr == 2e-3 and runs["lr3e-3_s0"].protocol.train.lr == 3e-3
+
+
 @pytest.mark.parametrize("extra, words", [
     ({"grid": {"task.n_lables": [5]}}, "did you mean 'n_labels'"),
     ({"grid": {"train.lr": []}}, "has no values"),
