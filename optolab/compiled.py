@@ -91,8 +91,21 @@ class SiteDispatch:
         self.ops: dict[str, list[Op]] | None = None
         self.ctx: PassContext | None = None
         self._hooked: set[str] = set()
+        self._warm: set[tuple] = set()
 
-    def cover(self, program: Program) -> None:
+    def warm(self, program: Program, shapes: tuple, eager: Callable[[], object]) -> None:
+        """Before ``program``'s first compiled call at these input shapes: hook its sites and run
+        it once eagerly (``eager()``) without gradients, which fills the per-shape caches the ops
+        keep (selection masks, fixed patterns), so the compiler only sees dictionary lookups."""
+        key = (id(program), shapes)  # programs live as long as their engine's cache: ids stay unique
+        if key in self._warm:
+            return
+        self._cover(program)
+        with torch.no_grad():
+            eager()
+        self._warm.add(key)
+
+    def _cover(self, program: Program) -> None:
         modules = dict(self.model.named_modules())
         for p in program.passes:
             for site, _ops in p.steps:
@@ -137,7 +150,6 @@ class CompiledForward(Forward):
         self.inner = inner
         self._dispatch: SiteDispatch | None = None
         self._compiled: Callable | None = None
-        self._warm: set[tuple] = set()
         self._saving: dict[tuple[str, ...], Program] = {}
 
     def __call__(self, model: nn.Module, batch: Batch, *, step: int, training: bool,
@@ -149,14 +161,10 @@ class CompiledForward(Forward):
             key = tuple(save)
             program = self._saving.get(key) or self._saving.setdefault(key, saving(key))
         if self._dispatch is None or self._dispatch.model is not model:
-            self._dispatch, self._warm = SiteDispatch(model), set()
+            self._dispatch = SiteDispatch(model)
             self._compiled = compile_fn(self._dispatch.run)
-        signature = (id(program), tuple(t.shape for t in batch.inputs))
-        if signature not in self._warm:  # an eager pass first fills the ops' per-shape caches
-            self._dispatch.cover(program)
-            with torch.no_grad():
-                self._dispatch.run(program, batch, grafted)
-            self._warm.add(signature)
+        self._dispatch.warm(program, tuple(t.shape for t in batch.inputs),
+                            lambda: self._dispatch.run(program, batch, grafted))
         return self._compiled(program, batch, grafted)
 
     def after_backward(self, model: nn.Module, step: int) -> None:

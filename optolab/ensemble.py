@@ -138,18 +138,13 @@ class _CompiledLogits:
         self.forward = forward
         self.dispatch = SiteDispatch(skeleton)
         self.compiled = compile_fn(self._logits)
-        self.warm: set[tuple] = set()
 
     def __call__(self, step: int, params, buffers, tensors, rest: dict, n_inputs: int) -> Tensor:
         program = NO_CLAMPS
         if isinstance(self.forward, ClampForward):
             program = self.forward.prepare(self.dispatch.model, None, step, True)[0] or NO_CLAMPS
-        signature = (id(program), tuple(t.shape for t in tensors.values()))
-        if signature not in self.warm:  # an eager pass first fills the ops' per-shape caches
-            self.dispatch.cover(program)
-            with torch.no_grad():
-                self._logits(program, params, buffers, tensors, rest, n_inputs)
-            self.warm.add(signature)
+        self.dispatch.warm(program, tuple(t.shape for t in tensors.values()),
+                           lambda: self._logits(program, params, buffers, tensors, rest, n_inputs))
         return self.compiled(program, params, buffers, tensors, rest, n_inputs)
 
     def _logits(self, program: Program, params, buffers, tensors, rest: dict, n_inputs: int) -> Tensor:
