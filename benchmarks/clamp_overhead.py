@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from optolab.forward import make_forward
 from optolab.loader import load_protocol
 from optolab.model import build_model
-from optolab.tasks import IGNORE, make_task
-from optolab.trainer import make_optimizer
+from optolab.tasks import make_task
+from optolab.trainer import make_optimizer, make_update
 
 ROOT = Path(__file__).resolve().parents[1]
 PREV = {"kind": "set", "site": "pattern0", "heads": [2], "to": "previous_token"}
@@ -62,15 +61,10 @@ def make_stepper(clamps: list[dict], engine: str):
     forward = make_forward(protocol, task, cfg)
     bs = protocol.train.batch_size
 
+    update = make_update(protocol, forward, model, opt)  # the trainer's step (fused when compiled)
+
     def step(i: int) -> None:
-        batch = task.train_batch(0, i, bs)
-        logits, _ = forward(model, batch, step=i, training=True)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        forward.after_backward(model, i)
-        opt.step()
-        forward.after_update(model, i)
+        update(task.train_batch(0, i, bs), i)
 
     return step
 

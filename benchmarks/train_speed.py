@@ -24,14 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from optolab.forward import make_forward
 from optolab.loader import load_protocol
 from optolab.measures.evaluate import EvalSet, evaluate
 from optolab.model import build_model
-from optolab.tasks import IGNORE, make_task
-from optolab.trainer import make_optimizer
+from optolab.tasks import make_task
+from optolab.trainer import make_optimizer, make_update
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,13 +45,10 @@ def setup(compiled: bool):
     forward = make_forward(protocol, task, cfg)
     bs = protocol.train.batch_size
 
+    update = make_update(protocol, forward, model, opt)  # the trainer's step (fused when compiled)
+
     def step(i: int) -> None:
-        batch = task.train_batch(0, i, bs)
-        logits, _ = forward(model, batch, step=i, training=True)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        update(task.train_batch(0, i, bs), i)
 
     evals = EvalSet.build(task, protocol.measures, 1, cfg.n_ctx)
 

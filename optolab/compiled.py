@@ -55,11 +55,16 @@ RECOMPILES = 64
 # of the main config (one core, forward + backward): 868 µs at 512 bits, 462 µs at 256 bits;
 # a compiled ensemble of 8: 618 -> 733 model-steps/s.
 OPTIONS = {"cpp.simdlen": 256}
+# A training step's graph runs every step: there, a C++ wrapper (instead of Python code calling
+# each kernel and allocating each buffer) and no per-call stride asserts on extern kernels' outputs
+# take the main config from 575 to 590 steps/s (one clamp, one core); it costs a few seconds more
+# compiling, which evals (a few hundred calls per run) would not earn back.
+STEP_OPTIONS = {**OPTIONS, "cpp_wrapper": True, "size_asserts": False}
 
 
-def compile_fn(fn: Callable) -> Callable:
+def compile_fn(fn: Callable, options: dict = OPTIONS) -> Callable:
     """``fn`` through torch.compile as this module uses it: one graph, static shapes."""
-    return torch.compile(fn, fullgraph=True, dynamic=False, options=OPTIONS)
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
 
 
 def require_compiler() -> None:
@@ -154,18 +159,29 @@ class CompiledForward(Forward):
 
     def __call__(self, model: nn.Module, batch: Batch, *, step: int, training: bool,
                  save: Sequence[str] = ()) -> tuple[Tensor, dict[str, Tensor]]:
+        program, grafted = self.program(model, batch, step, training, save)
+        dispatch = self.dispatch(model)
+        dispatch.warm(program, tuple(t.shape for t in batch.inputs), lambda: dispatch.run(program, batch, grafted))
+        return self._compiled(program, batch, grafted)
+
+    def program(self, model: nn.Module, batch: Batch, step: int, training: bool,
+                save: Sequence[str] = ()) -> tuple[Program, dict]:
+        """The clamp program of this call (the engine's, or the plain one that saves ``save``)
+        and the grafted activations it reads."""
         program, grafted = None, {}
         if isinstance(self.inner, ClampForward):
             program, grafted = self.inner.prepare(model, batch, step, training, save)
         if program is None:
             key = tuple(save)
             program = self._saving.get(key) or self._saving.setdefault(key, saving(key))
+        return program, grafted
+
+    def dispatch(self, model: nn.Module) -> SiteDispatch:
+        """The site hooks on ``model`` (one set per model, shared with :mod:`optolab.fused`)."""
         if self._dispatch is None or self._dispatch.model is not model:
             self._dispatch = SiteDispatch(model)
             self._compiled = compile_fn(self._dispatch.run)
-        self._dispatch.warm(program, tuple(t.shape for t in batch.inputs),
-                            lambda: self._dispatch.run(program, batch, grafted))
-        return self._compiled(program, batch, grafted)
+        return self._dispatch
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         self.inner.after_backward(model, step)

@@ -15,8 +15,8 @@ Rules:
   each gets exactly its own gradient; Adam is elementwise, so the stacked update is each
   member's own.
 - With ``train.compile`` the vmapped forward, all passes of the step's clamp program included,
-  is one compiled graph per program (:class:`_CompiledLogits`, the mechanism of
-  :mod:`optolab.compiled`).
+  the losses and the gradient are one compiled graph per program (:class:`_CompiledStep`, as
+  :mod:`optolab.compiled_step` does for a solo run), and fused Adam is called directly.
 - Evals and checkpoints: at those steps a member's weights and Adam state are copied into a solo
   model and optimizer, which its RunBook checkpoints; evals run on one model shared by all
   members (loaded with each member's weights in turn) through one protocol Forward, nnsight or
@@ -37,17 +37,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, grad_and_value, vmap
 
 from optolab.checkpoint import list_checkpoints
 from optolab.clamps.engine import ClampForward, Program
 from optolab.compiled import (
     NO_CLAMPS,
+    STEP_OPTIONS,
     CompiledForward,
     SiteDispatch,
     compile_fn,
     fresh_caches,
 )
+from optolab.compiled_step import adam_, ensure_state, plain_adam
 from optolab.errors import RunFailed
 from optolab.forward import Forward, PlainForward, make_forward
 from optolab.model import PLAIN_KERNELS, build_model
@@ -129,23 +131,34 @@ def _train_forward(protocol: Protocol, task, cfg) -> Forward:
     return forward
 
 
-class _CompiledLogits:
-    """``train.compile``: the vmapped members' forward, every pass of the step's clamp program,
-    as one compiled graph per program (see :mod:`optolab.compiled`; sites act through a
-    :class:`~optolab.compiled.SiteDispatch` on the shared skeleton)."""
+def _member_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """Each member's mean loss: ``logits [member, batch, pos, d_out]`` -> ``[member]``."""
+    S = logits.shape[0]
+    per_token = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE,
+                                reduction="none").view(S, -1)
+    return per_token.sum(1) / (targets != IGNORE).view(S, -1).sum(1)
 
-    def __init__(self, skeleton: nn.Module, forward: Forward) -> None:
-        self.forward = forward
+
+class _CompiledStep:
+    """``train.compile``: the vmapped members' forward (every pass of the step's clamp program),
+    their losses and the gradient as one compiled graph per program (see
+    :mod:`optolab.compiled_step`; sites act through a :class:`~optolab.compiled.SiteDispatch` on
+    the shared skeleton). Returns the stacked parameters' gradients and each member's loss."""
+
+    def __init__(self, skeleton: nn.Module, forward: Forward, names: list[str]) -> None:
+        self.forward, self.names = forward, names
         self.dispatch = SiteDispatch(skeleton)
-        self.compiled = compile_fn(self._logits)
+        self.compiled = compile_fn(self._grads, STEP_OPTIONS)
 
-    def __call__(self, step: int, params, buffers, tensors, rest: dict, n_inputs: int) -> Tensor:
+    def __call__(self, step: int, params, buffers, tensors, rest: dict, n_inputs: int,
+                 alive: Tensor) -> tuple[list[Tensor], Tensor]:
         program = NO_CLAMPS
         if isinstance(self.forward, ClampForward):
             program = self.forward.prepare(self.dispatch.model, None, step, True)[0] or NO_CLAMPS
+        params = {n: p.detach() for n, p in params.items()}
         self.dispatch.warm(program, tuple(t.shape for t in tensors.values()),
                            lambda: self._logits(program, params, buffers, tensors, rest, n_inputs))
-        return self.compiled(program, params, buffers, tensors, rest, n_inputs)
+        return self.compiled(program, params, buffers, tensors, rest, n_inputs, alive)
 
     def _logits(self, program: Program, params, buffers, tensors, rest: dict, n_inputs: int) -> Tensor:
         skeleton, run = self.dispatch.model, self.dispatch.run
@@ -155,6 +168,15 @@ class _CompiledLogits:
                        lambda *inputs: functional_call(skeleton, (p, b), inputs))[0]
 
         return vmap(member)(params, buffers, tensors)
+
+    def _loss(self, params, program: Program, buffers, tensors, rest: dict, n_inputs: int, alive: Tensor):
+        losses = _member_losses(self._logits(program, params, buffers, tensors, rest, n_inputs), tensors["targets"])
+        return torch.where(alive, losses, torch.zeros(())).sum(), losses
+
+    def _grads(self, program: Program, params, buffers, tensors, rest: dict, n_inputs: int, alive: Tensor):
+        grads, (_, losses) = grad_and_value(self._loss, has_aux=True)(params, program, buffers, tensors, rest,
+                                                                      n_inputs, alive)
+        return [grads[n] for n in self.names], losses
 
 
 def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *, progress: bool = False,
@@ -193,7 +215,10 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     _load_moments(optimizer, params, models, optimizers)
     skeleton = copy.deepcopy(models[0]).to("meta")
     forward = _train_forward(p0, task, cfg)
-    compiled = _CompiledLogits(skeleton, forward) if p0.train.compile else None
+    compiled = _CompiledStep(skeleton, forward, names) if p0.train.compile else None
+    plain = plain_adam(p0)
+    if compiled is not None and plain:
+        ensure_state(optimizer)
     if compiled is not None:
         fresh_caches()
     S = len(protocols)
@@ -231,25 +256,32 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
                 return logits
 
             if compiled is not None:
-                logits = compiled(step, params, buffers, tensors, rest, n_inputs)
+                grads, losses = compiled(step, params, buffers, tensors, rest, n_inputs, torch.tensor(alive))
             else:
                 token = PLAIN_KERNELS.set(True)
                 try:
                     logits = vmap(member)(params, buffers, tensors)  # [member, batch, pos, d_out]
                 finally:
                     PLAIN_KERNELS.reset(token)
-            targets = tensors["targets"]
-            per_token = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE,
-                                        reduction="none").view(S, -1)
-            losses = per_token.sum(1) / (targets != IGNORE).view(S, -1).sum(1)  # each member's mean
+                losses = _member_losses(logits, tensors["targets"])
             for i, b in enumerate(books):
                 if alive[i]:
                     guard(i, b.check_loss, step, losses[i])
             # a stopped member contributes nothing (and its NaNs reach no other member)
-            live = torch.tensor(alive)
-            optimizer.zero_grad(set_to_none=True)
-            torch.where(live, losses, torch.zeros(())).sum().backward()
-            optimizer.step()
+            if compiled is None:
+                optimizer.zero_grad(set_to_none=True)
+                torch.where(torch.tensor(alive), losses, torch.zeros(())).sum().backward()
+                optimizer.step()
+            elif any(alive):
+                dead = [i for i, a in enumerate(alive) if not a]
+                for g in grads if dead else ():
+                    g[dead] = 0
+                if plain:
+                    adam_(optimizer, list(params.values()), grads)
+                else:
+                    for p, g in zip(params.values(), grads):
+                        p.grad = g
+                    optimizer.step()
             for i, b in enumerate(books):
                 if alive[i]:
                     b.add_loss(losses[i])

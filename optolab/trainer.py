@@ -3,7 +3,9 @@ are kept by a :class:`~optolab.runbook.RunBook`.
 
 Rules:
 - The loop knows nothing of interventions: every forward pass goes through a ``Forward``
-  (:mod:`optolab.forward`); the loss and the optimizer step happen here, after it returns.
+  (:mod:`optolab.forward`); the loss and the optimizer step happen here, after it returns
+  (:func:`make_update`; for ``train.compile`` the forward and backward are one compiled graph,
+  :mod:`optolab.compiled_step`).
 - ``step`` counts optimizer steps; ``sequences = step × batch_size``. An evaluation "at step s"
   sees the model after s updates; step 0 is the initial model.
 - Determinism: the model is initialised from ``seeds.init``; the batch of step t depends only on
@@ -16,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +26,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from optolab.compiled import fresh_caches
+from optolab.compiled import CompiledForward, fresh_caches
 from optolab.forward import Forward, make_forward
+from optolab.compiled_step import CompiledStep
 from optolab.model import Transformer, build_model
 from optolab.protocol import Protocol
 from optolab.rundir import RunDir
 from optolab.runbook import RunBook
 from optolab.tasks import IGNORE, Task, make_task
+from optolab.tasks.base import Batch
 
 
 @dataclass
@@ -44,6 +49,30 @@ def make_optimizer(protocol: Protocol, model: Transformer) -> torch.optim.Optimi
     t = protocol.train
     return torch.optim.Adam(model.parameters(), lr=t.lr, betas=t.betas, eps=t.eps,
                             weight_decay=t.weight_decay, fused=t.fused or None)
+
+
+def make_update(protocol: Protocol, forward: Forward, model: Transformer,
+                optimizer: torch.optim.Optimizer) -> Callable[[Batch, int], torch.Tensor]:
+    """One training step, ``update(batch, step) -> loss``; the parameters are updated only when
+    the loss is finite (the caller then stops the run). Compiled runs take :class:`~optolab.compiled_step.CompiledStep` (forward and backward in one graph)."""
+    if isinstance(forward, CompiledForward):
+        return CompiledStep(protocol, forward, model, optimizer)
+
+    def update(batch: Batch, step: int) -> torch.Tensor:
+        logits, _ = forward(model, batch, step=step, training=True)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+        if not torch.isfinite(loss):
+            return loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        forward.after_backward(model, step)
+        if protocol.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), protocol.train.grad_clip)
+        optimizer.step()
+        forward.after_update(model, step)
+        return loss
+
+    return update
 
 
 def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None,
@@ -63,6 +92,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     optimizer = make_optimizer(protocol, model)
     total, bs = book.total, book.bs
     step = start = book.start(model, optimizer)
+    update = make_update(protocol, forward, model, optimizer)  # after start: it holds the optimizer's state
 
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
                desc=protocol.name, mininterval=0.5)
@@ -77,17 +107,8 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
                 bar.set_postfix({f"{task.main_split} loss": f"{book.last_loss:.3f}"}, refresh=False)
             if step >= total or (stop_after is not None and step >= stop_after):
                 break
-            batch = task.train_batch(protocol.seeds.data, step, bs)
-            logits, _ = forward(model, batch, step=step, training=True)
-            loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+            loss = update(task.train_batch(protocol.seeds.data, step, bs), step)
             book.check_loss(step, loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            forward.after_backward(model, step)
-            if protocol.train.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), protocol.train.grad_clip)
-            optimizer.step()
-            forward.after_update(model, step)
             book.add_loss(loss)
             step += 1
             bar.update(1)
