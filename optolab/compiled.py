@@ -26,6 +26,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable, Sequence
 
@@ -77,6 +78,46 @@ def require_compiler() -> None:
 def fresh_caches() -> None:
     torch.compiler.reset()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILES)
+
+
+def layout(x: object) -> object:
+    """A hashable description of what a compiled call may depend on besides tensor values:
+    tensor shapes and dtypes, containers' keys, and any other value itself (as its repr)."""
+    if isinstance(x, Tensor):
+        return ("T", tuple(x.shape), x.dtype)
+    if isinstance(x, dict):
+        return tuple((k, layout(v)) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, *(layout(v) for v in x))
+    if hasattr(x, "__dataclass_fields__"):
+        return (type(x).__name__, layout(vars(x)))
+    return repr(x)
+
+
+class CallKeys:
+    """Skips torch's per-call guard check on a training step where it cannot change the answer.
+
+    A training step's compiled function runs every call under :meth:`guards` with the call's
+    key: its program and the layout of its other inputs (:func:`layout`). A key's first call
+    checks every guard (and compiles a graph when none fits); later calls with the same key run
+    under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, which checks the inputs'
+    tensor properties and the guards that have ever told the function's graphs apart (torch
+    records those at each recompile), so the graph that ran for the key the first time is the one
+    chosen. That is sound because nothing else such a graph reads changes within a run: the
+    model, its parameters and buffers, and the ops' caches keep their identity and shapes, and a
+    site hook added later for another program does nothing outside that program's passes. It
+    saves ~0.2 ms of guard checks per step (~4 % of a solo step on the main config, ~5 % of an
+    ensemble's). Evals keep torch's full check."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple] = set()
+
+    def guards(self, program: Program, *inputs: object):
+        key = (id(program), layout(inputs))  # programs live as long as their engine: ids stay unique
+        if key in self._seen:
+            return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+        self._seen.add(key)
+        return contextlib.nullcontext()
 
 
 def saving(save: Sequence[str]) -> Program:

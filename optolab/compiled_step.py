@@ -15,7 +15,9 @@ Rules:
   checkpoints save and resumption loads.
 - A non-finite loss leaves parameters and optimizer state untouched (as the eager path); the
   caller then stops the run.
-- The step's graph is compiled with :data:`~optolab.compiled.STEP_OPTIONS` (a C++ wrapper).
+- The step's graph is compiled with :data:`~optolab.compiled.STEP_OPTIONS` (a C++ wrapper),
+  and torch's per-call guard check is skipped where it cannot change the answer
+  (:class:`~optolab.compiled.CallKeys`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 
 from optolab.clamps.engine import Program
-from optolab.compiled import STEP_OPTIONS, CompiledForward, compile_fn
+from optolab.compiled import STEP_OPTIONS, CallKeys, CompiledForward, compile_fn
 from optolab.protocol import Protocol
 from optolab.tasks import IGNORE
 from optolab.tasks.base import Batch
@@ -75,6 +77,7 @@ class CompiledStep:
         self.params = list(model.parameters())
         self.names = [n for n, _ in model.named_parameters()]
         self.compiled = compile_fn(self._grads, STEP_OPTIONS)
+        self.keys = CallKeys()
         if self.plain:
             ensure_state(optimizer)
 
@@ -94,7 +97,8 @@ class CompiledStep:
         self.dispatch.warm(program, tuple(t.shape for t in batch.inputs),
                            lambda: self.dispatch.run(program, batch, grafted))
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
-        grads, loss = self.compiled(params, program, batch, grafted)
+        with self.keys.guards(program, batch, grafted):
+            grads, loss = self.compiled(params, program, batch, grafted)
         if not math.isfinite(loss.item()):
             return loss
         if self.plain:

@@ -44,6 +44,7 @@ from optolab.clamps.engine import ClampForward, Program
 from optolab.compiled import (
     NO_CLAMPS,
     STEP_OPTIONS,
+    CallKeys,
     CompiledForward,
     SiteDispatch,
     compile_fn,
@@ -149,6 +150,7 @@ class _CompiledStep:
         self.forward, self.names = forward, names
         self.dispatch = SiteDispatch(skeleton)
         self.compiled = compile_fn(self._grads, STEP_OPTIONS)
+        self.keys = CallKeys()
 
     def __call__(self, step: int, params, buffers, tensors, rest: dict, n_inputs: int,
                  alive: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -158,7 +160,8 @@ class _CompiledStep:
         params = {n: p.detach() for n, p in params.items()}
         self.dispatch.warm(program, tuple(t.shape for t in tensors.values()),
                            lambda: self._logits(program, params, buffers, tensors, rest, n_inputs))
-        return self.compiled(program, params, buffers, tensors, rest, n_inputs, alive)
+        with self.keys.guards(program, tensors, rest, n_inputs):
+            return self.compiled(program, params, buffers, tensors, rest, n_inputs, alive)
 
     def _logits(self, program: Program, params, buffers, tensors, rest: dict, n_inputs: int) -> Tensor:
         skeleton, run = self.dispatch.model, self.dispatch.run

@@ -11,11 +11,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from optolab.compiled_step import CompiledStep, adam_, ensure_state
 from optolab.ensemble import train_ensemble
 from optolab.errors import OptolabError
+from optolab.forward import make_forward
 from optolab.loader import validate_protocol
 from optolab.model import build_model
-from optolab.trainer import train
+from optolab.tasks import make_task
+from optolab.tasks.fewshot import FewshotTask
+from optolab.trainer import make_optimizer, make_update, train
 
 from .conftest import fewshot_protocol
 
@@ -32,14 +36,15 @@ def _groups(tmp_path) -> dict[str, list[dict]]:
     save_file({"p": torch.full((5, 5), 0.2)}, str(pattern))
     return {
         "none": [],
-        # one pass, many site kinds; perfect_match has a window, so the run switches programs
+        # one pass, many site kinds; perfect_match has a window, so the run switches programs and
+        # back (after step 25 the first program's graph must be chosen again: CallKeys)
         "site clamps": [
             {"kind": "ablate", "site": "v1", "heads": [0], "how": "zero"},
             {"kind": "ablate", "site": "result0", "heads": [1], "how": "mean"},
             {"kind": "ablate", "site": "z1", "heads": [3], "how": "resample", "positions": "query"},
             {"kind": "set", "site": "pattern0", "heads": [1], "to": "previous_token", "strength": 0.9},
             {"kind": "set", "site": "pattern1", "heads": [2], "to": "perfect_match",
-             "window": {"start": 0, "stop": 25, "unit": "steps"}},
+             "window": {"start": 10, "stop": 25, "unit": "steps"}},
             {"kind": "set", "site": "pattern1", "heads": [0], "to": "file", "file": str(pattern)},
             {"kind": "set", "site": "q0", "to": "constant", "value": 0.0, "heads": [3]},
             {"kind": "stop_gradient", "site": "k1", "heads": [1, 2]},
@@ -55,8 +60,8 @@ def _groups(tmp_path) -> dict[str, list[dict]]:
     }
 
 
-def _protocol(clamps: list[dict], compiled: bool, seed: int = 0):
-    data = fewshot_protocol(steps=STEPS)
+def _protocol(clamps: list[dict], compiled: bool, seed: int = 0, **train):
+    data = fewshot_protocol(steps=STEPS, **train)
     data.update(name=f"c{seed}", clamps=copy.deepcopy(clamps), seeds={"init": seed, "data": seed, "eval": 1})
     data["train"]["compile"] = compiled
     return validate_protocol(data)
@@ -71,8 +76,10 @@ def _max_diff(a, b) -> float:
 @pytest.mark.parametrize("group", ["none", "site clamps", "two passes", "three passes", "graft+freeze"])
 def test_compiled_run_equals_the_nnsight_run(group, tmp_path):
     clamps = _groups(tmp_path)[group]
-    ref = train(_protocol(clamps, False), tmp_path / "nnsight", progress=False)
-    got = train(_protocol(clamps, True), tmp_path / "compiled", progress=False)
+    # with a freeze (and clipping) the compiled step hands its gradients to the trainer's sequence
+    extra = {"grad_clip": 0.5} if group == "graft+freeze" else {}
+    ref = train(_protocol(clamps, False, **extra), tmp_path / "nnsight", progress=False)
+    got = train(_protocol(clamps, True, **extra), tmp_path / "compiled", progress=False)
     assert _max_diff(tmp_path / "nnsight", tmp_path / "compiled") < TOLERANCE
     for (name, a), b in zip(ref.model.named_parameters(), got.model.parameters()):
         assert torch.allclose(a, b, atol=TOLERANCE, rtol=0), name
@@ -108,3 +115,61 @@ def test_no_cpp_compiler_is_one_clear_error_before_anything_is_written(tmp_path,
         train(_protocol([], True), tmp_path / "run", progress=False)
     assert err.value.field == "train.compile" and "train.compile: false" in err.value.fix
     assert not (tmp_path / "run").exists()
+
+
+def test_the_direct_fused_adam_call_is_the_optimizers_step_bit_for_bit():
+    protocol = _protocol([], False, weight_decay=0.01)
+    task = make_task(protocol.task)
+    cfg = protocol.model_config_for(task)
+    ours, theirs = build_model(cfg, 0), build_model(cfg, 0)
+    opt_ours, opt_theirs = make_optimizer(protocol, ours), make_optimizer(protocol, theirs)
+    ensure_state(opt_ours)
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in ours.parameters()]
+        adam_(opt_ours, list(ours.parameters()), [g.clone() for g in grads])
+        for p, g in zip(theirs.parameters(), grads):
+            p.grad = g.clone()
+        opt_theirs.step()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(a, b), name
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_ours.state[a][key], opt_theirs.state[b][key]), (name, key)
+
+
+def test_a_non_finite_loss_leaves_a_compiled_step_without_effect():
+    protocol = _protocol([{"kind": "set", "site": "pattern0", "heads": [1], "to": "previous_token"}], True)
+    task = make_task(protocol.task)
+    cfg = protocol.model_config_for(task)
+    model = build_model(cfg, 0)
+    optimizer = make_optimizer(protocol, model)
+    update = make_update(protocol, make_forward(protocol, task, cfg), model, optimizer)
+    assert isinstance(update, CompiledStep) and update.plain
+    for step in range(3):
+        assert torch.isfinite(update(task.train_batch(0, step, 16), step))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in model.named_parameters()}
+    bad = task.train_batch(0, 3, 16)
+    bad.inputs[0].fill_(float("inf"))
+    assert not torch.isfinite(update(bad, 3))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        assert all(torch.equal(optimizer.state[p][k], v) for k, v in state[n].items()), n
+
+
+def test_a_compiled_ensemble_member_that_diverges_stops_alone(tmp_path, monkeypatch):
+    original = FewshotTask.train_batch
+
+    def poisoned(self, seed, step, batch_size):
+        batch = original(self, seed, step, batch_size)
+        if seed == 1 and step >= 25:
+            batch.inputs[0].fill_(float("nan"))
+        return batch
+
+    monkeypatch.setattr(FewshotTask, "train_batch", poisoned)
+    clamps = _groups(tmp_path)["two passes"]
+    members = [_protocol(clamps, True, seed=s) for s in (0, 1)]
+    results = train_ensemble(members, [tmp_path / "a", tmp_path / "b"])
+    assert "step 25" in str(results[1]) and results[0]["status"] == "finished"
+    monkeypatch.setattr(FewshotTask, "train_batch", original)
+    train(_protocol(clamps, False, seed=0), tmp_path / "solo", progress=False)
+    assert _max_diff(tmp_path / "a", tmp_path / "solo") < TOLERANCE  # the healthy member is unaffected
