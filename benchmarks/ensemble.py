@@ -8,7 +8,8 @@ Prints model-steps/s and the speed-up over solo. Nothing is kept on disk.
 With ``--compile`` (``train.compile: true``) the rate is the marginal one, S × (steps₂ − steps₁)
 / (wall₂ − wall₁) over two runs of different length, so the one-off compile (reported apart, as
 "first-step cost") does not count against throughput; the compiler's on-disk cache is warmed
-first. Eager rates are S × steps / wall.
+first, and S = 1 runs 4× as many steps (the startup varies by ~0.5 s). Eager rates are
+S × steps / wall.
 ``--parallel 2`` runs the same measurement in two processes at once (one per core, as a sweep's
 two workers do) and adds their rates.
 Targets (issue 6): an ensemble of 8 >= 1,500 model-steps/s on this 2-core machine, i.e. >= 750
@@ -71,6 +72,7 @@ def measure(label: str, S: int, steps: int, compiled: bool) -> tuple[float, str]
         tmp = Path(tmp)
         if not compiled:
             return S * steps / run(members(name, S, steps), tmp), ""
+        steps *= 4 if S == 1 else 1  # a solo run is short: the startup's ~0.5 s of noise would dominate
         short = max(20, steps // 10)
         run(members(name, S, short, True), tmp / "warm")  # fills the on-disk compile cache
         t1 = run(members(name, S, short, True), tmp / "a")

@@ -6,9 +6,11 @@ Rules:
   the same hook points. Only the mechanism differs: each site has one permanent forward hook
   (:class:`SiteDispatch`) that does nothing until a program call sets the ops of the pass being
   run; the whole program (every pass, plus the copy head's logits) is one compiled graph.
-- What is compiled: every forward of the run, training steps and evaluations (which save the
-  activations measures read through the same dispatch, ``save`` ops last at their site, as the
-  engine orders them). The loss, backward and optimizer step stay with the trainer.
+- What is compiled: every forward of the run. Evaluations call :class:`CompiledForward` (which
+  saves the activations measures read through the same dispatch, ``save`` ops last at their
+  site, as the engine orders them); a training step compiles its forward, loss and backward as
+  one graph (:mod:`optolab.compiled_step`, and the ensemble's ``_CompiledStep``), after which
+  torch's Adam updates.
 - Each distinct program compiles once per input shape (shapes are static, so an eval set of
   another size is another graph). Before that, one eager pass without gradients fills the
   per-shape caches the ops keep (selection masks, fixed patterns), so the compiler only ever

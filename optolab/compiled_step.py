@@ -81,14 +81,13 @@ class CompiledStep:
         if self.plain:
             ensure_state(optimizer)
 
-    def _loss(self, params: dict[str, Tensor], program: Program, batch: Batch, grafted: dict):
+    def _loss(self, params: dict[str, Tensor], program: Program, batch: Batch, grafted: dict) -> Tensor:
         model = self.dispatch.model
         logits, _ = self.dispatch.run(program, batch, grafted, lambda *inputs: functional_call(model, params, inputs))
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
-        return loss, loss
+        return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
 
     def _grads(self, params: dict[str, Tensor], program: Program, batch: Batch, grafted: dict):
-        grads, (_, loss) = grad_and_value(self._loss, has_aux=True)(params, program, batch, grafted)
+        grads, loss = grad_and_value(self._loss)(params, program, batch, grafted)
         return [grads[n] for n in self.names], loss
 
     def __call__(self, batch: Batch, step: int) -> Tensor:

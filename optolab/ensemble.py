@@ -253,14 +253,14 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
             batches = [task.train_batch(p.seeds.data, step, bs) for p in protocols]
             tensors, rest, n_inputs = _stack_batches(batches)
 
-            def member(p: dict, b: dict, t: dict, step: int = step) -> Tensor:
-                logits, _ = forward(_Member(skeleton, p, b), _unstack_batch(t, rest, n_inputs),
-                                    step=step, training=True)
-                return logits
-
             if compiled is not None:
                 grads, losses = compiled(step, params, buffers, tensors, rest, n_inputs, torch.tensor(alive))
             else:
+                def member(p: dict, b: dict, t: dict, step: int = step) -> Tensor:
+                    logits, _ = forward(_Member(skeleton, p, b), _unstack_batch(t, rest, n_inputs),
+                                        step=step, training=True)
+                    return logits
+
                 token = PLAIN_KERNELS.set(True)
                 try:
                     logits = vmap(member)(params, buffers, tensors)  # [member, batch, pos, d_out]
@@ -270,15 +270,17 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
             for i, b in enumerate(books):
                 if alive[i]:
                     guard(i, b.check_loss, step, losses[i])
-            # a stopped member contributes nothing (and its NaNs reach no other member)
+            # a stopped member contributes nothing, and its NaNs reach no other member (members'
+            # slices never mix); the compiled branch also zeroes its gradient (0 x NaN is NaN)
             if compiled is None:
                 optimizer.zero_grad(set_to_none=True)
                 torch.where(torch.tensor(alive), losses, torch.zeros(())).sum().backward()
                 optimizer.step()
             elif any(alive):
                 dead = [i for i, a in enumerate(alive) if not a]
-                for g in grads if dead else ():
-                    g[dead] = 0
+                if dead:
+                    for g in grads:
+                        g[dead] = 0
                 if plain:
                     adam_(optimizer, list(params.values()), grads)
                 else:

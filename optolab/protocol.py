@@ -128,7 +128,7 @@ class TrainSpec(Strict):
         "nnsight", description="how clamps are applied: nnsight traces, or the same ops as raw forward hooks")
     compile: bool = Field(
         False, description="every forward (training and evals) through torch.compile (optolab.compiled): "
-                           "~1.6-2.8x faster, equal to the nnsight path up to float rounding; "
+                           "~2.5-4x faster, equal to the nnsight path up to float rounding; "
                            "costs a compile per clamp program")
     checkpoints: Checkpoints = Field(default_factory=Checkpoints)
 
