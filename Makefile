@@ -31,7 +31,7 @@ bench-train: $(STAMP)
 
 bench-ensemble: $(STAMP)
 	$(BIN)/python benchmarks/ensemble.py --sizes 1 8
-	$(BIN)/python benchmarks/ensemble.py --compile --steps 800 --sizes 1 4 8 16
+	$(BIN)/python benchmarks/ensemble.py --compile --steps 800 --sizes 1 4 8 16 --protocols none layer1
 	$(BIN)/python benchmarks/ensemble.py --compile --steps 1000 --sizes 8 --protocols none --parallel 2
 
 bench-clamps: $(STAMP)

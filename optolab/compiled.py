@@ -220,7 +220,7 @@ class CompiledForward(Forward):
         return program, grafted
 
     def dispatch(self, model: nn.Module) -> SiteDispatch:
-        """The site hooks on ``model`` (one set per model, shared with :mod:`optolab.fused`)."""
+        """The site hooks on ``model`` (one set per model, shared with :mod:`optolab.compiled_step`)."""
         if self._dispatch is None or self._dispatch.model is not model:
             self._dispatch = SiteDispatch(model)
             self._compiled = compile_fn(self._dispatch.run)

@@ -18,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from optolab.compiled import CompiledForward, fresh_caches
-from optolab.forward import Forward, make_forward
 from optolab.compiled_step import CompiledStep
+from optolab.forward import Forward, make_forward
 from optolab.model import Transformer, build_model
 from optolab.protocol import Protocol
-from optolab.rundir import RunDir
 from optolab.runbook import RunBook
+from optolab.rundir import RunDir
 from optolab.tasks import IGNORE, Task, make_task
 from optolab.tasks.base import Batch
 
@@ -54,14 +55,15 @@ def make_optimizer(protocol: Protocol, model: Transformer) -> torch.optim.Optimi
 def make_update(protocol: Protocol, forward: Forward, model: Transformer,
                 optimizer: torch.optim.Optimizer) -> Callable[[Batch, int], torch.Tensor]:
     """One training step, ``update(batch, step) -> loss``; the parameters are updated only when
-    the loss is finite (the caller then stops the run). Compiled runs take :class:`~optolab.compiled_step.CompiledStep` (forward and backward in one graph)."""
+    the loss is finite (the caller then stops the run). Compiled runs take
+    :class:`~optolab.compiled_step.CompiledStep` (forward and backward in one graph)."""
     if isinstance(forward, CompiledForward):
         return CompiledStep(protocol, forward, model, optimizer)
 
     def update(batch: Batch, step: int) -> torch.Tensor:
         logits, _ = forward(model, batch, step=step, training=True)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
-        if not torch.isfinite(loss):
+        if not math.isfinite(loss.item()):
             return loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
