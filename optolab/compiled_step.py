@@ -76,6 +76,8 @@ class CompiledStep:
         self.plain = plain_adam(protocol)
         self.params = list(model.parameters())
         self.names = [n for n, _ in model.named_parameters()]
+        # parameters only ever change in place (Adam, a freeze's restore): one detached view each
+        self.detached = {n: p.detach() for n, p in zip(self.names, self.params)}
         self.compiled = compile_fn(self._grads, STEP_OPTIONS)
         self.keys = CallKeys()
         if self.plain:
@@ -95,9 +97,8 @@ class CompiledStep:
         program, grafted = self.forward.program(model, batch, step, True)
         self.dispatch.warm(program, tuple(t.shape for t in batch.inputs),
                            lambda: self.dispatch.run(program, batch, grafted))
-        params = {n: p.detach() for n, p in zip(self.names, self.params)}
         with self.keys.guards(program, batch, grafted):
-            grads, loss = self.compiled(params, program, batch, grafted)
+            grads, loss = self.compiled(self.detached, program, batch, grafted)
         if not math.isfinite(loss.item()):
             return loss
         if self.plain:

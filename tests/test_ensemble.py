@@ -88,7 +88,8 @@ def test_packing_never_mixes_incompatible_runs():
         train_ensemble([a, lr], ["x", "y"])
 
 
-def test_a_member_that_diverges_stops_alone(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_member_that_diverges_stops_alone(tmp_path, monkeypatch, compiled):
     from optolab.errors import RunFailed
     from optolab.tasks.fewshot import FewshotTask
 
@@ -101,7 +102,7 @@ def test_a_member_that_diverges_stops_alone(tmp_path, monkeypatch):
         return batch
 
     monkeypatch.setattr(FewshotTask, "train_batch", poisoned)
-    protocols = _members([], seeds=(0, 1))
+    protocols = _members([], seeds=(0, 1), compile=compiled)
     results = train_ensemble(protocols, [tmp_path / "a", tmp_path / "b"])
     assert isinstance(results[1], RunFailed) and "step 25" in str(results[1])
     assert results[0]["status"] == "finished"
