@@ -21,17 +21,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from main_config import main_config  # benchmarks/main_config.py
 
-from optolab.forward import make_forward
-from optolab.loader import load_protocol
-from optolab.model import build_model
-from optolab.tasks import make_task
-from optolab.trainer import make_optimizer, make_update
-
-ROOT = Path(__file__).resolve().parents[1]
 PREV = {"kind": "set", "site": "pattern0", "heads": [2], "to": "previous_token"}
 CONDITIONS = {
     "none": ([], "nnsight"),
@@ -50,23 +43,8 @@ CONDITIONS = {
 
 
 def make_stepper(clamps: list[dict], engine: str):
-    base = load_protocol(ROOT / "protocols" / "singh2024" / "main.yaml")
-    train = {**base.resolved()["train"]}
-    train.update({"compile": True} if engine == "compile" else {"clamp_engine": engine})
-    protocol = base.model_validate({**base.resolved(), "clamps": clamps, "train": train})
-    task = make_task(protocol.task)
-    cfg = protocol.model_config_for(task)
-    model = build_model(cfg, 0)
-    opt = make_optimizer(protocol, model)
-    forward = make_forward(protocol, task, cfg)
-    bs = protocol.train.batch_size
-
-    update = make_update(protocol, forward, model, opt)  # the trainer's step (fused when compiled)
-
-    def step(i: int) -> None:
-        update(task.train_batch(0, i, bs), i)
-
-    return step
+    train = {"compile": True} if engine == "compile" else {"clamp_engine": engine}
+    return main_config(clamps, **train).step
 
 
 def main() -> None:

@@ -21,41 +21,22 @@ import argparse
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from main_config import main_config  # benchmarks/main_config.py
 
-from optolab.forward import make_forward
-from optolab.loader import load_protocol
 from optolab.measures.evaluate import EvalSet, evaluate
-from optolab.model import build_model
-from optolab.tasks import make_task
-from optolab.trainer import make_optimizer, make_update
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def setup(compiled: bool):
-    base = load_protocol(ROOT / "protocols" / "singh2024" / "main.yaml")
-    protocol = base.model_validate({**base.resolved(), "train": {**base.resolved()["train"], "compile": compiled}})
-    task = make_task(protocol.task)
-    cfg = protocol.model_config_for(task)
-    model = build_model(cfg, 0)
-    opt = make_optimizer(protocol, model)
-    forward = make_forward(protocol, task, cfg)
-    bs = protocol.train.batch_size
-
-    update = make_update(protocol, forward, model, opt)  # the trainer's step (fused when compiled)
-
-    def step(i: int) -> None:
-        update(task.train_batch(0, i, bs), i)
-
+    run = main_config(compile=compiled)
+    protocol, task, cfg = run.protocol, run.task, run.cfg
     evals = EvalSet.build(task, protocol.measures, 1, cfg.n_ctx)
 
     def one_eval() -> None:
-        evaluate(model, task, protocol.measures, evals, forward)
+        evaluate(run.model, task, protocol.measures, evals, run.forward)
 
-    return step, one_eval, task, bs, cfg
+    return run.step, one_eval, task, protocol.train.batch_size, cfg
 
 
 def main() -> None:
