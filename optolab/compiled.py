@@ -148,12 +148,13 @@ class SiteDispatch:
         key = (id(program), shapes)  # programs live as long as their engine's cache: ids stay unique
         if key in self._warm:
             return
-        self._cover(program)
+        self.cover(program)
         with torch.no_grad():
             eager()
         self._warm.add(key)
 
-    def _cover(self, program: Program) -> None:
+    def cover(self, program: Program) -> None:
+        """Hook every site ``program`` acts at (once per site)."""
         modules = dict(self.model.named_modules())
         for p in program.passes:
             for site, _ops in p.steps:
@@ -172,19 +173,19 @@ class SiteDispatch:
             return new
         return fn
 
-    def run(self, program: Program, batch: Batch, grafted: dict,
-            model: Callable | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def run(self, program: Program, batch: Batch, grafted: dict, model: Callable | None = None,
+            gate: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Every pass of ``program`` on ``batch``: the logits the loss is taken on, and the saved
         activations. ``model`` stands in for the hooked model (an ensemble member's
-        ``functional_call`` of it)."""
+        ``functional_call`` of it); ``gate`` is the member's condition in a union program."""
         model = self.model if model is None else model
-        ctx = PassContext(batch, grafted=grafted)
+        ctx = PassContext(batch, grafted=grafted, gate=gate)
         self.ctx = ctx
-        logits = None
+        logits = {}
         try:
             for p in program.passes:
                 self.ops = dict(p.steps)
-                logits = model(*batch.inputs)
+                logits[p.name] = model(*batch.inputs)
         finally:  # an interrupted call must not leave ops acting on later plain calls
             self.ops = None
             self.ctx = None

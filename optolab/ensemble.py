@@ -1,30 +1,33 @@
-"""Seed ensembles: runs of one protocol that differ only in their seeds, trained together as one
-batched model with a leading member axis.
+"""Ensembles: runs that share a model shape and training settings, trained together as one
+batched model with a leading member axis. Members may differ in seeds and in their clamps.
 
 Rules:
-- Runs pack together when their resolved protocols are equal except ``name`` and the seeds
-  (:func:`pack_key`), and no clamp or setting couples parameters across the update
-  (:func:`why_not_packable`: ``freeze`` and ``graft`` clamps, ``train.grad_clip``). Each member
-  keeps its own run directory, written by its own :class:`~optolab.runbook.RunBook`, exactly as
-  if it had run alone.
+- Runs pack together when their resolved protocols are equal except ``name``, ``description``,
+  the init and data seeds and ``clamps`` (:func:`pack_key`), and no clamp or setting couples
+  parameters across the update (:func:`why_not_packable`: ``freeze`` and ``graft`` clamps,
+  ``train.grad_clip``). Members with equal clamps share a *condition* (:func:`condition_key`).
+  Each member keeps its own run directory, written by its own
+  :class:`~optolab.runbook.RunBook`, exactly as if it had run alone.
 - Training: each member draws its own batch (``task.train_batch(seeds.data, step, …)``, the
   solo run's data); the forward pass is ``torch.func.vmap`` over members of the model's own
   ``forward`` with the member's parameters (``functional_call``), so every op runs once for all
-  members. Clamps act inside through the clamp engine's hook backend: the same compiled plan, the
-  same ops, per member. The loss is each member's mean, summed: members share no parameter, so
-  each gets exactly its own gradient; Adam is elementwise, so the stacked update is each
-  member's own.
-- With ``train.compile`` the vmapped forward, all passes of the step's clamp program included,
-  the losses and the gradient are one compiled graph per program (:class:`_CompiledStep`, as
-  :mod:`optolab.compiled_step` does for a solo run), and fused Adam is called directly.
+  members. Clamps act through site hooks on a shared skeleton (:class:`~optolab.compiled.SiteDispatch`)
+  running one program per step: a condition's own program when all members share it, else the
+  union of the conditions' programs with each op gated to its condition's members
+  (:mod:`optolab.clamps.union`). The loss is each member's mean, summed: members share no
+  parameter, so each gets exactly its own gradient; Adam is elementwise, so the stacked update is
+  each member's own.
+- The gradient comes from ``torch.func.grad_and_value`` of that loss; with ``train.compile`` the
+  forward (every pass), the losses and the gradient are one compiled graph per program (as
+  :mod:`optolab.compiled_step` does for a solo run). Fused Adam is called directly.
 - Evals and checkpoints: at those steps a member's weights and Adam state are copied into a solo
   model and optimizer, which its RunBook checkpoints; evals run on one model shared by all
-  members (loaded with each member's weights in turn) through one protocol Forward, nnsight or
-  compiled as a solo run's would, so compiled eval graphs are built once per ensemble, not per
-  member. Resuming reads the members' checkpoints back.
+  members (loaded with each member's weights in turn) through its condition's protocol Forward,
+  nnsight or compiled as a solo run's would, so compiled eval graphs are built once per
+  condition, not per member. Resuming reads the members' checkpoints back.
 - Numbers equal the solo run's up to float summation order in batched matrix products; the
   tolerance is stated and tested in ``tests/test_ensemble.py`` (and ``tests/test_compiled.py``
-  for compiled ensembles).
+  for compiled ensembles), for seed ensembles and mixed conditions.
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from optolab.checkpoint import list_checkpoints
-from optolab.clamps.engine import ClampForward, Program
+from optolab.clamps.engine import Program
+from optolab.clamps.union import Conditions
 from optolab.compiled import (
-    NO_CLAMPS,
     STEP_OPTIONS,
     CallKeys,
     CompiledForward,
@@ -52,7 +55,7 @@ from optolab.compiled import (
 )
 from optolab.compiled_step import adam_, ensure_state, plain_adam
 from optolab.errors import RunFailed
-from optolab.forward import Forward, PlainForward, make_forward
+from optolab.forward import make_forward
 from optolab.model import PLAIN_KERNELS, build_model
 from optolab.protocol import Protocol
 from optolab.runbook import RunBook
@@ -65,11 +68,19 @@ UNPACKABLE_CLAMPS = {"freeze": "a freeze clamp rewrites parameters between steps
 
 
 def pack_key(protocol: Protocol) -> str:
-    """Runs with equal keys can share an ensemble: everything but the name and seeds agrees."""
+    """Runs with equal keys can share an ensemble: everything but the name, description, init and
+    data seeds and clamps agrees (the eval seed too: a different eval set is a different
+    measurement)."""
     data = protocol.resolved()
-    data.pop("name", None)
+    for field in ("name", "description", "clamps"):
+        data.pop(field, None)
     data["seeds"] = {k: v for k, v in data["seeds"].items() if k not in ("init", "data")}
     return json.dumps(data, sort_keys=True, default=str)
+
+
+def condition_key(protocol: Protocol) -> str:
+    """Members with equal keys share a condition: the same clamps."""
+    return json.dumps(protocol.resolved().get("clamps", []), sort_keys=True, default=str)
 
 
 def why_not_packable(protocol: Protocol) -> str | None:
@@ -85,22 +96,6 @@ def resumable_together(outs: Sequence[str | Path]) -> bool:
     """Members resume together only from the same checkpoint step (or all from scratch)."""
     last = {(list_checkpoints(Path(o) / "checkpoints") or [None])[-1] for o in outs}
     return len(last) == 1
-
-
-class _Member(nn.Module):
-    """One member as the clamp engine sees a model: the shared skeleton's modules (where hooks
-    go) and a call that runs the skeleton with this member's parameters."""
-
-    def __init__(self, skeleton: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> None:
-        super().__init__()
-        object.__setattr__(self, "_skeleton", skeleton)  # not a submodule: names stay unprefixed
-        object.__setattr__(self, "_state", (params, buffers))
-
-    def named_modules(self, *args, **kwargs):
-        return self._skeleton.named_modules(*args, **kwargs)
-
-    def forward(self, *inputs: Tensor) -> Tensor:
-        return functional_call(self._skeleton, self._state, inputs)
 
 
 def _batch_fields(batch: Batch) -> tuple[dict[str, Tensor], dict]:
@@ -122,16 +117,6 @@ def _unstack_batch(tensors: dict[str, Tensor], rest: dict, n_inputs: int) -> Bat
     return Batch(inputs=inputs, **kwargs, **rest)
 
 
-def _train_forward(protocol: Protocol, task, cfg) -> Forward:
-    """The protocol's clamps with the hook backend (nnsight traces do not run under vmap)."""
-    forward = make_forward(protocol, task, cfg)
-    if isinstance(forward, CompiledForward):
-        forward = forward.inner
-    if not isinstance(forward, PlainForward):
-        forward.backend = "hooks"
-    return forward
-
-
 def _member_losses(logits: Tensor, targets: Tensor) -> Tensor:
     """Each member's mean loss: ``logits [member, batch, pos, d_out]`` -> ``[member]``."""
     S = logits.shape[0]
@@ -140,45 +125,54 @@ def _member_losses(logits: Tensor, targets: Tensor) -> Tensor:
     return per_token.sum(1) / (targets != IGNORE).view(S, -1).sum(1)
 
 
-class _CompiledStep:
-    """``train.compile``: the vmapped members' forward (every pass of the step's clamp program),
-    their losses and the gradient as one compiled graph per program (see
-    :mod:`optolab.compiled_step`; sites act through a :class:`~optolab.compiled.SiteDispatch` on
-    the shared skeleton). Returns the stacked parameters' gradients and each member's loss."""
+class _Step:
+    """One training step of every member: the vmapped forward (every pass of the step's
+    program), each member's loss and the gradient, by ``torch.func.grad_and_value``; with
+    ``compiled``, one compiled graph per program. Returns the stacked parameters' gradients and
+    each member's loss."""
 
-    def __init__(self, skeleton: nn.Module, forward: Forward, names: list[str]) -> None:
-        self.forward, self.names = forward, names
+    def __init__(self, skeleton: nn.Module, conditions: Conditions, names: list[str], compiled: bool) -> None:
+        self.conditions, self.names, self.compiled = conditions, names, compiled
         self.dispatch = SiteDispatch(skeleton)
-        self.compiled = compile_fn(self._grads, STEP_OPTIONS)
+        self.fn = compile_fn(self._grads, STEP_OPTIONS) if compiled else self._grads
         self.keys = CallKeys()
 
     def __call__(self, step: int, params, buffers, tensors, rest: dict, n_inputs: int,
                  alive: Tensor) -> tuple[list[Tensor], Tensor]:
-        program = NO_CLAMPS
-        if isinstance(self.forward, ClampForward):
-            program = self.forward.prepare(self.dispatch.model, None, step, True)[0] or NO_CLAMPS
+        program = self.conditions.program(step)
+        gates = self.conditions.gates
         params = {n: p.detach() for n, p in params.items()}
-        self.dispatch.warm(program, tuple(t.shape for t in tensors.values()),
-                           lambda: self._logits(program, params, buffers, tensors, rest, n_inputs))
+        args = (program, params, buffers, tensors, gates, rest, n_inputs)
+        if not self.compiled:
+            self.dispatch.cover(program)
+            token = PLAIN_KERNELS.set(True)
+            try:
+                return self._grads(*args, alive)
+            finally:
+                PLAIN_KERNELS.reset(token)
+        self.dispatch.warm(program, tuple(t.shape for t in tensors.values()), lambda: self._logits(*args))
         with self.keys.guards(program, tensors, rest, n_inputs):
-            return self.compiled(program, params, buffers, tensors, rest, n_inputs, alive)
+            return self.fn(*args, alive)
 
-    def _logits(self, program: Program, params, buffers, tensors, rest: dict, n_inputs: int) -> Tensor:
+    def _logits(self, program: Program, params, buffers, tensors, gates: Tensor, rest: dict, n_inputs: int) -> Tensor:
         skeleton, run = self.dispatch.model, self.dispatch.run
 
-        def member(p: dict, b: dict, t: dict) -> Tensor:
+        def member(p: dict, b: dict, t: dict, g: Tensor) -> Tensor:
             return run(program, _unstack_batch(t, rest, n_inputs), {},
-                       lambda *inputs: functional_call(skeleton, (p, b), inputs))[0]
+                       lambda *inputs: functional_call(skeleton, (p, b), inputs), g)[0]
 
-        return vmap(member)(params, buffers, tensors)
+        return vmap(member)(params, buffers, tensors, gates)  # [member, batch, pos, d_out]
 
-    def _loss(self, params, program: Program, buffers, tensors, rest: dict, n_inputs: int, alive: Tensor):
-        losses = _member_losses(self._logits(program, params, buffers, tensors, rest, n_inputs), tensors["targets"])
+    def _loss(self, params, program: Program, buffers, tensors, gates: Tensor, rest: dict, n_inputs: int,
+              alive: Tensor):
+        losses = _member_losses(self._logits(program, params, buffers, tensors, gates, rest, n_inputs),
+                                tensors["targets"])
         return torch.where(alive, losses, torch.zeros(())).sum(), losses
 
-    def _grads(self, program: Program, params, buffers, tensors, rest: dict, n_inputs: int, alive: Tensor):
-        grads, (_, losses) = grad_and_value(self._loss, has_aux=True)(params, program, buffers, tensors, rest,
-                                                                      n_inputs, alive)
+    def _grads(self, program: Program, params, buffers, tensors, gates: Tensor, rest: dict, n_inputs: int,
+               alive: Tensor):
+        grads, (_, losses) = grad_and_value(self._loss, has_aux=True)(params, program, buffers, tensors, gates,
+                                                                      rest, n_inputs, alive)
         return [grads[n] for n in self.names], losses
 
 
@@ -192,17 +186,21 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
 
     keys = {pack_key(p) for p in protocols}
     if len(keys) != 1:
-        raise ValueError("ensemble members must share everything but their name and seeds")
-    reason = why_not_packable(protocols[0])
-    if reason is not None:
-        raise ValueError(f"this protocol cannot run in an ensemble: {reason}")
+        raise ValueError("ensemble members must share everything but their name, seeds and clamps")
+    for p in protocols:
+        reason = why_not_packable(p)
+        if reason is not None:
+            raise ValueError(f"{p.name} cannot run in an ensemble: {reason}")
     if not resumable_together(outs):
         raise ValueError("ensemble members must resume from the same checkpoint step")
     p0 = protocols[0]
     task = make_task(p0.task)
     cfg = p0.model_config_for(task)
-    evaluator = make_forward(p0, task, cfg)  # members' clamps are equal (pack_key): one Forward
-    books = [RunBook(p, o, task, cfg, evaluator) for p, o in zip(protocols, outs)]
+    index: dict[str, int] = {}
+    of_member = [index.setdefault(condition_key(p), len(index)) for p in protocols]
+    # one Forward per condition, for its members' evals and (its clamp plan) the training steps
+    evaluators = [make_forward(protocols[of_member.index(k)], task, cfg) for k in range(len(index))]
+    books = [RunBook(p, o, task, cfg, evaluators[k]) for p, o, k in zip(protocols, outs, of_member)]
     models = [build_model(cfg, p.seeds.init) for p in protocols]
     shared = build_model(cfg, p0.seeds.init)  # evaluated with each member's weights in turn
     optimizers = [make_optimizer(p, m) for p, m in zip(protocols, models)]
@@ -217,12 +215,12 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     optimizer = make_optimizer(p0, _Params(params))
     _load_moments(optimizer, params, models, optimizers)
     skeleton = copy.deepcopy(models[0]).to("meta")
-    forward = _train_forward(p0, task, cfg)
-    compiled = _CompiledStep(skeleton, forward, names) if p0.train.compile else None
+    conditions = Conditions([e.inner if isinstance(e, CompiledForward) else e for e in evaluators], of_member)
+    update = _Step(skeleton, conditions, names, p0.train.compile)
     plain = plain_adam(p0)
-    if compiled is not None and plain:
+    if plain:
         ensure_state(optimizer)
-    if compiled is not None:
+    if p0.train.compile:
         fresh_caches()
     S = len(protocols)
 
@@ -253,30 +251,13 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
             batches = [task.train_batch(p.seeds.data, step, bs) for p in protocols]
             tensors, rest, n_inputs = _stack_batches(batches)
 
-            if compiled is not None:
-                grads, losses = compiled(step, params, buffers, tensors, rest, n_inputs, torch.tensor(alive))
-            else:
-                def member(p: dict, b: dict, t: dict, step: int = step) -> Tensor:
-                    logits, _ = forward(_Member(skeleton, p, b), _unstack_batch(t, rest, n_inputs),
-                                        step=step, training=True)
-                    return logits
-
-                token = PLAIN_KERNELS.set(True)
-                try:
-                    logits = vmap(member)(params, buffers, tensors)  # [member, batch, pos, d_out]
-                finally:
-                    PLAIN_KERNELS.reset(token)
-                losses = _member_losses(logits, tensors["targets"])
+            grads, losses = update(step, params, buffers, tensors, rest, n_inputs, torch.tensor(alive))
             for i, b in enumerate(books):
                 if alive[i]:
                     guard(i, b.check_loss, step, losses[i])
             # a stopped member contributes nothing, and its NaNs reach no other member (members'
-            # slices never mix); the compiled branch also zeroes its gradient (0 x NaN is NaN)
-            if compiled is None:
-                optimizer.zero_grad(set_to_none=True)
-                torch.where(torch.tensor(alive), losses, torch.zeros(())).sum().backward()
-                optimizer.step()
-            elif any(alive):
+            # slices never mix); its gradient is zeroed too (0 x NaN is NaN)
+            if any(alive):
                 dead = [i for i, a in enumerate(alive) if not a]
                 if dead:
                     for g in grads:

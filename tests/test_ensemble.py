@@ -1,5 +1,6 @@
-"""Seed ensembles: each member's run directory equals the same run done alone (within a stated
-tolerance, per clamp kind), resumes work, and incompatible runs are never packed."""
+"""Ensembles: each member's run directory equals the same run done alone (within a stated
+tolerance, per clamp kind, in seed ensembles and in ensembles of mixed conditions), resumes
+work, and incompatible runs are never packed."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from optolab.ensemble import pack_key, train_ensemble, why_not_packable
+from optolab.clamps.union import pass_signature
+from optolab.ensemble import condition_key, pack_key, train_ensemble, why_not_packable
 from optolab.loader import validate_protocol
 from optolab.trainer import train
 
@@ -40,6 +42,45 @@ def _members(clamps, seeds=(0, 1, 2), **train):
         data.update(name=f"m{s}", clamps=copy.deepcopy(clamps), seeds={"init": s, "data": s, "eval": 1})
         out.append(validate_protocol(data))
     return out
+
+
+# One member per condition, chosen so the union has every pass kind: a clean pass (preserve), a
+# shifted pass alone (layer clamp with a copy head), shifted + main, a main-pass copy head, a
+# windowed clamp (the union changes mid-run), and a member with no clamp at all.
+MIXED = {
+    "none": [],
+    "set+ablate": CLAMPS["set+ablate"],
+    "perfect_match (window)": CLAMPS["perfect_match"],
+    "layer_clamp+copy (shifted pass only)": CLAMPS["layer_clamp (3 passes)"],
+    "layer_clamp (shifted + main)": [{"kind": "layer_clamp", "layer": 0},
+                                     {"kind": "ablate", "site": "blocks.1.attn.hook_v", "heads": [0]}],
+    "preserve+perfect_copy (clean + main)": [{"kind": "preserve", "site": "blocks.0.attn.hook_pattern"},
+                                             {"kind": "ablate", "site": "blocks.0.attn.hook_v", "heads": [1]},
+                                             CLAMPS["perfect_copy (2 passes)"][0]],
+    "scale+stop_gradient": CLAMPS["scale+stop_gradient"],
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_solo(tmp_path_factory):
+    """The MIXED members, each trained alone (eager, nnsight): the reference for both backends."""
+    root = tmp_path_factory.mktemp("mixed_solo")
+    protocols = [_members(c, seeds=(i,))[0] for i, c in enumerate(MIXED.values())]
+    for i, p in enumerate(protocols):
+        train(p, root / f"solo{i}", progress=False)
+    return protocols, root
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_members_of_mixed_conditions_each_equal_their_run_alone(mixed_solo, tmp_path, compiled):
+    solo, root = mixed_solo
+    protocols = [validate_protocol({**p.resolved(), "train": {**p.resolved()["train"], "compile": compiled}})
+                 for p in solo]
+    assert len({pack_key(p) for p in protocols}) == 1
+    assert len({condition_key(p) for p in protocols}) == len(MIXED)
+    train_ensemble(protocols, [tmp_path / f"ens{i}" for i in range(len(protocols))])
+    for i, name in enumerate(MIXED):
+        assert _max_diff(tmp_path / f"ens{i}", root / f"solo{i}") < TOLERANCE, name
 
 
 def _max_diff(a, b) -> float:
@@ -77,7 +118,11 @@ def test_packing_never_mixes_incompatible_runs():
     (lr,) = _members([], seeds=(0,), lr=3e-3)
     assert pack_key(lr) != pack_key(a)
     (clamped,) = _members(CLAMPS["set+ablate"], seeds=(0,))
-    assert pack_key(clamped) != pack_key(a)
+    assert pack_key(clamped) == pack_key(a)  # another condition of the same model: packable
+    assert condition_key(clamped) != condition_key(a) and condition_key(b) == condition_key(a)
+    (wider,) = _members([], seeds=(0,))
+    wider = validate_protocol({**wider.resolved(), "model": {**wider.resolved()["model"], "n_layers": 3}})
+    assert pack_key(wider) != pack_key(a)  # another model shape never packs
     other_eval = validate_protocol({**a.resolved(), "seeds": {"init": 0, "data": 0, "eval": 7}})
     assert pack_key(other_eval) != pack_key(a)  # a different eval set is a different measurement
     (clipped,) = _members([], seeds=(0,), grad_clip=1.0)
@@ -86,6 +131,20 @@ def test_packing_never_mixes_incompatible_runs():
     assert "freeze" in why_not_packable(frozen)
     with pytest.raises(ValueError, match="share everything"):
         train_ensemble([a, lr], ["x", "y"])
+    with pytest.raises(ValueError, match="freeze"):
+        train_ensemble([a, frozen], ["x", "y"])
+
+
+def test_pass_signatures_name_the_passes_a_union_would_run():
+    def sig(clamps):
+        return pass_signature(_members(clamps, seeds=(0,))[0].clamps)
+
+    assert sig([]) == sig(CLAMPS["set+ablate"]) == sig(CLAMPS["perfect_copy (2 passes)"]) == ("main",)
+    assert sig(CLAMPS["layer_clamp (3 passes)"]) == ("shifted",)
+    assert sig(MIXED["layer_clamp (shifted + main)"]) == ("shifted", "main")
+    assert sig(MIXED["preserve+perfect_copy (clean + main)"]) == ("clean", "main")
+    windowed = [{**CLAMPS["layer_clamp (3 passes)"][0], "window": {"start": 0, "stop": 30, "unit": "steps"}}]
+    assert sig(windowed) == ("shifted", "main")  # after its window, the main pass runs again
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

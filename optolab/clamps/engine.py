@@ -129,30 +129,30 @@ class Program:
     passes: list[Pass]
     copy: tuple[str, str, int] | None  # (pass, scores site, head) whose scores become the logits
     grafts: list[Compiled]
+    # a union's (optolab.clamps.union): each condition's output, (pass, scores site, head) or
+    # (pass, None, None) for that pass's logits; a member takes its condition's (ctx.gate)
+    outputs: list[tuple[str, str | None, int | None]] | None = None
 
 
-def build_program(plan: Plan, active: list[Compiled], save: Sequence[str]) -> Program:
+RankedOps = list[tuple[str, int, Op]]  # (site, rank, op)
+
+
+def program_parts(plan: Plan, active: list[Compiled],
+                  save: Sequence[str]) -> tuple[list[tuple[str, RankedOps]], tuple[str, str, int] | None]:
+    """The passes of the program for ``active`` as ranked op lists, in run order, and its copy
+    output. ``rank`` orders the ops at one site: 0 read the input, 1 preserve, 2 clamps, 3 recipe
+    writes, 4 records, 5 saves, so every record and save sees the value the model goes on with."""
     site_clamps = [c for c in active if c.site is not None]
     preserves = [c for c in site_clamps if c.kind == "preserve"]
     ordinary = [c for c in site_clamps if c.kind != "preserve"]
     layer = next((c for c in active if c.kind == "layer_clamp"), None)
     copy = next((c for c in active if c.kind == "perfect_copy"), None)
     ex = plan.exemplar_label
-    passes: list[Pass] = []
-
-    def assemble(name: str, ops: list[tuple[str, int, Op]]) -> Pass:
-        by_site: dict[str, list[Op]] = {}
-        for site, _rank, op in sorted(ops, key=lambda t: (plan.site_order[t[0]], t[1])):
-            by_site.setdefault(site, []).append(op)
-        return Pass(name, list(by_site.items()))
-
-    # rank orders the ops at one site: 0 read the input, 1 preserve, 2 clamps, 3 recipe writes,
-    # 4 records, 5 saves — so every record and save sees the value the model goes on with
+    passes: list[tuple[str, RankedOps]] = []
     clamp_ops = [(c.site.name, 2, site_op(c, ex)) for c in ordinary]
-    grafts = [c for c in ordinary if c.kind == "graft"]
 
     if preserves:
-        passes.append(assemble("clean", [(c.site.name, 4, record(("clean", c.site.name))) for c in preserves]))
+        passes.append(("clean", [(c.site.name, 4, record(("clean", c.site.name))) for c in preserves]))
     output: tuple[str, str, int] | None = None
     if layer is not None:
         L = layer.spec.layer
@@ -166,9 +166,9 @@ def build_program(plan: Plan, active: list[Compiled], save: Sequence[str]) -> Pr
             ops.append((f"{nxt}.hook_attn_scores", 4, record(("shifted", f"{nxt}.hook_attn_scores"))))
             output = ("shifted", f"{nxt}.hook_attn_scores", layer.spec.copy_head)
             ops += [(s, 5, save_op(s)) for s in save]
-            passes.append(assemble("shifted", ops))
-            return Program(passes, output, grafts)
-        passes.append(assemble("shifted", ops))
+            passes.append(("shifted", ops))
+            return passes, output
+        passes.append(("shifted", ops))
     main = clamp_ops + [(c.site.name, 1, site_op(c, ex)) for c in preserves]
     if layer is not None:
         main += [
@@ -181,16 +181,44 @@ def build_program(plan: Plan, active: list[Compiled], save: Sequence[str]) -> Pr
         main.append((scores, 4, record(("main", scores))))
         output = ("main", scores, copy.spec.head)
     main += [(s, 5, save_op(s)) for s in save]
-    passes.append(assemble("main", main))
-    return Program(passes, output, grafts)
+    passes.append(("main", main))
+    return passes, output
 
 
-def program_logits(program: Program, logits: Tensor, ctx: PassContext, batch: Batch) -> Tensor:
-    """The last pass's logits, or the copy head's logits where the program defines the output."""
-    if program.copy is None:
-        return logits
-    pass_name, site, head = program.copy
-    return copy_logits(logits, ctx.recorded[(pass_name, site)], head, batch)
+def assemble(plan: Plan, name: str, ops: RankedOps) -> Pass:
+    """One pass: ``ops`` grouped by site in forward order, by rank within a site (stable, so
+    ops of one rank keep their list order: protocol order)."""
+    by_site: dict[str, list[Op]] = {}
+    for site, _rank, op in sorted(ops, key=lambda t: (plan.site_order[t[0]], t[1])):
+        by_site.setdefault(site, []).append(op)
+    return Pass(name, list(by_site.items()))
+
+
+def build_program(plan: Plan, active: list[Compiled], save: Sequence[str]) -> Program:
+    parts, output = program_parts(plan, active, save)
+    grafts = [c for c in active if c.site is not None and c.kind == "graft"]
+    return Program([assemble(plan, name, ops) for name, ops in parts], output, grafts)
+
+
+def program_logits(program: Program, logits: dict[str, Tensor], ctx: PassContext, batch: Batch) -> Tensor:
+    """The program's logits from each pass's (``logits``: pass name -> logits): the last pass's,
+    or the copy head's where the program defines the output; in a union, each member's
+    condition's (selected by ``ctx.gate``, the member's one-hot condition)."""
+    if program.outputs is None:
+        last = logits[program.passes[-1].name]
+        if program.copy is None:
+            return last
+        pass_name, site, head = program.copy
+        return copy_logits(logits[pass_name], ctx.recorded[(pass_name, site)], head, batch)
+    chosen: dict[tuple, list[int]] = {}
+    for k, out in enumerate(program.outputs):
+        chosen.setdefault(out, []).append(k)
+    result = None
+    for (pass_name, site, head), conditions in chosen.items():
+        value = logits[pass_name] if site is None else \
+            copy_logits(logits[pass_name], ctx.recorded[(pass_name, site)], head, batch)
+        result = value if result is None else torch.where(ctx.gate[conditions].any(), value, result)
+    return result
 
 
 def copy_logits(logits: Tensor, scores: Tensor, head: int, batch: Batch) -> Tensor:
@@ -233,9 +261,7 @@ class ClampForward(Forward):
         if program is None:
             return self._plain(model, batch, step=step, training=training, save=save)
         ctx = PassContext(batch, grafted=grafted)
-        logits = None
-        for p in program.passes:
-            logits = self._run(model, p, batch, ctx)
+        logits = {p.name: self._run(model, p, batch, ctx) for p in program.passes}
         return program_logits(program, logits, ctx, batch), ctx.saved
 
     def prepare(self, model: nn.Module, batch: Batch, step: int, training: bool,

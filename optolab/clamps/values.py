@@ -31,6 +31,7 @@ class PassContext:
     recorded: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (pass, site) -> activation
     grafted: dict[int, Tensor] = field(default_factory=dict)  # graft clamp index -> source model activation
     saved: dict[str, Tensor] = field(default_factory=dict)  # what the caller asked to save
+    gate: Tensor | None = None  # in a union program: the member's condition, one-hot [condition]
 
 
 def previous_token_pattern(n_q: int, n_k: int, strength: float) -> Tensor:

@@ -1,0 +1,109 @@
+"""Union programs: one forward for ensemble members whose clamps differ (mixed conditions).
+
+Rules:
+- A *condition* is one clamp list; the members of a condition share its plan. At each step the
+  union holds every pass that any condition's program has at that step, in the engine's order
+  (clean, shifted, main), and at each site every condition's ops, ordered as the engine orders
+  one program's: site order, then rank, then condition, then the condition's own order. A
+  member's own ops therefore run in the order of its solo program.
+- Ops that write (ranks 1-3: preserve, clamps, the layer clamp's recipe writes) are gated per
+  member: ``where(gate[k], op(out), out)``, where ``gate`` is the member's one-hot condition (a
+  tensor; under ``vmap`` each member's own). ``where`` selects, it does not mix: a member's
+  activations, logits and loss are exactly those of its solo program, and another condition's
+  op sends it exactly zero gradient.
+- Records and saves are not gated. A record's key names its pass and site, and it sits after
+  every write at its site, so two conditions' records of one key hold the same value.
+- A pass that a member's own program lacks still runs for it, and nothing reads it: that is the
+  union's cost. Sweeps pack only conditions with equal passes (:func:`pass_signature`).
+- Each member's logits are its own condition's output (a pass's logits or a copy head's),
+  selected by its gate (:func:`~optolab.clamps.engine.program_logits`).
+- With one condition the union is that condition's own program, ungated: a seed ensemble runs
+  exactly the solo program under ``vmap``.
+- Training steps only (``save`` is empty); evaluations run each condition's own Forward.
+  Grafts and freezes are not supported (such runs are never packed: :mod:`optolab.ensemble`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from optolab.clamps.compile import Compiled, Plan
+from optolab.clamps.engine import (
+    ClampForward,
+    Op,
+    Pass,
+    Program,
+    assemble,
+    build_program,
+    program_parts,
+)
+from optolab.forward import Forward
+
+PASS_ORDER = ("clean", "shifted", "main")
+WRITES = (1, 2, 3)  # ranks of ops that change the activation (engine.program_parts)
+EMPTY = Program([Pass("main", [])], None, [])
+
+
+def pass_signature(clamps: Sequence) -> tuple[str, ...]:
+    """The passes a protocol's clamps (specs) can need, over its whole run."""
+    kinds = {c.kind for c in clamps}
+    passes = {"clean"} if "preserve" in kinds else set()
+    layers = [c for c in clamps if c.kind == "layer_clamp"]
+    if layers:
+        passes.add("shifted")
+    # a copy-head layer clamp has no main pass, but only while it acts: before, after or
+    # between its windows (or phases) the main pass runs
+    if not layers or any(c.copy_head is None or c.window.start > 0 or c.window.stop is not None
+                         or c.apply_at != "both" for c in layers):
+        passes.add("main")
+    return tuple(p for p in PASS_ORDER if p in passes)
+
+
+def gated(op: Op, k: int) -> Op:
+    def fn(out: Tensor, ctx) -> Tensor:
+        return torch.where(ctx.gate[k], op(out, ctx), out)
+    return fn
+
+
+def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Compiled]]) -> Program:
+    """One program for members of several conditions (``plans[k]``, its clamps active now
+    ``actives[k]``); see the module rules."""
+    live = [k for k, a in enumerate(actives) if a]
+    if not live:
+        return EMPTY
+    if len(plans) == 1:
+        return build_program(plans[0], actives[0], ())
+    by_pass: dict[str, list] = {}
+    outputs: list[tuple[str, str | None, int | None]] = []
+    for k, (plan, active) in enumerate(zip(plans, actives)):
+        parts, output = program_parts(plan, active, ()) if active else ([("main", [])], None)
+        for name, ops in parts:
+            by_pass.setdefault(name, []).extend(
+                (site, rank, gated(op, k) if rank in WRITES else op) for site, rank, op in ops)
+        outputs.append(output if output is not None else (parts[-1][0], None, None))
+    plan = plans[live[0]]
+    passes = [assemble(plan, name, by_pass[name]) for name in PASS_ORDER if name in by_pass]
+    return Program(passes, None, [], outputs)
+
+
+class Conditions:
+    """The members' conditions: each member's clamps (one Forward per distinct clamp list) and,
+    per training step, the one program every member runs with each member's gate."""
+
+    def __init__(self, forwards: Sequence[Forward], of_member: Sequence[int]) -> None:
+        self.forwards = list(forwards)
+        self.plans = [f.plan if isinstance(f, ClampForward) else None for f in self.forwards]
+        # [member, condition]: each member's one-hot condition
+        self.gates = torch.nn.functional.one_hot(torch.tensor(list(of_member)), len(self.forwards)).bool()
+        self._programs: dict[tuple, Program] = {}
+
+    def program(self, step: int) -> Program:
+        actives = [f.active(step, True) if isinstance(f, ClampForward) else [] for f in self.forwards]
+        key = tuple(tuple(c.index for c in a) for a in actives)
+        program = self._programs.get(key)
+        if program is None:
+            program = self._programs[key] = union_program(self.plans, actives)
+        return program
