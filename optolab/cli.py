@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local process pool (default) or Ray")
     p.add_argument("--address", help="Ray cluster to connect to (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--pack", choices=["auto", "off"], default="auto",
-                   help="train runs that differ only in seeds as one seed ensemble (default: auto)")
+    p.add_argument("--pack", choices=["auto", "seeds", "off"], default="auto",
+                   help="train compatible runs as one ensemble: auto = across conditions that need the same "
+                        "forward passes, seeds = only runs of one condition, off = each alone (default: auto)")
     p.add_argument("--max-pack", type=int, default=8, help="most runs in one ensemble (default 8)")
 
     p = sub.add_parser("report", help="summary.csv, conditions.csv and report.md of a sweep directory")

@@ -43,6 +43,7 @@ from optolab.clamps.engine import (
     program_logits,
     save_op,
 )
+from optolab.clamps.union import Conditions
 from optolab.clamps.values import PassContext
 from optolab.errors import OptolabError
 from optolab.forward import Forward
@@ -193,7 +194,8 @@ class SiteDispatch:
 
 
 class CompiledForward(Forward):
-    """The protocol's Forward (``inner``: the clamp engine, or plain) with every call compiled."""
+    """The protocol's Forward (``inner``: the clamp engine, or plain; or an ensemble's
+    conditions) with every call compiled."""
 
     def __init__(self, inner: Forward) -> None:
         self.inner = inner
@@ -202,18 +204,21 @@ class CompiledForward(Forward):
         self._saving: dict[tuple[str, ...], Program] = {}
 
     def __call__(self, model: nn.Module, batch: Batch, *, step: int, training: bool,
-                 save: Sequence[str] = ()) -> tuple[Tensor, dict[str, Tensor]]:
+                 save: Sequence[str] = (), gate: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """As any Forward; ``gate`` is the member's condition when ``inner`` is an ensemble's
+        :class:`~optolab.clamps.union.Conditions` (one graph serves every condition)."""
         program, grafted = self.program(model, batch, step, training, save)
         dispatch = self.dispatch(model)
-        dispatch.warm(program, tuple(t.shape for t in batch.inputs), lambda: dispatch.run(program, batch, grafted))
-        return self._compiled(program, batch, grafted)
+        args = (program, batch, grafted) if gate is None else (program, batch, grafted, None, gate)
+        dispatch.warm(program, tuple(t.shape for t in batch.inputs), lambda: dispatch.run(*args))
+        return self._compiled(*args)
 
     def program(self, model: nn.Module, batch: Batch, step: int, training: bool,
                 save: Sequence[str] = ()) -> tuple[Program, dict]:
         """The clamp program of this call (the engine's, or the plain one that saves ``save``)
         and the grafted activations it reads."""
         program, grafted = None, {}
-        if isinstance(self.inner, ClampForward):
+        if isinstance(self.inner, (ClampForward, Conditions)):
             program, grafted = self.inner.prepare(model, batch, step, training, save)
         if program is None:
             key = tuple(save)

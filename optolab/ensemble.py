@@ -55,7 +55,7 @@ from optolab.compiled import (
 )
 from optolab.compiled_step import adam_, ensure_state, plain_adam
 from optolab.errors import RunFailed
-from optolab.forward import make_forward
+from optolab.forward import Forward, make_forward
 from optolab.model import PLAIN_KERNELS, build_model
 from optolab.protocol import Protocol
 from optolab.runbook import RunBook
@@ -123,6 +123,18 @@ def _member_losses(logits: Tensor, targets: Tensor) -> Tensor:
     per_token = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE,
                                 reduction="none").view(S, -1)
     return per_token.sum(1) / (targets != IGNORE).view(S, -1).sum(1)
+
+
+class _ConditionEval(Forward):
+    """One condition's evals through the ensemble's compiled union Forward, gated to it: every
+    condition's evals share one compiled graph per eval shape (:mod:`optolab.clamps.union`)."""
+
+    def __init__(self, union: CompiledForward, gate: Tensor) -> None:
+        self.union, self.gate = union, gate
+
+    def __call__(self, model: nn.Module, batch: Batch, *, step: int, training: bool,
+                 save: Sequence[str] = ()) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.union(model, batch, step=step, training=training, save=save, gate=self.gate)
 
 
 class _Step:
@@ -198,9 +210,13 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     cfg = p0.model_config_for(task)
     index: dict[str, int] = {}
     of_member = [index.setdefault(condition_key(p), len(index)) for p in protocols]
-    # one Forward per condition, for its members' evals and (its clamp plan) the training steps
-    evaluators = [make_forward(protocols[of_member.index(k)], task, cfg) for k in range(len(index))]
-    books = [RunBook(p, o, task, cfg, evaluators[k]) for p, o, k in zip(protocols, outs, of_member)]
+    # one Forward per condition: its clamp plan, and its members' evals
+    forwards = [make_forward(protocols[of_member.index(k)], task, cfg) for k in range(len(index))]
+    conditions = Conditions([f.inner if isinstance(f, CompiledForward) else f for f in forwards], of_member)
+    if p0.train.compile and len(forwards) > 1:  # one compiled eval graph for all conditions
+        union = CompiledForward(conditions)
+        forwards = [_ConditionEval(union, conditions.gate(k)) for k in range(len(forwards))]
+    books = [RunBook(p, o, task, cfg, forwards[k]) for p, o, k in zip(protocols, outs, of_member)]
     models = [build_model(cfg, p.seeds.init) for p in protocols]
     shared = build_model(cfg, p0.seeds.init)  # evaluated with each member's weights in turn
     optimizers = [make_optimizer(p, m) for p, m in zip(protocols, models)]
@@ -215,7 +231,6 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     optimizer = make_optimizer(p0, _Params(params))
     _load_moments(optimizer, params, models, optimizers)
     skeleton = copy.deepcopy(models[0]).to("meta")
-    conditions = Conditions([e.inner if isinstance(e, CompiledForward) else e for e in evaluators], of_member)
     update = _Step(skeleton, conditions, names, p0.train.compile)
     plain = plain_adam(p0)
     if plain:

@@ -13,9 +13,11 @@ Rules:
   too, as failed, and stays so) and resumes unfinished ones
   from their checkpoints (the trainer does), so re-running the same command completes a sweep.
 - Runs train through an executor (``optolab/executors.py``): a local process pool by default, or
-  Ray (``--executor ray``) on a local instance or a cluster. With ``--pack auto`` (the default)
-  runs that differ only in seeds train together as seed ensembles (:func:`plan_jobs`,
-  :mod:`optolab.ensemble`); ``--pack off`` trains every run alone.
+  Ray (``--executor ray``) on a local instance or a cluster. Runs pack into ensembles
+  (:func:`plan_jobs`, :mod:`optolab.ensemble`): with ``--pack auto`` (the default) runs that
+  share a model and training settings and whose clamps need the same forward passes, across
+  conditions; with ``--pack seeds`` only runs of one condition; ``--pack off`` trains every run
+  alone.
 """
 
 from __future__ import annotations
@@ -198,21 +200,33 @@ def _cost(protocol: Protocol) -> int:
     return protocol.train.total_steps * protocol.train.batch_size
 
 
+PACKING = ("auto", "seeds", "off")
+
+
 def plan_jobs(runs: dict[str, SweepRun], todo: list[str], out: Path, *, pack: str, max_pack: int,
               workers: int) -> list[list[str]]:
-    """Group the runs to train into jobs: with ``pack="auto"``, runs that differ only in seeds
-    (and can resume together) share a seed ensemble of at most ``max_pack`` members, split so
-    every worker gets work; everything else trains alone. Longest jobs first."""
-    from optolab.ensemble import pack_key, resumable_together, why_not_packable
+    """Group the runs to train into jobs. Packable runs (and runs that can resume together)
+    share an ensemble of at most ``max_pack`` members when they have equal
+    :func:`~optolab.ensemble.pack_key` and, with ``pack="auto"``, equal pass signatures (a
+    union of conditions with other passes would run every pass for every member:
+    :mod:`optolab.clamps.union`), or with ``pack="seeds"`` equal clamps. A group is split so
+    every worker gets work, a condition's runs kept together where they fit; everything else
+    trains alone. Longest jobs first."""
+    from optolab.clamps.union import pass_signature
+    from optolab.ensemble import condition_key, pack_key, resumable_together, why_not_packable
 
-    groups: dict[str, list[str]] = {}
+    groups: dict[tuple, list[str]] = {}
     singles: list[list[str]] = []
     for rid in todo:
         protocol = runs[rid].protocol
         if pack == "off" or why_not_packable(protocol) is not None:
             singles.append([rid])
         else:
-            groups.setdefault(pack_key(protocol), []).append(rid)
+            within = pass_signature(protocol.clamps) if pack == "auto" else condition_key(protocol)
+            groups.setdefault((pack_key(protocol), within), []).append(rid)
+    for group in groups.values():  # a condition's runs next to each other, conditions in order
+        order = list(dict.fromkeys(condition_key(runs[rid].protocol) for rid in group))
+        group.sort(key=lambda rid, order=order: order.index(condition_key(runs[rid].protocol)))
     jobs = list(singles)
     packable = sum(len(g) for g in groups.values()) or 1
     for group in groups.values():
@@ -237,8 +251,8 @@ def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, 
     if executor not in executors.EXECUTORS:
         raise OptolabError(f"unknown executor '{executor}'.", field="--executor",
                            fix=f"use one of {list(executors.EXECUTORS)}.")
-    if pack not in ("auto", "off"):
-        raise OptolabError(f"unknown packing '{pack}'.", field="--pack", fix="use auto or off.")
+    if pack not in PACKING:
+        raise OptolabError(f"unknown packing '{pack}'.", field="--pack", fix="use auto, seeds or off.")
     if max_pack < 1:
         raise OptolabError(f"--max-pack must be at least 1 (got {max_pack}).", field="--max-pack",
                            fix="use e.g. --max-pack 8.")

@@ -168,3 +168,15 @@ def test_a_member_that_diverges_stops_alone(tmp_path, monkeypatch, compiled):
     monkeypatch.setattr(FewshotTask, "train_batch", original)
     train(protocols[0], tmp_path / "solo", progress=False)
     assert _max_diff(tmp_path / "a", tmp_path / "solo") < TOLERANCE  # the healthy member is unaffected
+
+
+def test_a_compiled_mixed_ensemble_evaluates_right_when_no_clamp_acts(tmp_path):
+    """After the window of the only windowed condition, nothing acts: the union eval program is
+    the plain one that saves what the measures read, for every member."""
+    protocols = [_members(c, seeds=(i,), compile=True)[0]
+                 for i, c in enumerate([[], CLAMPS["perfect_match"]])]
+    train_ensemble(protocols, [tmp_path / f"ens{i}" for i in range(2)])
+    for i, p in enumerate(protocols):
+        train(validate_protocol({**p.resolved(), "train": {**p.resolved()["train"], "compile": False}}),
+              tmp_path / f"solo{i}", progress=False)
+        assert _max_diff(tmp_path / f"ens{i}", tmp_path / f"solo{i}") < TOLERANCE

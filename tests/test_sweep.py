@@ -172,18 +172,30 @@ def test_a_pool_worker_killed_mid_run_fails_that_run_only_and_a_rerun_resumes_it
                                   pd.read_parquet(tmp_path / "solo" / "metrics.parquet"))
 
 
-def test_plan_jobs_packs_seed_ensembles_only_of_compatible_runs(tmp_path):
+def test_plan_jobs_packs_ensembles_only_of_compatible_runs(tmp_path):
     from optolab.sweep import plan_jobs
 
-    sweep = _sweep(tmp_path, seeds=list(range(8)), reference="a", conditions=[
-        {"name": "a"}, {"name": "frozen", "set": {"clamps": [{"kind": "freeze", "param": "blocks.0.attn.W_Q"}]}}])
+    pattern = {"kind": "set", "site": "blocks.0.attn.hook_pattern", "heads": [0], "to": "previous_token"}
+    layer = {"kind": "layer_clamp", "layer": 0}
+    sweep = _sweep(tmp_path, seeds=list(range(4)), reference="a", conditions=[
+        {"name": "a"}, {"name": "pattern", "set": {"clamps": [pattern]}},
+        {"name": "layer", "set": {"clamps": [layer]}}, {"name": "lr", "set": {"train.lr": 3e-3}},
+        {"name": "frozen", "set": {"clamps": [{"kind": "freeze", "param": "blocks.0.attn.W_Q"}]}}])
     _, runs = load_sweep(sweep)
     todo = list(runs)
+
+    def conditions(job):
+        return [runs[r].condition for r in job]
+
     jobs = plan_jobs(runs, todo, tmp_path / "out", pack="auto", max_pack=8, workers=2)
-    packed = [j for j in jobs if len(j) > 1]
-    assert sorted(map(len, packed)) == [4, 4]  # 8 seeds of `a`, split so both workers get work
-    assert all(runs[r].condition == "a" for j in packed for r in j)
-    assert sorted(r for j in jobs if len(j) == 1 for r in j) == sorted(f"frozen_s{s}" for s in range(8))
+    packed = [conditions(j) for j in jobs if len(j) > 1]
+    # a and pattern need the same (main) pass: mixed, each condition's seeds together; layer has
+    # a shifted pass and lr other settings: apart; frozen never packs
+    assert sorted(packed) == sorted([["a"] * 4 + ["pattern"] * 4, ["layer"] * 4, ["lr"] * 4])
+    assert sorted(r for j in jobs if len(j) == 1 for r in j) == sorted(f"frozen_s{s}" for s in range(4))
+    seeds = plan_jobs(runs, todo, tmp_path / "out", pack="seeds", max_pack=8, workers=2)
+    assert all(len(set(conditions(j))) == 1 for j in seeds)
+    assert sorted(len(j) for j in seeds if len(j) > 1) == [4, 4, 4, 4]
     small = plan_jobs(runs, todo, tmp_path / "out", pack="auto", max_pack=3, workers=1)
     assert max(map(len, small)) == 3
     assert all(len(j) == 1 for j in plan_jobs(runs, todo, tmp_path / "out", pack="off", max_pack=8, workers=2))

@@ -19,8 +19,9 @@ Rules:
   selected by its gate (:func:`~optolab.clamps.engine.program_logits`).
 - With one condition the union is that condition's own program, ungated: a seed ensemble runs
   exactly the solo program under ``vmap``.
-- Training steps only (``save`` is empty); evaluations run each condition's own Forward.
-  Grafts and freezes are not supported (such runs are never packed: :mod:`optolab.ensemble`).
+- Saves (evaluations) sit at the end of each condition's last pass, gated: a member keeps the
+  values of its own program's last pass (:func:`gated_save`).
+- Grafts and freezes are not supported (such runs are never packed: :mod:`optolab.ensemble`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from optolab.clamps.engine import (
     assemble,
     build_program,
     program_parts,
+    save_op,
 )
 from optolab.forward import Forward
 
@@ -68,22 +70,40 @@ def gated(op: Op, k: int) -> Op:
     return fn
 
 
-def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Compiled]]) -> Program:
+def gated_save(name: str, k: int) -> Op:
+    """Save ``name`` for condition ``k``'s members: conditions whose last pass differs save in
+    different passes, and a later pass must not overwrite an earlier one's save for them."""
+    def fn(out: Tensor, ctx) -> Tensor:
+        prev = ctx.saved.get(name)
+        value = out.detach()
+        ctx.saved[name] = value if prev is None else torch.where(ctx.gate[k], value, prev)
+        return out
+    return fn
+
+
+def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Compiled]],
+                  save: Sequence[str] = ()) -> Program:
     """One program for members of several conditions (``plans[k]``, its clamps active now
-    ``actives[k]``); see the module rules."""
+    ``actives[k]``), saving ``save``; see the module rules."""
     live = [k for k, a in enumerate(actives) if a]
     if not live:
-        return EMPTY
+        return EMPTY if not save else Program([Pass("main", [(s, [save_op(s)]) for s in save])], None, [])
     if len(plans) == 1:
-        return build_program(plans[0], actives[0], ())
+        return build_program(plans[0], actives[0], save)
     by_pass: dict[str, list] = {}
     outputs: list[tuple[str, str | None, int | None]] = []
     for k, (plan, active) in enumerate(zip(plans, actives)):
-        parts, output = program_parts(plan, active, ()) if active else ([("main", [])], None)
+        if active:
+            parts, output = program_parts(plan, active, ())
+        else:
+            parts, output = [("main", [])], None
+        last = parts[-1][0]
         for name, ops in parts:
-            by_pass.setdefault(name, []).extend(
-                (site, rank, gated(op, k) if rank in WRITES else op) for site, rank, op in ops)
-        outputs.append(output if output is not None else (parts[-1][0], None, None))
+            ranked = [(site, rank, gated(op, k) if rank in WRITES else op) for site, rank, op in ops]
+            if name == last:
+                ranked += [(s, 5, gated_save(s, k)) for s in save]
+            by_pass.setdefault(name, []).extend(ranked)
+        outputs.append(output if output is not None else (last, None, None))
     plan = plans[live[0]]
     passes = [assemble(plan, name, by_pass[name]) for name in PASS_ORDER if name in by_pass]
     return Program(passes, None, [], outputs)
@@ -91,7 +111,7 @@ def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Compiled]
 
 class Conditions:
     """The members' conditions: each member's clamps (one Forward per distinct clamp list) and,
-    per training step, the one program every member runs with each member's gate."""
+    per step and phase, the one program every member runs, with each member's gate."""
 
     def __init__(self, forwards: Sequence[Forward], of_member: Sequence[int]) -> None:
         self.forwards = list(forwards)
@@ -100,10 +120,19 @@ class Conditions:
         self.gates = torch.nn.functional.one_hot(torch.tensor(list(of_member)), len(self.forwards)).bool()
         self._programs: dict[tuple, Program] = {}
 
-    def program(self, step: int) -> Program:
-        actives = [f.active(step, True) if isinstance(f, ClampForward) else [] for f in self.forwards]
-        key = tuple(tuple(c.index for c in a) for a in actives)
+    def gate(self, k: int) -> Tensor:
+        """Condition ``k``'s one-hot gate (``[condition]``)."""
+        return torch.arange(len(self.forwards)) == k
+
+    def program(self, step: int, training: bool = True, save: Sequence[str] = ()) -> Program:
+        actives = [f.active(step, training) if isinstance(f, ClampForward) else [] for f in self.forwards]
+        key = (tuple(tuple(c.index for c in a) for a in actives), training, tuple(save))
         program = self._programs.get(key)
         if program is None:
-            program = self._programs[key] = union_program(self.plans, actives)
+            program = self._programs[key] = union_program(self.plans, actives, save)
         return program
+
+    def prepare(self, model, batch, step: int, training: bool, save: Sequence[str] = ()) -> tuple[Program, dict]:
+        """As :meth:`ClampForward.prepare <optolab.clamps.engine.ClampForward.prepare>`: the union
+        program of this call (there are no grafts)."""
+        return self.program(step, training, save), {}
