@@ -1,7 +1,9 @@
-"""Seed-ensemble throughput: model-steps/s of S members trained as one vmapped model.
+"""Ensemble throughput: model-steps/s of S members trained as one vmapped model.
 
 Trains the Singh et al. single-head config (``fig5b_none``: one ablation clamp;
-``fig5b_prev_token``: one more, a pattern clamp; ``fig5b_layer1``: the three-pass layer-1 clamp) for ``--steps`` steps through
+``fig5b_prev_token``: one more, a pattern clamp; ``fig5b_layer1``: the three-pass layer-1 clamp;
+``mixed``: members cycling over T4's one-pass conditions none, prev_token, match and copy, one
+union program) for ``--steps`` steps through
 :func:`optolab.ensemble.train_ensemble` with S = 1 (the solo trainer), 4, 8, 16, one torch
 thread, evals reduced to the first and last step on 8 sequences so that training dominates.
 Prints model-steps/s and the speed-up over solo. Nothing is kept on disk.
@@ -37,19 +39,27 @@ from optolab.trainer import train
 ROOT = Path(__file__).resolve().parents[1]
 # T4's conditions: the single-head model (an ablation clamp: 7 of 8 layer-1 heads' values zeroed),
 # plus a previous-token pattern clamp, plus the three-pass layer-1 clamp
-PROTOCOLS = {"none": "fig5b_none", "prev_token": "fig5b_prev_token", "layer1": "fig5b_layer1"}
+PROTOCOLS = {"none": ("fig5b_none",), "prev_token": ("fig5b_prev_token",), "layer1": ("fig5b_layer1",),
+             "mixed": ("fig5b_none", "fig5b_prev_token", "fig5b_match", "fig5b_copy")}
 
 
-def members(name: str, S: int, steps: int, compiled: bool = False) -> list:
+def _base(name: str, steps: int, compiled: bool) -> dict:
     base = load_protocol(ROOT / "protocols" / "singh2024" / f"{name}.yaml").resolved()
     base["train"]["compile"] = compiled
     base["train"].pop("sequences")
     base["train"]["steps"] = steps
     base["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": steps}, "keep": 1}
     base["measures"] = {**base["measures"], "schedule": {"unit": "steps", "every": steps}, "eval_sequences": 8}
+    return base
+
+
+def members(names: str | tuple[str, ...], S: int, steps: int, compiled: bool = False) -> list:
+    """S members; with several protocol names, member s takes ``names[s % len(names)]``."""
+    names = (names,) if isinstance(names, str) else names
     out = []
     for s in range(S):
-        data = copy.deepcopy(base)
+        name = names[s % len(names)]
+        data = _base(name, steps, compiled)
         data["name"] = f"{name}_m{s}"
         data["seeds"]["init"] = data["seeds"]["data"] = s
         out.append(validate_protocol(data))

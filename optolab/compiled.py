@@ -9,7 +9,7 @@ Rules:
 - What is compiled: every forward of the run. Evaluations call :class:`CompiledForward` (which
   saves the activations measures read through the same dispatch, ``save`` ops last at their
   site, as the engine orders them); a training step compiles its forward, loss and backward as
-  one graph (:mod:`optolab.compiled_step`, and the ensemble's ``_CompiledStep``), after which
+  one graph (:mod:`optolab.compiled_step`, and the ensemble's ``_Step``), after which
   torch's Adam updates.
 - Each distinct program compiles once per input shape (shapes are static, so an eval set of
   another size is another graph). Before that, one eager pass without gradients fills the

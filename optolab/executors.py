@@ -1,7 +1,7 @@
 """Executors: where the runs of a sweep train.
 
 Rules:
-- An executor gets *jobs* — a single run, or several runs packed into a seed ensemble
+- An executor gets *jobs* — a single run, or several runs packed into an ensemble
   (:mod:`optolab.ensemble`) — and a sweep directory, trains every run into ``OUT/<run id>`` and
   returns ``{run id: "done" | "failed: <one line>"}``. One failed run never stops the others;
   the caller decides what a failure means.
@@ -49,7 +49,7 @@ def train_one(protocol_data: dict, out: str) -> str:
 
 
 def train_job(members: list[tuple[dict, str]]) -> dict[str, str]:
-    """One job: a single run, or several packed into a seed ensemble (:mod:`optolab.ensemble`).
+    """One job: a single run, or several packed into an ensemble (:mod:`optolab.ensemble`).
     ``{out: "done" | "failed: …"}``; a single run's failure raises instead, like ``train_one``."""
     import torch
 
