@@ -23,8 +23,10 @@ Rules:
 - Evals and checkpoints: at those steps a member's weights and Adam state are copied into a solo
   model and optimizer, which its RunBook checkpoints; evals run on one model shared by all
   members (loaded with each member's weights in turn) through its condition's protocol Forward,
-  nnsight or compiled as a solo run's would, so compiled eval graphs are built once per
-  condition, not per member. Resuming reads the members' checkpoints back.
+  nnsight or compiled as a solo run's would; compiled with several conditions, through one union
+  Forward gated to the member's condition (:class:`_ConditionEval`), so compiled eval graphs are
+  built once per ensemble, not per member or condition. Resuming reads the members' checkpoints
+  back.
 - Numbers equal the solo run's up to float summation order in batched matrix products; the
   tolerance is stated and tested in ``tests/test_ensemble.py`` (and ``tests/test_compiled.py``
   for compiled ensembles), for seed ensembles and mixed conditions.
