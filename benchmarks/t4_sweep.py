@@ -38,6 +38,7 @@ def main() -> None:
         t = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t
+        jobs = json.loads((out / "sweep.json").read_text())["invocations"][-1]["jobs"]
         times = defaultdict(list)
         for summary in out.glob("*/summary.json"):
             s = json.loads(summary.read_text())
@@ -46,6 +47,7 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"T4 sweep (18 runs x 6e5 sequences, {args.workers} workers): {wall / 60:.2f} min wall   [target <= 5 min]")
     print(f"peak RSS of one process: {rss:.0f} MiB")
+    print("jobs (runs trained together):", "  ".join("+".join(job) for job in jobs))
     for cond, ts in sorted(times.items()):
         found = [t for t in ts if t is not None]
         med = f"{statistics.median(found):.3g}" if found else "not reached"
