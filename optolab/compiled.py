@@ -58,7 +58,10 @@ RECOMPILES = 64
 # ones they are masked half-vectors and horizontal reductions. Measured on the attention block
 # of the main config (one core, forward + backward): 868 µs at 512 bits, 462 µs at 256 bits;
 # a compiled ensemble of 8: 618 -> 733 model-steps/s.
-OPTIONS = {"cpp.simdlen": 256}
+# ``cpp.vec_isa_ok``: the vector ISA is the CPU's own (256-bit AVX2 here), taken without torch's
+# probe, which builds and loads a test library per ISA in every process: ≈6 s of each sweep
+# worker's first compile (measured, cold cache), for a check that g++ can target AVX2.
+OPTIONS = {"cpp.simdlen": 256, "cpp.vec_isa_ok": True}
 # A training step's graph runs every step: there, a C++ wrapper (instead of Python code calling
 # each kernel and allocating each buffer) and no per-call stride asserts on extern kernels' outputs
 # take the main config from 575 to 590 steps/s (one clamp, one core); it costs a few seconds more
