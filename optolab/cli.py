@@ -157,12 +157,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "tasks":
         return _tasks(args)
     if args.command == "sweep":
-        from optolab.sweep import load_sweep, run_sweep
+        from optolab.sweep import plan_sweep, run_sweep
 
         if args.dry_run:
-            _, runs = load_sweep(args.sweep)
+            _, runs, status, jobs, workers = plan_sweep(args.sweep, args.out, workers=args.workers, pack=args.pack,
+                                                        max_pack=args.max_pack)
             for rid in runs:
-                print(rid)
+                print(rid + ("  (finished)" if rid in status else ""))
+            print(f"trains as {len(jobs)} job(s) on {workers} worker(s) (--pack {args.pack}):")
+            for job in jobs:
+                print("  " + " + ".join(job))
             return 0
         status = run_sweep(args.sweep, args.out, workers=args.workers, executor=args.executor,
                            address=args.address, pack=args.pack, max_pack=args.max_pack)

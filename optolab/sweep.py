@@ -239,6 +239,23 @@ def plan_jobs(runs: dict[str, SweepRun], todo: list[str], out: Path, *, pack: st
     return sorted(jobs, key=lambda job: -_cost(runs[job[0]].protocol) * len(job) ** 0.5)
 
 
+def plan_sweep(path: str | Path, out: str | Path, *, workers: int | None, pack: str, max_pack: int):
+    """``(spec, runs, status of finished runs, jobs, workers)``: what :func:`run_sweep` would
+    train, and how runs would pack (``optolab sweep --dry-run`` prints it)."""
+    if pack not in PACKING:
+        raise OptolabError(f"unknown packing '{pack}'.", field="--pack", fix="use auto, seeds or off.")
+    if max_pack < 1:
+        raise OptolabError(f"--max-pack must be at least 1 (got {max_pack}).", field="--max-pack",
+                           fix="use e.g. --max-pack 8.")
+    spec, runs = load_sweep(path)
+    out = Path(out)
+    status = {rid: _previous(out / rid) for rid in runs if finished(out / rid)}
+    todo = [rid for rid in runs if rid not in status]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    jobs = plan_jobs(runs, todo, out, pack=pack, max_pack=max_pack, workers=workers)
+    return spec, runs, status, jobs, min(workers, len(jobs) or 1)
+
+
 def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, executor: str = "local",
               address: str | None = None, pack: str = "auto", max_pack: int = 8) -> dict[str, str]:
     """Train every unfinished run of a sweep; ``{run id: "done" | "skipped" | "failed: …"}``.
@@ -251,18 +268,9 @@ def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, 
     if executor not in executors.EXECUTORS:
         raise OptolabError(f"unknown executor '{executor}'.", field="--executor",
                            fix=f"use one of {list(executors.EXECUTORS)}.")
-    if pack not in PACKING:
-        raise OptolabError(f"unknown packing '{pack}'.", field="--pack", fix="use auto, seeds or off.")
-    if max_pack < 1:
-        raise OptolabError(f"--max-pack must be at least 1 (got {max_pack}).", field="--max-pack",
-                           fix="use e.g. --max-pack 8.")
-    spec, runs = load_sweep(path)
+    spec, runs, status, jobs, workers = plan_sweep(path, out, workers=workers, pack=pack, max_pack=max_pack)
     out = Path(out)
-    status = {rid: _previous(out / rid) for rid in runs if finished(out / rid)}
     todo = [rid for rid in runs if rid not in status]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    jobs = plan_jobs(runs, todo, out, pack=pack, max_pack=max_pack, workers=workers)
-    workers = min(workers, len(jobs) or 1)
     ray = started = None
     if executor == "ray" and todo:
         ray, started = executors.connect_ray(executors.ray_address(address), workers)

@@ -199,3 +199,18 @@ def test_plan_jobs_packs_ensembles_only_of_compatible_runs(tmp_path):
     small = plan_jobs(runs, todo, tmp_path / "out", pack="auto", max_pack=3, workers=1)
     assert max(map(len, small)) == 3
     assert all(len(j) == 1 for j in plan_jobs(runs, todo, tmp_path / "out", pack="off", max_pack=8, workers=2))
+
+
+def test_a_dry_run_lists_the_runs_and_how_they_would_pack_and_writes_nothing(tmp_path, capsys):
+    pattern = {"kind": "set", "site": "blocks.0.attn.hook_pattern", "heads": [0], "to": "previous_token"}
+    sweep = _sweep(tmp_path, conditions=[{"name": "lr1e-3"}, {"name": "pattern", "set": {"clamps": [pattern]}}])
+    out = tmp_path / "out"
+    assert main(["sweep", sweep, "--out", str(out), "--workers", "1", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "trains as 1 job(s) on 1 worker(s) (--pack auto):" in text
+    assert "  lr1e-3_s0 + lr1e-3_s1 + pattern_s0 + pattern_s1" in text
+    assert main(["sweep", sweep, "--out", str(out), "--workers", "1", "--dry-run", "--pack", "seeds"]) == 0
+    assert "trains as 2 job(s)" in capsys.readouterr().out
+    assert main(["sweep", sweep, "--out", str(out), "--dry-run", "--max-pack", "0"]) == 2
+    assert "--max-pack" in capsys.readouterr().err
+    assert not out.exists()
