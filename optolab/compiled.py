@@ -126,6 +126,16 @@ class CallKeys:
         return contextlib.nullcontext()
 
 
+def unused_parameters(loss_fn: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor]) -> frozenset[str]:
+    """The parameters ``loss_fn`` does not depend on at all (a layer clamp cuts the layers below
+    it off the loss). Autograd leaves them without a gradient and torch's optimizers skip them
+    (no update, no weight decay, no step count); ``torch.func.grad`` gives them zeros instead, so
+    a compiled step must skip them itself. One eager forward and backward."""
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    grads = torch.autograd.grad(loss_fn(leaves), list(leaves.values()), allow_unused=True)
+    return frozenset(n for n, g in zip(leaves, grads) if g is None)
+
+
 def saving(save: Sequence[str]) -> Program:
     """The unclamped program that saves ``save`` (the engine runs such calls without nnsight)."""
     return Program([Pass("main", [(s, [save_op(s)]) for s in save])], None, [])

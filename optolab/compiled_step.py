@@ -13,6 +13,10 @@ Rules:
   anything else sets ``.grad`` and runs the trainer's sequence (``after_backward``, clipping,
   ``optimizer.step()``, ``after_update``). Either way the optimizer's state is the one
   checkpoints save and resumption loads.
+- A parameter the step's loss does not depend on at all (below a layer clamp) gets no update,
+  as torch's optimizers skip a parameter without a gradient; ``grad_and_value`` would give it
+  zeros, which Adam's momentum and weight decay would act on (found once per program:
+  :func:`~optolab.compiled.unused_parameters`).
 - A non-finite loss leaves parameters and optimizer state untouched (as the eager path); the
   caller then stops the run.
 - The step's graph is compiled with :data:`~optolab.compiled.STEP_OPTIONS` (a C++ wrapper),
@@ -30,7 +34,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 
 from optolab.clamps.engine import Program
-from optolab.compiled import STEP_OPTIONS, CallKeys, CompiledForward, compile_fn
+from optolab.compiled import (
+    STEP_OPTIONS,
+    CallKeys,
+    CompiledForward,
+    compile_fn,
+    unused_parameters,
+)
 from optolab.protocol import Protocol
 from optolab.tasks import IGNORE
 from optolab.tasks.base import Batch
@@ -80,6 +90,7 @@ class CompiledStep:
         self.detached = {n: p.detach() for n, p in zip(self.names, self.params)}
         self.compiled = compile_fn(self._grads, STEP_OPTIONS)
         self.keys = CallKeys()
+        self._used_by: dict[int, list[int]] = {}
         if self.plain:
             ensure_state(optimizer)
 
@@ -92,18 +103,31 @@ class CompiledStep:
         grads, loss = grad_and_value(self._loss)(params, program, batch, grafted)
         return [grads[n] for n in self.names], loss
 
+    def _used(self, program: Program, batch: Batch, grafted: dict) -> list[int]:
+        """Indices of the parameters ``program``'s loss depends on (see :func:`unused_parameters`)."""
+        used = self._used_by.get(id(program))  # programs live as long as their engine: ids stay unique
+        if used is None:
+            unused = unused_parameters(lambda p: self._loss(p, program, batch, grafted), self.detached)
+            used = self._used_by[id(program)] = [i for i, n in enumerate(self.names) if n not in unused]
+        return used
+
     def __call__(self, batch: Batch, step: int) -> Tensor:
         model = self.dispatch.model
         program, grafted = self.forward.program(model, batch, step, True)
         self.dispatch.warm(program, tuple(t.shape for t in batch.inputs),
                            lambda: self.dispatch.run(program, batch, grafted))
+        used = self._used(program, batch, grafted)
         with self.keys.guards(program, batch, grafted):
             grads, loss = self.compiled(self.detached, program, batch, grafted)
         if not math.isfinite(loss.item()):
             return loss
         if self.plain:
-            adam_(self.optimizer, self.params, grads)
+            if len(used) == len(self.params):
+                adam_(self.optimizer, self.params, grads)
+            else:
+                adam_(self.optimizer, [self.params[i] for i in used], [grads[i] for i in used])
             return loss
+        grads = [g if i in used else None for i, g in enumerate(grads)]
         for p, g in zip(self.params, grads):
             p.grad = g
         self.forward.after_backward(model, step)

@@ -17,9 +17,10 @@ Rules:
   (:mod:`optolab.clamps.union`). The loss is each member's mean, summed: members share no
   parameter, so each gets exactly its own gradient; Adam is elementwise, so the stacked update is
   each member's own.
-- The gradient comes from ``torch.func.grad_and_value`` of that loss; with ``train.compile`` the
-  forward (every pass), the losses and the gradient are one compiled graph per program (as
-  :mod:`optolab.compiled_step` does for a solo run). Fused Adam is called directly.
+- The gradient comes from autograd (eager) or, with ``train.compile``, from
+  ``torch.func.grad_and_value`` of that loss: the forward (every pass), the losses and the
+  gradient are one compiled graph per program (as :mod:`optolab.compiled_step` does for a solo
+  run). Fused Adam is called directly.
 - Evals and checkpoints: at those steps a member's weights and Adam state are copied into a solo
   model and optimizer, which its RunBook checkpoints; evals run on one model shared by all
   members (loaded with each member's weights in turn) through its condition's protocol Forward,
@@ -54,6 +55,7 @@ from optolab.compiled import (
     SiteDispatch,
     compile_fn,
     fresh_caches,
+    unused_parameters,
 )
 from optolab.compiled_step import adam_, ensure_state, plain_adam
 from optolab.errors import RunFailed
@@ -141,32 +143,63 @@ class _ConditionEval(Forward):
 
 class _Step:
     """One training step of every member: the vmapped forward (every pass of the step's
-    program), each member's loss and the gradient, by ``torch.func.grad_and_value``; with
-    ``compiled``, one compiled graph per program. Returns the stacked parameters' gradients and
-    each member's loss."""
+    program), each member's loss and the gradient (autograd; with ``compiled``,
+    ``torch.func.grad_and_value`` in one compiled graph per program). Returns the stacked
+    parameters' gradients and each member's loss."""
 
     def __init__(self, skeleton: nn.Module, conditions: Conditions, names: list[str], compiled: bool) -> None:
         self.conditions, self.names, self.compiled = conditions, names, compiled
         self.dispatch = SiteDispatch(skeleton)
         self.fn = compile_fn(self._grads, STEP_OPTIONS) if compiled else self._grads
         self.keys = CallKeys()
+        self._unused: dict[tuple, dict[str, list[int]]] = {}
 
     def __call__(self, step: int, params, buffers, tensors, rest: dict, n_inputs: int,
                  alive: Tensor) -> tuple[list[Tensor], Tensor]:
         program = self.conditions.program(step)
         gates = self.conditions.gates
-        params = {n: p.detach() for n, p in params.items()}
-        args = (program, params, buffers, tensors, gates, rest, n_inputs)
-        if not self.compiled:
+        if not self.compiled:  # autograd: eager, torch.func's grad transform costs ~10 % per op
             self.dispatch.cover(program)
             token = PLAIN_KERNELS.set(True)
             try:
-                return self._grads(*args, alive)
+                for p in params.values():
+                    p.grad = None
+                losses = _member_losses(self._logits(program, params, buffers, tensors, gates, rest, n_inputs),
+                                        tensors["targets"])
+                torch.where(alive, losses, torch.zeros(())).sum().backward()
             finally:
                 PLAIN_KERNELS.reset(token)
+            return [params[n].grad for n in self.names], losses.detach()
+        params = {n: p.detach() for n, p in params.items()}
+        args = (program, params, buffers, tensors, gates, rest, n_inputs)
         self.dispatch.warm(program, tuple(t.shape for t in tensors.values()), lambda: self._logits(*args))
         with self.keys.guards(program, tensors, rest, n_inputs):
             return self.fn(*args, alive)
+
+    def unused(self, step: int, params, buffers, tensors, rest: dict, n_inputs: int) -> dict[str, list[int]]:
+        """Per stacked parameter, the members whose own program at ``step`` does not depend on it
+        at all (:func:`~optolab.compiled.unused_parameters`, probed once per condition and set of
+        active clamps on one member of the condition): their solo runs would not update it."""
+        key = self.conditions.key(step)
+        found = self._unused.get(key)
+        if found is None:
+            skeleton, run, of_member = self.dispatch.model, self.dispatch.run, self.conditions.of_member
+            by_condition = []
+            for k in range(len(self.conditions.forwards)):
+                m = of_member.index(k)
+                program = self.conditions.own_program(k, step)
+                self.dispatch.cover(program)
+                own = {n: b[m] for n, b in buffers.items()}
+                batch = _unstack_batch({n: t[m] for n, t in tensors.items()}, rest, n_inputs)
+
+                def loss(p: dict, program=program, own=own, batch=batch) -> Tensor:
+                    logits = run(program, batch, {}, lambda *inputs: functional_call(skeleton, (p, own), inputs))[0]
+                    return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+
+                by_condition.append(unused_parameters(loss, {n: p.detach()[m] for n, p in params.items()}))
+            found = self._unused[key] = {
+                n: members for n in params if (members := [i for i, k in enumerate(of_member) if n in by_condition[k]])}
+        return found
 
     def _logits(self, program: Program, params, buffers, tensors, gates: Tensor, rest: dict, n_inputs: int) -> Tensor:
         skeleton, run = self.dispatch.model, self.dispatch.run
@@ -278,13 +311,10 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
                 dead = [i for i, a in enumerate(alive) if not a]
                 if dead:
                     for g in grads:
-                        g[dead] = 0
-                if plain:
-                    adam_(optimizer, list(params.values()), grads)
-                else:
-                    for p, g in zip(params.values(), grads):
-                        p.grad = g
-                    optimizer.step()
+                        if g is not None:
+                            g[dead] = 0
+                skip = update.unused(step, params, buffers, tensors, rest, n_inputs)
+                _adam(optimizer, params, grads, skip, plain)
             for i, b in enumerate(books):
                 if alive[i]:
                     b.add_loss(losses[i])
@@ -299,6 +329,36 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
         bar.close()
         torch.set_flush_denormal(False)
     return [failed[i] if i in failed else b.finish(step) for i, b in enumerate(books)]
+
+
+def _adam(optimizer: torch.optim.Optimizer, params: dict[str, Tensor], grads: list[Tensor | None],
+          skip: dict[str, list[int]], plain: bool) -> None:
+    """Adam on the stacked parameters as each member's solo run would take it. A parameter no
+    member's loss depends on is skipped, as torch skips a parameter without a gradient. Members
+    whose loss does not depend on a parameter that others' does keep their slice of it and of
+    its Adam moments. (Adam's step count is one per stacked parameter, so it counts such steps
+    for them: were a member to depend on the parameter again later, as after a layer clamp's
+    window, its bias correction would differ from its solo run's.)"""
+    S = next(iter(params.values())).shape[0]
+    take = [g is not None and len(skip.get(n, ())) < S for n, g in zip(params, grads)]
+    kept = []
+    for n, p in params.items():
+        members = skip.get(n)
+        if members and len(members) < S:
+            state = optimizer.state.get(p, {})
+            kept.append((p, members, p.detach()[members].clone(),
+                         {k: v[members].clone() for k, v in state.items() if k != "step"}))
+    if plain:
+        adam_(optimizer, [p for p, t in zip(params.values(), take) if t], [g for g, t in zip(grads, take) if t])
+    else:
+        for p, g, t in zip(params.values(), grads, take):
+            p.grad = g if t else None
+        optimizer.step()
+    with torch.no_grad():
+        for p, members, value, moments in kept:
+            p[members] = value
+            for k, v in moments.items():
+                optimizer.state[p][k][members] = v
 
 
 class _Params(nn.Module):

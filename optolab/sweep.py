@@ -209,7 +209,7 @@ def plan_jobs(runs: dict[str, SweepRun], todo: list[str], out: Path, *, pack: st
     share an ensemble of at most ``max_pack`` members when they have equal
     :func:`~optolab.ensemble.pack_key` and, with ``pack="auto"``, equal pass signatures (a
     union of conditions with other passes would run every pass for every member:
-    :mod:`optolab.clamps.union`), or with ``pack="seeds"`` equal clamps. A group is split so
+    :mod:`optolab.clamps.union`) and layer-clamp layers, or with ``pack="seeds"`` equal clamps. A group is split so
     every worker gets work, a condition's runs kept together where they fit; everything else
     trains alone. Longest jobs first."""
     from optolab.clamps.union import pass_signature
@@ -222,7 +222,10 @@ def plan_jobs(runs: dict[str, SweepRun], todo: list[str], out: Path, *, pack: st
         if pack == "off" or why_not_packable(protocol) is not None:
             singles.append([rid])
         else:
-            within = pass_signature(protocol.clamps) if pack == "auto" else condition_key(protocol)
+            # with auto, also the layers layer clamps cut off the loss: members that depend on other
+            # parameters share Adam's step counts (optolab.ensemble._adam)
+            layers = tuple(sorted(c.layer for c in protocol.clamps if c.kind == "layer_clamp"))
+            within = (pass_signature(protocol.clamps), layers) if pack == "auto" else condition_key(protocol)
             groups.setdefault((pack_key(protocol), within), []).append(rid)
     for group in groups.values():  # a condition's runs next to each other, conditions in order
         order = list(dict.fromkeys(condition_key(runs[rid].protocol) for rid in group))

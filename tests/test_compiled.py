@@ -53,14 +53,19 @@ def _groups(tmp_path) -> dict[str, list[dict]]:
         "two passes": [{"kind": "preserve", "site": "pattern0"}, {"kind": "preserve", "site": "pattern1"},
                        {"kind": "ablate", "site": "v0", "heads": [1]},
                        {"kind": "perfect_copy", "layer": 1, "head": 3}],
-        "three passes": [{"kind": "layer_clamp", "copy_head": 1}],
+        # the layer clamp cuts block 0 off the loss until step 25: no gradient, so no Adam update
+        # (and no weight decay: WEIGHT_DECAY) for it in either path
+        "three passes": [{"kind": "layer_clamp", "copy_head": 1, "window": {"start": 0, "stop": 25, "unit": "steps"}}],
         "graft+freeze": [{"kind": "graft", "site": "resid_post0", "source": str(donor)},
                          {"kind": "freeze", "param": "blocks.1.attn.W_K", "heads": [0]}],
     }
 
 
+WEIGHT_DECAY = 0.05
+
+
 def _protocol(clamps: list[dict], compiled: bool, seed: int = 0, **train):
-    data = fewshot_protocol(steps=STEPS, **train)
+    data = fewshot_protocol(steps=STEPS, **{"weight_decay": WEIGHT_DECAY, **train})
     data.update(name=f"c{seed}", clamps=copy.deepcopy(clamps), seeds={"init": seed, "data": seed, "eval": 1})
     data["train"]["compile"] = compiled
     return validate_protocol(data)

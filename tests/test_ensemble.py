@@ -65,7 +65,9 @@ MIXED = {
 def mixed_solo(tmp_path_factory):
     """The MIXED members, each trained alone (eager, nnsight): the reference for both backends."""
     root = tmp_path_factory.mktemp("mixed_solo")
-    protocols = [_members(c, seeds=(i,))[0] for i, c in enumerate(MIXED.values())]
+    # with weight decay: members whose layer clamp cuts block 0 off their loss must leave it as
+    # their solo runs do (no update at all), while the other members' block 0 learns
+    protocols = [_members(c, seeds=(i,), weight_decay=0.05)[0] for i, c in enumerate(MIXED.values())]
     for i, p in enumerate(protocols):
         train(p, root / f"solo{i}", progress=False)
     return protocols, root

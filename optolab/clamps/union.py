@@ -115,6 +115,7 @@ class Conditions:
 
     def __init__(self, forwards: Sequence[Forward], of_member: Sequence[int]) -> None:
         self.forwards = list(forwards)
+        self.of_member = list(of_member)
         self.plans = [f.plan if isinstance(f, ClampForward) else None for f in self.forwards]
         # [member, condition]: each member's one-hot condition
         self.gates = torch.nn.functional.one_hot(torch.tensor(list(of_member)), len(self.forwards)).bool()
@@ -124,12 +125,28 @@ class Conditions:
         """Condition ``k``'s one-hot gate (``[condition]``)."""
         return torch.arange(len(self.forwards)) == k
 
+    def _actives(self, step: int, training: bool) -> list[list[Compiled]]:
+        return [f.active(step, training) if isinstance(f, ClampForward) else [] for f in self.forwards]
+
+    def key(self, step: int, training: bool = True) -> tuple:
+        """What decides the programs at ``step``: each condition's active clamps."""
+        return tuple(tuple(c.index for c in a) for a in self._actives(step, training))
+
     def program(self, step: int, training: bool = True, save: Sequence[str] = ()) -> Program:
-        actives = [f.active(step, training) if isinstance(f, ClampForward) else [] for f in self.forwards]
+        actives = self._actives(step, training)
         key = (tuple(tuple(c.index for c in a) for a in actives), training, tuple(save))
         program = self._programs.get(key)
         if program is None:
             program = self._programs[key] = union_program(self.plans, actives, save)
+        return program
+
+    def own_program(self, k: int, step: int) -> Program:
+        """Condition ``k``'s own training program at ``step`` (as its solo run's)."""
+        active = self._actives(step, True)[k]
+        key = ("own", k, tuple(c.index for c in active))
+        program = self._programs.get(key)
+        if program is None:
+            program = self._programs[key] = build_program(self.plans[k], active, ()) if active else EMPTY
         return program
 
     def prepare(self, model, batch, step: int, training: bool, save: Sequence[str] = ()) -> tuple[Program, dict]:
