@@ -103,8 +103,12 @@ def test_each_member_equals_its_run_alone(kind, tmp_path):
             sorted(p.name for p in (tmp_path / f"solo{i}" / "checkpoints").glob("*.json"))
 
 
-def test_an_interrupted_ensemble_resumes_from_its_members_checkpoints(tmp_path):
+@pytest.mark.parametrize("mixed", [False, True], ids=["seeds", "mixed conditions"])
+def test_an_interrupted_ensemble_resumes_from_its_members_checkpoints(tmp_path, mixed):
     protocols = _members(CLAMPS["set+ablate"], seeds=(3, 4))
+    if mixed:  # the second member: a layer clamp (block 0 cut off its loss) and weight decay
+        protocols = [_members(c, seeds=(s,), weight_decay=0.05)[0]
+                     for s, c in [(3, CLAMPS["set+ablate"]), (4, MIXED["layer_clamp (shifted + main)"])]]
     outs = [tmp_path / "a", tmp_path / "b"]
     train_ensemble(protocols, outs, stop_after=20)
     assert not (outs[0] / "summary.json").exists()
