@@ -186,3 +186,29 @@ def test_a_compiled_mixed_ensemble_evaluates_right_when_no_clamp_acts(tmp_path):
         train(validate_protocol({**p.resolved(), "train": {**p.resolved()["train"], "compile": False}}),
               tmp_path / f"solo{i}", progress=False)
         assert _max_diff(tmp_path / f"ens{i}", tmp_path / f"solo{i}") < TOLERANCE
+
+
+def test_a_clamp_every_condition_has_acts_once_and_members_still_equal_their_runs_alone(tmp_path):
+    from optolab.clamps.union import Conditions
+    from optolab.forward import make_forward
+    from optolab.tasks import make_task
+
+    ablate = {"kind": "ablate", "site": "blocks.1.attn.hook_v", "heads": [1, 2, 3]}  # T4's single-head model
+    conditions = [[ablate], [ablate, *CLAMPS["perfect_copy (2 passes)"]], [ablate, *CLAMPS["layer_clamp (3 passes)"]],
+                  [ablate, {"kind": "scale", "site": "blocks.0.hook_resid_post", "factor": 0.5}]]
+    protocols = [_members(c, seeds=(i,))[0] for i, c in enumerate(conditions)]
+    task = make_task(protocols[0].task)
+    cfg = protocols[0].model_config_for(task)
+    union = Conditions([make_forward(p, task, cfg) for p in protocols], range(4)).program(0)
+    at_v = [len(ops) for p in union.passes for site, ops in p.steps if site == ablate["site"]]
+    assert [p.name for p in union.passes] == ["shifted", "main"] and at_v == [1, 1]  # once per pass, not 4 times
+    # a common clamp at a site another condition also writes keeps one gated copy per condition
+    clash = [[ablate], [ablate, {"kind": "scale", "site": "blocks.1.attn.hook_v", "heads": [0], "factor": 2.0}]]
+    clashing = [_members(c, seeds=(i,))[0] for i, c in enumerate(clash)]
+    union = Conditions([make_forward(p, task, cfg) for p in clashing], range(2)).program(0)
+    assert [len(ops) for p in union.passes for site, ops in p.steps if site == ablate["site"]] == [3]
+    outs = [tmp_path / f"ens{i}" for i in range(6)]
+    train_ensemble(protocols + clashing, outs)
+    for i, p in enumerate(protocols + clashing):
+        train(p, tmp_path / f"solo{i}", progress=False)
+        assert _max_diff(outs[i], tmp_path / f"solo{i}") < TOLERANCE, i

@@ -11,6 +11,9 @@ Rules:
   tensor; under ``vmap`` each member's own). ``where`` selects, it does not mix: a member's
   activations, logits and loss are exactly those of its solo program, and another condition's
   op sends it exactly zero gradient.
+- A clamp that every condition has (same spec but the name, same window), at a site no other
+  op of any condition touches, acts once, ungated, in every pass but the clean one (T4's
+  single-head ablation in all six conditions).
 - Records and saves are not gated. A record's key names its pass and site, and it sits after
   every write at its site, so two conditions' records of one key hold the same value.
 - A pass that a member's own program lacks still runs for it, and nothing reads it: that is the
@@ -26,6 +29,7 @@ Rules:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +45,7 @@ from optolab.clamps.engine import (
     build_program,
     program_parts,
     save_op,
+    site_op,
 )
 from optolab.forward import Forward
 
@@ -90,6 +95,7 @@ def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Compiled]
         return EMPTY if not save else Program([Pass("main", [(s, [save_op(s)]) for s in save])], None, [])
     if len(plans) == 1:
         return build_program(plans[0], actives[0], save)
+    common, actives = _common(plans, actives)
     by_pass: dict[str, list] = {}
     outputs: list[tuple[str, str | None, int | None]] = []
     for k, (plan, active) in enumerate(zip(plans, actives)):
@@ -105,8 +111,34 @@ def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Compiled]
             by_pass.setdefault(name, []).extend(ranked)
         outputs.append(output if output is not None else (last, None, None))
     plan = plans[live[0]]
-    passes = [assemble(plan, name, by_pass[name]) for name in PASS_ORDER if name in by_pass]
+    shared = [(c.site.name, 2, site_op(c, plan.exemplar_label)) for c in common]
+    passes = [assemble(plan, name, by_pass[name] + (shared if name != "clean" else []))
+              for name in PASS_ORDER if name in by_pass]
     return Program(passes, None, [], outputs)
+
+
+COMMON_KINDS = ("ablate", "set", "stop_gradient", "scale", "add")
+
+
+def _common(plans: Sequence[Plan | None], actives: Sequence[list[Compiled]]):
+    """Clamps every condition has (same spec but the name, same window) at a site no other op of
+    any condition touches, so their order against other ops cannot matter: they act once,
+    ungated, in every pass but the clean one (where each condition's own copy would act). The
+    conditions' remaining active clamps."""
+    def key(c: Compiled) -> str:
+        return json.dumps(c.spec.model_dump(mode="json", exclude={"name"}), sort_keys=True) + repr(c.when)
+
+    keyed = [{key(c): c for c in active if c.kind in COMMON_KINDS} for active in actives]
+    shared = set(keyed[0]).intersection(*keyed[1:])
+    candidates = [keyed[0][k] for k in shared]
+    sites = [c.site.name for c in candidates]
+    rest = [[c for c in active if key(c) not in shared] for active in actives]
+    taken = {site for plan, active in zip(plans, rest) if active
+             for _name, ops in program_parts(plan, active, ())[0] for site, _rank, _op in ops}
+    common = [c for c in candidates if c.site.name not in taken and sites.count(c.site.name) == 1]
+    keep = {key(c) for c in common}
+    common.sort(key=lambda c: c.index)
+    return common, [[c for c in active if key(c) not in keep] for active in actives]
 
 
 class Conditions:
