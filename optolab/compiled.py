@@ -38,10 +38,9 @@ from torch import Tensor, nn
 from optolab.clamps.engine import (
     ClampForward,
     Op,
-    Pass,
     Program,
     program_logits,
-    save_op,
+    saving,
 )
 from optolab.clamps.union import Conditions
 from optolab.clamps.values import PassContext
@@ -49,7 +48,6 @@ from optolab.errors import OptolabError
 from optolab.forward import Forward
 from optolab.tasks.base import Batch
 
-NO_CLAMPS = Program([Pass("main", [])], None, [])
 RECOMPILES = 64
 
 
@@ -134,11 +132,6 @@ def unused_parameters(loss_fn: Callable[[dict[str, Tensor]], Tensor], params: di
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     grads = torch.autograd.grad(loss_fn(leaves), list(leaves.values()), allow_unused=True)
     return frozenset(n for n, g in zip(leaves, grads) if g is None)
-
-
-def saving(save: Sequence[str]) -> Program:
-    """The unclamped program that saves ``save`` (the engine runs such calls without nnsight)."""
-    return Program([Pass("main", [(s, [save_op(s)]) for s in save])], None, [])
 
 
 class SiteDispatch:

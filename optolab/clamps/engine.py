@@ -200,6 +200,11 @@ def build_program(plan: Plan, active: list[Compiled], save: Sequence[str]) -> Pr
     return Program([assemble(plan, name, ops) for name, ops in parts], output, grafts)
 
 
+def saving(save: Sequence[str]) -> Program:
+    """The unclamped program that saves ``save`` (the engine runs such calls without nnsight)."""
+    return Program([Pass("main", [(s, [save_op(s)]) for s in save])], None, [])
+
+
 def program_logits(program: Program, logits: dict[str, Tensor], ctx: PassContext, batch: Batch) -> Tensor:
     """The program's logits from each pass's (``logits``: pass name -> logits): the last pass's,
     or the copy head's where the program defines the output; in a union, each member's

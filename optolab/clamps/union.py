@@ -39,19 +39,17 @@ from optolab.clamps.compile import Compiled, Plan
 from optolab.clamps.engine import (
     ClampForward,
     Op,
-    Pass,
     Program,
     assemble,
     build_program,
     program_parts,
-    save_op,
+    saving,
     site_op,
 )
 from optolab.forward import Forward
 
 PASS_ORDER = ("clean", "shifted", "main")
 WRITES = (1, 2, 3)  # ranks of ops that change the activation (engine.program_parts)
-EMPTY = Program([Pass("main", [])], None, [])
 
 
 def pass_signature(clamps: Sequence) -> tuple[str, ...]:
@@ -92,7 +90,7 @@ def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Compiled]
     ``actives[k]``), saving ``save``; see the module rules."""
     live = [k for k, a in enumerate(actives) if a]
     if not live:
-        return EMPTY if not save else Program([Pass("main", [(s, [save_op(s)]) for s in save])], None, [])
+        return saving(save)
     if len(plans) == 1:
         return build_program(plans[0], actives[0], save)
     common, actives = _common(plans, actives)
@@ -165,11 +163,10 @@ class Conditions:
         return tuple(tuple(c.index for c in a) for a in self._actives(step, training))
 
     def program(self, step: int, training: bool = True, save: Sequence[str] = ()) -> Program:
-        actives = self._actives(step, training)
-        key = (tuple(tuple(c.index for c in a) for a in actives), training, tuple(save))
+        key = (self.key(step, training), training, tuple(save))
         program = self._programs.get(key)
         if program is None:
-            program = self._programs[key] = union_program(self.plans, actives, save)
+            program = self._programs[key] = union_program(self.plans, self._actives(step, training), save)
         return program
 
     def own_program(self, k: int, step: int) -> Program:
@@ -178,7 +175,7 @@ class Conditions:
         key = ("own", k, tuple(c.index for c in active))
         program = self._programs.get(key)
         if program is None:
-            program = self._programs[key] = build_program(self.plans[k], active, ()) if active else EMPTY
+            program = self._programs[key] = build_program(self.plans[k], active, ()) if active else saving(())
         return program
 
     def prepare(self, model, batch, step: int, training: bool, save: Sequence[str] = ()) -> tuple[Program, dict]:
