@@ -4,7 +4,7 @@ Trains the Singh et al. single-head config (``fig5b_none``: one ablation clamp;
 ``fig5b_prev_token``: one more, a pattern clamp; ``fig5b_layer1``: the three-pass layer-1 clamp;
 ``mixed``: members cycling over T4's one-pass conditions none, prev_token, match and copy, one
 union program) for ``--steps`` steps through
-:func:`optolab.ensemble.train_ensemble` with S = 1 (the solo trainer), 4, 8, 16, one torch
+:func:`optolab.training.ensemble.train_ensemble` with S = 1 (the solo trainer), 4, 8, 16, one torch
 thread, evals reduced to the first and last step on 8 sequences so that training dominates.
 Prints model-steps/s and the speed-up over solo. Nothing is kept on disk.
 With ``--compile`` (``train.compile: true``) the rate is the marginal one, S × (steps₂ − steps₁)
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from optolab.ensemble import train_ensemble
-from optolab.loader import load_protocol, validate_protocol
-from optolab.trainer import train
+from optolab.training.ensemble import train_ensemble
+from optolab.spec.loader import load_protocol, validate_protocol
+from optolab.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # T4's conditions: the single-head model (an ablation clamp: 7 of 8 layer-1 heads' values zeroed),

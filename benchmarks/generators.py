@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from optolab.forward import PlainForward
-from optolab.loader import load_protocol
-from optolab.model import build_model
+from optolab.model.forward import PlainForward
+from optolab.spec.loader import load_protocol
+from optolab.model.transformer import build_model
 from optolab.tasks import IGNORE, make_task
-from optolab.trainer import make_optimizer
+from optolab.training.trainer import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = [

@@ -8,12 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from optolab.forward import Forward, make_forward
-from optolab.loader import load_protocol
-from optolab.model import Transformer, build_model
-from optolab.protocol import Protocol
+from optolab.model.forward import Forward
+from optolab.training.trainer import make_forward
+from optolab.spec.loader import load_protocol
+from optolab.model.transformer import Transformer, build_model
+from optolab.spec.protocol import Protocol
 from optolab.tasks import make_task
-from optolab.trainer import make_optimizer, make_update
+from optolab.training.trainer import make_optimizer, make_update
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from optolab.forward import make_forward
-from optolab.loader import load_protocol
+from optolab.training.trainer import make_forward
+from optolab.spec.loader import load_protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,9 +58,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from optolab.loader import validate_protocol
+    from optolab.spec.loader import validate_protocol
     from optolab.tasks import make_task
-    from optolab.trainer import train
+    from optolab.training.trainer import train
 
     data = load_protocol(args.protocol).resolved()
     data["train"].pop("sequences", None)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from optolab.errors import EXIT_USER_ERROR, OptolabError
+from optolab.core.errors import EXIT_USER_ERROR, OptolabError
 
 
 def _seed(text: str) -> int:
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     import torch
 
-    from optolab.loader import load_protocol
+    from optolab.spec.loader import load_protocol
 
     if args.command in ("run", "validate") and _is_toy(args.protocol):
         return _toy(args)
@@ -118,7 +118,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         import yaml
 
-        from optolab.describe import describe_protocol
+        from optolab.spec.describe import describe_protocol
 
         protocol = load_protocol(args.protocol, seed=args.seed)
         print("\n".join(describe_protocol(protocol)))
@@ -127,7 +127,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(protocol.resolved(), sort_keys=False), end="")
         return 0
     if args.command == "sites":
-        from optolab.describe import site_shapes
+        from optolab.spec.describe import site_shapes
 
         protocol = load_protocol(args.protocol)
         rows = site_shapes(protocol)
@@ -141,7 +141,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         import pandas as pd
 
-        from optolab.posthoc import accuracy_table, default_out, evaluate_checkpoint, resolve_checkpoint
+        from optolab.experiments.posthoc import accuracy_table, default_out, evaluate_checkpoint, resolve_checkpoint
 
         torch.set_num_threads(1)
         protocol = load_protocol(args.protocol)
@@ -157,7 +157,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "tasks":
         return _tasks(args)
     if args.command == "sweep":
-        from optolab.sweep import plan_sweep, run_sweep
+        from optolab.experiments.sweep import plan_sweep, run_sweep
 
         if args.dry_run:
             _, runs, status, jobs, workers = plan_sweep(args.sweep, args.out, workers=args.workers, pack=args.pack,
@@ -181,7 +181,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         return 1 if failed else 0
     if args.command == "report":
-        from optolab.report import write_report
+        from optolab.experiments.report import write_report
 
         for path in write_report(args.sweep_dir):
             print(path)
@@ -196,14 +196,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _is_toy(path: str) -> bool:
-    from optolab.loader import read_yaml
+    from optolab.spec.loader import read_yaml
 
     data, _ = read_yaml(path, "protocol")
     return data.get("kind") == "toy_tensor"
 
 
 def _toy(args: argparse.Namespace) -> int:
-    from optolab.toy import describe_toy, load_toy, run_toy
+    from optolab.experiments.toy import describe_toy, load_toy, run_toy
 
     protocol = load_toy(args.protocol)
     print("\n".join(describe_toy(protocol)))
@@ -220,7 +220,7 @@ def _toy(args: argparse.Namespace) -> int:
 
 def _load_task(path: str):
     """A task from a task spec YAML, or from a protocol (its ``task:``)."""
-    from optolab.loader import load_protocol, read_yaml
+    from optolab.spec.loader import load_protocol, read_yaml
     from optolab.tasks import make_task
     from optolab.testing.contract import as_task
 
@@ -243,7 +243,7 @@ def _tasks(args: argparse.Namespace) -> int:
         return 0
     task = _load_task(args.task)
     if args.tasks_command == "show":
-        from optolab.taskinfo import show_task
+        from optolab.tasks.show import show_task
 
         print("\n".join(show_task(task, n=args.n, seed=args.seed)))
         return 0

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from optolab.config import ModelConfig
-from optolab.model import build_model
+from optolab.model.config import ModelConfig
+from optolab.model.transformer import build_model
 
 torch.set_num_threads(1)
 

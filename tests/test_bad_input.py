@@ -127,8 +127,8 @@ def test_run_refuses_a_folder_holding_a_different_protocol_without_touching_it(t
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from optolab.errors import OptolabError  # noqa: E402
-from optolab.loader import validate_protocol  # noqa: E402
+from optolab.core.errors import OptolabError  # noqa: E402
+from optolab.spec.loader import validate_protocol  # noqa: E402
 from tests.conftest import repeat_protocol  # noqa: E402
 
 ODD_VALUES = st.one_of(

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from optolab.api import open_run
-from optolab.loader import validate_protocol
-from optolab.trainer import train
+from optolab.spec.loader import validate_protocol
+from optolab.training.trainer import train
 from tests.conftest import fewshot_protocol
 from tests.test_clamps import P0, setup
 

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from optolab.clamps.values import previous_token_pattern
-from optolab.forward import PlainForward, make_forward
-from optolab.loader import validate_protocol
-from optolab.model import build_model
+from optolab.model.forward import PlainForward
+from optolab.training.trainer import make_forward
+from optolab.spec.loader import validate_protocol
+from optolab.model.transformer import build_model
 from optolab.tasks import make_task
 from tests.conftest import fewshot_protocol, repeat_protocol
 
@@ -195,7 +196,7 @@ class TestMultiPass:
 
 
 def test_graft_takes_the_frozen_models_activation(tmp_path):
-    from optolab.trainer import train
+    from optolab.training.trainer import train
 
     donor = validate_protocol(fewshot_protocol(steps=10))
     train(donor, tmp_path / "donor", progress=False)

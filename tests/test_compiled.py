@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from optolab.compiled_step import CompiledStep, adam_, ensure_state
-from optolab.ensemble import train_ensemble
-from optolab.errors import OptolabError
-from optolab.forward import make_forward
-from optolab.loader import validate_protocol
-from optolab.model import build_model
+from optolab.training.compiled_step import CompiledStep, adam_, ensure_state
+from optolab.training.ensemble import train_ensemble
+from optolab.core.errors import OptolabError
+from optolab.training.trainer import make_forward
+from optolab.spec.loader import validate_protocol
+from optolab.model.transformer import build_model
 from optolab.tasks import make_task
-from optolab.trainer import make_optimizer, make_update, train
+from optolab.training.trainer import make_optimizer, make_update, train
 
 from .conftest import fewshot_protocol
 
@@ -114,7 +114,7 @@ def test_a_resumed_compiled_run_repeats_the_uninterrupted_one(tmp_path):
 
 
 def test_no_cpp_compiler_is_one_clear_error_before_anything_is_written(tmp_path, monkeypatch):
-    monkeypatch.setattr("optolab.compiled.shutil.which", lambda name: None)
+    monkeypatch.setattr("optolab.training.compiled.shutil.which", lambda name: None)
     with pytest.raises(OptolabError) as err:
         train(_protocol([], True), tmp_path / "run", progress=False)
     assert err.value.field == "train.compile" and "train.compile: false" in err.value.fix

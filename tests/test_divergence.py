@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 import yaml
 
-from optolab.checkpoint import list_checkpoints
+from optolab.model.checkpoint import list_checkpoints
 from optolab.cli import main
 from optolab.tasks.fewshot import FewshotTask
 
@@ -71,9 +71,9 @@ def test_a_sweep_goes_on_past_a_diverging_run_and_the_report_lists_it(tmp_path, 
 def test_the_python_api_raises_run_failed_at_the_first_step(tmp_path):
     import pytest
 
-    from optolab.errors import RunFailed
-    from optolab.loader import validate_protocol
-    from optolab.trainer import train
+    from optolab.core.errors import RunFailed
+    from optolab.spec.loader import validate_protocol
+    from optolab.training.trainer import train
 
     with pytest.raises(RunFailed, match="the training loss is nan at step 1"):
         train(validate_protocol(fewshot_protocol(lr=1e30)), tmp_path / "r", progress=False)

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from optolab.clamps.union import pass_signature
-from optolab.ensemble import condition_key, pack_key, train_ensemble, why_not_packable
-from optolab.loader import validate_protocol
-from optolab.trainer import train
+from optolab.training.ensemble import condition_key, pack_key, train_ensemble, why_not_packable
+from optolab.spec.loader import validate_protocol
+from optolab.training.trainer import train
 
 from .conftest import fewshot_protocol
 
@@ -155,7 +155,7 @@ def test_pass_signatures_name_the_passes_a_union_would_run():
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_a_member_that_diverges_stops_alone(tmp_path, monkeypatch, compiled):
-    from optolab.errors import RunFailed
+    from optolab.core.errors import RunFailed
     from optolab.tasks.fewshot import FewshotTask
 
     original = FewshotTask.train_batch
@@ -190,7 +190,7 @@ def test_a_compiled_mixed_ensemble_evaluates_right_when_no_clamp_acts(tmp_path):
 
 def test_a_clamp_every_condition_has_acts_once_and_members_still_equal_their_runs_alone(tmp_path):
     from optolab.clamps.union import Conditions
-    from optolab.forward import make_forward
+    from optolab.training.trainer import make_forward
     from optolab.tasks import make_task
 
     ablate = {"kind": "ablate", "site": "blocks.1.attn.hook_v", "heads": [1, 2, 3]}  # T4's single-head model

@@ -8,8 +8,8 @@ import pytest
 import torch
 from nnsight import NNsight
 
-from optolab.model import (
-    HookPoint, apply_rotary, build_model, causal_softmax, per_head_mix, per_head_scores, rotary_table)
+from optolab.model.kernels import apply_rotary, causal_softmax, per_head_mix, per_head_scores, rotary_table
+from optolab.model.transformer import HookPoint, build_model
 from tests.conftest import tiny_config
 
 CONFIGS = {
@@ -170,7 +170,7 @@ def test_init_is_deterministic_per_seed_and_matches_the_papers_parameter_count()
 
 
 def test_bad_shapes_are_refused_with_the_field_named():
-    from optolab.errors import OptolabError
+    from optolab.core.errors import OptolabError
 
     with pytest.raises(OptolabError, match="model.d_head"):
         tiny_config(d_head=3).validate()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from optolab.phase import detect, ratio, summarize_times
+from optolab.measures.phase import detect, ratio, summarize_times
 
 
 def sigmoid_drop(x, at, width, high, low):

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from optolab.loader import load_protocol, validate_protocol
-from optolab.protocol import Schedule
+from optolab.spec.loader import load_protocol, validate_protocol
+from optolab.spec.protocol import Schedule
 from tests.conftest import ROOT, fewshot_protocol, write_protocol
 
 
@@ -44,7 +44,7 @@ def test_resolved_protocol_has_every_default_and_round_trips():
 @pytest.mark.parametrize("path", sorted(p for p in (ROOT / "protocols").rglob("*.yaml") if "sweeps" not in p.parts))
 def test_every_shipped_protocol_validates_and_its_resolved_form_round_trips(path):
     if "kind: toy_tensor" in path.read_text():
-        from optolab.toy import ToyProtocol, load_toy
+        from optolab.experiments.toy import ToyProtocol, load_toy
 
         toy = load_toy(path)
         assert ToyProtocol.model_validate(toy.model_dump()) == toy
@@ -62,7 +62,7 @@ def test_task_overrides_apply_on_top_of_a_spec_file(tmp_path):
 
 
 def test_a_schedule_that_would_fire_absurdly_often_is_refused():
-    from optolab.errors import OptolabError
+    from optolab.core.errors import OptolabError
 
     with pytest.raises(OptolabError, match="measures.schedule.every"):
         validate_protocol({**fewshot_protocol(), "train": {"steps": 10**9},
@@ -72,12 +72,12 @@ def test_a_schedule_that_would_fire_absurdly_often_is_refused():
 def test_readme_clamp_example_validates_and_is_described_as_documented(capsys):
     import yaml
 
-    from optolab.describe import describe_protocol
+    from optolab.spec.describe import describe_protocol
 
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Writing a clamp protocol", 1)[1]
+    section = readme.split("## A clamp", 1)[1]
     example = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
-    after = section.split("plain words:", 1)[1]
+    after = section.split("describes each clamp:", 1)[1]
     shown = after.split("```", 2)[1]  # the documented `optolab validate` output
     base = load_protocol(ROOT / "protocols" / "singh2024" / "fig5b_prev_token.yaml").resolved()
     p = validate_protocol({**base, **example})
@@ -87,7 +87,7 @@ def test_readme_clamp_example_validates_and_is_described_as_documented(capsys):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "protocols" / "sweeps").glob("*.yaml")))
 def test_every_shipped_sweep_expands_into_valid_runs(path):
-    from optolab.sweep import load_sweep
+    from optolab.experiments.sweep import load_sweep
 
     spec, runs = load_sweep(path)
     assert len(runs) == len(spec.seeds) * len(spec.conditions) * max(1, math.prod(map(len, spec.grid.values())))

@@ -13,8 +13,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from optolab.errors import OptolabError
-from optolab.loader import load_protocol, validate_protocol
+from optolab.core.errors import OptolabError
+from optolab.spec.loader import load_protocol, validate_protocol
 
 from .conftest import fewshot_protocol
 

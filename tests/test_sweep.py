@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from optolab.cli import main
-from optolab.sweep import load_sweep
+from optolab.experiments.sweep import load_sweep
 
 from .conftest import fewshot_protocol, write_protocol
 
@@ -173,7 +173,7 @@ def test_a_pool_worker_killed_mid_run_fails_that_run_only_and_a_rerun_resumes_it
 
 
 def test_plan_jobs_packs_ensembles_only_of_compatible_runs(tmp_path):
-    from optolab.sweep import plan_jobs
+    from optolab.experiments.sweep import plan_jobs
 
     pattern = {"kind": "set", "site": "blocks.0.attn.hook_pattern", "heads": [0], "to": "previous_token"}
     layer = {"kind": "layer_clamp", "layer": 0}

@@ -1,4 +1,4 @@
-"""Adding a generator without editing optolab: dotted paths, entry points, the README example,
+"""Adding a generator without editing optolab: dotted paths, entry points, the docs' example,
 and the task commands (show, check, list), including bad task parameters."""
 
 from __future__ import annotations
@@ -10,22 +10,22 @@ import pytest
 import yaml
 
 from optolab.cli import main
-from optolab.errors import OptolabError
-from optolab.loader import load_protocol, protocol_from_resolved
+from optolab.core.errors import OptolabError
+from optolab.spec.loader import load_protocol, protocol_from_resolved
 from optolab.tasks import registry
 
 from .conftest import ROOT, write_protocol
 
 
 def _readme_blocks() -> tuple[str, str]:
-    section = (ROOT / "README.md").read_text().split("## Your own generator, property-tested", 1)[1]
+    section = (ROOT / "docs" / "tasks.md").read_text().split("## Your own generator", 1)[1]
     blocks = [b.split("```", 1)[0] for b in section.split("```python", )[1:]]
     return blocks[0], blocks[1]
 
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    """The README's generator, importable as ``mytasks``."""
+    """The docs' generator (docs/tasks.md), importable as ``mytasks``."""
     generator, _ = _readme_blocks()
     (tmp_path / "mytasks.py").write_text(generator)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from optolab.cli import main
-from optolab.toy import time_to_fraction, train_toy
+from optolab.experiments.toy import time_to_fraction, train_toy
 
 
 def test_clamping_c_then_b_and_c_learns_faster_and_exactly():

@@ -10,8 +10,8 @@ import torch
 import yaml
 
 import optolab
-from optolab.loader import protocol_from_resolved, validate_protocol
-from optolab.trainer import train
+from optolab.spec.loader import protocol_from_resolved, validate_protocol
+from optolab.training.trainer import train
 from tests.conftest import fewshot_protocol, repeat_protocol
 
 
@@ -143,3 +143,30 @@ def test_denormals_are_flushed_only_while_training(tmp_path):
     train(p, tmp_path / "run", progress=False)
     assert (tiny * 1.0).item() != 0.0  # torch's default (keep denormals) is back after the run
 
+
+
+def test_a_run_restores_the_denormal_setting_it_found(tmp_path):
+    import torch
+
+    from optolab.training.trainer import flush_denormals
+
+    for before in (True, False):
+        torch.set_flush_denormal(before)
+        train(validate_protocol(fewshot_protocol(steps=2)), tmp_path / f"run{before}", progress=False)
+        assert flush_denormals(False) is before  # reads the setting the run left
+
+
+def test_a_run_started_before_a_new_default_existed_still_resumes(tmp_path):
+    # a run recorded by an older optolab lacks fields added since (here: two measure switches);
+    # resuming it must not be refused as "a different protocol"
+    protocol = validate_protocol(fewshot_protocol(steps=20))
+    out = tmp_path / "run"
+    train(protocol, out, progress=False, stop_after=10)
+    record = yaml.safe_load((out / "protocol.yaml").read_text())
+    del record["measures"]["composition"], record["measures"]["max_lag"]
+    (out / "protocol.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    train(protocol, out, progress=False)
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    # what the user writes still counts: another learning rate is another protocol
+    with pytest.raises(optolab.OptolabError, match="different protocol"):
+        train(validate_protocol(fewshot_protocol(steps=20, lr=2e-3)), out, progress=False)

@@ -1,115 +1,42 @@
-"""The clamp engine: runs a compiled :class:`~optolab.clamps.compile.Plan` on every forward.
+"""The clamp engine: runs a :class:`~optolab.clamps.plan.Plan` on every forward.
 
 Rules:
-- One nnsight trace per pass. A step needs one pass, plus one clean pass when a ``preserve``
-  clamp is active and one shifted pass when a ``layer_clamp`` is (the authors' three-pass
-  layer clamp takes two traces here: the embedding it needs is read at the start of each pass).
-- In a trace, sites are visited in forward order; at each site the activation is read once,
-  every op for that site runs in protocol order (``preserve`` first, so others win), and the
-  result is assigned back to ``.output``. Nothing is written in place: ops build new tensors
-  with ``torch.where``. The logits are saved in the trace; the caller takes the loss, the
-  backward and the optimizer step after the ``with`` block.
+- A call's *program* holds the passes the active clamps need (:mod:`optolab.clamps.kind`:
+  ``clean``, ``shifted``, ``main``, in that order), each a list of (site, ops) in forward order;
+  the kinds contribute the ops, the engine names no kind. One nnsight trace per pass (the
+  authors' three-pass layer clamp takes two traces here: the embedding it needs is read at the
+  start of each pass).
+- In a pass, sites are visited in forward order; at each site the activation is read once,
+  every op for that site runs by rank, then in protocol order (``preserve`` first, so others
+  win), and the result is assigned back to ``.output``. Nothing is written in place: ops build
+  new tensors with ``torch.where``. The logits are saved in the trace; the caller takes the loss,
+  the backward and the optimizer step after the ``with`` block.
 - Which clamps act is decided per call from the step and the phase (training or evaluation);
-  the pass program for each distinct set of active clamps is built once and cached.
-- ``backend="hooks"`` runs the very same ops through PyTorch forward hooks instead of nnsight
-  (a fast path; tests prove it gives bit-identical parameters for every kind). nnsight is the
-  default.
-- Freezes act around the optimizer step: their gradient slice is zeroed after ``backward`` and
-  their values are restored after ``step`` (so Adam's momentum cannot move them).
+  the program for each distinct set of active clamps is built once and cached.
+- Each call gets a random key from the run's seeds, the step and the phase
+  (:mod:`optolab.clamps.rng`); ops that draw random numbers read it from the pass context.
+- ``backend="hooks"`` runs the very same ops through the model's site hooks
+  (:class:`~optolab.model.hooks.SiteHooks`) instead of nnsight (a fast path; tests prove it gives
+  bit-identical parameters for every kind). nnsight is the default.
+- Clamps on parameters (``freeze``) act around the optimizer step through
+  :meth:`~ClampForward.after_backward` and :meth:`~ClampForward.after_update`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
 
-from optolab.clamps.compile import Compiled, Plan, param_head_axis
-from optolab.clamps.sites import resolve_positions, selection_mask
-from optolab.clamps.values import (PassContext, perfect_match_rows, previous_token_pattern, shift_right,
-                                   uniform_pattern)
-from optolab.forward import Forward, PlainForward
+from optolab.clamps.kind import PASS_ORDER, ClampSpec, Op, Parts, Planned
+from optolab.clamps.plan import Plan
+from optolab.clamps.rng import call_key
+from optolab.clamps.values import PassContext
+from optolab.model.forward import Forward, PlainForward
+from optolab.model.hooks import SiteHooks
 from optolab.tasks.base import Batch
-
-Op = Callable[[Tensor, PassContext], Tensor]
-TRUE = torch.ones((), dtype=torch.bool)
-
-
-@lru_cache(maxsize=256)
-def _positions(positions, n: int, exemplar_label: bool):
-    return resolve_positions(positions, n, exemplar_label, strict=False)
-
-
-@lru_cache(maxsize=64)
-def _fixed_pattern(kind: str, n_q: int, n_k: int, strength: float) -> Tensor:
-    return previous_token_pattern(n_q, n_k, strength) if kind == "previous_token" else uniform_pattern(n_q, n_k)
-
-
-def _value_fn(c: Compiled) -> Callable[[Tensor, PassContext], Tensor]:
-    """The value a site clamp writes on its selected entries."""
-    s, kind = c.spec, c.kind
-    if kind == "ablate":
-        if s.how == "zero":
-            return lambda out, ctx: out.new_zeros(())
-        if s.how == "mean":
-            return lambda out, ctx: out.detach().mean(0, keepdim=True)
-        return lambda out, ctx: out.detach().roll(1, dims=0)
-    if kind == "set":
-        if s.to in ("previous_token", "uniform"):
-            patterns: dict[torch.Size, Tensor] = {}  # per shape; a plain dict the compiler can read
-
-            def fixed(out: Tensor, ctx: PassContext) -> Tensor:
-                p = patterns.get(out.shape)
-                if p is None:
-                    p = patterns[out.shape] = _fixed_pattern(s.to, out.shape[-2], out.shape[-1], s.strength)
-                return p
-            return fixed
-        if s.to == "perfect_match":
-            return lambda out, ctx: perfect_match_rows(ctx.batch, s.strength)
-        if s.to == "constant":
-            return lambda out, ctx: out.new_full((), s.value)
-        return lambda out, ctx: c.tensor
-    if kind == "preserve":
-        return lambda out, ctx: ctx.recorded[("clean", c.site.name)]
-    if kind == "graft":
-        return lambda out, ctx: ctx.grafted[c.index]
-    if kind == "stop_gradient":
-        return lambda out, ctx: out.detach()
-    if kind == "scale":
-        if c.site.is_scores:  # masked keys hold -inf; keep them (and avoid 0 * -inf)
-            return lambda out, ctx: torch.where(torch.isfinite(out), out * s.factor, out)
-        return lambda out, ctx: out * s.factor
-    if kind == "add":
-        return lambda out, ctx: out + s.value
-    raise AssertionError(kind)
-
-
-def site_op(c: Compiled, exemplar_label: bool) -> Op:
-    value = _value_fn(c)
-    info, heads, positions = c.site, c.heads, c.positions
-
-    masks: dict[torch.Size, Tensor] = {}  # per activation shape (lengths can vary per batch)
-
-    def op(out: Tensor, ctx: PassContext) -> Tensor:
-        mask = masks.get(out.shape)
-        if mask is None:
-            pos = _positions(positions, out.shape[info.pos_axis], exemplar_label) if info.pos_axis is not None else None
-            mask = selection_mask(tuple(out.shape), info.head_axis, heads, info.pos_axis, pos)
-            mask = masks[out.shape] = TRUE if mask is None else mask
-        return torch.where(mask, value(out, ctx), out)
-
-    return op
-
-
-def record(key: tuple[str, str], detach: bool = False) -> Op:
-    def op(out: Tensor, ctx: PassContext) -> Tensor:
-        ctx.recorded[key] = out.detach() if detach else out
-        return out
-    return op
-
 
 def save_op(name: str) -> Op:
     def op(out: Tensor, ctx: PassContext) -> Tensor:
@@ -128,7 +55,7 @@ class Pass:
 class Program:
     passes: list[Pass]
     copy: tuple[str, str, int] | None  # (pass, scores site, head) whose scores become the logits
-    grafts: list[Compiled]
+    prepared: list[Planned]  # clamps that compute an input before the passes (ClampSpec.prepare)
     # a union's (optolab.clamps.union): each condition's output, (pass, scores site, head) or
     # (pass, None, None) for that pass's logits; a member takes its condition's (ctx.gate)
     outputs: list[tuple[str, str | None, int | None]] | None = None
@@ -137,52 +64,20 @@ class Program:
 RankedOps = list[tuple[str, int, Op]]  # (site, rank, op)
 
 
-def program_parts(plan: Plan, active: list[Compiled],
+def program_parts(plan: Plan, active: list[Planned],
                   save: Sequence[str]) -> tuple[list[tuple[str, RankedOps]], tuple[str, str, int] | None]:
     """The passes of the program for ``active`` as ranked op lists, in run order, and its copy
-    output. ``rank`` orders the ops at one site: 0 read the input, 1 preserve, 2 clamps, 3 recipe
-    writes, 4 records, 5 saves, so every record and save sees the value the model goes on with."""
-    site_clamps = [c for c in active if c.site is not None]
-    preserves = [c for c in site_clamps if c.kind == "preserve"]
-    ordinary = [c for c in site_clamps if c.kind != "preserve"]
-    layer = next((c for c in active if c.kind == "layer_clamp"), None)
-    copy = next((c for c in active if c.kind == "perfect_copy"), None)
-    ex = plan.exemplar_label
-    passes: list[tuple[str, RankedOps]] = []
-    clamp_ops = [(c.site.name, 2, site_op(c, ex)) for c in ordinary]
-
-    if preserves:
-        passes.append(("clean", [(c.site.name, 4, record(("clean", c.site.name))) for c in preserves]))
-    output: tuple[str, str, int] | None = None
-    if layer is not None:
-        L = layer.spec.layer
-        embed, resid, nxt = "blocks.0.hook_resid_pre", f"blocks.{L}.hook_resid_post", f"blocks.{L + 1}.attn"
-        ops = clamp_ops + [
-            (embed, 0, record(("shifted", "embed"))),
-            (resid, 3, lambda out, ctx: shift_right(ctx.recorded[("shifted", "embed")])),
-            (f"{nxt}.hook_pattern", 4, record(("shifted", f"{nxt}.hook_pattern"))),
-        ]
-        if layer.spec.copy_head is not None:
-            ops.append((f"{nxt}.hook_attn_scores", 4, record(("shifted", f"{nxt}.hook_attn_scores"))))
-            output = ("shifted", f"{nxt}.hook_attn_scores", layer.spec.copy_head)
-            ops += [(s, 5, save_op(s)) for s in save]
-            passes.append(("shifted", ops))
-            return passes, output
-        passes.append(("shifted", ops))
-    main = clamp_ops + [(c.site.name, 1, site_op(c, ex)) for c in preserves]
-    if layer is not None:
-        main += [
-            (embed, 0, record(("main", "embed"))),
-            (resid, 3, lambda out, ctx: ctx.recorded[("main", "embed")]),
-            (f"{nxt}.hook_pattern", 3, lambda out, ctx, k=("shifted", f"{nxt}.hook_pattern"): ctx.recorded[k]),
-        ]
-    if copy is not None:
-        scores = f"blocks.{copy.spec.layer}.attn.hook_attn_scores"
-        main.append((scores, 4, record(("main", scores))))
-        output = ("main", scores, copy.spec.head)
-    main += [(s, 5, save_op(s)) for s in save]
-    passes.append(("main", main))
-    return passes, output
+    output. ``rank`` orders the ops at one site (:mod:`optolab.clamps.kind`), so every record and
+    save sees the value the model goes on with."""
+    needed = set().union(*(c.spec.needs for c in active))
+    if not any(c.spec.excludes_main() for c in active):
+        needed.add("main")
+    parts = Parts([p for p in PASS_ORDER if p in needed], plan.exemplar_label)
+    for c in active:  # protocol order
+        c.spec.contribute(c, parts)
+    names = list(parts.ops)
+    parts.ops[names[-1]] += [(s, 5, save_op(s)) for s in save]
+    return list(parts.ops.items()), parts.output
 
 
 def assemble(plan: Plan, name: str, ops: RankedOps) -> Pass:
@@ -194,10 +89,10 @@ def assemble(plan: Plan, name: str, ops: RankedOps) -> Pass:
     return Pass(name, list(by_site.items()))
 
 
-def build_program(plan: Plan, active: list[Compiled], save: Sequence[str]) -> Program:
+def build_program(plan: Plan, active: list[Planned], save: Sequence[str]) -> Program:
     parts, output = program_parts(plan, active, save)
-    grafts = [c for c in active if c.site is not None and c.kind == "graft"]
-    return Program([assemble(plan, name, ops) for name, ops in parts], output, grafts)
+    prepared = [c for c in active if type(c.spec).prepare is not ClampSpec.prepare]
+    return Program([assemble(plan, name, ops) for name, ops in parts], output, prepared)
 
 
 def saving(save: Sequence[str]) -> Program:
@@ -241,39 +136,44 @@ def copy_logits(logits: Tensor, scores: Tensor, head: int, batch: Batch) -> Tens
 
 
 class ClampForward(Forward):
-    """A :class:`~optolab.forward.Forward` that applies a protocol's clamps."""
+    """A :class:`~optolab.model.forward.Forward` that applies a protocol's clamps. ``seeds``
+    (init, data) key the random numbers ops draw."""
 
-    def __init__(self, plan: Plan, backend: str = "nnsight") -> None:
+    def __init__(self, plan: Plan, backend: str = "nnsight", seeds: tuple[int, int] = (0, 0)) -> None:
         self.plan = plan
         self.backend = backend
+        self.seeds = seeds
         self._programs: dict[tuple, Program] = {}
-        self._envoys: dict[int, tuple[object, dict[str, object]]] = {}
+        self._envoys: dict[int, tuple] = {}  # id(model) -> (model, its NNsight wrapper, envoys, passes)
+        self._hooks: SiteHooks | None = None
         self._plain = PlainForward()
         self._applied_sources: set[int] = set()
         self._snapshots: list[tuple[nn.Parameter, tuple, Tensor]] = []
-        self._acting = sorted(plan.site_clamps + plan.layer_clamps + ([plan.copy] if plan.copy else []),
-                              key=lambda c: c.index)
+        self._acting = [c for c in plan.clamps if c.spec.acts_on_forward]
+        self._updating = [c for c in plan.clamps if not c.spec.acts_on_forward]
 
     # --- which clamps act ----------------------------------------------------------------
 
-    def active(self, step: int, training: bool) -> list[Compiled]:
+    def active(self, step: int, training: bool) -> list[Planned]:
         total = self.plan.total_steps
         return [c for c in self._acting if c.when.active(step, training, total)]
 
     def __call__(self, model: nn.Module, batch: Batch, *, step: int, training: bool,
-                 save: Sequence[str] = ()) -> tuple[Tensor, dict[str, Tensor]]:
-        program, grafted = self.prepare(model, batch, step, training, save)
+                 save: Sequence[str] = (), seeds: tuple[int, int] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """As any Forward; ``seeds`` stands in for the forward's own (an ensemble member's evals)."""
+        program, inputs = self.prepare(model, batch, step, training, save, seeds)
         if program is None:
             return self._plain(model, batch, step=step, training=training, save=save)
-        ctx = PassContext(batch, grafted=grafted)
+        ctx = PassContext(batch, **inputs)
         logits = {p.name: self._run(model, p, batch, ctx) for p in program.passes}
         return program_logits(program, logits, ctx, batch), ctx.saved
 
     def prepare(self, model: nn.Module, batch: Batch, step: int, training: bool,
-                save: Sequence[str] = ()) -> tuple[Program | None, dict]:
-        """Everything before the passes: freeze sources applied, the program of the clamps active
-        at ``step`` (None when none is), and the grafted activations it reads."""
-        self._apply_freeze_sources(model, step, training)
+                save: Sequence[str] = (), seeds: tuple[int, int] | None = None) -> tuple[Program | None, dict]:
+        """Everything before the passes: parameter clamps' sources applied, the program of the
+        clamps active at ``step`` (None when none is), and the call's inputs to the pass context:
+        what clamps prepare outside the passes, and the random key."""
+        self._apply_sources(model, step)
         active = self.active(step, training)
         if not active:
             return None, {}
@@ -281,17 +181,19 @@ class ClampForward(Forward):
         program = self._programs.get(key)
         if program is None:
             program = self._programs[key] = build_program(self.plan, active, save)
-        grafted = {}
-        for g in program.grafts:
-            _, got = self._plain(self.plan.grafts[g.index], batch, step=step, training=False, save=[g.site.name])
-            grafted[g.index] = got[g.site.name]
-        return program, grafted
+        init, data = self.seeds if seeds is None else seeds
+        return program, {"prepared": {c.index: c.spec.prepare(c, batch) for c in program.prepared},
+                         "key": call_key(init, data, step, training)}
 
     # --- one pass ------------------------------------------------------------------------
 
     def _run(self, model: nn.Module, p: Pass, batch: Batch, ctx: PassContext) -> Tensor:
         if self.backend == "hooks":
-            return self._run_hooks(model, p, batch, ctx)
+            if self._hooks is None or self._hooks.model is not model:
+                self._hooks = SiteHooks(model)
+            self._hooks.cover(site for site, _ops in p.steps)
+            with self._hooks.acting(dict(p.steps), ctx):
+                return model(*batch.inputs)
         nn_model, steps = self._wrap(model, p)
         with nn_model.trace(*batch.inputs):
             for envoy, ops in steps:
@@ -304,28 +206,10 @@ class ClampForward(Forward):
             logits = nn_model.output.save()
         return logits
 
-    def _run_hooks(self, model: nn.Module, p: Pass, batch: Batch, ctx: PassContext) -> Tensor:
-        modules = dict(model.named_modules())
-
-        def hook(ops: list[Op]):
-            def fn(_m, _inp, out):
-                new = out
-                for op in ops:
-                    new = op(new, ctx)
-                return None if new is out else new
-            return fn
-
-        handles = [modules[site].register_forward_hook(hook(ops)) for site, ops in p.steps]
-        try:
-            return model(*batch.inputs)
-        finally:
-            for h in handles:
-                h.remove()
-
     def _wrap(self, model: nn.Module, p: Pass):
         """The model's nnsight wrapper (made once per model) and the pass's (envoy, ops) list."""
         cached = self._envoys.get(id(model))
-        if cached is None or cached[0]._module is not model:
+        if cached is None or cached[0] is not model:
             from nnsight import NNsight
 
             nn_model = NNsight(model)
@@ -335,39 +219,30 @@ class ClampForward(Forward):
                 for part in name.split("."):
                     env = env[int(part)] if part.isdigit() else getattr(env, part)
                 envoys[name] = env
-            cached = self._envoys[id(model)] = (nn_model, envoys, {})
-        nn_model, envoys, steps = cached
+            cached = self._envoys[id(model)] = (model, nn_model, envoys, {})
+        _, nn_model, envoys, steps = cached
         if id(p) not in steps:
             steps[id(p)] = (p, [(envoys[site], ops) for site, ops in p.steps])  # p kept alive: ids stay unique
         return nn_model, steps[id(p)][1]
 
-    # --- freezes ---------------------------------------------------------------------------
+    # --- clamps on parameters ----------------------------------------------------------------
 
-    def _slices(self, model: nn.Module, step: int):
-        if not self.plan.freezes:
-            return
-        params = dict(model.named_parameters())
-        for c in self.plan.freezes:
-            if c.when.active(step, True, self.plan.total_steps):
-                p = params[c.spec.param]
-                axis = param_head_axis(c.spec.param)
-                index = (slice(None),) * len(p.shape) if c.heads is None else \
-                    (slice(None),) * axis + (list(c.heads),)
-                yield c, p, index
+    def _updating_now(self, step: int) -> list[Planned]:
+        return [c for c in self._updating if c.when.active(step, True, self.plan.total_steps)]
 
-    @torch.no_grad()
-    def _apply_freeze_sources(self, model: nn.Module, step: int, training: bool) -> None:
-        for c, p, index in self._slices(model, step):
-            if c.values is not None and c.index not in self._applied_sources:
-                p[index] = c.values[c.spec.param][index].to(p.dtype)
+    def _apply_sources(self, model: nn.Module, step: int) -> None:
+        for c in self._updating_now(step):
+            if c.index not in self._applied_sources:
+                c.spec.apply_source(c, dict(model.named_parameters()))
                 self._applied_sources.add(c.index)
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         self._snapshots = []
-        for _c, p, index in self._slices(model, step):
-            if p.grad is not None:
-                p.grad[index] = 0
-            self._snapshots.append((p, index, p.detach()[index].clone()))
+        now = self._updating_now(step)
+        if now:
+            params = dict(model.named_parameters())
+            for c in now:
+                self._snapshots += c.spec.after_backward(c, params)
 
     @torch.no_grad()
     def after_update(self, model: nn.Module, step: int) -> None:

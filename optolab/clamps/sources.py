@@ -3,14 +3,15 @@
 Rules:
 - A ``source`` is a run directory (its last checkpoint, or ``step``) or a checkpoint
   ``.safetensors`` file. Only safetensors are read: nothing is unpickled.
-- A graft model is rebuilt from its own run's ``protocol.yaml`` when there is one (so a model
-  of another shape can be grafted if the site's activation fits), else with this protocol's
-  model config. It must take the same inputs and produce the site with the same shape.
+- A graft model is rebuilt with the model config its own run recorded in ``meta.json`` when
+  there is one (so a model of another shape can be grafted if the site's activation fits), else
+  with this protocol's model config. It must take the same inputs and produce the site with the same shape.
 - Paths are resolved by the loader against the protocol file's folder before they get here.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,9 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from optolab.checkpoint import list_checkpoints, load_weights, stem
-from optolab.errors import OptolabError
-from optolab.model import Transformer
+from optolab.clamps.sites import canonical
+from optolab.model.checkpoint import list_checkpoints, load_weights, stem
+from optolab.core.errors import OptolabError
+from optolab.model.config import ModelConfig
+from optolab.model.hooks import dry_run
+from optolab.model.transformer import Transformer
 
 
 def _err(i: int, field: str, message: str, fix: str) -> OptolabError:
@@ -57,17 +61,12 @@ def checkpoint_file(i: int, source: str, step: int | None, base_dir: Path | None
     return p, run_dir if (run_dir / "protocol.yaml").is_file() else None
 
 
-def load_frozen_model(i: int, spec, cfg, task, batch, shapes: dict, base_dir: Path | None) -> Transformer:
-    from optolab.clamps.compile import dry_run
-    from optolab.clamps.sites import canonical
-    from optolab.loader import protocol_from_resolved
-    from optolab.tasks import make_task
-
+def load_frozen_model(i: int, spec, cfg, batch, shapes: dict, base_dir: Path | None) -> Transformer:
     weights, run_dir = checkpoint_file(i, spec.source, spec.step, base_dir)
     other_cfg = cfg
-    if run_dir is not None:
-        other = protocol_from_resolved(run_dir / "protocol.yaml")
-        other_cfg = other.model_config_for(make_task(other.task))
+    recorded = _recorded_config(run_dir) if run_dir is not None else None
+    if recorded is not None:
+        other_cfg = recorded
     for key in ("input_mode", "d_input", "n_labels", "d_vocab"):
         if getattr(other_cfg, key) != getattr(cfg, key):
             raise _err(i, "source", f"the graft model takes different inputs ({key} {getattr(other_cfg, key)} "
@@ -86,6 +85,15 @@ def load_frozen_model(i: int, spec, cfg, task, batch, shapes: dict, base_dir: Pa
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _recorded_config(run_dir: Path) -> ModelConfig | None:
+    """The model config a run recorded in its ``meta.json`` (every run writes it when it starts)."""
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text())
+        return ModelConfig(**meta["model_config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_param_values(i: int, spec, model: Transformer, base_dir: Path | None) -> dict[str, Tensor]:

@@ -24,7 +24,7 @@ Rules:
   exactly the solo program under ``vmap``.
 - Saves (evaluations) sit at the end of each condition's last pass, gated: a member keeps the
   values of its own program's last pass (:func:`gated_save`).
-- Grafts and freezes are not supported (such runs are never packed: :mod:`optolab.ensemble`).
+- Grafts and freezes are not supported (such runs are never packed: :mod:`optolab.training.ensemble`).
 """
 
 from __future__ import annotations
@@ -35,34 +35,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from optolab.clamps.compile import Compiled, Plan
-from optolab.clamps.engine import (
-    ClampForward,
-    Op,
-    Program,
-    assemble,
-    build_program,
-    program_parts,
-    saving,
-    site_op,
-)
-from optolab.forward import Forward
+from optolab.clamps.engine import ClampForward, Program, assemble, build_program, program_parts, saving
+from optolab.clamps.kind import PASS_ORDER, Op, Planned
+from optolab.clamps.plan import Plan
+from optolab.clamps.rng import call_key
+from optolab.model.forward import Forward
 
-PASS_ORDER = ("clean", "shifted", "main")
 WRITES = (1, 2, 3)  # ranks of ops that change the activation (engine.program_parts)
 
 
 def pass_signature(clamps: Sequence) -> tuple[str, ...]:
     """The passes a protocol's clamps (specs) can need, over its whole run."""
-    kinds = {c.kind for c in clamps}
-    passes = {"clean"} if "preserve" in kinds else set()
-    layers = [c for c in clamps if c.kind == "layer_clamp"]
-    if layers:
-        passes.add("shifted")
-    # a copy-head layer clamp has no main pass, but only while it acts: before, after or
-    # between its windows (or phases) the main pass runs
-    if not layers or any(c.copy_head is None or c.window.start > 0 or c.window.stop is not None
-                         or c.apply_at != "both" for c in layers):
+    passes = set().union(*(c.needs for c in clamps if c.acts_on_forward))
+    if not any(c.always_excludes_main() for c in clamps):
         passes.add("main")
     return tuple(p for p in PASS_ORDER if p in passes)
 
@@ -84,7 +69,7 @@ def gated_save(name: str, k: int) -> Op:
     return fn
 
 
-def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Compiled]],
+def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Planned]],
                   save: Sequence[str] = ()) -> Program:
     """One program for members of several conditions (``plans[k]``, its clamps active now
     ``actives[k]``), saving ``save``; see the module rules."""
@@ -109,24 +94,21 @@ def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Compiled]
             by_pass.setdefault(name, []).extend(ranked)
         outputs.append(output if output is not None else (last, None, None))
     plan = plans[live[0]]
-    shared = [(c.site.name, 2, site_op(c, plan.exemplar_label)) for c in common]
+    shared = [(c.site.name, c.spec.site_rank, c.spec.op(c, plan.exemplar_label)) for c in common]
     passes = [assemble(plan, name, by_pass[name] + (shared if name != "clean" else []))
               for name in PASS_ORDER if name in by_pass]
     return Program(passes, None, [], outputs)
 
 
-COMMON_KINDS = ("ablate", "set", "stop_gradient", "scale", "add")
-
-
-def _common(plans: Sequence[Plan | None], actives: Sequence[list[Compiled]]):
+def _common(plans: Sequence[Plan | None], actives: Sequence[list[Planned]]):
     """Clamps every condition has (same spec but the name, same window) at a site no other op of
     any condition touches, so their order against other ops cannot matter: they act once,
     ungated, in every pass but the clean one (where each condition's own copy would act). The
     conditions' remaining active clamps."""
-    def key(c: Compiled) -> str:
+    def key(c: Planned) -> str:
         return json.dumps(c.spec.model_dump(mode="json", exclude={"name"}), sort_keys=True) + repr(c.when)
 
-    keyed = [{key(c): c for c in active if c.kind in COMMON_KINDS} for active in actives]
+    keyed = [{key(c): c for c in active if c.spec.shareable} for active in actives]
     shared = set(keyed[0]).intersection(*keyed[1:])
     candidates = [keyed[0][k] for k in shared]
     sites = [c.site.name for c in candidates]
@@ -155,7 +137,7 @@ class Conditions:
         """Condition ``k``'s one-hot gate (``[condition]``)."""
         return torch.arange(len(self.forwards)) == k
 
-    def _actives(self, step: int, training: bool) -> list[list[Compiled]]:
+    def _actives(self, step: int, training: bool) -> list[list[Planned]]:
         return [f.active(step, training) if isinstance(f, ClampForward) else [] for f in self.forwards]
 
     def key(self, step: int, training: bool = True) -> tuple:
@@ -178,7 +160,10 @@ class Conditions:
             program = self._programs[key] = build_program(self.plans[k], active, ()) if active else saving(())
         return program
 
-    def prepare(self, model, batch, step: int, training: bool, save: Sequence[str] = ()) -> tuple[Program, dict]:
+    def prepare(self, model, batch, step: int, training: bool, save: Sequence[str] = (),
+                seeds: tuple[int, int] | None = None) -> tuple[Program, dict]:
         """As :meth:`ClampForward.prepare <optolab.clamps.engine.ClampForward.prepare>`: the union
-        program of this call (there are no grafts)."""
-        return self.program(step, training, save), {}
+        program of this call (nothing is prepared: grafts are never packed) and the random key
+        of the member whose ``seeds`` these are."""
+        init, data = seeds if seeds is not None else (0, 0)
+        return self.program(step, training, save), {"prepared": {}, "key": call_key(init, data, step, training)}

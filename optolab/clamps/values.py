@@ -22,16 +22,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from optolab.clamps.rng import normal
 from optolab.tasks.base import Batch
 
 
 @dataclass
 class PassContext:
+    """What a clamp op may read besides the activation (rules: :mod:`optolab.clamps.kind`)."""
+
     batch: Batch
     recorded: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (pass, site) -> activation
-    grafted: dict[int, Tensor] = field(default_factory=dict)  # graft clamp index -> source model activation
+    prepared: dict[int, Tensor] = field(default_factory=dict)  # clamp index -> computed before the passes
     saved: dict[str, Tensor] = field(default_factory=dict)  # what the caller asked to save
     gate: Tensor | None = None  # in a union program: the member's condition, one-hot [condition]
+    key: Tensor | None = None  # the call's random key (optolab.clamps.rng), [2] int64
+
+    def normal(self, shape: tuple[int, ...], stream: int, device=None) -> Tensor:
+        """Standard normal numbers for this call, ``stream`` (a clamp's index) and ``shape``."""
+        if self.key is None:
+            raise RuntimeError("this forward call has no random key (a stochastic clamp needs one)")
+        return normal(self.key, stream, shape, device)
 
 
 def previous_token_pattern(n_q: int, n_k: int, strength: float) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from optolab.model import Transformer
+from optolab.model.transformer import Transformer
 
 
 @torch.no_grad()

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from optolab.forward import Forward
+from optolab.model.forward import Forward
 from optolab.measures.attention import induction_strength, lagged_prefix_matching, prefix_matching, previous_token
 from optolab.measures.composition import composition_scores
 from optolab.measures.probes import copying_scores, icl_positions, repeat_probe
-from optolab.model import Transformer
-from optolab.protocol import MeasuresSpec
+from optolab.model.transformer import Transformer
 from optolab.tasks.base import IGNORE, Batch, Task
 
 
@@ -40,7 +39,7 @@ class EvalSet:
     copy_ids: torch.Tensor | None
 
     @classmethod
-    def build(cls, task: Task, spec: MeasuresSpec, seed: int, n_ctx: int) -> EvalSet:
+    def build(cls, task: Task, spec, seed: int, n_ctx: int) -> EvalSet:
         splits = {s: task.eval_batch(s, seed, spec.eval_sequences) for s in task.eval_splits}
         probe = None
         vocab = task.token_probe_vocab()
@@ -60,7 +59,7 @@ def _rows(split: str, metric: str, per_head: torch.Tensor, layer: int) -> list[d
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, task: Task, spec: MeasuresSpec, evals: EvalSet, forward: Forward,
+def evaluate(model: Transformer, task: Task, spec, evals: EvalSet, forward: Forward,
              step: int = 0) -> list[dict]:
     """Every measure at ``step`` (clamps active at that step act, as in training)."""
     was_training = model.training

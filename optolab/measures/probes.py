@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from optolab.model import Transformer
+from optolab.model.transformer import Transformer
 from optolab.tasks.base import IGNORE, Batch, rng
 from optolab.tasks.repeat_tokens import repeat_induction_targets
 

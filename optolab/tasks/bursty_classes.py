@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from optolab.errors import SpecError
+from optolab.core.errors import SpecError
 from optolab.tasks.base import Batch, Holdout, TaskSpec, rng
 from optolab.tasks.exemplars import Design, ExemplarLabelTask, default_scale, exemplar_bank, exemplar_label_batch
 from optolab.tasks.tokens import iid_excluding, sample_distinct, sample_iid

@@ -14,14 +14,12 @@ Rules:
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-from functools import lru_cache
 from typing import Any
 
 from pydantic import ValidationError
 
-from optolab.errors import OptolabError, from_validation_error
+from optolab.core.errors import OptolabError, from_validation_error
+from optolab.core.plugins import entry_points, import_object, load_entry_point
 from optolab.tasks.base import Task, TaskSpec
 from optolab.tasks.bursty_classes import BurstyClassesTask
 from optolab.tasks.fewshot import FewshotTask
@@ -38,9 +36,8 @@ BUILTIN: dict[str, type[Task]] = {
 ENTRY_POINT_GROUP = "optolab.tasks"
 
 
-@lru_cache(maxsize=1)
-def _entry_points() -> dict[str, Any]:
-    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+def _entry_points() -> dict:
+    return entry_points(ENTRY_POINT_GROUP)
 
 
 def known_kinds() -> list[str]:
@@ -63,19 +60,7 @@ def _check_class(cls: Any, where: str, field: str) -> type[Task]:
 
 def import_generator(path: str, field: str = "task.generator") -> type[Task]:
     """The class named by ``package.module:Class``."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise OptolabError(f"'{path}' is not of the form package.module:Class.", field=field,
-                           fix="write e.g. generator: mypkg.tasks:MyTask")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise OptolabError(f"cannot import module '{module_name}' ({e}).", field=field,
-                           fix="install the package that defines it, or put it on PYTHONPATH.") from None
-    if not hasattr(module, attr):
-        raise OptolabError(f"module '{module_name}' has no '{attr}'.", field=field,
-                           fix="check the class name after the colon.")
-    return _check_class(getattr(module, attr), path, field)
+    return _check_class(import_object(path, field, "generator: mypkg.tasks:MyTask"), path, field)
 
 
 def task_class(kind: str | None, generator: str | None = None, field: str = "task") -> type[Task]:
@@ -96,11 +81,7 @@ def task_class(kind: str | None, generator: str | None = None, field: str = "tas
         return BUILTIN[kind]
     eps = _entry_points()
     if kind in eps:
-        try:
-            cls = eps[kind].load()
-        except ImportError as e:
-            raise OptolabError(f"the entry point for task '{kind}' fails to import ({e}).",
-                               field=_at(field, "kind"), fix="reinstall the package that provides it.") from None
+        cls = load_entry_point(eps[kind], _at(field, "kind"), "task")
         return _check_class(cls, f"entry point '{kind}'", _at(field, "kind"))
     import difflib
 

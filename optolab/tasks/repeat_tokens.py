@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from optolab.errors import SpecError
+from optolab.core.errors import SpecError
 from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from optolab.errors import SpecError
+from optolab.core.errors import SpecError
 from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
 from optolab.tasks.markov_icl import stationary
 from optolab.tasks.tokens import gamma, induction_targets_from_tokens, inverse_cdf

@@ -15,11 +15,24 @@ Ten lines make a new generator trustworthy::
 ``optolab`` pytest plugin is registered when optolab is installed).
 """
 
-from optolab.testing.contract import ContractReport, TaskContractError, as_task, check_task
-from optolab.testing.strategies import (BUILTIN_STRATEGIES, bursty_classes_specs, data_seeds, fewshot_specs,
-                                        gaussian_icl_specs, markov_icl_specs, repeat_tokens_specs, specs, steps,
-                                        task_seeds, task_specs, trigger_bigram_specs)
+from __future__ import annotations
 
-__all__ = ["BUILTIN_STRATEGIES", "ContractReport", "TaskContractError", "as_task", "bursty_classes_specs",
-           "check_task", "data_seeds", "fewshot_specs", "gaussian_icl_specs", "markov_icl_specs",
-           "repeat_tokens_specs", "specs", "steps", "task_seeds", "task_specs", "trigger_bigram_specs"]
+import importlib
+from typing import Any
+
+# loaded on first use: the pytest plugin (optolab.testing.pytest_plugin) lives in this package,
+# and every pytest session of an environment with optolab installed imports it
+_CONTRACT = ("ContractReport", "TaskContractError", "as_task", "check_task")
+_STRATEGIES = ("BUILTIN_STRATEGIES", "bursty_classes_specs", "data_seeds", "fewshot_specs", "gaussian_icl_specs",
+               "markov_icl_specs", "repeat_tokens_specs", "specs", "steps", "task_seeds", "task_specs",
+               "trigger_bigram_specs")
+__all__ = sorted(_CONTRACT + _STRATEGIES)
+
+
+def __getattr__(name: str) -> Any:
+    module = "contract" if name in _CONTRACT else "strategies" if name in _STRATEGIES else None
+    if module is None:
+        raise AttributeError(f"module 'optolab.testing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"optolab.testing.{module}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,1 @@
+"""The built-in clamp kinds, one module each (the interface: :mod:`optolab.clamps.kind`)."""

@@ -1,0 +1,28 @@
+"""``scale``: multiply the selected entries (e.g. an inverse temperature on attention scores)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from optolab.clamps.kind import Planned, PlanContext, SiteClamp, finite
+
+
+class Scale(SiteClamp):
+    """Multiply the selected entries. On attention scores, masked (−inf) keys stay −inf."""
+
+    KIND: ClassVar[str] = "scale"
+    factor: float
+
+    def check(self, i: int, ctx: PlanContext, info) -> None:
+        finite(i, ctx, "factor", self.factor, "factor: 2.0")
+
+    def fill(self, c: Planned):
+        f = self.factor
+        if c.site.is_scores:  # masked keys hold -inf; keep them (and avoid 0 * -inf)
+            return lambda out, ctx: torch.where(torch.isfinite(out), out * f, out)
+        return lambda out, ctx: out * f
+
+    def describe(self, c: Planned, words) -> str:
+        return f"{words.where(c)} is multiplied by {self.factor:g}."

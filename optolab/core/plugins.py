@@ -1,0 +1,59 @@
+"""Loading plugins: every registry (tasks, clamp kinds, measures) finds classes the same way.
+
+Rules:
+- A name is a built-in, an entry point of the registry's group (read once per process), or a
+  ``package.module:Class`` path, imported from the user's code.
+- Anything that goes wrong while importing a user's module (an ImportError, a syntax error,
+  anything it raises at import) is one :class:`~optolab.core.errors.OptolabError` naming the
+  field, never a traceback.
+- Nothing is imported until a protocol asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from functools import lru_cache
+from typing import Any
+
+from optolab.core.errors import OptolabError
+
+
+@lru_cache(maxsize=None)
+def entry_points(group: str) -> dict[str, Any]:
+    """``name -> entry point`` of ``group`` (installed packages' ``[project.entry-points]``)."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=group)}
+
+
+def is_path(name: str) -> bool:
+    return ":" in name
+
+
+def import_object(path: str, field: str, example: str) -> Any:
+    """The object named by ``package.module:Name``."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise OptolabError(f"'{path}' is not of the form package.module:Class.", field=field,
+                           fix=f"write e.g. {example}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise OptolabError(f"cannot import module '{module_name}' ({e}).", field=field,
+                           fix="install the package that defines it, or put it on PYTHONPATH.") from None
+    except Exception as e:  # a user's module failing at import is bad input, not an optolab bug
+        raise OptolabError(f"importing module '{module_name}' failed ({type(e).__name__}: {e}).", field=field,
+                           fix="fix the error in that module.") from None
+    if not hasattr(module, attr):
+        raise OptolabError(f"module '{module_name}' has no '{attr}'.", field=field,
+                           fix="check the class name after the colon.")
+    return getattr(module, attr)
+
+
+def load_entry_point(ep: Any, field: str, what: str) -> Any:
+    """What the entry point ``ep`` names (one line, no traceback, when its package fails)."""
+    name = ep.name
+    try:
+        return ep.load()
+    except Exception as e:  # as import_object: the plugin's own failure, reported in one line
+        raise OptolabError(f"the entry point for {what} '{name}' fails to import ({type(e).__name__}: {e}).",
+                           field=field, fix="reinstall the package that provides it.") from None

@@ -1,0 +1,62 @@
+"""Schedules: when a run evaluates or checkpoints, in sequences or steps.
+
+Rules:
+- A schedule fires at multiples of ``every``, at multiples of each ``dense`` stage's cadence
+  until that stage's ``until`` (denser early on), and at the ``at`` points; always at 0 and at
+  the end of training.
+- Points in ``sequences`` fire at the first step whose sequence count reaches them
+  (``step = ceil(sequences / batch_size)``), as in the authors' loop.
+- A schedule that would fire more than :data:`MAX_SCHEDULE_POINTS` times is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from optolab.core.counts import Count, PosCount
+from optolab.core.errors import OptolabError
+
+MAX_SCHEDULE_POINTS = 100_000
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class DenseStage(Strict):
+    until: PosCount
+    every: PosCount
+
+
+class Schedule(Strict):
+    unit: Literal["sequences", "steps"] = "sequences"
+    every: PosCount = 10_000
+    dense: list[DenseStage] = Field(default_factory=list, description="denser cadence early on")
+    at: list[Count] = Field(default_factory=list, description="extra points")
+
+    def steps(self, batch_size: int, total_steps: int, field: str) -> list[int]:
+        """The sorted steps at which this schedule fires (always 0 and ``total_steps``)."""
+        per = batch_size if self.unit == "sequences" else 1
+        end = total_steps * per
+        stages = [(s.until, s.every) for s in self.dense] + [(end, self.every)]
+        n_points = sum(min(until, end) // every for until, every in stages)
+        if n_points > MAX_SCHEDULE_POINTS:
+            raise OptolabError(
+                f"this schedule would fire about {n_points:,} times over {end:,} {self.unit}.",
+                field=f"{field}.every", fix=f"use a larger 'every' (at most {MAX_SCHEDULE_POINTS:,} points).")
+        points = {0, end}
+        start = 0  # each stage fires at multiples of its own cadence, from where the last ended
+        for stage in sorted(self.dense, key=lambda s: s.until):
+            points.update(p for p in range(0, min(stage.until, end) + 1, stage.every) if p >= start)
+            start = stage.until
+        points.update(p for p in range(0, end + 1, self.every) if p >= start)
+        for i, p in enumerate(self.at):
+            if p > end:
+                raise OptolabError(
+                    f"point {p} {self.unit} is past the end of training ({end} {self.unit}).",
+                    field=f"{field}.at.{i}", fix=f"use points <= {end} or train longer.")
+            points.add(p)
+        return sorted({math.ceil(p / per) for p in points})

@@ -1,0 +1,1 @@
+"""Experiments: sweeps, executors, reports, plots, post-hoc evaluation, toy models."""

@@ -1,0 +1,209 @@
+"""Executors: where the runs of a sweep train.
+
+Rules:
+- An executor gets *jobs* — a single run, or several runs packed into an ensemble
+  (:mod:`optolab.training.ensemble`) — and a sweep directory, trains every run into ``OUT/<run id>`` and
+  returns ``{run id: "done" | "failed: <one line>"}``. One failed run never stops the others;
+  the caller decides what a failure means.
+- Every job trains in its own process with one torch thread, so jobs never share state; a run
+  trained alone equals ``optolab run`` exactly, a packed run within the ensemble tolerance.
+- ``local`` (the default): a process pool on this machine, ``workers`` processes (default: the
+  CPU count).
+- ``ray``: Ray tasks of one CPU each. With an ``address`` (``--address``, or ``RAY_ADDRESS``
+  in the environment) it connects to that cluster; without one it starts a local Ray instance
+  with ``workers`` CPUs and shuts it down afterwards. An address that cannot be reached is one
+  clear error within seconds, before anything is written.
+- On a cluster every node must see the sweep directory at the same path (shared storage: NFS,
+  Lustre, a mounted bucket) and have the same optolab installed; runs write there directly,
+  and before any run is submitted a probe task on every node checks that it can read a file
+  the driver just wrote there. Ray retries a task whose worker died; the retry resumes from the
+  run's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from optolab.core.errors import OptolabError
+
+EXECUTORS = ("local", "ray")
+CONNECT_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 60.0
+
+
+def train_one(protocol_data: dict, out: str) -> str:
+    """One run, one torch thread. Takes plain data so it pickles under any start method."""
+    import torch
+
+    from optolab.experiments.runs import run
+    from optolab.spec.loader import validate_protocol
+
+    torch.set_num_threads(1)
+    run(validate_protocol(protocol_data), out, progress=False)
+    return out
+
+
+def train_job(members: list[tuple[dict, str]]) -> dict[str, str]:
+    """One job: a single run, or several packed into an ensemble (:mod:`optolab.training.ensemble`).
+    ``{out: "done" | "failed: …"}``; a single run's failure raises instead, like ``train_one``."""
+    import torch
+
+    from optolab.experiments.runs import open_run
+    from optolab.training.ensemble import train_ensemble
+    from optolab.core.errors import RunFailed
+    from optolab.spec.loader import validate_protocol
+
+    if len(members) == 1:
+        return {train_one(*members[0]): "done"}
+    torch.set_num_threads(1)
+    results = train_ensemble([validate_protocol(d) for d, _ in members], [o for _, o in members])
+    for (_, o), r in zip(members, results):
+        if not isinstance(r, RunFailed):
+            open_run(o).plot()  # as optolab.experiments.runs.run does for a run trained alone
+    return {o: ("failed: " + _one_line(r) if isinstance(r, RunFailed) else "done")
+            for (_, o), r in zip(members, results)}
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"
+
+
+Job = list[tuple[str, dict]]  # (run id, resolved protocol) of each member
+
+
+def _collect(job: Job, out: Path, result: dict[str, str] | None, err: BaseException | None) -> dict[str, str]:
+    if err is not None:
+        return {rid: f"failed: {_one_line(err)}" for rid, _ in job}
+    return {rid: result.get(str(out / rid), "done") for rid, _ in job}
+
+
+def _members(job: Job, out: Path) -> list[tuple[dict, str]]:
+    return [(data, str(out / rid)) for rid, data in job]
+
+
+def run_local(jobs: list[Job], out: Path, workers: int) -> dict[str, str]:
+    status: dict[str, str] = {}
+    if workers == 1:
+        for job in jobs:
+            try:
+                status.update(_collect(job, out, train_job(_members(job, out)), None))
+            except Exception as e:  # noqa: BLE001 - one broken run must not stop the sweep
+                status.update(_collect(job, out, None, e))
+        return status
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(train_job, _members(job, out)): job for job in jobs}
+        for fut in as_completed(futures):
+            job = futures[fut]
+            try:
+                status.update(_collect(job, out, fut.result(), None))
+            except Exception as e:  # noqa: BLE001 - including a worker killed mid-run
+                status.update(_collect(job, out, None, e))
+    return status
+
+
+# -- Ray ---------------------------------------------------------------------------------------
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise OptolabError("--executor ray needs Ray, which is not installed.", field="--executor",
+                           fix="pip install 'optolab[ray]' (or use --executor local).") from None
+    return ray
+
+
+def check_reachable(address: str) -> None:
+    """Fail fast on a ``host:port`` / ``ray://host:port`` nobody answers (Ray itself waits ~20 s)."""
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address.strip())
+    if m is None:
+        if address.strip() in ("auto", "local"):
+            return
+        raise OptolabError(f"Ray address '{address}' is not host:port, ray://host:port or 'auto'.",
+                           field="--address", fix="give the head node as host:port, e.g. 10.0.0.5:6379.")
+    host, port = m.group(1), int(m.group(2))
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise OptolabError(
+            f"cannot reach a Ray cluster at {address} ({e.strerror or type(e).__name__}).", field="--address",
+            fix="start the head node there (`ray start --head`), check host and port, or drop --address "
+                "(and unset RAY_ADDRESS) to start a local Ray instance.") from None
+
+
+def connect_ray(address: str | None, workers: int):
+    """``(ray, started_locally)``: connected to ``address`` or to a new local instance."""
+    ray = _import_ray()
+    if address:
+        check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        except (ConnectionError, RuntimeError, TimeoutError, ValueError) as e:
+            raise OptolabError(f"could not connect to the Ray cluster at {address}: {_one_line(e)}",
+                               field="--address", fix="check that the address is a Ray head node "
+                               "(`ray status --address ...`) running a compatible Ray version.") from None
+        return ray, False
+    # Ray renices its workers to 15; on a machine of our own the runs are the work, so they
+    # should not yield to whatever else runs there. Runs exchange no objects, hence the small store.
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING", object_store_memory=80 * 2**20, _system_config={"worker_niceness": 0})
+    return ray, True
+
+
+def _probe(path: str, token: str) -> tuple[str, bool]:
+    p = Path(path)
+    seen = p.is_file() and p.read_text() == token
+    return socket.gethostname(), seen
+
+
+def check_shared_storage(ray, out: Path) -> None:
+    """Every alive node must read a token the driver just wrote into the sweep directory."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = secrets.token_hex(8)
+    probe_file = out / f".probe-{token}"
+    probe_file.write_text(token)
+    try:
+        probe = ray.remote(num_cpus=0)(_probe)
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                .remote(str(probe_file.resolve()), token) for node in nodes]
+        results = ray.get(refs, timeout=PROBE_TIMEOUT_S)
+    finally:
+        probe_file.unlink(missing_ok=True)
+    blind = sorted(host for host, seen in results if not seen)
+    if blind:
+        raise OptolabError(f"Ray nodes {blind} cannot see the sweep directory {out.resolve()}.", field="--out",
+                           fix="put --out on storage shared by every node, mounted at the same path.")
+
+
+def run_ray(jobs: list[Job], out: Path, ray, max_retries: int = 3) -> dict[str, str]:
+    remote = ray.remote(num_cpus=1, max_retries=max_retries)(train_job)
+    resolved = out.resolve()
+    refs = {remote.remote(_members(job, resolved)): job for job in jobs}
+    status: dict[str, str] = {}
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            job = refs[ready[0]]
+            try:
+                status.update(_collect(job, resolved, ray.get(ready[0]), None))
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None)
+                status.update(_collect(job, resolved, None, cause if isinstance(cause, BaseException) else e))
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    return status
+
+
+def ray_address(address: str | None) -> str | None:
+    return address or os.environ.get("RAY_ADDRESS") or None

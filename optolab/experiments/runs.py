@@ -1,0 +1,162 @@
+"""Run directories, opened (:class:`Run`), and training one protocol into one (:func:`run`).
+
+The notebook API (:mod:`optolab.api`) re-exports these.
+"""
+
+from __future__ import annotations
+
+import shutil
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from optolab.model.checkpoint import list_checkpoints, load_weights, stem
+from optolab.core.errors import OptolabError
+from optolab.training.trainer import make_forward
+from optolab.spec.loader import load_protocol, protocol_from_resolved
+from optolab.model.transformer import Transformer, build_model
+from optolab.spec.protocol import Protocol
+from optolab.training.rundir import RunDir
+from optolab.tasks import IGNORE, Batch, Task, make_task
+from optolab.training.trainer import train
+
+
+class Run:
+    """A run directory, opened: protocol, metrics, summary, checkpoints and the model."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.dir = RunDir(path)
+        if not self.dir.protocol.is_file():
+            raise OptolabError(f"'{path}' is not a run directory (no protocol.yaml).", field="RUN_DIR",
+                               fix="pass a folder written by `optolab run`.")
+        self.protocol: Protocol = protocol_from_resolved(self.dir.protocol)
+
+    @property
+    def path(self) -> Path:
+        return self.dir.path
+
+    @cached_property
+    def task(self) -> Task:
+        return make_task(self.protocol.task)
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        return self.dir.metrics()
+
+    @property
+    def summary(self) -> dict:
+        return self.dir.read_json(self.dir.summary)
+
+    @property
+    def meta(self) -> dict:
+        return self.dir.read_json(self.dir.meta)
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        return list_checkpoints(self.dir.checkpoints)
+
+    def model(self, step: int | None = None) -> Transformer:
+        """The model at checkpoint ``step`` (default: the last one), in eval mode."""
+        steps = self.checkpoint_steps
+        if not steps:
+            raise OptolabError(f"'{self.path}' has no checkpoints yet.", field="RUN_DIR",
+                               fix="wait for the first checkpoint or run the protocol.")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise OptolabError(f"no checkpoint at step {step}.", field="step", fix=f"use one of {steps}.")
+        cfg = self.protocol.model_config_for(self.task)
+        model = build_model(cfg, self.protocol.seeds.init)
+        load_weights(self.dir.checkpoints / f"{stem(step)}.safetensors", model)
+        return model.eval()
+
+    def nnsight(self, step: int | None = None):
+        """The model wrapped in ``nnsight.NNsight`` for interactive interventions."""
+        from nnsight import NNsight
+
+        return NNsight(self.model(step))
+
+    def eval_batch(self, split: str | None = None, n: int | None = None) -> Batch:
+        """The run's fixed eval batch for ``split`` (default: the task's main split)."""
+        split = split or self.task.main_split
+        return self.task.eval_batch(split, self.protocol.seeds.eval, n or self.protocol.measures.eval_sequences)
+
+    def plot(self) -> list[Path]:
+        """(Re)write every figure into ``RUN_DIR/figures``; returns their paths."""
+        from optolab.experiments.plots import (plot_attention, plot_head_scores, plot_loss, plot_loss_by_position,
+                                               plot_prev_token)
+
+        figs = self.dir.figures
+        figs.mkdir(parents=True, exist_ok=True)
+        df = self.metrics
+        written = [plot_loss(df, self.task, figs / "loss.png"),
+                   plot_head_scores(df, self.task, figs / "head_scores.png"),
+                   plot_prev_token(df, self.task, figs / "prev_token.png")]
+        if self.checkpoint_steps:
+            model = self.model()
+            sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+            forward = make_forward(self.protocol, self.task, model.cfg)  # patterns as the clamps left them
+            with torch.no_grad():
+                _, saved = forward(model, self.eval_batch(n=256), step=self.checkpoint_steps[-1], training=False,
+                                   save=sites)
+            written.append(plot_attention([saved[s].mean(0) for s in sites], figs / "attention.png"))
+            curves = self.task.reference_curves()
+            if curves:
+                written.append(plot_loss_by_position(self._loss_by_position(), curves, figs / "loss_by_position.png"))
+        return [p for p in written if p is not None]
+
+    def _loss_by_position(self, n: int = 256) -> dict[int, torch.Tensor]:
+        """Per-position loss ``[pos]`` (NaN where no loss is taken) on the main split, at every
+        checkpoint, through the protocol's clamps."""
+        batch = self.eval_batch(n=n)
+        keep = batch.targets != IGNORE
+        out = {}
+        for step in self.checkpoint_steps:
+            model = self.model(step)
+            forward = make_forward(self.protocol, self.task, model.cfg)
+            with torch.no_grad():
+                logits, _ = forward(model, batch, step=step, training=False)
+            per = F.cross_entropy(logits.transpose(1, 2), batch.targets.clamp_min(0), reduction="none")
+            out[step] = torch.where(keep, per, 0.0).sum(0) / keep.sum(0).clamp_min(1)
+            out[step][~keep.any(0)] = float("nan")
+        return out
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self.meta.get('status')!r})"
+
+
+def open_run(path: str | Path) -> Run:
+    return Run(path)
+
+
+def default_out(protocol: Protocol) -> Path:
+    return Path("results") / f"{protocol.name}_s{protocol.seeds.init}"
+
+
+def run(protocol: Protocol | str | Path, out: str | Path | None = None, *, seed: int | None = None,
+        overwrite: bool = False, progress: bool = True, plots: bool = True) -> Run:
+    """Train a protocol (a loaded one or a path) into ``out`` and write its figures.
+
+    An existing unfinished run of the same protocol in ``out`` is resumed from its last
+    checkpoint; ``overwrite`` discards whatever ``out`` holds first.
+    """
+    if not isinstance(protocol, Protocol):
+        protocol = load_protocol(protocol, seed=seed)
+    elif seed is not None:
+        protocol = protocol.model_copy(update={"seeds": protocol.seeds.model_copy(update={"init": seed, "data": seed})})
+    out = Path(out) if out is not None else default_out(protocol)
+    if overwrite and out.exists():
+        if not (out / "protocol.yaml").is_file() and any(out.iterdir()):
+            raise OptolabError(f"refusing to overwrite '{out}': it is not an optolab run directory.",
+                               field="--out", fix="choose another folder.")
+        shutil.rmtree(out)
+    train(protocol, out, progress=progress)
+    result = Run(out)
+    if plots:
+        result.plot()
+    return result
+
+
+__all__ = ["Run", "default_out", "open_run", "run"]

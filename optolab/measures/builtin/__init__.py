@@ -1,0 +1,1 @@
+"""The built-in progress measures, one module each (the interface: :mod:`optolab.measures.measure`)."""

@@ -1,0 +1,84 @@
+"""The measure interface: what one module declares to add a progress measure.
+
+A measure is a class with a name and hooks; the evaluator (:mod:`optolab.measures.evaluate`)
+calls the hooks of every measure the protocol switches on and names none of them. Built-in
+measures live in :mod:`optolab.measures.builtin`, one module each; third parties register theirs
+by entry point (group ``optolab.measures``, :mod:`optolab.measures.registry`).
+
+Rules for a measure:
+- ``NAME`` is its switch in a protocol's ``measures:`` section (``measures.<NAME>: true``);
+  ``DEFAULT`` whether it is on when the protocol does not say. ``OPTIONS`` are further keys of
+  ``measures:`` it reads (``name -> (type, pydantic Field)``); names are shared by all measures,
+  so choose specific ones. A measure added later never stops an old run from resuming: a run's
+  recorded protocol is read with today's defaults (:mod:`optolab.training.runbook`).
+- ``SITES`` (per layer, e.g. ``blocks.{layer}.attn.hook_pattern``) are the hook sites it reads
+  on every eval split; the evaluator saves them all in one call per split, through the run's
+  Forward, so they hold the activations as the model used them (after interventions).
+- :meth:`Measure.build` makes the fixed data it needs once per run from the eval seed (a probe
+  batch); :meth:`Measure.on_split` turns one split's logits and saved sites into rows;
+  :meth:`Measure.on_model` makes rows from the weights or its own data (with the run's Forward).
+  A measure that does not apply to a task or split returns no rows (the task's public interface
+  says: ``batch.match_mask``, ``batch.induction_targets``, ``task.label_ids()``, …).
+- A row is ``{split, metric, layer, head, value}`` (plus ``src_layer``/``src_head`` between two
+  heads); ``layer``/``head`` are None for whole-model numbers. Measures read no global state and
+  change nothing: they run under ``torch.no_grad`` on the model in eval mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+
+@dataclass
+class SplitData:
+    """One eval split, as the model saw it."""
+
+    split: str
+    batch: Any  # optolab.tasks.Batch
+    logits: Tensor
+    saved: dict[str, Tensor]  # every measure's SITES for every layer
+    n_layers: int
+    spec: Any  # the protocol's measures section
+
+
+@dataclass
+class ModelData:
+    """The model after an eval's splits, with what the measure built and the run's Forward."""
+
+    model: Any
+    forward: Any  # optolab.model.forward.Forward: clamps act as in training at this step
+    step: int
+    data: Any  # what build() returned
+    sites: list[str]
+    spec: Any
+
+
+def head_rows(split: str, metric: str, per_head: Tensor, layer: int) -> list[dict]:
+    return [{"split": split, "metric": metric, "layer": layer, "head": h, "value": float(v)}
+            for h, v in enumerate(per_head.tolist())]
+
+
+def model_row(split: str, metric: str, value: float) -> dict:
+    return {"split": split, "metric": metric, "layer": None, "head": None, "value": value}
+
+
+class Measure:
+    """A progress measure (see the module rules)."""
+
+    NAME: ClassVar[str] = ""
+    DEFAULT: ClassVar[bool] = True
+    OPTIONS: ClassVar[dict[str, tuple[Any, Any]]] = {}
+    SITES: ClassVar[tuple[str, ...]] = ()
+    DOC: ClassVar[str] = ""  # the switch's one-line description
+
+    def build(self, task, spec, seed: int, n_ctx: int) -> Any:
+        return None
+
+    def on_split(self, d: SplitData) -> list[dict]:
+        return []
+
+    def on_model(self, d: ModelData) -> list[dict]:
+        return []

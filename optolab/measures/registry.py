@@ -1,0 +1,79 @@
+"""The measures a protocol can switch on: built-ins and entry points, and the ``measures:``
+schema made from them.
+
+Rules:
+- Built-in measures are :data:`BUILTIN` (one module each under :mod:`optolab.measures.builtin`).
+  An installed package adds its own with an entry point in the group ``optolab.measures``
+  (``[project.entry-points."optolab.measures"] my_score = "mypkg.measures:MyScore"``); they are
+  read once, when the protocol schema is built.
+- The ``measures:`` section is :class:`MeasuresBase` (schedule, eval set size) plus, per measure,
+  a switch ``<NAME>: bool`` (default ``DEFAULT``) and its ``OPTIONS``. Unknown keys are errors.
+- Measures run in :data:`BUILTIN` order, then entry points by name.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from pydantic import Field, create_model
+
+from optolab.core.counts import PosCount
+from optolab.core.errors import OptolabError
+from optolab.core.plugins import entry_points, load_entry_point
+from optolab.core.schedule import Schedule, Strict
+from optolab.measures.builtin.composition import Composition
+from optolab.measures.builtin.copying import Copying
+from optolab.measures.builtin.icl_score import ICLScore
+from optolab.measures.builtin.induction_strength import InductionStrength
+from optolab.measures.builtin.prefix_matching import PrefixMatching
+from optolab.measures.builtin.previous_token import PreviousToken
+from optolab.measures.measure import Measure
+
+BUILTIN: dict[str, type[Measure]] = {m.NAME: m for m in (
+    InductionStrength, PreviousToken, PrefixMatching, Copying, ICLScore, Composition)}
+ENTRY_POINT_GROUP = "optolab.measures"
+
+
+class MeasuresBase(Strict):
+    schedule: Schedule = Field(default_factory=Schedule)
+    eval_sequences: PosCount = Field(1000, description="sequences per eval split")
+
+
+def _check(cls: Any, name: str) -> type[Measure]:
+    if not (isinstance(cls, type) and issubclass(cls, Measure) and cls.NAME == name):
+        raise OptolabError(f"the entry point '{name}' of {ENTRY_POINT_GROUP} is not a Measure named '{name}' "
+                           f"(got {cls!r}).", field=f"measures.{name}",
+                           fix="point the entry point at a subclass of optolab.measures.measure.Measure with that NAME.")
+    return cls
+
+
+@lru_cache(maxsize=1)
+def measures() -> dict[str, type[Measure]]:
+    """Every measure this installation knows, in run order."""
+    found = dict(BUILTIN)
+    for name, ep in sorted(entry_points(ENTRY_POINT_GROUP).items()):
+        if name not in found:
+            found[name] = _check(load_entry_point(ep, f"measures.{name}", "measure"), name)
+    return found
+
+
+@lru_cache(maxsize=1)
+def measures_spec() -> type[MeasuresBase]:
+    """The schema of a protocol's ``measures:`` section (see the module rules)."""
+    fields: dict[str, Any] = {}
+    for name, m in measures().items():
+        fields[name] = (bool, Field(m.DEFAULT, description=m.DOC or None))
+        for option, (tp, info) in m.OPTIONS.items():
+            if option in fields:
+                raise OptolabError(f"measure '{name}' declares option '{option}', which another measure has.",
+                                   field=f"measures.{option}", fix="give the option a name of its own.")
+            fields[option] = (tp, info)
+    return create_model("MeasuresSpec", __base__=MeasuresBase, **fields)
+
+
+def active(spec) -> list[Measure]:
+    """The measures ``spec`` (a protocol's ``measures:``) switches on, ready to run."""
+    return [m() for name, m in measures().items() if getattr(spec, name)]
+
+

@@ -1,0 +1,1 @@
+"""The model layer: config, transformer, kernels, hooks, the Forward seam, checkpoints."""

@@ -1,0 +1,123 @@
+"""Checkpoints: safetensors weights and optimizer state, plus a JSON sidecar.
+
+Rules:
+- ``checkpoints/step_00001234.safetensors`` (model), ``….optim.safetensors`` (Adam moments and
+  step counts, keyed by parameter name) and ``….json`` (step, sequences, hyper-parameters).
+- Every file is written to a temporary name and renamed; the sidecar is written last, so a
+  checkpoint exists only when its sidecar does. A half-written checkpoint is never loaded.
+- Only safetensors are read: nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from optolab.core.errors import OptolabError
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def stem(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(folder: Path, step: int, sequences: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None, info: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / stem(step)
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _atomic(base.with_suffix(".safetensors"), lambda p: save_file(weights, str(p)))
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        state = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value):
+                        state[f"{names[id(p)]}::{key}"] = value.detach().reshape(value.shape).contiguous()
+        _atomic(folder / f"{stem(step)}.optim.safetensors", lambda p: save_file(state, str(p)))
+    sidecar = {"step": step, "sequences": sequences, **(info or {})}
+    _atomic(base.with_suffix(".json"), lambda p: p.write_text(json.dumps(sidecar, indent=2)))
+    return base.with_suffix(".safetensors")
+
+
+def list_checkpoints(folder: Path) -> list[int]:
+    """Steps that have a complete checkpoint (sidecar present), ascending."""
+    if not folder.is_dir():
+        return []
+    steps = []
+    for f in folder.glob("step_*.json"):
+        try:
+            steps.append(int(f.stem.split("_")[1]))
+        except (IndexError, ValueError):
+            continue
+    return sorted(steps)
+
+
+def _read(path: Path, field: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or one clear error (a torn, foreign or pickled file)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise OptolabError(f"'{Path(path).name}' is not a readable safetensors file ({e}).", field=field,
+                           source=str(path), fix="point at a step_*.safetensors written by optolab; pickled "
+                           "(.pt/.pth) checkpoints are never loaded.") from None
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise OptolabError(f"'{path.name}' is not a safetensors file.", field="--checkpoint",
+                           fix="point at a step_*.safetensors file; pickled checkpoints are refused.")
+    if not path.is_file():
+        raise OptolabError(f"checkpoint '{path}' not found.", field="--checkpoint",
+                           fix="list RUN_DIR/checkpoints/ and pick a step_*.safetensors file.")
+    state = _read(path, "--checkpoint")
+    missing = set(model.state_dict()) - set(state)
+    unexpected = set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise OptolabError(
+            f"checkpoint '{path.name}' does not fit this model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}).", field="model",
+            fix="use the protocol that produced the checkpoint.")
+    for k, v in state.items():
+        if v.shape != model.state_dict()[k].shape:
+            raise OptolabError(f"checkpoint tensor '{k}' has shape {tuple(v.shape)}, the model expects "
+                               f"{tuple(model.state_dict()[k].shape)}.", field="model",
+                               fix="use the protocol that produced the checkpoint.")
+    model.load_state_dict(state)
+
+
+def load_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model and optimizer in place; return the sidecar."""
+    base = folder / stem(step)
+    load_weights(base.with_suffix(".safetensors"), model)
+    state = _read(folder / f"{stem(step)}.optim.safetensors", "--out")
+    params = dict(model.named_parameters())
+    for key, value in state.items():
+        name, field = key.split("::")
+        optimizer.state[params[name]][field] = value.clone()
+    return json.loads(base.with_suffix(".json").read_text())
+
+
+def prune(folder: Path, keep: int | None, protect: set[int] = frozenset()) -> None:
+    """Delete all but the newest ``keep`` checkpoints (never those in ``protect``)."""
+    if keep is None:
+        return
+    for step in list_checkpoints(folder)[:-keep]:
+        if step in protect:
+            continue
+        (folder / f"{stem(step)}.json").unlink(missing_ok=True)  # sidecar first: no half checkpoint
+        for suffix in (".safetensors", ".optim.safetensors"):
+            (folder / f"{stem(step)}{suffix}").unlink(missing_ok=True)

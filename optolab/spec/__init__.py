@@ -1,0 +1,1 @@
+"""Protocols: schema, loader, post-hoc conditions, footprint guard, plain-words description."""

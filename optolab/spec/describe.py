@@ -1,0 +1,65 @@
+"""Plain-words descriptions of a protocol (``optolab validate``) and of a model's hook sites."""
+
+from __future__ import annotations
+
+import torch
+
+from optolab.clamps.describe import describe_clamp
+from optolab.model.hooks import dry_run
+from optolab.model.transformer import Transformer, build_model
+from optolab.spec.protocol import Protocol, Schedule
+from optolab.tasks import make_task
+
+
+def _schedule(s: Schedule, batch_size: int, n_points: int) -> str:
+    dense = "".join(f", every {d.every:,} until {d.until:,}" for d in s.dense)
+    extra = f", and at {', '.join(f'{p:,}' for p in s.at)}" if s.at else ""
+    return f"every {s.every:,} {s.unit}{dense}{extra} ({n_points} points including the start and the end)"
+
+
+def describe_protocol(p: Protocol) -> list[str]:
+    task = make_task(p.task)
+    cfg = p.model_config_for(task)
+    t, m = p.train, p.model
+    io = task.model_io()
+    n_params = sum(x.numel() for x in Transformer(cfg).parameters())
+    kind = "attention-only" if m.attn_only else f"with MLPs (d_mlp {m.d_mlp})"
+    lines = [
+        f"Protocol '{p.name}'" + (f": {p.description}" if p.description else ""),
+        f"Task: {p.task.kind} — " + ", ".join(f"{k}={v}" for k, v in p.task.model_dump().items()
+                                              if k != "kind" and not (k == "generator" and v is None)),
+        f"  eval splits: {', '.join(task.eval_splits)} (main: {task.main_split}); context {io.n_ctx} positions.",
+        f"Model: {m.n_layers} layers × {m.n_heads} heads, d_model {m.d_model}, d_head {m.d_head}, {kind}, "
+        f"{'pre-LayerNorm' if m.layer_norm else 'no block LayerNorm'}"
+        f"{' + final LayerNorm' if m.final_ln else ''}, positions: {m.positional}"
+        f"{', smeared keys' if m.smeared_keys else ''}; input {io.input_mode}, output {io.d_out}; {n_params:,} parameters.",
+        f"Training: Adam lr {t.lr:g}, betas {t.betas}, weight decay {t.weight_decay:g}, "
+        f"grad clip {t.grad_clip if t.grad_clip else 'none'}, batch {t.batch_size}, "
+        f"{t.total_steps:,} steps = {t.total_steps * t.batch_size:,} sequences"
+        + ("; every forward through torch.compile (train.compile)." if t.compile else "."),
+        f"Seeds: init {p.seeds.init}, data {p.seeds.data}, eval {p.seeds.eval}.",
+        f"Evaluation: {_schedule(p.measures.schedule, t.batch_size, len(p.eval_steps()))}, "
+        f"{p.measures.eval_sequences} sequences per split.",
+        f"Checkpoints: {_schedule(t.checkpoints.schedule, t.batch_size, len(p.checkpoint_steps()))}"
+        + (f", keeping the newest {t.checkpoints.keep}." if t.checkpoints.keep else "."),
+    ]
+    on = [k for k in ("induction_strength", "previous_token", "prefix_matching", "copying", "icl_score",
+                      "composition") if getattr(p.measures, k)]
+    lines.append(f"Measures: {', '.join(on) or 'loss and accuracy only'} (where the task supports them).")
+    if not p.clamps:
+        lines.append("Clamps: none — every activation is left as the model computes it.")
+        return lines
+    plan = p.clamp_plan(task, cfg)
+    everything = plan.clamps
+    how = "the compiled path (train.compile)" if p.train.compile else p.train.clamp_engine
+    lines.append(f"Clamps ({len(everything)}, applied through {how}; "
+                 "layers and heads count from 0):")
+    lines += ["  " + describe_clamp(c, plan, cfg.n_heads) for c in everything]
+    return lines
+
+
+def site_shapes(p: Protocol, batch_size: int = 2) -> list[tuple[str, tuple[int, ...]]]:
+    """Every hook name in forward order with its activation shape (dim 0 is the batch)."""
+    task = make_task(p.task)
+    model = build_model(p.model_config_for(task), 0)
+    return list(dry_run(model, task.train_batch(0, 0, batch_size)).items())

@@ -1,0 +1,159 @@
+"""Reading protocols and task specs from YAML, with errors that point at the line.
+
+Rules:
+- ``yaml.safe_load`` only. A file must be UTF-8 and hold one mapping.
+- Relative paths inside a protocol are resolved against the protocol file's folder.
+- Every failure is an :class:`~optolab.core.errors.OptolabError` naming the file, the field path, the
+  line where YAML gives one, and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from optolab.spec.conditions import condition_protocols, plan_condition
+from optolab.spec.footprint import check_footprint
+from optolab.core.errors import OptolabError, duplicate_key, from_validation_error, yaml_line_map
+from optolab.spec.protocol import Protocol
+from optolab.tasks import make_task, validate_task_spec
+
+def read_yaml(path: str | Path, what: str = "file") -> tuple[dict, dict[tuple, int]]:
+    """``(mapping, line map)`` of a YAML file, or an OptolabError saying what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise OptolabError(f"{what} not found (looked for {p.resolve()}).", source=path,
+                           fix="check the path; relative paths start from the current folder.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise OptolabError(f"not valid UTF-8 (byte {e.start}).", source=path,
+                           fix="save the file as UTF-8 text.") from None
+    except OSError as e:
+        raise OptolabError(f"cannot read {what}: {e.strerror}.", source=path, fix="check permissions.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise OptolabError(f"YAML syntax error: {problem}.", source=path,
+                           line=mark.line + 1 if mark else None,
+                           fix="check indentation, colons and quotes around that line.") from None
+    dup = duplicate_key(text)
+    if dup is not None:
+        field, first, again = dup
+        raise OptolabError(f"'{field.rsplit('.', 1)[-1]}' is given more than once (first on line {first}); YAML "
+                           "would silently keep only the last.", field=field, source=path, line=again,
+                           fix="keep one of them.")
+    if data is None:
+        raise OptolabError(f"the {what} is empty.", source=path, fix="write a mapping of key: value lines.")
+    if not isinstance(data, dict):
+        raise OptolabError(f"the {what} must be a mapping of key: value lines, not a {type(data).__name__}.",
+                           source=path, fix="start with keys such as 'name:' and 'task:'.")
+    return data, yaml_line_map(text)
+
+
+def _resolve_task(raw: Any, base: Path, source: str, protocol_lines: dict) -> Any:
+    """Inline a task given as a path or as ``{spec: path, overrides…}``."""
+    if isinstance(raw, str):
+        raw = {"spec": raw}
+    if not isinstance(raw, dict) or "spec" not in raw:
+        return raw
+    ref = raw["spec"]
+    if not isinstance(ref, str):
+        raise OptolabError("must be a path to a task YAML file.", field="task.spec", source=source,
+                           fix="write e.g. spec: ../tasks/fewshot_singh2024.yaml")
+    path = (base / ref) if not Path(ref).is_absolute() else Path(ref)
+    if not path.is_file():
+        raise OptolabError(f"task file '{ref}' not found (looked for {path.resolve()}).", field="task",
+                           source=source, fix="give a path relative to the protocol file, e.g. ../tasks/repeat_tokens.yaml")
+    spec, lines = read_yaml(path, "task spec")
+    overrides = {k: v for k, v in raw.items() if k != "spec"}
+    merged = {**spec, **overrides}
+    try:
+        validate_task_spec(merged)
+    except OptolabError as e:
+        key = (e.field or "").split(".")[1] if "." in (e.field or "") else None
+        if key in overrides:  # the protocol's override is what is wrong
+            raise e.located(source, protocol_lines) from None
+        validate_task_spec(merged, field="", source=str(path), lines=lines)
+        raise e.located(str(path), lines) from None
+    return merged
+
+
+def _resolve_clamp_paths(clamps: Any, base: Path) -> Any:
+    """Make the files clamps read (graft/freeze ``source``, ``file``) absolute, so the resolved
+    protocol a run records points at the same files from anywhere."""
+    if clamps is None:
+        return []
+    if not isinstance(clamps, list):
+        return clamps  # the schema reports it
+    out = []
+    for c in clamps:
+        if isinstance(c, dict):
+            c = dict(c)
+            for key in ("source", "file"):
+                if isinstance(c.get(key), str) and not Path(c[key]).expanduser().is_absolute():
+                    c[key] = str((base / c[key]).resolve())
+        out.append(c)
+    return out
+
+
+def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None = None) -> Protocol:
+    """Load and validate a protocol file. ``seed`` sets both the init and the data seed."""
+    data, lines = read_yaml(path, "protocol")
+    source = str(path)
+    data = dict(data)
+    data.setdefault("name", Path(path).stem)
+    if name is not None:
+        data["name"] = name
+    if data.get("kind") == "toy_tensor":
+        raise OptolabError("this is a toy-model protocol (kind: toy_tensor), not a transformer protocol.",
+                           source=source, fix="use `optolab run` or `optolab validate` on it.")
+    if "task" not in data:
+        raise OptolabError("missing.", field="task", source=source,
+                           fix="add 'task: ../tasks/fewshot_singh2024.yaml' (a path or a mapping with 'kind').")
+    data["task"] = _resolve_task(data["task"], Path(path).parent, source, lines)
+    data["clamps"] = _resolve_clamp_paths(data.get("clamps"), Path(path).parent)
+    if isinstance(data.get("conditions"), dict):
+        data["conditions"] = {k: _resolve_clamp_paths(v, Path(path).parent) for k, v in data["conditions"].items()}
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise OptolabError(f"seed must be a non-negative integer (got {seed!r}).", field="--seed",
+                               fix="pass e.g. --seed 3.")
+        seeds = data.get("seeds") or {}
+        if isinstance(seeds, dict):  # anything else is reported by the schema below
+            data["seeds"] = {**seeds, "init": seed, "data": seed}
+    return validate_protocol(data, source=source, lines=lines)
+
+
+def validate_protocol(data: dict, *, source: str | None = None, lines: dict | None = None) -> Protocol:
+    try:
+        if isinstance(data.get("task"), dict):  # validated apart so errors name task.<field>
+            data = {**data, "task": validate_task_spec(data["task"], source=source, lines=lines)}
+        protocol = Protocol.model_validate(data)
+        check_footprint(protocol, None)  # before the task allocates anything
+        task = make_task(protocol.task)
+        cfg = protocol.model_config_for(task)  # shape checks that need the task
+        check_footprint(protocol, cfg.n_ctx)
+        protocol.eval_steps()
+        protocol.checkpoint_steps()
+        if protocol.clamps:
+            protocol.clamp_plan(task, cfg)  # kept on the protocol: a run plans once
+        if protocol.conditions:
+            for name, p in condition_protocols(protocol).items():
+                plan_condition(p, name, len(protocol.clamps), task, cfg)
+    except ValidationError as e:
+        raise from_validation_error(e, source=source, lines=lines, model=Protocol) from None
+    except OptolabError as e:
+        raise e.located(source, lines) from None
+    return protocol
+
+
+def protocol_from_resolved(path: str | Path) -> Protocol:
+    """Load the ``protocol.yaml`` a run wrote (already resolved)."""
+    data, lines = read_yaml(path, "protocol")
+    return validate_protocol(data, source=str(path), lines=lines)

@@ -1,0 +1,1 @@
+"""Training: trainer, run bookkeeping, run directories, summaries, the compiled path and ensembles."""

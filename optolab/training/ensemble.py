@@ -1,0 +1,404 @@
+"""Ensembles: runs that share a model shape and training settings, trained together as one
+batched model with a leading member axis. Members may differ in seeds and in their clamps.
+
+Rules:
+- Runs pack together when their resolved protocols are equal except ``name``, ``description``,
+  the init and data seeds and ``clamps`` (:func:`pack_key`), and no clamp or setting couples
+  parameters across the update (:func:`why_not_packable`: ``freeze`` and ``graft`` clamps,
+  ``train.grad_clip``). Members with equal clamps share a *condition* (:func:`condition_key`).
+  Each member keeps its own run directory, written by its own
+  :class:`~optolab.training.runbook.RunBook`, exactly as if it had run alone.
+- Training: each member draws its own batch (``task.train_batch(seeds.data, step, …)``, the
+  solo run's data); the forward pass is ``torch.func.vmap`` over members of the model's own
+  ``forward`` with the member's parameters (``functional_call``), so every op runs once for all
+  members. Clamps act through site hooks on a shared skeleton (:class:`~optolab.training.compiled.SiteDispatch`)
+  running one program per step: a condition's own program when all members share it, else the
+  union of the conditions' programs with each op gated to its condition's members
+  (:mod:`optolab.clamps.union`). The loss is each member's mean, summed: members share no
+  parameter, so each gets exactly its own gradient; Adam is elementwise, so the stacked update is
+  each member's own.
+- The gradient comes from autograd (eager) or, with ``train.compile``, from
+  ``torch.func.grad_and_value`` of that loss: the forward (every pass), the losses and the
+  gradient are one compiled graph per program (as :mod:`optolab.training.compiled_step` does for a solo
+  run). Fused Adam is called directly.
+- Evals and checkpoints: at those steps a member's weights and Adam state are copied into a solo
+  model and optimizer, which its RunBook checkpoints; evals run on one model shared by all
+  members (loaded with each member's weights in turn) through its condition's protocol Forward,
+  nnsight or compiled as a solo run's would; compiled with several conditions, through one union
+  Forward gated to the member's condition (:class:`_MemberEval`), so compiled eval graphs are
+  built once per ensemble, not per member or condition. Resuming reads the members' checkpoints
+  back.
+- Numbers equal the solo run's up to float summation order in batched matrix products; the
+  tolerance is stated and tested in ``tests/test_ensemble.py`` (and ``tests/test_compiled.py``
+  for compiled ensembles), for seed ensembles and mixed conditions.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from optolab.model.checkpoint import list_checkpoints
+from optolab.clamps.engine import Program
+from optolab.clamps.rng import call_key
+from optolab.clamps.union import Conditions
+from optolab.training.compiled import (
+    STEP_OPTIONS,
+    CallKeys,
+    CompiledForward,
+    SiteDispatch,
+    compile_fn,
+    fresh_caches,
+    unused_parameters,
+)
+from optolab.training.compiled_step import adam_, ensure_state, plain_adam
+from optolab.core.errors import RunFailed
+from optolab.model.forward import Forward
+from optolab.model.kernels import PLAIN_KERNELS
+from optolab.model.transformer import build_model
+from optolab.spec.protocol import Protocol
+from optolab.training.runbook import RunBook
+from optolab.tasks import IGNORE, make_task
+from optolab.tasks.base import Batch
+from optolab.training.trainer import flush_denormals, make_forward, make_optimizer
+
+def pack_key(protocol: Protocol) -> str:
+    """Runs with equal keys can share an ensemble: everything but the name, description, init and
+    data seeds and clamps agrees (the eval seed too: a different eval set is a different
+    measurement)."""
+    data = protocol.resolved()
+    for field in ("name", "description", "clamps"):
+        data.pop(field, None)
+    data["seeds"] = {k: v for k, v in data["seeds"].items() if k not in ("init", "data")}
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def condition_key(protocol: Protocol) -> str:
+    """Members with equal keys share a condition: the same clamps."""
+    return json.dumps(protocol.resolved().get("clamps", []), sort_keys=True, default=str)
+
+
+def why_not_packable(protocol: Protocol) -> str | None:
+    for c in protocol.clamps:
+        if c.unpackable is not None:
+            return c.unpackable
+    if protocol.train.grad_clip is not None:
+        return "train.grad_clip takes a norm over all parameters"
+    return None
+
+
+def resumable_together(outs: Sequence[str | Path]) -> bool:
+    """Members resume together only from the same checkpoint step (or all from scratch)."""
+    last = {(list_checkpoints(Path(o) / "checkpoints") or [None])[-1] for o in outs}
+    return len(last) == 1
+
+
+def _batch_fields(batch: Batch) -> tuple[dict[str, Tensor], dict]:
+    tensors = {k: v for k, v in vars(batch).items() if isinstance(v, Tensor)}
+    tensors.update({f"inputs.{i}": t for i, t in enumerate(batch.inputs)})
+    rest = {k: v for k, v in vars(batch).items() if k not in tensors and k != "inputs"}
+    return tensors, rest
+
+
+def _stack_batches(batches: list[Batch]) -> tuple[dict[str, Tensor], dict, int]:
+    fields = [_batch_fields(b)[0] for b in batches]
+    return {k: torch.stack([f[k] for f in fields]) for k in fields[0]}, _batch_fields(batches[0])[1], \
+        len(batches[0].inputs)
+
+
+def _unstack_batch(tensors: dict[str, Tensor], rest: dict, n_inputs: int) -> Batch:
+    inputs = tuple(tensors[f"inputs.{i}"] for i in range(n_inputs))
+    kwargs = {k: v for k, v in tensors.items() if not k.startswith("inputs.")}
+    return Batch(inputs=inputs, **kwargs, **rest)
+
+
+def _member_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """Each member's mean loss: ``logits [member, batch, pos, d_out]`` -> ``[member]``."""
+    S = logits.shape[0]
+    per_token = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE,
+                                reduction="none").view(S, -1)
+    return per_token.sum(1) / (targets != IGNORE).view(S, -1).sum(1)
+
+
+class _MemberEval(Forward):
+    """A member's evals through its condition's Forward, with the member's own seeds (its random
+    keys); compiled with several conditions, through the ensemble's union Forward gated to the
+    member's condition, so every condition's evals share one compiled graph per eval shape
+    (:mod:`optolab.clamps.union`)."""
+
+    def __init__(self, forward: Forward, seeds: tuple[int, int], gate: Tensor | None = None) -> None:
+        self.forward, self.seeds, self.gate = forward, seeds, gate
+
+    def __call__(self, model: nn.Module, batch: Batch, *, step: int, training: bool,
+                 save: Sequence[str] = (), seeds: tuple[int, int] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        gate = {} if self.gate is None else {"gate": self.gate}
+        return self.forward(model, batch, step=step, training=training, save=save, seeds=self.seeds, **gate)
+
+
+class _Step:
+    """One training step of every member: the vmapped forward (every pass of the step's
+    program), each member's loss and the gradient (autograd; with ``compiled``,
+    ``torch.func.grad_and_value`` in one compiled graph per program). Returns the stacked
+    parameters' gradients and each member's loss."""
+
+    def __init__(self, skeleton: nn.Module, conditions: Conditions, names: list[str], compiled: bool) -> None:
+        self.conditions, self.names, self.compiled = conditions, names, compiled
+        self.dispatch = SiteDispatch(skeleton)
+        self.fn = compile_fn(self._grads, STEP_OPTIONS) if compiled else self._grads
+        self.keys = CallKeys()
+        self._unused: dict[tuple, dict[str, list[int]]] = {}
+
+    def __call__(self, step: int, params, buffers, tensors, keys: Tensor, rest: dict, n_inputs: int,
+                 alive: Tensor) -> tuple[list[Tensor], Tensor]:
+        """``keys``: each member's random key for this step (``[member, 2]``, :mod:`optolab.clamps.rng`)."""
+        program = self.conditions.program(step)
+        gates = self.conditions.gates
+        if not self.compiled:  # autograd: eager, torch.func's grad transform costs ~10 % per op
+            self.dispatch.cover(program)
+            token = PLAIN_KERNELS.set(True)
+            try:
+                for p in params.values():
+                    p.grad = None
+                losses = _member_losses(self._logits(program, params, buffers, tensors, gates, keys, rest,
+                                                     n_inputs), tensors["targets"])
+                torch.where(alive, losses, torch.zeros(())).sum().backward()
+            finally:
+                PLAIN_KERNELS.reset(token)
+            return [params[n].grad for n in self.names], losses.detach()
+        params = {n: p.detach() for n, p in params.items()}
+        args = (program, params, buffers, tensors, gates, keys, rest, n_inputs)
+        self.dispatch.warm(program, tuple(t.shape for t in tensors.values()), lambda: self._logits(*args))
+        with self.keys.guards(program, tensors, rest, n_inputs):
+            return self.fn(*args, alive)
+
+    def unused(self, step: int, params, buffers, tensors, keys: Tensor, rest: dict,
+               n_inputs: int) -> dict[str, list[int]]:
+        """Per stacked parameter, the members whose own program at ``step`` does not depend on it
+        at all (:func:`~optolab.training.compiled.unused_parameters`, probed once per condition and set of
+        active clamps on one member of the condition): their solo runs would not update it."""
+        key = self.conditions.key(step)
+        found = self._unused.get(key)
+        if found is None:
+            skeleton, run, of_member = self.dispatch.model, self.dispatch.run, self.conditions.of_member
+            by_condition = []
+            for k in range(len(self.conditions.forwards)):
+                m = of_member.index(k)
+                program = self.conditions.own_program(k, step)
+                self.dispatch.cover(program)
+                own = {n: b[m] for n, b in buffers.items()}
+                batch = _unstack_batch({n: t[m] for n, t in tensors.items()}, rest, n_inputs)
+
+                inputs = {"prepared": {}, "key": keys[m]}
+
+                def loss(p: dict, program=program, own=own, batch=batch, inputs=inputs) -> Tensor:
+                    logits = run(program, batch, inputs, lambda *x: functional_call(skeleton, (p, own), x))[0]
+                    return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+
+                by_condition.append(unused_parameters(loss, {n: p.detach()[m] for n, p in params.items()}))
+            found = self._unused[key] = {
+                n: members for n in params if (members := [i for i, k in enumerate(of_member) if n in by_condition[k]])}
+        return found
+
+    def _logits(self, program: Program, params, buffers, tensors, gates: Tensor, keys: Tensor, rest: dict,
+                n_inputs: int) -> Tensor:
+        skeleton, run = self.dispatch.model, self.dispatch.run
+
+        def member(p: dict, b: dict, t: dict, g: Tensor, k: Tensor) -> Tensor:
+            return run(program, _unstack_batch(t, rest, n_inputs), {"prepared": {}, "key": k},
+                       lambda *inputs: functional_call(skeleton, (p, b), inputs), g)[0]
+
+        return vmap(member)(params, buffers, tensors, gates, keys)  # [member, batch, pos, d_out]
+
+    def _loss(self, params, program: Program, buffers, tensors, gates: Tensor, keys: Tensor, rest: dict,
+              n_inputs: int, alive: Tensor):
+        losses = _member_losses(self._logits(program, params, buffers, tensors, gates, keys, rest, n_inputs),
+                                tensors["targets"])
+        return torch.where(alive, losses, torch.zeros(())).sum(), losses
+
+    def _grads(self, program: Program, params, buffers, tensors, gates: Tensor, keys: Tensor, rest: dict,
+               n_inputs: int, alive: Tensor):
+        grads, (_, losses) = grad_and_value(self._loss, has_aux=True)(params, program, buffers, tensors, gates,
+                                                                      keys, rest, n_inputs, alive)
+        return [grads[n] for n in self.names], losses
+
+
+def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *, progress: bool = False,
+                   stop_after: int | None = None) -> list[dict]:
+    """Train (or resume) packable ``protocols`` into ``outs`` as one ensemble. Returns each
+    member's summary, or the :class:`RunFailed` that stopped it (a member that diverges stops
+    alone; its run directory says so, as a solo run's would). ``stop_after`` ends early after
+    that step's evals/checkpoints, as a kill would (tests)."""
+    from tqdm.auto import tqdm
+
+    keys = {pack_key(p) for p in protocols}
+    if len(keys) != 1:
+        raise ValueError("ensemble members must share everything but their name, seeds and clamps")
+    for p in protocols:
+        reason = why_not_packable(p)
+        if reason is not None:
+            raise ValueError(f"{p.name} cannot run in an ensemble: {reason}")
+    if not resumable_together(outs):
+        raise ValueError("ensemble members must resume from the same checkpoint step")
+    p0 = protocols[0]
+    task = make_task(p0.task)
+    cfg = p0.model_config_for(task)
+    index: dict[str, int] = {}
+    of_member = [index.setdefault(condition_key(p), len(index)) for p in protocols]
+    # one Forward per condition: its clamp plan, and its members' evals
+    forwards = [make_forward(protocols[of_member.index(k)], task, cfg) for k in range(len(index))]
+    conditions = Conditions([f.inner if isinstance(f, CompiledForward) else f for f in forwards], of_member)
+    evals = [_MemberEval(forwards[k], (p.seeds.init, p.seeds.data)) for p, k in zip(protocols, of_member)]
+    if p0.train.compile and len(forwards) > 1:  # one compiled eval graph for all conditions
+        union = CompiledForward(conditions)
+        evals = [_MemberEval(union, (p.seeds.init, p.seeds.data), conditions.gate(k))
+                 for p, k in zip(protocols, of_member)]
+    books = [RunBook(p, o, task, cfg, e) for p, o, e in zip(protocols, outs, evals)]
+    models = [build_model(cfg, p.seeds.init) for p in protocols]
+    shared = build_model(cfg, p0.seeds.init)  # evaluated with each member's weights in turn
+    optimizers = [make_optimizer(p, m) for p, m in zip(protocols, models)]
+    starts = {b.start(m, o) for b, m, o in zip(books, models, optimizers)}
+    step = starts.pop()
+    total, bs = books[0].total, books[0].bs
+
+    names = [n for n, _ in models[0].named_parameters()]
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_(True)
+              for n in names}
+    buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in models]) for n, _ in models[0].named_buffers()}
+    optimizer = make_optimizer(p0, _Params(params))
+    _load_moments(optimizer, params, models, optimizers)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    update = _Step(skeleton, conditions, names, p0.train.compile)
+    plain = plain_adam(p0)
+    if plain:
+        ensure_state(optimizer)
+    if p0.train.compile:
+        fresh_caches()
+    S = len(protocols)
+
+    alive = [True] * S
+    failed: dict[int, RunFailed] = {}
+
+    def guard(i: int, fn, *args) -> None:
+        """Run a member's bookkeeping; a member that diverges stops, the others go on."""
+        try:
+            fn(*args)
+        except RunFailed as e:
+            alive[i], failed[i] = False, e
+
+    bar = tqdm(total=total, initial=step, disable=not progress, unit="step", desc=f"ensemble of {S}")
+    restore = flush_denormals(p0.train.flush_denormals)
+    try:
+        while any(alive):
+            if any(b.busy(step) for b, a in zip(books, alive) if a):
+                _sync_members(params, optimizer, models, optimizers)
+                for i, (b, m, o) in enumerate(zip(books, models, optimizers)):
+                    if alive[i]:
+                        with torch.no_grad():
+                            for mine, theirs in zip(shared.parameters(), m.parameters()):
+                                mine.copy_(theirs)
+                        guard(i, b.at_step, step, m, o, shared)
+            if step >= total or (stop_after is not None and step >= stop_after) or not any(alive):
+                break
+            batches = [task.train_batch(p.seeds.data, step, bs) for p in protocols]
+            tensors, rest, n_inputs = _stack_batches(batches)
+
+            keys = torch.stack([call_key(p.seeds.init, p.seeds.data, step, True) for p in protocols])
+            grads, losses = update(step, params, buffers, tensors, keys, rest, n_inputs, torch.tensor(alive))
+            for i, b in enumerate(books):
+                if alive[i]:
+                    guard(i, b.check_loss, step, losses[i])
+            # a stopped member contributes nothing, and its NaNs reach no other member (members'
+            # slices never mix); its gradient is zeroed too (0 x NaN is NaN)
+            if any(alive):
+                dead = [i for i, a in enumerate(alive) if not a]
+                if dead:
+                    for g in grads:
+                        if g is not None:
+                            g[dead] = 0
+                skip = update.unused(step, params, buffers, tensors, keys, rest, n_inputs)
+                _adam(optimizer, params, grads, skip, plain)
+            for i, b in enumerate(books):
+                if alive[i]:
+                    b.add_loss(losses[i])
+            step += 1
+            bar.update(1)
+    except KeyboardInterrupt:
+        for i, b in enumerate(books):
+            if alive[i]:
+                b.interrupted(step)
+        raise
+    finally:
+        bar.close()
+        torch.set_flush_denormal(restore)
+    return [failed[i] if i in failed else b.finish(step) for i, b in enumerate(books)]
+
+
+def _adam(optimizer: torch.optim.Optimizer, params: dict[str, Tensor], grads: list[Tensor | None],
+          skip: dict[str, list[int]], plain: bool) -> None:
+    """Adam on the stacked parameters as each member's solo run would take it. A parameter no
+    member's loss depends on is skipped, as torch skips a parameter without a gradient. Members
+    whose loss does not depend on a parameter that others' does keep their slice of it and of
+    its Adam moments. (Adam's step count is one per stacked parameter, so it counts such steps
+    for them: were a member to depend on the parameter again later, as after a layer clamp's
+    window, its bias correction would differ from its solo run's.)"""
+    S = next(iter(params.values())).shape[0]
+    take = [g is not None and len(skip.get(n, ())) < S for n, g in zip(params, grads)]
+    kept = []
+    for n, p in params.items():
+        members = skip.get(n)
+        if members and len(members) < S:
+            state = optimizer.state.get(p, {})
+            kept.append((p, members, p.detach()[members].clone(),
+                         {k: v[members].clone() for k, v in state.items() if k != "step"}))
+    if plain:
+        adam_(optimizer, [p for p, t in zip(params.values(), take) if t], [g for g, t in zip(grads, take) if t])
+    else:
+        for p, g, t in zip(params.values(), grads, take):
+            p.grad = g if t else None
+        optimizer.step()
+    with torch.no_grad():
+        for p, members, value, moments in kept:
+            p[members] = value
+            for k, v in moments.items():
+                optimizer.state[p][k][members] = v
+
+
+class _Params(nn.Module):
+    """The stacked tensors as the ``parameters()`` that :func:`make_optimizer` expects."""
+
+    def __init__(self, params: dict[str, Tensor]) -> None:
+        super().__init__()
+        self._list = list(params.values())
+
+    def parameters(self, recurse: bool = True):
+        return iter(self._list)
+
+
+def _load_moments(optimizer: torch.optim.Optimizer, params: dict[str, Tensor], models, optimizers) -> None:
+    """Stack the members' Adam state (present when they resumed from a checkpoint)."""
+    for name, stacked in params.items():
+        states = [o.state.get(dict(m.named_parameters())[name], {}) for m, o in zip(models, optimizers)]
+        if not states[0]:
+            continue
+        optimizer.state[stacked] = {k: (torch.stack([s[k] for s in states]) if k != "step" else states[0][k].clone())
+                                    for k in states[0]}
+
+
+@torch.no_grad()
+def _sync_members(params: dict[str, Tensor], optimizer: torch.optim.Optimizer, models, optimizers) -> None:
+    """Copy each member's slice of the stacked weights and Adam state into its solo model and
+    optimizer, which its RunBook evaluates and checkpoints."""
+    for i, (m, o) in enumerate(zip(models, optimizers)):
+        own = dict(m.named_parameters())
+        for name, stacked in params.items():
+            own[name].copy_(stacked[i])
+            state = optimizer.state.get(stacked)
+            if state:
+                o.state[own[name]] = {k: (v[i].clone() if k != "step" else v.clone()) for k, v in state.items()}

@@ -1,0 +1,191 @@
+"""One run's bookkeeping around a training loop: its directory, schedules, evals, checkpoints,
+divergence checks and summary — everything except the forward/backward/update itself.
+
+Rules:
+- A :class:`RunBook` owns one run directory. ``start(model, optimizer)`` loads the last
+  checkpoint into them (or starts clean) and returns the first step; ``at_step(step, …)`` runs
+  the evals and checkpoints scheduled at that step; ``add_loss`` accumulates the training loss
+  reported at the next eval; ``finish(step)`` writes parquet, ``summary.json`` and the status.
+- The training loops (:mod:`optolab.training.trainer` for one run, :mod:`optolab.training.ensemble` for several
+  packed into one batched model) call these in the same order, so a run's files do not depend
+  on how it was trained.
+- A non-finite eval loss or parameter stops the run (:meth:`diverged`): metrics so far and the
+  last good checkpoint are kept, ``summary.json`` and ``meta.json`` say ``failed``, and
+  :class:`~optolab.core.errors.RunFailed` is raised. A broken model is never checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import ValidationError
+
+from optolab.model.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
+from optolab.core.errors import OptolabError, RunFailed
+from optolab.model.forward import Forward
+from optolab.measures.evaluate import EvalSet, evaluate
+from optolab.spec.protocol import Protocol
+from optolab.training.rundir import RunDir, environment
+from optolab.training.summary import summarize
+from optolab.tasks import Task
+
+
+class RunBook:
+    def __init__(self, protocol: Protocol, out: str | Path, task: Task, cfg, forward: Forward) -> None:
+        self.protocol, self.task, self.forward = protocol, task, forward
+        self.run = RunDir(out)
+        resolved = protocol.resolved()
+        _check_same_protocol(self.run, resolved)
+        self.run.write_protocol(resolved)
+        self.evals = EvalSet.build(task, protocol.measures, protocol.seeds.eval, cfg.n_ctx)
+        self.total = protocol.train.total_steps
+        self.bs = protocol.train.batch_size
+        self.eval_steps = set(protocol.eval_steps())
+        self.ckpt_steps = set(protocol.checkpoint_steps())
+        self.meta = self.run.read_json(self.run.meta) or {**environment(), "seeds": protocol.seeds.model_dump(),
+                                                          "wall_time_s": 0.0, "segments": []}
+        self.meta.update(model_config=cfg.to_dict())
+        self.start_step = 0
+        self.resumed = False
+        self.loss_sum, self.loss_n = torch.zeros(()), 0  # training loss since the last eval
+        self.eval_time = 0.0
+        self.last_loss: float | None = None
+        self._t0 = 0.0
+
+    # --- the loop's calls, in order ------------------------------------------------------
+
+    def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        done = list_checkpoints(self.run.checkpoints)
+        if done:
+            self.start_step, self.resumed = done[-1], True
+            sidecar = load_checkpoint(self.run.checkpoints, self.start_step, model, optimizer)
+            self.run.truncate_metrics(self.start_step)
+            self.loss_sum = torch.tensor(sidecar.get("train_loss_sum", 0.0))
+            self.loss_n = sidecar.get("train_loss_n", 0)
+        else:
+            self.run.truncate_metrics(-1)  # a run that died before its first checkpoint starts clean
+        self.meta.update(status="running", n_params=sum(p.numel() for p in model.parameters()))
+        self.meta["segments"].append({"resumed_from_step": self.start_step,
+                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        self.run.write_json(self.run.meta, self.meta)
+        self._t0 = time.perf_counter()
+        return self.start_step
+
+    def busy(self, step: int) -> bool:
+        """Whether ``at_step`` has anything to do at ``step`` (an ensemble syncs members only then)."""
+        fresh = not (step == self.start_step and self.resumed)
+        return fresh and (step in self.eval_steps or step in self.ckpt_steps)
+
+    def at_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                eval_model: torch.nn.Module | None = None) -> bool:
+        """Evals and checkpoints due at ``step``; True when it evaluated (``last_loss`` is new).
+        ``eval_model`` (the same weights in another module, e.g. one shared by an ensemble's
+        members so their evals share compiled graphs) is evaluated in place of ``model``."""
+        if not self.busy(step):
+            return False
+        evaluated = step in self.eval_steps
+        if evaluated:
+            te = time.perf_counter()
+            rows = evaluate(model if eval_model is None else eval_model, self.task, self.protocol.measures,
+                            self.evals, self.forward, step)
+            if self.loss_n:
+                rows.append({"split": "train_batches", "metric": "loss", "layer": None, "head": None,
+                             "value": self.loss_sum.item() / self.loss_n})
+                self.loss_sum, self.loss_n = torch.zeros(()), 0
+            self.run.append_metrics([{"step": step, "sequences": step * self.bs, **r} for r in rows])
+            self.eval_time += time.perf_counter() - te
+            main = self.task.main_split
+            self.last_loss = next(r["value"] for r in rows if r["split"] == main and r["metric"] == "loss")
+            if not math.isfinite(self.last_loss):
+                self.diverged(step, f"the {main} eval loss is {self.last_loss}")
+        if step in self.ckpt_steps:
+            bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+            if bad is not None:  # never checkpoint a broken model: the last good one stays the last
+                self.diverged(step, f"parameter {bad} is not finite")
+            save_checkpoint(self.run.checkpoints, step, step * self.bs, model, optimizer,
+                            {"name": self.protocol.name, "train_loss_sum": self.loss_sum.item(),
+                             "train_loss_n": self.loss_n})
+            prune(self.run.checkpoints, self.protocol.train.checkpoints.keep, protect={self.total})
+        return evaluated
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.loss_n += 1
+
+    def check_loss(self, step: int, loss: torch.Tensor) -> None:
+        """Stop on a non-finite training loss (one scalar check per step, before the update)."""
+        if not torch.isfinite(loss):
+            self.diverged(step, f"the training loss is {loss.item()}")
+
+    def finish(self, step: int) -> dict:
+        wall = time.perf_counter() - self._t0
+        self.meta["wall_time_s"] = self.meta.get("wall_time_s", 0.0) + wall
+        self.meta["segments"][-1].update(wall_time_s=wall, eval_time_s=self.eval_time, ended_at_step=step)
+        summary: dict = {}
+        if step >= self.total:
+            self.run.write_parquet()
+            summary = summarize(self.run.metrics(), self.task, self.protocol)
+            self.run.write_json(self.run.summary, summary)
+            self.meta["status"] = "finished"
+        else:
+            self.meta["status"] = "stopped"
+        self.run.write_json(self.run.meta, self.meta)
+        return summary
+
+    def interrupted(self, step: int) -> None:
+        self.meta["status"] = "interrupted"
+        self.meta["segments"][-1]["ended_at_step"] = step
+        self.run.write_json(self.run.meta, self.meta)
+
+    def diverged(self, step: int, what: str) -> None:
+        """Stop a diverged run (see the module rules); raises :class:`RunFailed`."""
+        last = list_checkpoints(self.run.checkpoints)
+        last_good = last[-1] if last else None
+        self.meta.update(status="failed", failure=f"{what} at step {step}")
+        self.meta["segments"][-1]["ended_at_step"] = step
+        self.run.write_json(self.run.meta, self.meta)
+        self.run.write_parquet()
+        self.run.write_json(self.run.summary, {
+            "name": self.protocol.name, "status": "failed", "main_split": self.task.main_split,
+            "failure": {"step": step, "sequences": step * self.bs, "what": what},
+            "last_checkpoint_step": last_good})
+        raise RunFailed(f"the run diverged: {what} at step {step}. It is marked failed in summary.json; "
+                        f"metrics so far and checkpoints up to step {last_good} are kept.",
+                        field="train.lr", fix="lower train.lr or set train.grad_clip, then run with --overwrite.")
+
+
+def _as_now(recorded: dict) -> dict:
+    """A recorded protocol as this version of optolab resolves it: fields added since the run
+    started (a new measure, a new option) take their defaults, so they do not count as a change;
+    what the user wrote still does. A record the schema no longer accepts stays as it was."""
+    try:
+        return Protocol.model_validate(recorded).resolved()
+    except (ValidationError, OptolabError):
+        return recorded
+
+
+def _check_same_protocol(run: RunDir, resolved: dict) -> None:
+    """Refuse to mix two protocols in one run directory (and so to lose anything written)."""
+    if not run.protocol.is_file():
+        if run.path.is_dir() and any(run.path.iterdir()):
+            raise OptolabError(f"'{run.path}' exists and is not an optolab run directory.", field="--out",
+                               fix="choose an empty or new folder.")
+        return
+    existing = _as_now(yaml.safe_load(run.protocol.read_text()))
+    if existing != resolved:
+        changed = sorted(k for k in set(existing) | set(resolved) if existing.get(k) != resolved.get(k))
+        raise OptolabError(
+            f"'{run.path}' holds a run of a different protocol (sections differ: {', '.join(changed)}).",
+            field="--out", fix="pass another --out, or --overwrite to discard that run.")
+    if (run.path / "summary.json").is_file():
+        if json.loads((run.path / "summary.json").read_text()).get("status") == "failed":
+            raise OptolabError(f"'{run.path}' holds a run of this protocol that diverged (see its summary.json).",
+                               field="--out", fix="change train.lr or train.grad_clip and use another --out, "
+                               "or pass --overwrite to redo it.")
+        raise OptolabError(f"'{run.path}' already holds a finished run of this protocol.", field="--out",
+                           fix="open it with `optolab plot` / optolab.open_run, or pass --overwrite to redo it.")

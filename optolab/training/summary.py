@@ -1,0 +1,80 @@
+"""``summary.json``: the numbers a reader looks for first.
+
+- ``final``: every metric at the last eval, ``{split: {metric: value | {"L{l}H{h}": value}}}``.
+- ``time_to_loss_0.5``: the first eval where the main split's loss is below 0.5 (the
+  phase-change midpoint of ANCHORS §3), as ``{"step", "sequences"}``, or null.
+- ``time_to_loss_0.277``: the same at 0.4·ln 2 (Singh et al.'s learning time).
+- ``phase_change``: the main split's loss drop found by :func:`optolab.measures.phase.detect`
+  (``onset``, ``midpoint``, ``end`` in sequences, the ``plateau`` before it, …) or null.
+- ``main_split``, ``icl_positions`` (token tasks), ``final_step``, ``final_sequences``.
+- ``status``: ``finished``; a run that diverged writes only ``status: failed``, ``failure``
+  (step, sequences, what) and ``last_checkpoint_step`` (:mod:`optolab.training.trainer`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from optolab.measures.evaluate import icl_score_positions
+from optolab.measures.phase import detect
+from optolab.spec.protocol import Protocol
+from optolab.tasks import Task
+
+THRESHOLDS = {"0.5": 0.5, "0.277": 0.4 * math.log(2)}
+
+
+def first_below(df: pd.DataFrame, split: str, threshold: float) -> dict | None:
+    loss = df[(df.split == split) & (df.metric == "loss")].sort_values("step")
+    hit = loss[loss.value < threshold]
+    if hit.empty:
+        return None
+    row = hit.iloc[0]
+    return {"step": int(row.step), "sequences": int(row.sequences)}
+
+
+SCORES = ("induction_strength", "prefix_matching")  # the head score whose rise is timed, first found
+
+
+def head_score(m: pd.DataFrame, split: str) -> tuple[str, int] | None:
+    """``(metric, layer)`` of the induction-type score to follow: the first of :data:`SCORES`
+    the run measured on its main split, in the last layer."""
+    for metric in SCORES:
+        rows = m[(m.split == split) & (m.metric == metric) & m["src_layer"].isna()]
+        if not rows.empty:
+            return metric, int(rows["layer"].max())
+    return None
+
+
+def phase_change(df: pd.DataFrame, split: str) -> dict | None:
+    loss = df[(df.split == split) & (df.metric == "loss")].sort_values("step")
+    found = detect(loss.sequences.to_numpy(), loss.value.to_numpy())
+    return found.event.to_dict() if found.event is not None else None
+
+
+def summarize(df: pd.DataFrame, task: Task, protocol: Protocol) -> dict:
+    last = df[df.step == df.step.max()]
+    final: dict = {}
+    for row in last.itertuples(index=False):
+        split = final.setdefault(row.split, {})
+        if pd.isna(row.layer):
+            split[row.metric] = row.value
+        elif not pd.isna(row.src_layer):
+            split.setdefault(row.metric, {})[f"L{row.src_layer}H{row.src_head}->L{row.layer}H{row.head}"] = row.value
+        else:
+            split.setdefault(row.metric, {})[f"L{row.layer}H{row.head}"] = row.value
+    out = {
+        "name": protocol.name,
+        "status": "finished",
+        "main_split": task.main_split,
+        "final_step": int(df.step.max()),
+        "final_sequences": int(df.sequences.max()),
+        **{f"time_to_loss_{k}": first_below(df, task.main_split, v) for k, v in THRESHOLDS.items()},
+        "phase_change": phase_change(df, task.main_split),
+        "final": final,
+    }
+    probe = task.eval_batch(task.main_split, protocol.seeds.eval, 1)
+    if probe.tokens is not None:
+        out["icl_positions"] = icl_score_positions(probe)
+    return out

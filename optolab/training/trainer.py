@@ -1,0 +1,149 @@
+"""The training loop: Adam on a task's batches; evaluations, checkpoints and the run's files
+are kept by a :class:`~optolab.training.runbook.RunBook`.
+
+Rules:
+- The loop knows nothing of interventions: every forward pass goes through a ``Forward``
+  (:mod:`optolab.model.forward`); the loss and the optimizer step happen here, after it returns
+  (:func:`make_update`; for ``train.compile`` the forward and backward are one compiled graph,
+  :mod:`optolab.training.compiled_step`).
+- ``step`` counts optimizer steps; ``sequences = step × batch_size``. An evaluation "at step s"
+  sees the model after s updates; step 0 is the initial model.
+- Determinism: the model is initialised from ``seeds.init``; the batch of step t depends only on
+  ``(seeds.data, t)``; eval sets only on ``seeds.eval``. So resuming from the checkpoint at step
+  t continues exactly as the uninterrupted run did.
+- No process-wide setting is changed (thread counts are the caller's: the CLI sets one thread),
+  except that a ``train.compile`` run starts from cleared torch.compile caches with a higher
+  recompile limit (:func:`optolab.training.compiled.fresh_caches` says why).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from optolab.clamps.engine import ClampForward
+from optolab.training.compiled import CompiledForward, fresh_caches, require_compiler
+from optolab.training.compiled_step import CompiledStep
+from optolab.model.forward import Forward, PlainForward
+from optolab.model.transformer import Transformer, build_model
+from optolab.spec.protocol import Protocol
+from optolab.training.runbook import RunBook
+from optolab.training.rundir import RunDir
+from optolab.tasks import IGNORE, Task, make_task
+from optolab.tasks.base import Batch
+
+
+@dataclass
+class TrainResult:
+    run_dir: RunDir
+    model: Transformer
+    task: Task
+    summary: dict
+
+
+def make_forward(protocol, task, cfg) -> Forward:
+    """The Forward a protocol needs: plain without clamps, else the clamp engine with the
+    protocol's clamp plan (made once per protocol: :meth:`~optolab.spec.protocol.Protocol.clamp_plan`); with ``train.compile`` every call goes through
+    :class:`optolab.training.compiled.CompiledForward`."""
+    forward: Forward = PlainForward()
+    if protocol.clamps:
+        forward = ClampForward(protocol.clamp_plan(task, cfg), backend=protocol.train.clamp_engine,
+                               seeds=(protocol.seeds.init, protocol.seeds.data))
+    if protocol.train.compile:
+        require_compiler()
+        forward = CompiledForward(forward)
+    return forward
+
+
+def flush_denormals(on: bool) -> bool:
+    """Set whether denormal floats flush to zero and return the previous setting (to restore).
+
+    Tiny gradients and Adam moments (e.g. a run that does not learn) turn into denormals, which
+    are ~3x slower on CPU (measured): a run flushes them while it trains (``train.flush_denormals``,
+    recorded in the protocol, so runs stay exact), then puts back what it found. Torch has no getter
+    for the setting, so it is read by its effect: a product that is a denormal, or zero when flushed.
+    """
+    previous = bool((torch.tensor([1e-30]) * torch.tensor([1e-10])).item() == 0.0)
+    torch.set_flush_denormal(on)
+    return previous
+
+
+def make_optimizer(protocol: Protocol, model: Transformer) -> torch.optim.Optimizer:
+    t = protocol.train
+    return torch.optim.Adam(model.parameters(), lr=t.lr, betas=t.betas, eps=t.eps,
+                            weight_decay=t.weight_decay, fused=t.fused or None)
+
+
+def make_update(protocol: Protocol, forward: Forward, model: Transformer,
+                optimizer: torch.optim.Optimizer) -> Callable[[Batch, int], torch.Tensor]:
+    """One training step, ``update(batch, step) -> loss``; the parameters are updated only when
+    the loss is finite (the caller then stops the run). Planned runs take
+    :class:`~optolab.training.compiled_step.CompiledStep` (forward and backward in one graph)."""
+    if isinstance(forward, CompiledForward):
+        return CompiledStep(protocol, forward, model, optimizer)
+
+    def update(batch: Batch, step: int) -> torch.Tensor:
+        logits, _ = forward(model, batch, step=step, training=True)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+        if not math.isfinite(loss.item()):
+            return loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        forward.after_backward(model, step)
+        if protocol.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), protocol.train.grad_clip)
+        optimizer.step()
+        forward.after_update(model, step)
+        return loss
+
+    return update
+
+
+def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None,
+          progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train (or resume) ``protocol`` into run directory ``out``.
+
+    ``stop_after`` ends the loop early after that step's checkpoint/eval, as a kill would
+    (used by tests of resumption); the run is then left unfinished.
+    """
+    task = make_task(protocol.task)
+    cfg = protocol.model_config_for(task)
+    forward = forward or make_forward(protocol, task, cfg)
+    if protocol.train.compile:
+        fresh_caches()
+    book = RunBook(protocol, out, task, cfg, forward)
+    model = build_model(cfg, protocol.seeds.init)
+    optimizer = make_optimizer(protocol, model)
+    total, bs = book.total, book.bs
+    step = start = book.start(model, optimizer)
+    update = make_update(protocol, forward, model, optimizer)  # after start: it holds the optimizer's state
+
+    bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
+               desc=protocol.name, mininterval=0.5)
+    model.train()
+    restore = flush_denormals(protocol.train.flush_denormals)
+    try:
+        while True:
+            if book.at_step(step, model, optimizer):
+                bar.set_postfix({f"{task.main_split} loss": f"{book.last_loss:.3f}"}, refresh=False)
+            if step >= total or (stop_after is not None and step >= stop_after):
+                break
+            loss = update(task.train_batch(protocol.seeds.data, step, bs), step)
+            book.check_loss(step, loss)
+            book.add_loss(loss)
+            step += 1
+            bar.update(1)
+    except KeyboardInterrupt:
+        book.interrupted(step)
+        raise
+    finally:
+        bar.close()
+        torch.set_flush_denormal(restore)
+    summary = book.finish(step)
+    return TrainResult(book.run, model, task, summary)
