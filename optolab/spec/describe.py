@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from optolab.clamps.describe import describe_clamp
+from optolab.measures.registry import active
 from optolab.model.hooks import dry_run
 from optolab.model.transformer import Transformer, build_model
 from optolab.spec.protocol import Protocol, Schedule
@@ -43,8 +44,7 @@ def describe_protocol(p: Protocol) -> list[str]:
         f"Checkpoints: {_schedule(t.checkpoints.schedule, t.batch_size, len(p.checkpoint_steps()))}"
         + (f", keeping the newest {t.checkpoints.keep}." if t.checkpoints.keep else "."),
     ]
-    on = [k for k in ("induction_strength", "previous_token", "prefix_matching", "copying", "icl_score",
-                      "composition") if getattr(p.measures, k)]
+    on = [m.NAME for m in active(p.measures)]
     lines.append(f"Measures: {', '.join(on) or 'loss and accuracy only'} (where the task supports them).")
     if not p.clamps:
         lines.append("Clamps: none — every activation is left as the model computes it.")

@@ -20,23 +20,20 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SerializeAsAny, model_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, SerializeAsAny, model_validator
 
 from optolab.clamps.plan import Plan, plan_clamps
 from optolab.clamps.kind import ClampSpec
 from optolab.clamps.registry import validate_clamps
+from optolab.core.schedule import Schedule, Strict
+from optolab.measures.registry import measures_spec
 from optolab.model.config import ModelConfig
-from optolab.core.counts import Count, PosCount, Seed
+from optolab.core.counts import PosCount, Seed
 from optolab.core.errors import SpecError
 from optolab.tasks import Task, TaskSpec, validate_task_spec
 
 
-MAX_SCHEDULE_POINTS = 100_000
 MAX_PARAMS = 1_000_000_000  # parameters in the blocks; 16 GiB with Adam's two moments and grads
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(Strict):
@@ -71,44 +68,6 @@ class ModelSpec(Strict):
                             f"(over {MAX_PARAMS:.0e}; with Adam that is {16 * self.n_layers * block / 2**30:.0f} GiB).",
                             "optolab trains small models: check n_layers, d_model, n_heads and d_head for a typo.")
         return self
-
-
-class DenseStage(Strict):
-    until: PosCount
-    every: PosCount
-
-
-class Schedule(Strict):
-    unit: Literal["sequences", "steps"] = "sequences"
-    every: PosCount = 10_000
-    dense: list[DenseStage] = Field(default_factory=list, description="denser cadence early on")
-    at: list[Count] = Field(default_factory=list, description="extra points")
-
-    def steps(self, batch_size: int, total_steps: int, field: str) -> list[int]:
-        """The sorted steps at which this schedule fires (always 0 and ``total_steps``)."""
-        from optolab.core.errors import OptolabError
-
-        per = batch_size if self.unit == "sequences" else 1
-        end = total_steps * per
-        stages = [(s.until, s.every) for s in self.dense] + [(end, self.every)]
-        n_points = sum(min(until, end) // every for until, every in stages)
-        if n_points > MAX_SCHEDULE_POINTS:
-            raise OptolabError(
-                f"this schedule would fire about {n_points:,} times over {end:,} {self.unit}.",
-                field=f"{field}.every", fix=f"use a larger 'every' (at most {MAX_SCHEDULE_POINTS:,} points).")
-        points = {0, end}
-        start = 0  # each stage fires at multiples of its own cadence, from where the last ended
-        for stage in sorted(self.dense, key=lambda s: s.until):
-            points.update(p for p in range(0, min(stage.until, end) + 1, stage.every) if p >= start)
-            start = stage.until
-        points.update(p for p in range(0, end + 1, self.every) if p >= start)
-        for i, p in enumerate(self.at):
-            if p > end:
-                raise OptolabError(
-                    f"point {p} {self.unit} is past the end of training ({end} {self.unit}).",
-                    field=f"{field}.at.{i}", fix=f"use points <= {end} or train longer.")
-            points.add(p)
-        return sorted({math.ceil(p / per) for p in points})
 
 
 class Checkpoints(Strict):
@@ -158,18 +117,7 @@ class Seeds(Strict):
     eval: Seed = Field(1, description="fixed evaluation sets (keep fixed across seeds)")
 
 
-class MeasuresSpec(Strict):
-    schedule: Schedule = Field(default_factory=Schedule)
-    eval_sequences: PosCount = Field(1000, description="sequences per eval split")
-    probe_sequences: PosCount = Field(10, description="sequences per Olsson probe (prefix matching, copying)")
-    induction_strength: bool = True
-    previous_token: bool = True
-    prefix_matching: bool = True
-    lagged_prefix_matching: bool = Field(True, description="also the best score over target keys shifted by 0..max_lag")
-    max_lag: int = Field(8, ge=0, le=64)
-    copying: bool = True
-    icl_score: bool = True
-    composition: bool = True
+MeasuresSpec = measures_spec()  # schedule, eval set size, and each registered measure's switch and options
 
 
 class Protocol(Strict):
@@ -180,7 +128,7 @@ class Protocol(Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec
     seeds: Seeds = Field(default_factory=Seeds)
-    measures: MeasuresSpec = Field(default_factory=MeasuresSpec)
+    measures: MeasuresSpec = Field(default_factory=MeasuresSpec)  # type: ignore[valid-type]
     # validated by each kind's own class (found by kind: clamps/registry.py) in _clamps below
     clamps: list[SerializeAsAny[ClampSpec]] = Field(default_factory=list)
     conditions: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+$")], list[SerializeAsAny[ClampSpec]]] = Field(

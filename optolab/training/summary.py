@@ -17,7 +17,7 @@ import math
 
 import pandas as pd
 
-from optolab.measures.evaluate import icl_score_positions
+from optolab.measures.builtin.icl_score import icl_score_positions
 from optolab.measures.phase import detect
 from optolab.spec.protocol import Protocol
 from optolab.tasks import Task
