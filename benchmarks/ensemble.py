@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from optolab.training.ensemble import train_ensemble
-from optolab.spec.loader import load_protocol, validate_protocol
+from optolab.protocol.loader import load_protocol, validate_protocol
 from optolab.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

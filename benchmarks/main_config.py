@@ -10,9 +10,9 @@ from pathlib import Path
 
 from optolab.model.forward import Forward
 from optolab.training.trainer import make_forward
-from optolab.spec.loader import load_protocol
+from optolab.protocol.loader import load_protocol
 from optolab.model.transformer import Transformer, build_model
-from optolab.spec.protocol import Protocol
+from optolab.protocol.schema import Protocol
 from optolab.tasks import make_task
 from optolab.training.trainer import make_optimizer, make_update
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from optolab.training.trainer import make_forward
-from optolab.spec.loader import load_protocol
+from optolab.protocol.loader import load_protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from optolab.spec.loader import validate_protocol
+    from optolab.protocol.loader import validate_protocol
     from optolab.tasks import make_task
     from optolab.training.trainer import train
 

@@ -15,7 +15,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 _LAZY = {"Run": "optolab.api", "open_run": "optolab.api", "run": "optolab.api",
-         "load_protocol": "optolab.spec.loader", "OptolabError": "optolab.core.errors"}
+         "load_protocol": "optolab.protocol.loader", "OptolabError": "optolab.core.errors"}
 __all__ = ["OptolabError", "Run", "__version__", "load_protocol", "open_run", "run"]
 
 

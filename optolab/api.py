@@ -13,6 +13,6 @@
 """
 
 from optolab.experiments.runs import Run, default_out, open_run, run
-from optolab.spec.loader import load_protocol
+from optolab.protocol.loader import load_protocol
 
 __all__ = ["Run", "default_out", "load_protocol", "open_run", "run"]

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     import torch
 
-    from optolab.spec.loader import load_protocol
+    from optolab.protocol.loader import load_protocol
 
     if args.command in ("run", "validate") and _is_toy(args.protocol):
         return _toy(args)
@@ -118,7 +118,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         import yaml
 
-        from optolab.spec.describe import describe_protocol
+        from optolab.protocol.describe import describe_protocol
 
         protocol = load_protocol(args.protocol, seed=args.seed)
         print("\n".join(describe_protocol(protocol)))
@@ -127,7 +127,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(protocol.resolved(), sort_keys=False), end="")
         return 0
     if args.command == "sites":
-        from optolab.spec.describe import site_shapes
+        from optolab.protocol.describe import site_shapes
 
         protocol = load_protocol(args.protocol)
         rows = site_shapes(protocol)
@@ -196,7 +196,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _is_toy(path: str) -> bool:
-    from optolab.spec.loader import read_yaml
+    from optolab.protocol.loader import read_yaml
 
     data, _ = read_yaml(path, "protocol")
     return data.get("kind") == "toy_tensor"
@@ -220,7 +220,7 @@ def _toy(args: argparse.Namespace) -> int:
 
 def _load_task(path: str):
     """A task from a task spec YAML, or from a protocol (its ``task:``)."""
-    from optolab.spec.loader import load_protocol, read_yaml
+    from optolab.protocol.loader import load_protocol, read_yaml
     from optolab.tasks import make_task
     from optolab.testing.contract import as_task
 

@@ -128,7 +128,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from optolab.core.errors import OptolabError  # noqa: E402
-from optolab.spec.loader import validate_protocol  # noqa: E402
+from optolab.protocol.loader import validate_protocol  # noqa: E402
 from tests.conftest import repeat_protocol  # noqa: E402
 
 ODD_VALUES = st.one_of(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import save_file
 
-from optolab.spec.loader import validate_protocol
+from optolab.protocol.loader import validate_protocol
 from optolab.training.trainer import train
 from tests.conftest import ROOT, fewshot_protocol, repeat_protocol, write_protocol
 from optolab.cli import main
@@ -149,8 +149,8 @@ def test_evaluate_applies_conditions_to_a_checkpoint(tmp_path, capsys):
 
 
 def test_freeze_description_keeps_thousands_in_the_window():
-    from optolab.spec.describe import describe_protocol
-    from optolab.spec.loader import load_protocol
+    from optolab.protocol.describe import describe_protocol
+    from optolab.protocol.loader import load_protocol
 
     p = load_protocol(ROOT / "protocols" / "bietti2023" / "triggers_frozen.yaml")
     text = "\n".join(describe_protocol(p))

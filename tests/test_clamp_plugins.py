@@ -11,7 +11,7 @@ import pytest
 from optolab.clamps import registry
 from optolab.cli import main
 from optolab.core.errors import OptolabError
-from optolab.spec.loader import load_protocol, protocol_from_resolved, validate_protocol
+from optolab.protocol.loader import load_protocol, protocol_from_resolved, validate_protocol
 from optolab.training.trainer import train
 
 from .conftest import ROOT, fewshot_protocol, write_protocol

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import optolab
 from optolab.api import open_run
-from optolab.spec.loader import validate_protocol
+from optolab.protocol.loader import validate_protocol
 from optolab.training.trainer import train
-from tests.conftest import fewshot_protocol
+from tests.conftest import fewshot_protocol, write_protocol
 from tests.test_clamps import P0, setup
 
 PREV = {"kind": "set", "site": "pattern0", "heads": [1], "to": "previous_token"}
@@ -137,3 +138,16 @@ def test_perfect_match_clamp_speeds_learning(tmp_path):
         loss[tag] = main
     assert loss["match"].loc[60] < 0.5 * loss["none"].loc[60]
     assert loss["match"].iloc[-1] < loss["match"].iloc[0]
+
+
+def test_a_run_plans_its_clamps_once(tmp_path, monkeypatch):
+    # validation plans, and training, evaluation and the figures reuse that plan
+    from optolab.protocol import schema
+
+    calls = []
+    real = schema.plan_clamps
+    monkeypatch.setattr(schema, "plan_clamps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = fewshot_protocol(steps=10)
+    data["clamps"] = [{"kind": "ablate", "site": "v1", "heads": [0]}]
+    optolab.run(write_protocol(tmp_path, data), tmp_path / "run", progress=False)
+    assert len(calls) == 1

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from optolab.clamps.values import previous_token_pattern
 from optolab.model.forward import PlainForward
 from optolab.training.trainer import make_forward
-from optolab.spec.loader import validate_protocol
+from optolab.protocol.loader import validate_protocol
 from optolab.model.transformer import build_model
 from optolab.tasks import make_task
 from tests.conftest import fewshot_protocol, repeat_protocol

@@ -79,7 +79,7 @@ def test_a_run_killed_at_random_points_resumes_to_bit_identical_metrics(tmp_path
     assert len(json.loads((out / "meta.json").read_text())["segments"]) >= kills
 
     from optolab.api import run
-    from optolab.spec.loader import load_protocol
+    from optolab.protocol.loader import load_protocol
 
     run(load_protocol(path), tmp_path / "solo", progress=False)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "metrics.parquet"),

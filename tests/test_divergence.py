@@ -72,7 +72,7 @@ def test_the_python_api_raises_run_failed_at_the_first_step(tmp_path):
     import pytest
 
     from optolab.core.errors import RunFailed
-    from optolab.spec.loader import validate_protocol
+    from optolab.protocol.loader import validate_protocol
     from optolab.training.trainer import train
 
     with pytest.raises(RunFailed, match="the training loss is nan at step 1"):

@@ -12,7 +12,7 @@ import pytest
 
 from optolab.clamps.union import pass_signature
 from optolab.training.ensemble import condition_key, pack_key, train_ensemble, why_not_packable
-from optolab.spec.loader import validate_protocol
+from optolab.protocol.loader import validate_protocol
 from optolab.training.trainer import train
 
 from .conftest import fewshot_protocol

@@ -20,7 +20,7 @@ LAYERS = {  # package (or top-level module) -> layer; a module may import only l
     "tasks": 1,
     "model": 2,
     "clamps": 3, "measures": 3,
-    "spec": 4,
+    "protocol": 4,
     "training": 5,
     "experiments": 6, "testing": 6,
     "top": 7,  # optolab/__init__.py, __main__.py, api.py, cli.py
@@ -130,7 +130,7 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("source, expected", [
     ("from optolab.clamps.engine import ClampForward\n", {"optolab.clamps.engine"}),
     ("def f():\n    from optolab.training import trainer\n", {"optolab.training", "optolab.training.trainer"}),
-    ("import optolab.spec.loader as loader\n", {"optolab.spec.loader"}),
+    ("import optolab.protocol.loader as loader\n", {"optolab.protocol.loader"}),
 ])
 def test_imports_inside_functions_count(source, expected):
     # the walker must see what a reader sees, wherever the import sits

@@ -27,7 +27,7 @@ def _install(site):
 
 
 def _train(protocol, out, *, site=None, stop_after=None) -> subprocess.CompletedProcess:
-    code = ("import sys; from optolab.spec.loader import load_protocol; from optolab.training.trainer import train; "
+    code = ("import sys; from optolab.protocol.loader import load_protocol; from optolab.training.trainer import train; "
             f"train(load_protocol({str(protocol)!r}), {str(out)!r}, progress=False, stop_after={stop_after!r})")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site or ""), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

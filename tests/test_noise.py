@@ -13,7 +13,7 @@ from torch.func import vmap
 
 from optolab.clamps.rng import call_key, normal
 from optolab.core.errors import OptolabError
-from optolab.spec.loader import validate_protocol
+from optolab.protocol.loader import validate_protocol
 from optolab.training.ensemble import train_ensemble
 from optolab.training.trainer import train
 
@@ -110,7 +110,7 @@ def test_ensemble_members_draw_their_solo_runs_noise(tmp_path, compiled):
 
 def test_relative_noise_scales_with_the_activation():
     from optolab.clamps.values import PassContext
-    from optolab.spec.protocol import Protocol
+    from optolab.protocol.schema import Protocol
 
     p = _protocol(clamps=[{"kind": "noise", "site": "resid_post0", "sigma": 0.1, "relative": True}])
     plan = p.clamp_plan(*_task_cfg(p))

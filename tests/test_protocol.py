@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from optolab.spec.loader import load_protocol, validate_protocol
-from optolab.spec.protocol import Schedule
+from optolab.protocol.loader import load_protocol, validate_protocol
+from optolab.protocol.schema import Schedule
 from tests.conftest import ROOT, fewshot_protocol, write_protocol
 
 
@@ -72,7 +72,7 @@ def test_a_schedule_that_would_fire_absurdly_often_is_refused():
 def test_readme_clamp_example_validates_and_is_described_as_documented(capsys):
     import yaml
 
-    from optolab.spec.describe import describe_protocol
+    from optolab.protocol.describe import describe_protocol
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## A clamp", 1)[1]

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from optolab.core.errors import OptolabError
-from optolab.spec.loader import load_protocol, validate_protocol
+from optolab.protocol.loader import load_protocol, validate_protocol
 
 from .conftest import fewshot_protocol
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from optolab.api import run
-from optolab.spec.loader import load_protocol
+from optolab.protocol.loader import load_protocol
 
 from .conftest import write_protocol
 

@@ -11,7 +11,7 @@ import yaml
 
 from optolab.cli import main
 from optolab.core.errors import OptolabError
-from optolab.spec.loader import load_protocol, protocol_from_resolved
+from optolab.protocol.loader import load_protocol, protocol_from_resolved
 from optolab.tasks import registry
 
 from .conftest import ROOT, write_protocol

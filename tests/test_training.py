@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import optolab
-from optolab.spec.loader import protocol_from_resolved, validate_protocol
+from optolab.protocol.loader import protocol_from_resolved, validate_protocol
 from optolab.training.trainer import train
 from tests.conftest import fewshot_protocol, repeat_protocol
 

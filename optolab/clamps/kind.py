@@ -41,7 +41,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import torch
@@ -135,7 +134,6 @@ class PlanContext:
     shapes: dict[str, tuple[int, ...]]  # every site's shape, in forward order
     task: Any
     cfg: Any  # ModelConfig
-    base_dir: Path | None
     planned: list[Planned] = field(default_factory=list)  # the clamps before this one
 
     @property

@@ -17,14 +17,13 @@ Rules:
   covers the final evaluation.
 - At most one clamp defines the model's output (``perfect_copy``, ``layer_clamp`` with
   ``copy_head``).
-- A run plans once: the protocol keeps its plan (:meth:`~optolab.spec.protocol.Protocol.clamp_plan`).
+- A run plans once: the protocol keeps its plan (:meth:`~optolab.protocol.schema.Protocol.clamp_plan`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from optolab.clamps.kind import Planned, PlanContext, When
 from optolab.clamps.sites import resolve_positions, site_info
@@ -76,13 +75,13 @@ def _window(i: int, spec, bs: int, total: int) -> tuple[int, int]:
     return start, stop
 
 
-def plan_clamps(protocol, task: Task, cfg, base_dir: Path | None = None) -> Plan:
+def plan_clamps(protocol, task: Task, cfg) -> Plan:
     """Check every clamp against the model and task and return the plan (raises OptolabError)."""
     bs, total = protocol.train.batch_size, protocol.train.total_steps
     model = build_model(cfg, 0)
     batch = task.train_batch(0, 0, 2)
     shapes = dry_run(model, batch)
-    ctx = PlanContext(model, batch, shapes, task, cfg, base_dir)
+    ctx = PlanContext(model, batch, shapes, task, cfg)
     plan = Plan(site_order={n: k for k, n in enumerate(shapes)}, total_steps=total, batch_size=bs,
                 exemplar_label=ctx.exemplar_label)
     outputs = []  # clamps that define the logits

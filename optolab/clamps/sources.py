@@ -31,14 +31,13 @@ def _err(i: int, field: str, message: str, fix: str) -> OptolabError:
     return OptolabError(message, field=f"clamps.{i}.{field}", fix=fix)
 
 
-def _path(p: str, base_dir: Path | None) -> Path:
-    path = Path(p).expanduser()
-    return path if path.is_absolute() or base_dir is None else base_dir / path
+def _path(p: str) -> Path:
+    return Path(p).expanduser()
 
 
-def checkpoint_file(i: int, source: str, step: int | None, base_dir: Path | None) -> tuple[Path, Path | None]:
+def checkpoint_file(i: int, source: str, step: int | None) -> tuple[Path, Path | None]:
     """``(weights file, run directory or None)`` for a clamp's ``source``."""
-    p = _path(source, base_dir)
+    p = _path(source)
     if p.is_dir():
         steps = list_checkpoints(p / "checkpoints")
         if not steps:
@@ -61,8 +60,8 @@ def checkpoint_file(i: int, source: str, step: int | None, base_dir: Path | None
     return p, run_dir if (run_dir / "protocol.yaml").is_file() else None
 
 
-def load_frozen_model(i: int, spec, cfg, batch, shapes: dict, base_dir: Path | None) -> Transformer:
-    weights, run_dir = checkpoint_file(i, spec.source, spec.step, base_dir)
+def load_frozen_model(i: int, spec, cfg, batch, shapes: dict) -> Transformer:
+    weights, run_dir = checkpoint_file(i, spec.source, spec.step)
     other_cfg = cfg
     recorded = _recorded_config(run_dir) if run_dir is not None else None
     if recorded is not None:
@@ -96,8 +95,8 @@ def _recorded_config(run_dir: Path) -> ModelConfig | None:
         return None
 
 
-def load_param_values(i: int, spec, model: Transformer, base_dir: Path | None) -> dict[str, Tensor]:
-    weights, _ = checkpoint_file(i, spec.source, spec.step, base_dir)
+def load_param_values(i: int, spec, model: Transformer) -> dict[str, Tensor]:
+    weights, _ = checkpoint_file(i, spec.source, spec.step)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
@@ -111,8 +110,8 @@ def load_param_values(i: int, spec, model: Transformer, base_dir: Path | None) -
     return {spec.param: theirs.clone()}
 
 
-def load_tensor_file(i: int, file: str, base_dir: Path | None, site_shape: tuple[int, ...]) -> Tensor:
-    p = _path(file, base_dir)
+def load_tensor_file(i: int, file: str, site_shape: tuple[int, ...]) -> Tensor:
+    p = _path(file)
     if p.suffix != ".safetensors" or not p.is_file():
         raise _err(i, "file", f"'{file}' is not an existing .safetensors file.",
                    "save the tensor with safetensors.torch.save_file({'value': t}, 'x.safetensors').")

@@ -11,9 +11,11 @@ Rules:
   tensor; under ``vmap`` each member's own). ``where`` selects, it does not mix: a member's
   activations, logits and loss are exactly those of its solo program, and another condition's
   op sends it exactly zero gradient.
-- A clamp that every condition has (same spec but the name, same window), at a site no other
-  op of any condition touches, acts once, ungated, in every pass but the clean one (T4's
-  single-head ablation in all six conditions).
+- A clamp of a shareable kind (:attr:`~optolab.clamps.kind.ClampSpec.shareable`) that every
+  condition has (same spec but the name, same window), at a site no other op of any condition
+  touches, acts once, ungated, in every pass but the clean one (T4's single-head ablation in all
+  six conditions). Kinds that prepare inputs, record, or draw random numbers per clamp index are
+  not shareable.
 - Records and saves are not gated. A record's key names its pass and site, and it sits after
   every write at its site, so two conditions' records of one key hold the same value.
 - A pass that a member's own program lacks still runs for it, and nothing reads it: that is the
@@ -24,7 +26,8 @@ Rules:
   exactly the solo program under ``vmap``.
 - Saves (evaluations) sit at the end of each condition's last pass, gated: a member keeps the
   values of its own program's last pass (:func:`gated_save`).
-- Grafts and freezes are not supported (such runs are never packed: :mod:`optolab.training.ensemble`).
+- Kinds that declare themselves unpackable (``graft``, ``freeze``) never reach a union
+  (:func:`optolab.training.ensemble.why_not_packable`).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def train_one(protocol_data: dict, out: str) -> str:
     import torch
 
     from optolab.experiments.runs import run
-    from optolab.spec.loader import validate_protocol
+    from optolab.protocol.loader import validate_protocol
 
     torch.set_num_threads(1)
     run(validate_protocol(protocol_data), out, progress=False)
@@ -56,7 +56,7 @@ def train_job(members: list[tuple[dict, str]]) -> dict[str, str]:
     from optolab.experiments.runs import open_run
     from optolab.training.ensemble import train_ensemble
     from optolab.core.errors import RunFailed
-    from optolab.spec.loader import validate_protocol
+    from optolab.protocol.loader import validate_protocol
 
     if len(members) == 1:
         return {train_one(*members[0]): "done"}

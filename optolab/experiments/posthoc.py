@@ -23,8 +23,8 @@ from optolab.core.errors import OptolabError
 from optolab.model.forward import PlainForward
 from optolab.measures.evaluate import EvalSet, evaluate
 from optolab.model.transformer import build_model
-from optolab.spec.conditions import condition_protocols, plan_condition
-from optolab.spec.protocol import Protocol
+from optolab.protocol.conditions import condition_protocols, plan_condition
+from optolab.protocol.schema import Protocol
 from optolab.tasks import make_task
 
 

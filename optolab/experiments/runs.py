@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from optolab.model.checkpoint import list_checkpoints, load_weights, stem
 from optolab.core.errors import OptolabError
 from optolab.training.trainer import make_forward
-from optolab.spec.loader import load_protocol, protocol_from_resolved
+from optolab.protocol.loader import load_protocol, protocol_from_resolved
 from optolab.model.transformer import Transformer, build_model
-from optolab.spec.protocol import Protocol
+from optolab.protocol.schema import Protocol
 from optolab.training.rundir import RunDir
 from optolab.tasks import IGNORE, Batch, Task, make_task
 from optolab.training.trainer import train
@@ -27,12 +27,13 @@ from optolab.training.trainer import train
 class Run:
     """A run directory, opened: protocol, metrics, summary, checkpoints and the model."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, protocol: Protocol | None = None) -> None:
+        """``protocol``: the run's own, already loaded (and planned), when the caller has it."""
         self.dir = RunDir(path)
         if not self.dir.protocol.is_file():
             raise OptolabError(f"'{path}' is not a run directory (no protocol.yaml).", field="RUN_DIR",
                                fix="pass a folder written by `optolab run`.")
-        self.protocol: Protocol = protocol_from_resolved(self.dir.protocol)
+        self.protocol: Protocol = protocol if protocol is not None else protocol_from_resolved(self.dir.protocol)
 
     @property
     def path(self) -> Path:
@@ -153,7 +154,7 @@ def run(protocol: Protocol | str | Path, out: str | Path | None = None, *, seed:
                                field="--out", fix="choose another folder.")
         shutil.rmtree(out)
     train(protocol, out, progress=progress)
-    result = Run(out)
+    result = Run(out, protocol)  # the protocol that trained: its clamps are planned already
     if plots:
         result.plot()
     return result

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from optolab.core.counts import Seed
 from optolab.core.errors import OptolabError, SpecError, from_validation_error, lookup_line
-from optolab.spec.protocol import Protocol
+from optolab.protocol.schema import Protocol
 from optolab.training.rundir import write_atomic
 
 
@@ -122,7 +122,7 @@ def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: di
            ) -> dict[str, SweepRun]:
     """``run id -> SweepRun`` for every condition × grid point × seed, each validated. Errors
     name the sweep file (``source``) and the sweep field that caused them."""
-    from optolab.spec.loader import load_protocol
+    from optolab.protocol.loader import load_protocol
 
     fields = list(spec.grid)
     runs: dict[str, SweepRun] = {}
@@ -153,7 +153,7 @@ def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: di
 
 
 def _validate(data: dict, run_id: str, overrides: dict, source: str | None, lines: dict | None) -> Protocol:
-    from optolab.spec.loader import validate_protocol
+    from optolab.protocol.loader import validate_protocol
 
     try:
         return validate_protocol(data)
@@ -169,7 +169,7 @@ def _validate(data: dict, run_id: str, overrides: dict, source: str | None, line
 
 
 def load_sweep(path: str | Path) -> tuple[SweepSpec, dict[str, SweepRun]]:
-    from optolab.spec.loader import read_yaml
+    from optolab.protocol.loader import read_yaml
 
     data, lines = read_yaml(path, "sweep file")
     data = {"name": Path(path).stem, **data}

@@ -100,7 +100,7 @@ def load_toy(path: str | Path) -> ToyProtocol:
     from pydantic import ValidationError
 
     from optolab.core.errors import from_validation_error
-    from optolab.spec.loader import read_yaml
+    from optolab.protocol.loader import read_yaml
 
     data, lines = read_yaml(path, "protocol")
     data = {"name": Path(path).stem, **data}

@@ -1,6 +1,6 @@
 """The model's shape: a small frozen dataclass of the fields the model actually reads.
 
-A protocol's ``model:`` section (see :mod:`optolab.spec.protocol`) chooses the architecture; the task
+A protocol's ``model:`` section (see :mod:`optolab.protocol.schema`) chooses the architecture; the task
 fills in what only it knows (input mode, context length, vocabulary or exemplar dimension, and
 the output size). :func:`ModelConfig.validate` is where impossible shapes are refused.
 """

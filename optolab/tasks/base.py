@@ -52,7 +52,7 @@ class TaskSpec(BaseModel):
 
     def static_bytes(self) -> int:
         """Memory the task allocates up front (exemplar banks, tables): checked by
-        :mod:`optolab.spec.footprint` before the task is built. 0 when nothing large."""
+        :mod:`optolab.protocol.footprint` before the task is built. 0 when nothing large."""
         return 0
 
 

@@ -52,7 +52,7 @@ def as_task(task_or_spec: Any) -> Task:
     if isinstance(task_or_spec, Task):
         return task_or_spec
     if isinstance(task_or_spec, (str, Path)):
-        from optolab.spec.loader import read_yaml
+        from optolab.protocol.loader import read_yaml
 
         data, lines = read_yaml(task_or_spec, "task spec")
         return make_task(validate_task_spec(data, field="", source=str(task_or_spec), lines=lines))

@@ -3,9 +3,12 @@
 Rules:
 - Same protocol semantics as the clamp engine: the same :class:`~optolab.clamps.engine.Program`
   (passes, sites in forward order, ops in protocol order) built by the same engine, applied at
-  the same hook points. Only the mechanism differs: each site has one permanent forward hook
-  (:class:`SiteDispatch`) that does nothing until a program call sets the ops of the pass being
-  run; the whole program (every pass, plus the copy head's logits) is one compiled graph.
+  the same hook points. Only the mechanism differs: each site the run's programs touch has one
+  site hook (:class:`~optolab.model.hooks.SiteHooks`, through :class:`SiteDispatch`) that does
+  nothing until a program call sets the ops of the pass being run; the whole program (every
+  pass, plus the copy head's logits) is one compiled graph. Per-head attention results are
+  computed only in layers whose ``hook_result`` a clamp touches.
+- The call's random key (:mod:`optolab.clamps.rng`) is an input of the graph, made outside it.
 - What is compiled: every forward of the run. Evaluations call :class:`CompiledForward` (which
   saves the activations measures read through the same dispatch, ``save`` ops last at their
   site, as the engine orders them); a training step compiles its forward, loss and backward as

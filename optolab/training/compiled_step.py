@@ -41,7 +41,7 @@ from optolab.training.compiled import (
     compile_fn,
     unused_parameters,
 )
-from optolab.spec.protocol import Protocol
+from optolab.protocol.schema import Protocol
 from optolab.tasks import IGNORE
 from optolab.tasks.base import Batch
 

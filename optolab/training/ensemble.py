@@ -63,7 +63,7 @@ from optolab.core.errors import RunFailed
 from optolab.model.forward import Forward
 from optolab.model.kernels import PLAIN_KERNELS
 from optolab.model.transformer import build_model
-from optolab.spec.protocol import Protocol
+from optolab.protocol.schema import Protocol
 from optolab.training.runbook import RunBook
 from optolab.tasks import IGNORE, make_task
 from optolab.tasks.base import Batch

@@ -29,7 +29,7 @@ from optolab.model.checkpoint import list_checkpoints, load_checkpoint, prune, s
 from optolab.core.errors import OptolabError, RunFailed
 from optolab.model.forward import Forward
 from optolab.measures.evaluate import EvalSet, evaluate
-from optolab.spec.protocol import Protocol
+from optolab.protocol.schema import Protocol
 from optolab.training.rundir import RunDir, environment
 from optolab.training.summary import summarize
 from optolab.tasks import Task

@@ -19,7 +19,7 @@ import pandas as pd
 
 from optolab.measures.builtin.icl_score import icl_score_positions
 from optolab.measures.phase import detect
-from optolab.spec.protocol import Protocol
+from optolab.protocol.schema import Protocol
 from optolab.tasks import Task
 
 THRESHOLDS = {"0.5": 0.5, "0.277": 0.4 * math.log(2)}

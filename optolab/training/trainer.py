@@ -32,7 +32,7 @@ from optolab.training.compiled import CompiledForward, fresh_caches, require_com
 from optolab.training.compiled_step import CompiledStep
 from optolab.model.forward import Forward, PlainForward
 from optolab.model.transformer import Transformer, build_model
-from optolab.spec.protocol import Protocol
+from optolab.protocol.schema import Protocol
 from optolab.training.runbook import RunBook
 from optolab.training.rundir import RunDir
 from optolab.tasks import IGNORE, Task, make_task
@@ -49,7 +49,7 @@ class TrainResult:
 
 def make_forward(protocol, task, cfg) -> Forward:
     """The Forward a protocol needs: plain without clamps, else the clamp engine with the
-    protocol's clamp plan (made once per protocol: :meth:`~optolab.spec.protocol.Protocol.clamp_plan`); with ``train.compile`` every call goes through
+    protocol's clamp plan (made once per protocol: :meth:`~optolab.protocol.schema.Protocol.clamp_plan`); with ``train.compile`` every call goes through
     :class:`optolab.training.compiled.CompiledForward`."""
     forward: Forward = PlainForward()
     if protocol.clamps:

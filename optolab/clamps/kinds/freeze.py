@@ -55,7 +55,7 @@ class Freeze(ClampSpec):
         heads = ctx.check_heads(i, self.heads)
         if heads is not None and param_head_axis(self.param) is None:
             raise ctx.error(i, "heads", f"'{self.param}' has no head axis.", "remove 'heads' to freeze it whole.")
-        values = load_param_values(i, self, ctx.model, ctx.base_dir) if self.source else None
+        values = load_param_values(i, self, ctx.model) if self.source else None
         return Planned(i, self, when, heads=heads, data=values)
 
     def _index(self, c: Planned, p: torch.Tensor) -> tuple:

@@ -25,7 +25,7 @@ class Graft(SiteClamp):
     step: Count | None = Field(None, description="checkpoint step in a run directory (default: the last)")
 
     def load(self, i: int, ctx: PlanContext, c: Planned) -> Any:
-        return load_frozen_model(i, self, ctx.cfg, ctx.batch, ctx.shapes, ctx.base_dir)
+        return load_frozen_model(i, self, ctx.cfg, ctx.batch, ctx.shapes)
 
     def prepare(self, c: Planned, batch) -> Tensor:
         _, got = PlainForward()(c.data, batch, save=[c.site.name])

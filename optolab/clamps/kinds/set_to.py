@@ -66,7 +66,7 @@ class SetTo(SiteClamp):
 
     def load(self, i: int, ctx: PlanContext, c: Planned) -> Any:
         if self.to == "file":
-            return load_tensor_file(i, self.file, ctx.base_dir, ctx.shapes[c.site.name])
+            return load_tensor_file(i, self.file, ctx.shapes[c.site.name])
         return None
 
     def fill(self, c: Planned):

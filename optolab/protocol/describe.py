@@ -8,7 +8,7 @@ from optolab.clamps.describe import describe_clamp
 from optolab.measures.registry import active
 from optolab.model.hooks import dry_run
 from optolab.model.transformer import Transformer, build_model
-from optolab.spec.protocol import Protocol, Schedule
+from optolab.protocol.schema import Protocol, Schedule
 from optolab.tasks import make_task
 
 

@@ -10,7 +10,7 @@ Rules:
 from __future__ import annotations
 
 from optolab.core.errors import OptolabError
-from optolab.spec.protocol import Protocol
+from optolab.protocol.schema import Protocol
 
 
 def condition_protocols(protocol: Protocol) -> dict[str, Protocol]:

@@ -1,1 +1,0 @@
-"""Protocols: schema, loader, post-hoc conditions, footprint guard, plain-words description."""
