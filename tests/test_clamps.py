@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from optolab.clamps.values import previous_token_pattern
 from optolab.model.forward import PlainForward
-from optolab.training.trainer import make_forward
+from optolab.training.trainer import make_forward, train
 from optolab.protocol.loader import validate_protocol
 from optolab.model.transformer import build_model
 from optolab.tasks import make_task
@@ -214,3 +214,16 @@ def test_repeat_tokens_clamp_runs():
     _, _, model, fwd, batch = setup([{"kind": "set", "site": "pattern0", "to": "previous_token"}], base=repeat_protocol)
     _, saved = fwd(model, batch, step=0, training=False, save=[P0])
     assert saved[P0].shape[1] == 4 and torch.allclose(saved[P0].diagonal(-1, 2, 3), torch.tensor(1.0))
+
+
+def test_a_finished_run_leaves_no_hooks_on_its_model(tmp_path):
+    # site hooks are one mechanism with handles that are removed (hooks backend and compiled path)
+    from optolab.model.transformer import HookPoint
+
+    for engine, compiled in (("hooks", False), ("nnsight", True)):
+        data = fewshot_protocol(steps=4, clamp_engine=engine, compile=compiled)
+        data["clamps"] = [{"kind": "ablate", "site": "result1", "heads": [0]}]
+        model = train(validate_protocol(data), tmp_path / f"{engine}{compiled}", progress=False).model
+        hooked = [n for n, m in model.named_modules() if isinstance(m, HookPoint) and m._forward_hooks]
+        assert hooked == [], (engine, compiled, hooked)
+        assert all(b.attn.per_head_results for b in model.blocks)  # the flag is back to its default

@@ -38,6 +38,7 @@ from optolab.model.forward import Forward, PlainForward
 from optolab.model.hooks import SiteHooks
 from optolab.tasks.base import Batch
 
+
 def save_op(name: str) -> Op:
     def op(out: Tensor, ctx: PassContext) -> Tensor:
         ctx.saved[name] = out.detach()
@@ -224,6 +225,11 @@ class ClampForward(Forward):
         if id(p) not in steps:
             steps[id(p)] = (p, [(envoys[site], ops) for site, ops in p.steps])  # p kept alive: ids stay unique
         return nn_model, steps[id(p)][1]
+
+    def close(self) -> None:
+        if self._hooks is not None:
+            self._hooks.close()
+            self._hooks = None
 
     # --- clamps on parameters ----------------------------------------------------------------
 

@@ -177,6 +177,15 @@ class Parts:
             self.ops[pass_].append((site, rank, op))
 
 
+def record(key: tuple[str, str]) -> Op:
+    """An op that keeps the activation (with its gradient) as ``ctx.recorded[key]`` for a later op
+    or pass; ``key`` is (pass, site)."""
+    def op(out: Tensor, ctx: PassContext) -> Tensor:
+        ctx.recorded[key] = out
+        return out
+    return op
+
+
 class ClampSpec(Strict):
     """Fields every clamp has, and the engine's questions (see the module rules)."""
 

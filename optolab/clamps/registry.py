@@ -1,8 +1,8 @@
 """Finding a clamp kind's class: built-ins, entry points, or a dotted path.
 
 Rules:
-- A clamp mapping names its kind by ``kind``: a built-in (:data:`BUILTIN`, one module each under
-  :mod:`optolab.clamps.kinds`), an installed package's entry point in the group
+- A clamp mapping names its kind by ``kind``: a built-in (:data:`BUILTIN`: every module of
+  :mod:`optolab.clamps.kinds` defines one; adding a kind is adding a module), an installed package's entry point in the group
   ``optolab.clamps``, or ``package.module:Class``. ``kind`` is recorded as written, so a run
   that used a plugin kind reloads (and resumes) wherever the plugin is importable.
 - A kind class subclasses :class:`~optolab.clamps.kind.ClampSpec` (the interface and its rules
@@ -19,22 +19,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from optolab.clamps.kind import ClampSpec
-from optolab.clamps.kinds.ablate import Ablate
-from optolab.clamps.kinds.add import Add
-from optolab.clamps.kinds.freeze import Freeze
-from optolab.clamps.kinds.graft import Graft
-from optolab.clamps.kinds.layer_clamp import LayerClamp
-from optolab.clamps.kinds.noise import Noise
-from optolab.clamps.kinds.perfect_copy import PerfectCopy
-from optolab.clamps.kinds.preserve import Preserve
-from optolab.clamps.kinds.scale import Scale
-from optolab.clamps.kinds.set_to import SetTo
-from optolab.clamps.kinds.stop_gradient import StopGradient
 from optolab.core.errors import OptolabError, from_validation_error
-from optolab.core.plugins import entry_points, import_object, is_path, load_entry_point
+from optolab.core.plugins import builtins, entry_points, import_object, is_path, load_entry_point
 
-BUILTIN: dict[str, type[ClampSpec]] = {cls.KIND: cls for cls in (
-    Ablate, SetTo, Preserve, PerfectCopy, LayerClamp, Graft, Freeze, StopGradient, Scale, Add, Noise)}
+BUILTIN: dict[str, type[ClampSpec]] = builtins("optolab.clamps.kinds", ClampSpec, "KIND")
 ENTRY_POINT_GROUP = "optolab.clamps"
 
 

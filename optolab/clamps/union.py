@@ -163,6 +163,10 @@ class Conditions:
             program = self._programs[key] = build_program(self.plans[k], active, ()) if active else saving(())
         return program
 
+    def close(self) -> None:
+        for f in self.forwards:
+            f.close()
+
     def prepare(self, model, batch, step: int, training: bool, save: Sequence[str] = (),
                 seeds: tuple[int, int] | None = None) -> tuple[Program, dict]:
         """As :meth:`ClampForward.prepare <optolab.clamps.engine.ClampForward.prepare>`: the union

@@ -6,6 +6,8 @@ Rules:
 - Anything that goes wrong while importing a user's module (an ImportError, a syntax error,
   anything it raises at import) is one :class:`~optolab.core.errors.OptolabError` naming the
   field, never a traceback.
+- Built-ins are found, not listed: every module of a registry's package (``clamps/kinds/``,
+  ``measures/builtin/``) defines its class, so adding one is adding a module (:func:`builtins`).
 - Nothing is imported until a protocol asks for it.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import pkgutil
 from functools import lru_cache
 from typing import Any
 
@@ -57,3 +60,20 @@ def load_entry_point(ep: Any, field: str, what: str) -> Any:
     except Exception as e:  # as import_object: the plugin's own failure, reported in one line
         raise OptolabError(f"the entry point for {what} '{name}' fails to import ({type(e).__name__}: {e}).",
                            field=field, fix="reinstall the package that provides it.") from None
+
+
+def builtins(package: str, base: type, key: str) -> dict[str, type]:
+    """``name -> class`` for every class defined in a module of ``package`` that subclasses
+    ``base`` and names itself by the class attribute ``key``; modules in name order."""
+    pkg = importlib.import_module(package)
+    found: dict[str, type] = {}
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{package}.{info.name}")
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and issubclass(obj, base) and obj.__module__ == module.__name__
+                    and getattr(obj, key, None)):
+                name = getattr(obj, key)
+                if name in found:
+                    raise RuntimeError(f"{package}: two classes are named {name!r}")  # an optolab bug
+                found[name] = obj
+    return found

@@ -2,13 +2,14 @@
 schema made from them.
 
 Rules:
-- Built-in measures are :data:`BUILTIN` (one module each under :mod:`optolab.measures.builtin`).
+- Built-in measures are :data:`BUILTIN`: every module of :mod:`optolab.measures.builtin` defines
+  one (adding a measure is adding a module).
   An installed package adds its own with an entry point in the group ``optolab.measures``
   (``[project.entry-points."optolab.measures"] my_score = "mypkg.measures:MyScore"``); they are
   read once, when the protocol schema is built.
 - The ``measures:`` section is :class:`MeasuresBase` (schedule, eval set size) plus, per measure,
   a switch ``<NAME>: bool`` (default ``DEFAULT``) and its ``OPTIONS``. Unknown keys are errors.
-- Measures run in :data:`BUILTIN` order, then entry points by name.
+- Measures run in the order of their modules' names, then entry points by name.
 """
 
 from __future__ import annotations
@@ -20,18 +21,11 @@ from pydantic import Field, create_model
 
 from optolab.core.counts import PosCount
 from optolab.core.errors import OptolabError
-from optolab.core.plugins import entry_points, load_entry_point
+from optolab.core.plugins import builtins, entry_points, load_entry_point
 from optolab.core.schedule import Schedule, Strict
-from optolab.measures.builtin.composition import Composition
-from optolab.measures.builtin.copying import Copying
-from optolab.measures.builtin.icl_score import ICLScore
-from optolab.measures.builtin.induction_strength import InductionStrength
-from optolab.measures.builtin.prefix_matching import PrefixMatching
-from optolab.measures.builtin.previous_token import PreviousToken
 from optolab.measures.measure import Measure
 
-BUILTIN: dict[str, type[Measure]] = {m.NAME: m for m in (
-    InductionStrength, PreviousToken, PrefixMatching, Copying, ICLScore, Composition)}
+BUILTIN: dict[str, type[Measure]] = builtins("optolab.measures.builtin", Measure, "NAME")
 ENTRY_POINT_GROUP = "optolab.measures"
 
 

@@ -37,6 +37,9 @@ class Forward:
     def after_update(self, model: nn.Module, step: int) -> None:
         """Called after ``optimizer.step()``."""
 
+    def close(self) -> None:
+        """Remove whatever the Forward attached to models (site hooks); it may not be called again."""
+
 
 class PlainForward(Forward):
     """No interventions. Saved activations are taken with site hooks, removed after the call."""

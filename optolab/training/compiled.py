@@ -228,6 +228,12 @@ class CompiledForward(Forward):
             self._compiled = compile_fn(self._dispatch.run)
         return self._dispatch
 
+    def close(self) -> None:
+        if self._dispatch is not None:
+            self._dispatch.close()
+            self._dispatch = None
+        self.inner.close()
+
     def after_backward(self, model: nn.Module, step: int) -> None:
         self.inner.after_backward(model, step)
 

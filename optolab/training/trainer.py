@@ -114,6 +114,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     """
     task = make_task(protocol.task)
     cfg = protocol.model_config_for(task)
+    owned = forward is None  # a Forward the caller passed is the caller's to close
     forward = forward or make_forward(protocol, task, cfg)
     if protocol.train.compile:
         fresh_caches()
@@ -145,5 +146,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     finally:
         bar.close()
         torch.set_flush_denormal(restore)
+        if owned:
+            forward.close()  # the model leaves with no hooks attached
     summary = book.finish(step)
     return TrainResult(book.run, model, task, summary)

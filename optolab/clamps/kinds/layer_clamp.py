@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from optolab.clamps.kind import ClampSpec, Parts, Planned, PlanContext, When
+from optolab.clamps.kind import ClampSpec, Parts, Planned, PlanContext, When, record
 from optolab.clamps.values import shift_right
 
 
@@ -66,13 +66,6 @@ class LayerClamp(ClampSpec):
     def contribute(self, c: Planned, parts: Parts) -> None:
         L = self.layer
         embed, resid, nxt = "blocks.0.hook_resid_pre", f"blocks.{L}.hook_resid_post", f"blocks.{L + 1}.attn"
-
-        def record(key):
-            def op(out, ctx):
-                ctx.recorded[key] = out
-                return out
-            return op
-
         parts.add("shifted", embed, 0, record(("shifted", "embed")))
         parts.add("shifted", resid, 3, lambda out, ctx: shift_right(ctx.recorded[("shifted", "embed")]))
         parts.add("shifted", f"{nxt}.hook_pattern", 4, record(("shifted", f"{nxt}.hook_pattern")))

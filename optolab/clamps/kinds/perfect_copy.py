@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field
 
-from optolab.clamps.kind import ClampSpec, Parts, Planned, PlanContext, When
+from optolab.clamps.kind import ClampSpec, Parts, Planned, PlanContext, When, record
 
 
 class PerfectCopy(ClampSpec):
@@ -29,12 +29,7 @@ class PerfectCopy(ClampSpec):
 
     def contribute(self, c: Planned, parts: Parts) -> None:
         scores = f"blocks.{self.layer}.attn.hook_attn_scores"
-
-        def record(out, ctx, key=("main", scores)):
-            ctx.recorded[key] = out
-            return out
-
-        parts.add("main", scores, 4, record)
+        parts.add("main", scores, 4, record(("main", scores)))
         parts.output = ("main", scores, self.head)
 
     def describe(self, c: Planned, words) -> str:

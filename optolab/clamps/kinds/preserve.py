@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from optolab.clamps.kind import Parts, Planned, SiteClamp
+from optolab.clamps.kind import Parts, Planned, SiteClamp, record
 
 
 class Preserve(SiteClamp):
@@ -23,12 +23,7 @@ class Preserve(SiteClamp):
 
     def contribute(self, c: Planned, parts: Parts) -> None:
         site = c.site.name
-
-        def record(out, ctx, key=("clean", site)):
-            ctx.recorded[key] = out
-            return out
-
-        parts.add("clean", site, 4, record)
+        parts.add("clean", site, 4, record(("clean", site)))
         parts.add("main", site, 1, self.op(c, parts.exemplar_label))
 
     def describe(self, c: Planned, words) -> str:
