@@ -47,8 +47,8 @@ def main() -> None:
     print(f"optolab --help: median {statistics.median(helps):.3f} s (min {min(helps):.3f}, max {max(helps):.3f}); "
           "target < 1 s")
     cost = statistics.median(p - b for p, b in zip(plugged, bare))
-    print(f"one-test pytest session: {statistics.median(plugged):.3f} s with the plugin, {statistics.median(bare):.3f} s "
-          f"without; the plugin costs {cost:+.3f} s (median of paired differences); target < 0.2 s")
+    print(f"one-test pytest session: {statistics.median(plugged):.3f} s with the plugin, "
+          f"{statistics.median(bare):.3f} s without; the plugin costs {cost:+.3f} s (median of paired differences); target < 0.2 s")
 
 
 if __name__ == "__main__":

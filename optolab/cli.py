@@ -145,11 +145,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(1)
         protocol = load_protocol(args.protocol)
+        from optolab.core.lock import DirLock
+
         weights, run_dir, _ = resolve_checkpoint(args.checkpoint)
-        df = evaluate_checkpoint(protocol, args.checkpoint)
         out = Path(args.out) if args.out else default_out(run_dir, protocol, weights)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out, index=False)
+        # writing into a run directory: not while a run writes there
+        inside = run_dir is not None and out.resolve().is_relative_to(run_dir.resolve())
+        lock = DirLock(run_dir) if inside else None
+        try:
+            df = evaluate_checkpoint(protocol, args.checkpoint)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            df.to_csv(out, index=False)
+        finally:
+            if lock is not None:
+                lock.release()
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
             print(accuracy_table(df))
         print(f"all measures written to {out}")

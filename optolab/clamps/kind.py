@@ -251,7 +251,8 @@ class ClampSpec(Strict):
 
 class SiteClamp(ClampSpec):
     """A clamp that writes a value on the selected entries of one site. A kind implements
-    :meth:`fill` (the value of the selected entries); it may add checks (:meth:`check`) and load files (:meth:`load`)."""
+    :meth:`fill` (the value of the selected entries); it may add checks (:meth:`check`) and load
+    files (:meth:`load`)."""
 
     writes_values: ClassVar[bool] = True  # counts for the conflict check
     shareable: ClassVar[bool] = True
@@ -309,7 +310,7 @@ class SiteClamp(ClampSpec):
             key = out.shape
             if key not in masks:
                 n = out.shape[info.pos_axis] if info.pos_axis is not None else 0
-                pos = resolve_positions(positions, n, exemplar_label, strict=False) if info.pos_axis is not None else None
+                pos = None if info.pos_axis is None else resolve_positions(positions, n, exemplar_label, strict=False)
                 mask = selection_mask(tuple(out.shape), info.head_axis, heads, info.pos_axis, pos)
                 masks[key] = TRUE if mask is None else mask
             return torch.where(masks[key], value(out, ctx), out)

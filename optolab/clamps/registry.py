@@ -2,8 +2,8 @@
 
 Rules:
 - A clamp mapping names its kind by ``kind``: a built-in (:data:`BUILTIN`: every module of
-  :mod:`optolab.clamps.kinds` defines one; adding a kind is adding a module), an installed package's entry point in the group
-  ``optolab.clamps``, or ``package.module:Class``. ``kind`` is recorded as written, so a run
+  :mod:`optolab.clamps.kinds` defines one; adding a kind is adding a module), an installed
+  package's entry point in the group ``optolab.clamps``, or ``package.module:Class``. ``kind`` is recorded as written, so a run
   that used a plugin kind reloads (and resumes) wherever the plugin is importable.
 - A kind class subclasses :class:`~optolab.clamps.kind.ClampSpec` (the interface and its rules
   are in :mod:`optolab.clamps.kind`). Anything else is refused with one line.

@@ -8,7 +8,8 @@ Rules:
 - Every job trains in its own process with one torch thread, so jobs never share state; a run
   trained alone equals ``optolab run`` exactly, a packed run within the ensemble tolerance.
 - ``local`` (the default): a process pool on this machine, ``workers`` processes (default: the
-  CPU count).
+  CPU count). Workers die with the sweep's process (:func:`die_with_parent`), and every run
+  holds its directory's lock, so a re-run never races a survivor.
 - ``ray``: Ray tasks of one CPU each. With an ``address`` (``--address``, or ``RAY_ADDRESS``
   in the environment) it connects to that cluster; without one it starts a local Ray instance
   with ``workers`` CPUs and shuts it down afterwards. An address that cannot be reached is one
@@ -25,7 +26,11 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import signal
 import socket
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -34,6 +39,8 @@ from optolab.core.errors import OptolabError
 EXECUTORS = ("local", "ray")
 CONNECT_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 60.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WATCH_PARENT_S = 1.0
 
 
 def train_one(protocol_data: dict, out: str) -> str:
@@ -87,6 +94,26 @@ def _members(job: Job, out: Path) -> list[tuple[dict, str]]:
     return [(data, str(out / rid)) for rid, data in job]
 
 
+def die_with_parent(parent: int) -> None:
+    """In a pool worker: end when the sweep's process does, however it dies (a ``kill -9`` of the
+    sweep must not leave workers training and racing the re-run). On Linux the kernel sends the
+    worker SIGKILL when its parent dies (``PR_SET_PDEATHSIG``); everywhere, a thread also watches
+    the parent's pid. A killed worker's run keeps its last checkpoint; its lock dies with it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(WATCH_PARENT_S)
+        os._exit(1)
+
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="optolab-watch-parent").start()
+
+
 def run_local(jobs: list[Job], out: Path, workers: int) -> dict[str, str]:
     status: dict[str, str] = {}
     if workers == 1:
@@ -96,7 +123,7 @@ def run_local(jobs: list[Job], out: Path, workers: int) -> dict[str, str]:
             except Exception as e:  # noqa: BLE001 - one broken run must not stop the sweep
                 status.update(_collect(job, out, None, e))
         return status
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(train_job, _members(job, out)): job for job in jobs}
         for fut in as_completed(futures):
             job = futures[fut]

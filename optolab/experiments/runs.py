@@ -5,7 +5,6 @@ The notebook API (:mod:`optolab.api`) re-exports these.
 
 from __future__ import annotations
 
-import shutil
 from functools import cached_property
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 
 from optolab.model.checkpoint import list_checkpoints, load_weights, stem
 from optolab.core.errors import OptolabError
+from optolab.core.lock import DirLock
 from optolab.training.trainer import make_forward
 from optolab.protocol.loader import load_protocol, protocol_from_resolved
 from optolab.model.transformer import Transformer, build_model
@@ -149,11 +149,15 @@ def run(protocol: Protocol | str | Path, out: str | Path | None = None, *, seed:
         protocol = protocol.model_copy(update={"seeds": protocol.seeds.model_copy(update={"init": seed, "data": seed})})
     out = Path(out) if out is not None else default_out(protocol)
     if overwrite and out.exists():
-        if not (out / "protocol.yaml").is_file() and any(out.iterdir()):
-            raise OptolabError(f"refusing to overwrite '{out}': it is not an optolab run directory.",
-                               field="--out", fix="choose another folder.")
-        shutil.rmtree(out)
-    train(protocol, out, progress=progress)
+        RunDir(out).clearable()  # refuses a folder that is not only a run's before the lock writes anything
+        lock = DirLock(out)  # held from the deletion through training: no writer slips in between
+        try:
+            RunDir(out).clear()
+            train(protocol, out, progress=progress)
+        finally:
+            lock.release()
+    else:
+        train(protocol, out, progress=progress)
     result = Run(out, protocol)  # the protocol that trained: its clamps are planned already
     if plots:
         result.plot()

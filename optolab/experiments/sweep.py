@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from optolab.core.counts import Seed
 from optolab.core.errors import OptolabError, SpecError, from_validation_error, lookup_line
+from optolab.core.lock import DirLock
 from optolab.protocol.schema import Protocol
 from optolab.training.rundir import write_atomic
 
@@ -275,11 +276,11 @@ def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, 
     spec, runs, status, jobs, workers = plan_sweep(path, out, workers=workers, pack=pack, max_pack=max_pack)
     out = Path(out)
     todo = [rid for rid in runs if rid not in status]
-    ray = started = None
+    ray = started = lock = None
     if executor == "ray" and todo:
         ray, started = executors.connect_ray(executors.ray_address(address), workers)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        lock = DirLock(out, "sweep")  # the sweep's own files (each run locks its own directory too)
         meta_path = out / "sweep.json"
         invocations = json.loads(meta_path.read_text()).get("invocations", []) if meta_path.is_file() else []
         invocations.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "executor": executor, "pack": pack,
@@ -298,4 +299,6 @@ def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, 
     finally:
         if started:
             ray.shutdown()
+        if lock is not None:
+            lock.release()
     return status

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+
 def rotary_table(n_ctx: int, d_head: int, base: float) -> Tensor:
     """Complex rotations ``[n_ctx, d_head // 2]`` for interleaved (GPT-J style) RoPE.
 

@@ -259,11 +259,23 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
         union = CompiledForward(conditions)
         evals = [_MemberEval(union, (p.seeds.init, p.seeds.data), conditions.gate(k))
                  for p, k in zip(protocols, of_member)]
-    books = [RunBook(p, o, task, cfg, e) for p, o, e in zip(protocols, outs, evals)]
+    books: list[RunBook] = []
+    try:
+        for p, o, e in zip(protocols, outs, evals):
+            books.append(RunBook(p, o, task, cfg, e))
+    except BaseException:  # one member's directory refused: release the others'
+        for b in books:
+            b.release()
+        raise
     models = [build_model(cfg, p.seeds.init) for p in protocols]
     shared = build_model(cfg, p0.seeds.init)  # evaluated with each member's weights in turn
     optimizers = [make_optimizer(p, m) for p, m in zip(protocols, models)]
-    starts = {b.start(m, o) for b, m, o in zip(books, models, optimizers)}
+    try:
+        starts = {b.start(m, o) for b, m, o in zip(books, models, optimizers)}
+    except BaseException:
+        for b in books:
+            b.release()
+        raise
     step = starts.pop()
     total, bs = books[0].total, books[0].bs
 
@@ -333,6 +345,10 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
         for i, b in enumerate(books):
             if alive[i]:
                 b.interrupted(step)
+        raise
+    except BaseException:
+        for b in books:
+            b.release()
         raise
     finally:
         bar.close()

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from optolab.model.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
 from optolab.core.errors import OptolabError, RunFailed
+from optolab.core.lock import LOCK_NAME, DirLock
 from optolab.model.forward import Forward
 from optolab.measures.evaluate import EvalSet, evaluate
 from optolab.protocol.schema import Protocol
@@ -40,8 +41,14 @@ class RunBook:
         self.protocol, self.task, self.forward = protocol, task, forward
         self.run = RunDir(out)
         resolved = protocol.resolved()
-        _check_same_protocol(self.run, resolved)
-        self.run.write_protocol(resolved)
+        _refuse_foreign(self.run)  # before the lock: nothing is written into a folder that is not a run
+        self.lock = DirLock(self.run.path)
+        try:
+            _check_same_protocol(self.run, resolved)  # under the lock: no other writer changes it now
+            self.run.write_protocol(resolved)
+        except BaseException:
+            self.lock.release()
+            raise
         self.evals = EvalSet.build(task, protocol.measures, protocol.seeds.eval, cfg.n_ctx)
         self.total = protocol.train.total_steps
         self.bs = protocol.train.batch_size
@@ -135,12 +142,18 @@ class RunBook:
         else:
             self.meta["status"] = "stopped"
         self.run.write_json(self.run.meta, self.meta)
+        self.release()
         return summary
+
+    def release(self) -> None:
+        """Let go of the run directory's lock (the run's last write is done; idempotent)."""
+        self.lock.release()
 
     def interrupted(self, step: int) -> None:
         self.meta["status"] = "interrupted"
         self.meta["segments"][-1]["ended_at_step"] = step
         self.run.write_json(self.run.meta, self.meta)
+        self.release()
 
     def diverged(self, step: int, what: str) -> None:
         """Stop a diverged run (see the module rules); raises :class:`RunFailed`."""
@@ -154,6 +167,7 @@ class RunBook:
             "name": self.protocol.name, "status": "failed", "main_split": self.task.main_split,
             "failure": {"step": step, "sequences": step * self.bs, "what": what},
             "last_checkpoint_step": last_good})
+        self.release()
         raise RunFailed(f"the run diverged: {what} at step {step}. It is marked failed in summary.json; "
                         f"metrics so far and checkpoints up to step {last_good} are kept.",
                         field="train.lr", fix="lower train.lr or set train.grad_clip, then run with --overwrite.")
@@ -169,12 +183,19 @@ def _as_now(recorded: dict) -> dict:
         return recorded
 
 
+def _refuse_foreign(run: RunDir) -> None:
+    """Refuse a folder that holds something but no run (nothing of the user's is touched)."""
+    if run.path.exists() and not run.path.is_dir():
+        raise OptolabError(f"'{run.path}' is a file, not a folder.", field="--out",
+                           fix="choose a new folder for the run.")
+    if not run.protocol.is_file() and run.path.is_dir() and any(p.name != LOCK_NAME for p in run.path.iterdir()):
+        raise OptolabError(f"'{run.path}' exists and is not an optolab run directory.", field="--out",
+                           fix="choose an empty or new folder.")
+
+
 def _check_same_protocol(run: RunDir, resolved: dict) -> None:
     """Refuse to mix two protocols in one run directory (and so to lose anything written)."""
     if not run.protocol.is_file():
-        if run.path.is_dir() and any(run.path.iterdir()):
-            raise OptolabError(f"'{run.path}' exists and is not an optolab run directory.", field="--out",
-                               fix="choose an empty or new folder.")
         return
     existing = _as_now(yaml.safe_load(run.protocol.read_text()))
     if existing != resolved:

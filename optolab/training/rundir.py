@@ -13,6 +13,11 @@ Layout::
       figures/           seaborn PNGs (see optolab.experiments.plots)
 
 Rules:
+- One writer at a time: a run holds ``.optolab.lock`` for its life (:mod:`optolab.core.lock`).
+- ``--overwrite`` removes exactly the entries of :data:`OWNED` (and ``*.tmp`` leftovers of an
+  interrupted write), and only from a folder that holds a run (``protocol.yaml`` or
+  ``meta.json``) and nothing else: a file of the user's in it refuses the overwrite, and nothing
+  is deleted (:meth:`RunDir.clear`).
 - ``metrics.jsonl`` is append-only during a run; on resume, rows after the checkpoint's step are
   dropped (they will be recomputed identically).
 - JSON and YAML summaries are written atomically (temporary file + rename).
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from importlib import metadata
@@ -32,7 +38,14 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from optolab.core.errors import OptolabError
+from optolab.core.lock import LOCK_NAME
+
 COLUMNS = ["step", "sequences", "split", "metric", "layer", "head", "src_layer", "src_head", "value"]
+
+
+OWNED = ("protocol.yaml", "meta.json", "metrics.jsonl", "metrics.parquet", "summary.json", "checkpoints",
+         "figures", "posthoc")  # what a run writes (plus the lock, which --overwrite keeps while it works)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -75,6 +88,31 @@ class RunDir:
         return self.path / "figures"
 
     # writing
+    def clear(self) -> None:
+        """Delete what a run wrote here (see the module rules); refuse, deleting nothing, when the
+        folder is not a run or holds anything else. The caller holds the folder's lock."""
+        for p in self.clearable():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    def clearable(self) -> list[Path]:
+        """What :meth:`clear` would delete; raises (one line) where it would refuse."""
+        if not self.path.is_dir():
+            raise OptolabError(f"'{self.path}' is not a folder.", field="--out", fix="choose a run directory.")
+        entries = [p for p in self.path.iterdir() if p.name != LOCK_NAME]
+        if entries and not (self.protocol.is_file() or self.meta.is_file()):
+            raise OptolabError(f"refusing to overwrite '{self.path}': it is not an optolab run directory.",
+                               field="--out", fix="choose another folder.")
+        foreign = sorted(p.name for p in entries if p.name not in OWNED and not p.name.endswith(".tmp"))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise OptolabError(f"refusing to overwrite '{self.path}': it holds files optolab did not write "
+                               f"({shown}); --overwrite deletes only a run's own files.", field="--out",
+                               fix="move those files out, or choose another --out.")
+        return entries
+
     def write_protocol(self, resolved: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.protocol, yaml.safe_dump(resolved, sort_keys=False))

@@ -122,8 +122,12 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     model = build_model(cfg, protocol.seeds.init)
     optimizer = make_optimizer(protocol, model)
     total, bs = book.total, book.bs
-    step = start = book.start(model, optimizer)
-    update = make_update(protocol, forward, model, optimizer)  # after start: it holds the optimizer's state
+    try:
+        step = start = book.start(model, optimizer)
+        update = make_update(protocol, forward, model, optimizer)  # after start: it holds the optimizer's state
+    except BaseException:
+        book.release()
+        raise
 
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
                desc=protocol.name, mininterval=0.5)
@@ -142,6 +146,9 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
             bar.update(1)
     except KeyboardInterrupt:
         book.interrupted(step)
+        raise
+    except BaseException:
+        book.release()  # a failed run leaves its directory to the next writer
         raise
     finally:
         bar.close()
