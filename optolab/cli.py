@@ -13,14 +13,16 @@ from collections.abc import Sequence
 
 from optolab.core.errors import EXIT_USER_ERROR, OptolabError
 
+MAX_SEED = 2**63 - 1  # as optolab.core.counts.MAX_SEED (not imported: --help stays light)
+
 
 def _seed(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed must be an integer from 0 to {MAX_SEED}, got {text!r}")
     return value
 
 
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train compatible runs as one ensemble: auto = across conditions that need the same "
                         "forward passes, seeds = only runs of one condition, off = each alone (default: auto)")
     p.add_argument("--max-pack", type=int, default=8, help="most runs in one ensemble (default 8)")
+    p.add_argument("--max-runs", type=int, default=1000, help="refuse a sweep of more runs (default 1000)")
 
     p = sub.add_parser("report", help="summary.csv, conditions.csv and report.md of a sweep directory")
     p.add_argument("sweep_dir")
@@ -149,6 +152,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         weights, run_dir, _ = resolve_checkpoint(args.checkpoint)
         out = Path(args.out) if args.out else default_out(run_dir, protocol, weights)
+        if out.is_dir():
+            raise OptolabError(f"'{out}' is a folder; --out names the CSV file to write.", field="--out",
+                               fix=f"pass a file name, e.g. {out / 'posthoc.csv'}.")
         # writing into a run directory: not while a run writes there
         inside = run_dir is not None and out.resolve().is_relative_to(run_dir.resolve())
         lock = DirLock(run_dir) if inside else None
@@ -170,6 +176,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if args.dry_run:
             _, runs, status, jobs, workers = plan_sweep(args.sweep, args.out, workers=args.workers, pack=args.pack,
+                                                        max_runs=args.max_runs,
                                                         max_pack=args.max_pack)
             for rid in runs:
                 print(rid + ("  (finished)" if rid in status else ""))
@@ -178,7 +185,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print("  " + " + ".join(job))
             return 0
         status = run_sweep(args.sweep, args.out, workers=args.workers, executor=args.executor,
-                           address=args.address, pack=args.pack, max_pack=args.max_pack)
+                           address=args.address, pack=args.pack, max_pack=args.max_pack,
+                           max_runs=args.max_runs)
         done = sum(v == "done" for v in status.values())
         skipped = sum(v == "skipped" for v in status.values())
         failed = {rid: v for rid, v in status.items() if v.startswith("failed")}

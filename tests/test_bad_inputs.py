@@ -52,3 +52,18 @@ def test_bad_input_gives_one_line_naming_file_field_and_fix(case, tmp_path, caps
     if "line" in case:
         assert f"{case['file']}:{case['line']}" in err, err
     assert not out.exists()  # nothing written
+
+
+def test_a_huge_file_and_a_bomb_in_a_valid_protocol_are_refused_in_one_line(tmp_path, capsys):
+    # (refusal times are in the closing note / docs/robustness.md: milliseconds; no timed test)
+    big = tmp_path / "big.yaml"
+    big.write_text("name: big\ndescription: '" + "x" * (50 * 2**20) + "'\n")
+    valid = (CORPUS / "sweep_base.yaml").read_text()
+    bomb = tmp_path / "bomb.yaml"
+    layers = ['x0: &x0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]'] + [
+        f"x{i}: &x{i} [" + ", ".join([f"*x{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    bomb.write_text(valid.replace("name: bad", "name: bomb\ndescription: {" + ", ".join(layers) + "}"))
+    for path, words in ((big, "50.0 MiB"), (bomb, "through its aliases")):
+        assert main(["validate", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err and "Fix:" in err, err

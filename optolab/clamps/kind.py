@@ -44,21 +44,21 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 from torch import Tensor
 
 from optolab.clamps.sites import SiteInfo, canonical, resolve_positions, selection_mask, site_info, suggest
 from optolab.clamps.values import PassContext
 from optolab.core.counts import Count
 from optolab.core.errors import OptolabError, SpecError
+from optolab.core.strict import StrictModel
 
 PASS_ORDER = ("clean", "shifted", "main")
 Op = Callable[[Tensor, PassContext], Tensor]
 TRUE = torch.ones((), dtype=torch.bool)
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+Strict = StrictModel
 
 
 Heads = Union[Literal["all"], list[Annotated[int, Field(strict=True)]]]

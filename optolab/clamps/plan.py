@@ -72,6 +72,10 @@ def _window(i: int, spec, bs: int, total: int) -> tuple[int, int]:
                    f"use a stop <= {end:,}, or omit it to clamp until the end.")
     start = math.ceil(w.start / per)
     stop = total if w.stop is None else math.ceil(w.stop / per)
+    if stop <= start:
+        raise _err(i, "window", f"the window [{w.start:,}, {w.stop:,}) {w.unit} covers no training step: steps run "
+                   f"every {per} {w.unit} and a step s acts when start <= s·{per} < stop, so this clamp would "
+                   "never act.", f"widen the window to span at least {per} {w.unit}, or use unit: steps.")
     return start, stop
 
 

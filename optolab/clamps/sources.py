@@ -122,7 +122,15 @@ def load_tensor_file(i: int, file: str, site_shape: tuple[int, ...]) -> Tensor:
     if len(state) != 1:
         raise _err(i, "file", f"'{file}' holds {len(state)} tensors; exactly one is needed.",
                    "save a single tensor (any key).")
-    t = next(iter(state.values())).float()
+    raw = next(iter(state.values()))
+    if not (raw.is_floating_point() or raw.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
+        raise _err(i, "file", f"the tensor's dtype is {raw.dtype}; a clamp value is a real number.",
+                   "save a float tensor (float32, float16, bfloat16 or float64).")
+    t = raw.float()
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise _err(i, "file", f"the tensor holds {bad} NaN or infinite value(s) (in float32); the model would "
+                   "diverge at the first step.", "save finite values.")
     try:
         torch.broadcast_shapes(t.shape, site_shape)
     except RuntimeError:

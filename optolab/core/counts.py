@@ -23,4 +23,5 @@ def _count(v: Any) -> Any:
 
 Count = Annotated[int, BeforeValidator(_count), Field(ge=0)]
 PosCount = Annotated[int, BeforeValidator(_count), Field(gt=0)]
-Seed = Annotated[int, Field(strict=True, ge=0)]
+MAX_SEED = 2**63 - 1  # torch generators take seeds below 2**64; derived seeds add to them
+Seed = Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)]

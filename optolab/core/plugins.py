@@ -34,15 +34,27 @@ def is_path(name: str) -> bool:
 
 def import_object(path: str, field: str, example: str) -> Any:
     """The object named by ``package.module:Name``."""
+    if not isinstance(path, str):
+        raise OptolabError(f"must be a string package.module:Class (got {path!r}).", field=field,
+                           fix=f"write e.g. {example}")
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise OptolabError(f"'{path}' is not of the form package.module:Class.", field=field,
                            fix=f"write e.g. {example}")
+    if module_name.startswith("."):
+        raise OptolabError(f"'{module_name}' is a relative module name.", field=field,
+                           fix="name the module from its top-level package, e.g. mypkg.tasks.")
+    if module_name.rsplit(".", 1)[-1] == "__main__":
+        raise OptolabError(f"'{module_name}' is a program's entry module: importing it would run the program.",
+                           field=field, fix="point at the module that defines the class.")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise OptolabError(f"cannot import module '{module_name}' ({e}).", field=field,
                            fix="install the package that defines it, or put it on PYTHONPATH.") from None
+    except SystemExit as e:  # a module that exits at import is a broken plugin, not a reason to stop optolab
+        raise OptolabError(f"importing module '{module_name}' called exit ({e.code!r}).", field=field,
+                           fix="fix that module: it should define classes, not run.") from None
     except Exception as e:  # a user's module failing at import is bad input, not an optolab bug
         raise OptolabError(f"importing module '{module_name}' failed ({type(e).__name__}: {e}).", field=field,
                            fix="fix the error in that module.") from None

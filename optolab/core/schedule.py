@@ -14,16 +14,16 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from optolab.core.counts import Count, PosCount
 from optolab.core.errors import OptolabError
+from optolab.core.strict import StrictModel
 
 MAX_SCHEDULE_POINTS = 100_000
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+Strict = StrictModel
 
 
 class DenseStage(Strict):

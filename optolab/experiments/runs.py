@@ -128,6 +128,13 @@ class Run:
         return f"Run({str(self.path)!r}, status={self.meta.get('status')!r})"
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long: the run's own checks say so in one line
+        return False
+
+
 def open_run(path: str | Path) -> Run:
     return Run(path)
 
@@ -148,7 +155,7 @@ def run(protocol: Protocol | str | Path, out: str | Path | None = None, *, seed:
     elif seed is not None:
         protocol = protocol.model_copy(update={"seeds": protocol.seeds.model_copy(update={"init": seed, "data": seed})})
     out = Path(out) if out is not None else default_out(protocol)
-    if overwrite and out.exists():
+    if overwrite and _exists(out):
         RunDir(out).clearable()  # refuses a folder that is not only a run's before the lock writes anything
         lock = DirLock(out)  # held from the deletion through training: no writer slips in between
         try:

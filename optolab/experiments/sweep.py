@@ -32,25 +32,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from optolab.core.counts import Seed
+from optolab.core.strict import StrictModel
 from optolab.core.errors import OptolabError, SpecError, from_validation_error, lookup_line
 from optolab.core.lock import DirLock
 from optolab.protocol.schema import Protocol
 from optolab.training.rundir import write_atomic
 
 
-class Condition(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+class Condition(StrictModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     protocol: str | None = Field(None, description="another base protocol (relative to the sweep file)")
     set: dict[str, Any] = Field(default_factory=dict, description="dotted field -> value overrides")
 
 
-class SweepSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+class SweepSpec(StrictModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     protocol: str
@@ -77,24 +76,49 @@ class SweepSpec(BaseModel):
         for field, values in grid.items():
             if not values:
                 raise SpecError(field, f"grid field '{field}' has no values.", "give at least one value, or remove it.")
+            if field in VARIED or field == "seeds":
+                raise SpecError(field, f"the sweep sets '{field}' for every run itself (seeds come from 'seeds:'), "
+                                "so a grid over it would give identical runs.",
+                                "list the seeds under 'seeds:' instead, and remove this grid field.")
         return grid
 
 
+MAX_RUNS = 1000  # a sweep expands to at most this many runs unless --max-runs says more
+VARIED = ("seeds.init", "seeds.data", "name")  # what a sweep sets per run itself
+
+
+class PathError(ValueError):
+    """A dotted path that does not lead anywhere in the protocol (message for the user)."""
+
+
 def _set(data: dict, dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in nested dicts (lists by index), creating mappings where missing."""
+    """Set ``a.b.c`` in nested dicts (lists by index), creating mappings where missing; a path
+    through a list needs an index inside it, and a path cannot go below a value."""
     parts = dotted.split(".")
     cur: Any = data
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "the protocol"
         if isinstance(cur, list):
-            cur = cur[int(part)]
+            if not part.lstrip("-").isdigit():
+                raise PathError(f"'{where}' is a list; '{part}' is not an index into it")
+            k = int(part)
+            if not -len(cur) <= k < len(cur):
+                raise PathError(f"'{where}' has {len(cur)} item(s); there is no item {k} (the base protocol, or "
+                                "some condition, has fewer)")
+            if last:
+                cur[k] = value
+            else:
+                cur = cur[k]
             continue
-        if not isinstance(cur.get(part), (dict, list)):
-            cur[part] = {}
-        cur = cur[part]
-    if isinstance(cur, list):
-        cur[int(parts[-1])] = value
-    else:
-        cur[parts[-1]] = value
+        if not isinstance(cur, dict):
+            raise PathError(f"'{where}' is a value ({cur!r}), not a section with '{part}' in it")
+        if last:
+            cur[part] = value
+        else:
+            if not isinstance(cur.get(part), (dict, list)):
+                cur[part] = {}
+            cur = cur[part]
 
 
 def _label(value: Any) -> str:
@@ -119,14 +143,22 @@ class SweepRun:
         return self.id.rsplit("_s", 1)[0]
 
 
-def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: dict | None = None
-           ) -> dict[str, SweepRun]:
+def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: dict | None = None,
+           max_runs: int = MAX_RUNS) -> dict[str, SweepRun]:
     """``run id -> SweepRun`` for every condition × grid point × seed, each validated. Errors
-    name the sweep file (``source``) and the sweep field that caused them."""
+    name the sweep file (``source``) and the sweep field that caused them. A sweep of more than
+    ``max_runs`` runs is refused before anything is expanded."""
     from optolab.protocol.loader import load_protocol
 
     fields = list(spec.grid)
+    n_runs = len(spec.conditions) * math.prod(len(v) for v in spec.grid.values()) * len(spec.seeds)
+    if n_runs > max_runs:
+        raise OptolabError(f"this sweep expands to {n_runs:,} runs (conditions × grid × seeds), more than "
+                           f"{max_runs:,}.", field="grid" if spec.grid else "seeds",
+                           fix=f"check the grid for a typo, or pass --max-runs {n_runs} if you mean it.",
+                           ).located(source, lines)
     runs: dict[str, SweepRun] = {}
+    made_by: dict[str, dict] = {}  # run id -> the grid point that made it
     for k, cond in enumerate(spec.conditions):
         base_path = base_dir / (cond.protocol or spec.protocol)
         field = f"conditions.{k}.protocol" if cond.protocol else "protocol"
@@ -142,11 +174,23 @@ def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: di
             point = dict(zip(fields, values))
             for seed in spec.seeds:
                 data = copy.deepcopy(base)
-                for dotted, value in {**spec.set, **cond.set, **point}.items():
-                    _set(data, dotted, value)
+                for where, overrides in (("set", spec.set), (f"conditions.{k}.set", cond.set), ("grid", point)):
+                    for dotted, value in overrides.items():
+                        try:
+                            _set(data, dotted, value)
+                        except PathError as e:
+                            raise OptolabError(f"{e} (condition '{cond.name}').", field=f"{where}.{dotted}",
+                                               fix="give a path that exists in every condition's protocol, e.g. "
+                                                   "clamps.0.strength.").located(source, lines) from None
                 data["seeds"]["init"] = data["seeds"]["data"] = seed
                 suffix = "".join(f"__{f.rsplit('.', 1)[-1]}-{_label(v)}" for f, v in point.items())
                 run_id = f"{cond.name}{suffix}_s{seed}"
+                if run_id in made_by and made_by[run_id] != point:
+                    raise OptolabError(f"grid points {made_by[run_id]} and {point} get the same run id '{run_id}' "
+                                       "(values are cut to 24 letters, digits and _ . + - in ids).",
+                                       field="grid", fix="make the values differ early on, or split the sweep."
+                                       ).located(source, lines)
+                made_by[run_id] = point
                 data["name"] = f"{spec.name}.{run_id}"
                 protocol = _validate(data, run_id, {**spec.set, **cond.set, **point}, source, lines)
                 runs[run_id] = SweepRun(run_id, protocol, cond.name, point, seed)
@@ -169,7 +213,7 @@ def _validate(data: dict, run_id: str, overrides: dict, source: str | None, line
         raise err from None
 
 
-def load_sweep(path: str | Path) -> tuple[SweepSpec, dict[str, SweepRun]]:
+def load_sweep(path: str | Path, max_runs: int = MAX_RUNS) -> tuple[SweepSpec, dict[str, SweepRun]]:
     from optolab.protocol.loader import read_yaml
 
     data, lines = read_yaml(path, "sweep file")
@@ -178,7 +222,7 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, dict[str, SweepRun]]:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
         raise from_validation_error(e, source=str(path), lines=lines, model=SweepSpec) from None
-    runs = expand(spec, Path(path).parent, str(path), lines)
+    runs = expand(spec, Path(path).parent, str(path), lines, max_runs)
     if spec.reference is not None and spec.reference not in {c.name for c in spec.conditions}:
         raise OptolabError(f"reference '{spec.reference}' is not a condition name.", field="reference",
                            source=str(path), fix=f"use one of {[c.name for c in spec.conditions]}.")
@@ -244,7 +288,8 @@ def plan_jobs(runs: dict[str, SweepRun], todo: list[str], out: Path, *, pack: st
     return sorted(jobs, key=lambda job: -_cost(runs[job[0]].protocol) * len(job) ** 0.5)
 
 
-def plan_sweep(path: str | Path, out: str | Path, *, workers: int | None, pack: str, max_pack: int):
+def plan_sweep(path: str | Path, out: str | Path, *, workers: int | None, pack: str, max_pack: int,
+               max_runs: int = MAX_RUNS):
     """``(spec, runs, status of finished runs, jobs, workers)``: what :func:`run_sweep` would
     train, and how runs would pack (``optolab sweep --dry-run`` prints it)."""
     if pack not in PACKING:
@@ -252,7 +297,7 @@ def plan_sweep(path: str | Path, out: str | Path, *, workers: int | None, pack: 
     if max_pack < 1:
         raise OptolabError(f"--max-pack must be at least 1 (got {max_pack}).", field="--max-pack",
                            fix="use e.g. --max-pack 8.")
-    spec, runs = load_sweep(path)
+    spec, runs = load_sweep(path, max_runs)
     out = Path(out)
     status = {rid: _previous(out / rid) for rid in runs if finished(out / rid)}
     todo = [rid for rid in runs if rid not in status]
@@ -262,7 +307,8 @@ def plan_sweep(path: str | Path, out: str | Path, *, workers: int | None, pack: 
 
 
 def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, executor: str = "local",
-              address: str | None = None, pack: str = "auto", max_pack: int = 8) -> dict[str, str]:
+              address: str | None = None, pack: str = "auto", max_pack: int = 8,
+              max_runs: int = MAX_RUNS) -> dict[str, str]:
     """Train every unfinished run of a sweep; ``{run id: "done" | "skipped" | "failed: …"}``.
 
     Bad input (the sweep file, the executor, an unreachable Ray address) raises before anything
@@ -273,7 +319,8 @@ def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, 
     if executor not in executors.EXECUTORS:
         raise OptolabError(f"unknown executor '{executor}'.", field="--executor",
                            fix=f"use one of {list(executors.EXECUTORS)}.")
-    spec, runs, status, jobs, workers = plan_sweep(path, out, workers=workers, pack=pack, max_pack=max_pack)
+    spec, runs, status, jobs, workers = plan_sweep(path, out, workers=workers, pack=pack, max_pack=max_pack,
+                                                   max_runs=max_runs)
     out = Path(out)
     todo = [rid for rid in runs if rid not in status]
     ray = started = lock = None

@@ -27,16 +27,16 @@ from typing import Literal
 import pandas as pd
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from optolab.core.counts import PosCount, Seed
+from optolab.core.strict import StrictModel
 from optolab.core.errors import OptolabError, SpecError
 
 Vector = Literal["a", "b", "c"]
 
 
-class ToyProtocol(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+class ToyProtocol(StrictModel):
 
     kind: Literal["toy_tensor"]
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")

@@ -108,7 +108,14 @@ def load_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
     for key, value in state.items():
         name, field = key.split("::")
         optimizer.state[params[name]][field] = value.clone()
-    return json.loads(base.with_suffix(".json").read_text())
+    try:
+        sidecar = json.loads(base.with_suffix(".json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        sidecar = None
+    if not isinstance(sidecar, dict):
+        raise OptolabError(f"checkpoint sidecar '{base.with_suffix('.json')}' is damaged.", field="--out",
+                           fix="delete that checkpoint's three files to resume from the one before, or --overwrite.")
+    return sidecar
 
 
 def prune(folder: Path, keep: int | None, protect: set[int] = frozenset()) -> None:

@@ -2,6 +2,9 @@
 
 Rules:
 - ``yaml.safe_load`` only. A file must be UTF-8 and hold one mapping.
+- Bounded before anything walks the document: at most :data:`MAX_FILE_BYTES`, nesting at most
+  :data:`MAX_DEPTH` deep, at most :data:`MAX_VALUES` values once aliases are expanded (an alias
+  bomb is refused in milliseconds), no alias that contains itself.
 - Relative paths inside a protocol are resolved against the protocol file's folder.
 - Every failure is an :class:`~optolab.core.errors.OptolabError` naming the file, the field path, the
   line where YAML gives one, and the fix.
@@ -17,9 +20,75 @@ from pydantic import ValidationError
 
 from optolab.protocol.conditions import condition_protocols, plan_condition
 from optolab.protocol.footprint import check_footprint
+from optolab.core.counts import MAX_SEED
 from optolab.core.errors import OptolabError, duplicate_key, from_validation_error, yaml_line_map
 from optolab.protocol.schema import Protocol
 from optolab.tasks import make_task, validate_task_spec
+
+MAX_FILE_BYTES = 1 << 20  # a protocol, task or sweep file is a few KB
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+
+
+def _flow_depth(text: str) -> int:
+    """How deep ``[`` and ``{`` nest outside quotes (a cheap bound before the parser recurses)."""
+    depth = deepest = 0
+    quote = None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "\n":
+            quote = None
+    return deepest
+
+
+def _bounded(text: str, path, what: str) -> None:
+    """Refuse a document too deep, or too large once its aliases are expanded (module rules)."""
+    if _flow_depth(text) > MAX_DEPTH:
+        raise OptolabError(f"the {what} nests deeper than {MAX_DEPTH} levels.", source=path,
+                           fix="protocols nest a few levels; check for a runaway [ or {.")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return  # the parser's own error, with its line, is reported by the caller
+    except RecursionError:
+        raise OptolabError(f"the {what} is nested too deeply to read (over {MAX_DEPTH} levels).", source=path,
+                           fix="protocols nest a few levels; check for a runaway [ or {.") from None
+    if root is None:
+        return
+    size: dict[int, int] = {}  # node id -> values below it, aliases expanded
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    open_: set[int] = set()
+    while stack:
+        node, depth, done = stack.pop()
+        if depth > MAX_DEPTH:
+            raise OptolabError(f"the {what} nests deeper than {MAX_DEPTH} levels.", source=path,
+                               line=node.start_mark.line + 1, fix="protocols nest a few levels; flatten it.")
+        children = ([v for kv in node.value for v in kv] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            open_.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            if size[id(node)] > MAX_VALUES:
+                raise OptolabError(f"the {what} expands to over {MAX_VALUES:,} values through its aliases (*name).",
+                                   source=path, fix="protocols need no aliases; write the values out.")
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in open_:
+            raise OptolabError(f"an alias in the {what} contains itself.", source=path,
+                               line=node.start_mark.line + 1, fix="remove the recursive alias.")
+        open_.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in size)
+
 
 def read_yaml(path: str | Path, what: str = "file") -> tuple[dict, dict[tuple, int]]:
     """``(mapping, line map)`` of a YAML file, or an OptolabError saying what is wrong."""
@@ -27,6 +96,10 @@ def read_yaml(path: str | Path, what: str = "file") -> tuple[dict, dict[tuple, i
     if not p.is_file():
         raise OptolabError(f"{what} not found (looked for {p.resolve()}).", source=path,
                            fix="check the path; relative paths start from the current folder.")
+    if p.stat().st_size > MAX_FILE_BYTES:
+        raise OptolabError(f"the {what} is {p.stat().st_size / 2**20:,.1f} MiB; optolab reads files of at most "
+                           f"{MAX_FILE_BYTES // 2**20} MiB.", source=path,
+                           fix="check that this is the file you meant (protocols are a few KB).")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -34,6 +107,7 @@ def read_yaml(path: str | Path, what: str = "file") -> tuple[dict, dict[tuple, i
                            fix="save the file as UTF-8 text.") from None
     except OSError as e:
         raise OptolabError(f"cannot read {what}: {e.strerror}.", source=path, fix="check permissions.") from None
+    _bounded(text, path, what)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -121,8 +195,8 @@ def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None
     if isinstance(data.get("conditions"), dict):
         data["conditions"] = {k: _resolve_clamp_paths(v, Path(path).parent) for k, v in data["conditions"].items()}
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise OptolabError(f"seed must be a non-negative integer (got {seed!r}).", field="--seed",
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise OptolabError(f"seed must be an integer from 0 to {MAX_SEED} (got {seed!r}).", field="--seed",
                                fix="pass e.g. --seed 3.")
         seeds = data.get("seeds") or {}
         if isinstance(seeds, dict):  # anything else is reported by the schema below

@@ -31,19 +31,20 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from jaxtyping import Bool, Int
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
+
+from optolab.core.strict import StrictModel
 
 IGNORE = -100
 
 
-class TaskSpec(BaseModel):
-    """Base of every task spec: unknown keys are errors, and a spec is immutable once built.
+class TaskSpec(StrictModel):
+    """Base of every task spec: unknown keys are errors, numbers are numbers
+    (:mod:`optolab.core.strict`), and a spec is immutable once built.
 
     ``generator`` (``package.module:Class``) is how a protocol names a task class that is not
     built in; it is recorded in the resolved protocol so the run can be loaded again."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: str
     generator: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",

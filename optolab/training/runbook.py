@@ -185,10 +185,16 @@ def _as_now(recorded: dict) -> dict:
 
 def _refuse_foreign(run: RunDir) -> None:
     """Refuse a folder that holds something but no run (nothing of the user's is touched)."""
-    if run.path.exists() and not run.path.is_dir():
+    try:
+        exists, is_dir = run.path.exists(), run.path.is_dir()
+        foreign = is_dir and not run.protocol.is_file() and any(p.name != LOCK_NAME for p in run.path.iterdir())
+    except OSError as e:  # a name too long, a folder we may not read, …
+        raise OptolabError(f"cannot create '{run.path}': {e.strerror}.", field="--out",
+                           fix="choose a folder you can write to, with a shorter name.") from None
+    if exists and not is_dir:
         raise OptolabError(f"'{run.path}' is a file, not a folder.", field="--out",
                            fix="choose a new folder for the run.")
-    if not run.protocol.is_file() and run.path.is_dir() and any(p.name != LOCK_NAME for p in run.path.iterdir()):
+    if foreign:
         raise OptolabError(f"'{run.path}' exists and is not an optolab run directory.", field="--out",
                            fix="choose an empty or new folder.")
 
@@ -197,7 +203,13 @@ def _check_same_protocol(run: RunDir, resolved: dict) -> None:
     """Refuse to mix two protocols in one run directory (and so to lose anything written)."""
     if not run.protocol.is_file():
         return
-    existing = _as_now(yaml.safe_load(run.protocol.read_text()))
+    try:
+        existing = _as_now(yaml.safe_load(run.protocol.read_text()))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        existing = None
+    if not isinstance(existing, dict):
+        raise OptolabError(f"'{run.protocol}' is damaged (not a readable protocol).", field="--out",
+                           fix="pass --overwrite to redo the run, or another --out.")
     if existing != resolved:
         changed = sorted(k for k in set(existing) | set(resolved) if existing.get(k) != resolved.get(k))
         raise OptolabError(

@@ -118,7 +118,17 @@ class RunDir:
         write_atomic(self.protocol, yaml.safe_dump(resolved, sort_keys=False))
 
     def read_json(self, path: Path) -> dict:
-        return json.loads(path.read_text()) if path.is_file() else {}
+        """A JSON file of the run ({} when absent); a damaged one is one clear error."""
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            data = None
+        if not isinstance(data, dict):
+            raise OptolabError(f"'{path}' is damaged (not a JSON object).", field="--out",
+                               fix="pass --overwrite to redo the run (or restore the file).")
+        return data
 
     def write_json(self, path: Path, data: dict) -> None:
         write_atomic(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
