@@ -98,3 +98,29 @@ def test_a_damaged_meta_json_is_reported_when_opening_the_run(stopped_run):
     (out / "meta.json").write_text(json.dumps([1, 2]))
     with pytest.raises(OptolabError, match="meta.json.*damaged"):
         open_run(out).meta
+
+
+def test_a_full_disk_stops_the_run_saying_why_and_it_resumes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from optolab.training.rundir import RunDir
+
+    path = write_protocol(tmp_path, fewshot_protocol(steps=30))
+    out = tmp_path / "run"
+    real = RunDir.append_metrics
+    calls = []
+
+    def full(self, rows):
+        calls.append(1)
+        if len(calls) > 2:  # the third eval finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, rows)
+
+    monkeypatch.setattr(RunDir, "append_metrics", full)
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 1
+    _one_line(capsys, "No space left on device", "resume")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "failed" and "No space left" in meta["failure"]
+    monkeypatch.setattr(RunDir, "append_metrics", real)
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0  # the same command resumes
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"

@@ -29,6 +29,7 @@ import secrets
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -169,10 +170,18 @@ def connect_ray(address: str | None, workers: int):
     ray = _import_ray()
     if address:
         check_reachable(address)
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
-        except (ConnectionError, RuntimeError, TimeoutError, ValueError) as e:
-            raise OptolabError(f"could not connect to the Ray cluster at {address}: {_one_line(e)}",
+        error, native_log = _quiet(lambda: ray.init(address=address, log_to_driver=False, logging_level="WARNING"))
+        if error is not None:
+            if AUTH_FAILURE.search(f"{error} {native_log}"):
+                raise OptolabError(
+                    f"the Ray cluster at {address} refused the connection: it uses token authentication and this "
+                    "client sent no valid token.", field="--address",
+                    fix="set RAY_AUTH_MODE=token and give the cluster's token (in ~/.ray/auth_token, or "
+                        "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH); recent Ray releases turn it on by default in "
+                        "`ray start --head` (docs/sweeps-and-reports.md, Ray clusters).") from None
+            if not isinstance(error, (ConnectionError, RuntimeError, TimeoutError, ValueError)):
+                raise error
+            raise OptolabError(f"could not connect to the Ray cluster at {address}: {_one_line(error)}",
                                field="--address", fix="check that the address is a Ray head node "
                                "(`ray status --address ...`) running a compatible Ray version.") from None
         return ray, False
@@ -181,6 +190,33 @@ def connect_ray(address: str | None, workers: int):
     ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING", object_store_memory=80 * 2**20, _system_config={"worker_niceness": 0})
     return ray, True
+
+
+AUTH_FAILURE = re.compile(r"Unauthenticated|InvalidAuthToken|AuthenticationError|authentication token", re.I)
+
+
+def _quiet(fn) -> tuple[BaseException | None, str]:
+    """Run ``fn`` with this process's stderr (file descriptor 2, where Ray's native code logs
+    each failed retry) captured: ``(the exception it raised or None, what it logged)``. On
+    success what it logged goes back to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        error = None
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - returned to the caller, which decides
+            error = e
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+    if error is None and text:
+        sys.stderr.write(text)
+    return error, text
 
 
 def _probe(path: str, token: str) -> tuple[str, bool]:

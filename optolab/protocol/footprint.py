@@ -31,6 +31,8 @@ def check_footprint(protocol, n_ctx: int | None) -> None:
         terms["train.batch_size"] = 2 * activation_bytes(t.batch_size, n_ctx, m.d_model, m.n_layers, m.n_heads)
         terms["measures.eval_sequences"] = activation_bytes(protocol.measures.eval_sequences, n_ctx, m.d_model,
                                                             m.n_layers, m.n_heads)
+        probe = getattr(protocol.measures, "probe_sequences", 0)  # the prefix-matching probe, run whole
+        terms["measures.probe_sequences"] = activation_bytes(probe, n_ctx, m.d_model, m.n_layers, m.n_heads)
     total = sum(terms.values())
     if total > MAX_BYTES:
         field, worst = max(terms.items(), key=lambda kv: kv[1])

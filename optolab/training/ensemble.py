@@ -346,6 +346,19 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
             if alive[i]:
                 b.interrupted(step)
         raise
+    except OSError as e:  # the disk the members write to is full (or gone read-only): each says why
+        stopped: RunFailed | None = None
+        for i, b in enumerate(books):
+            try:
+                if alive[i]:
+                    b.cannot_write(step, e)
+            except RunFailed as r:
+                stopped = r
+        for b in books:
+            b.release()
+        if stopped is not None:
+            raise stopped from None
+        raise
     except BaseException:
         for b in books:
             b.release()

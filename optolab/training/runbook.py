@@ -155,6 +155,22 @@ class RunBook:
         self.run.write_json(self.run.meta, self.meta)
         self.release()
 
+    def cannot_write(self, step: int, err: OSError) -> None:
+        """Stop a run whose directory cannot be written (a full disk, a file system gone read-only):
+        the last checkpoint stays the last, ``meta.json`` says why where it still can, and the same
+        command resumes once the cause is gone. Raises :class:`RunFailed` (exit 1)."""
+        last = list_checkpoints(self.run.checkpoints)
+        why = f"cannot write the run directory ({err.strerror or err}) at step {step}"
+        self.meta.update(status="failed", failure=why)
+        self.meta["segments"][-1]["ended_at_step"] = step
+        try:
+            self.run.write_json(self.run.meta, self.meta)
+        except OSError:
+            pass  # still full: the message below is all we can leave
+        self.release()
+        raise RunFailed(f"{why}; checkpoints up to step {last[-1] if last else None} are kept.", field="--out",
+                        fix="free space (or make the folder writable), then run the same command to resume.")
+
     def diverged(self, step: int, what: str) -> None:
         """Stop a diverged run (see the module rules); raises :class:`RunFailed`."""
         last = list_checkpoints(self.run.checkpoints)

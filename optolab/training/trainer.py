@@ -147,6 +147,8 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     except KeyboardInterrupt:
         book.interrupted(step)
         raise
+    except OSError as e:  # the run directory cannot be written: stop with what is saved
+        book.cannot_write(step, e)
     except BaseException:
         book.release()  # a failed run leaves its directory to the next writer
         raise
