@@ -58,14 +58,11 @@ Op = Callable[[Tensor, PassContext], Tensor]
 TRUE = torch.ones((), dtype=torch.bool)
 
 
-Strict = StrictModel
-
-
 Heads = Union[Literal["all"], list[Annotated[int, Field(strict=True)]]]
 Positions = Union[Literal["all", "query", "labels", "exemplars"], list[Annotated[int, Field(strict=True)]]]
 
 
-class Window(Strict):
+class Window(StrictModel):
     start: Count = 0
     stop: Count | None = Field(None, description="exclusive; omitted = the end of training")
     unit: Literal["sequences", "steps"] = "sequences"
@@ -186,7 +183,7 @@ def record(key: tuple[str, str]) -> Op:
     return op
 
 
-class ClampSpec(Strict):
+class ClampSpec(StrictModel):
     """Fields every clamp has, and the engine's questions (see the module rules)."""
 
     KIND: ClassVar[str] = ""

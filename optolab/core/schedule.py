@@ -23,15 +23,12 @@ from optolab.core.strict import StrictModel
 MAX_SCHEDULE_POINTS = 100_000
 
 
-Strict = StrictModel
-
-
-class DenseStage(Strict):
+class DenseStage(StrictModel):
     until: PosCount
     every: PosCount
 
 
-class Schedule(Strict):
+class Schedule(StrictModel):
     unit: Literal["sequences", "steps"] = "sequences"
     every: PosCount = 10_000
     dense: list[DenseStage] = Field(default_factory=list, description="denser cadence early on")

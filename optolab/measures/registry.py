@@ -22,14 +22,15 @@ from pydantic import Field, create_model
 from optolab.core.counts import PosCount
 from optolab.core.errors import OptolabError
 from optolab.core.plugins import builtins, entry_points, load_entry_point
-from optolab.core.schedule import Schedule, Strict
+from optolab.core.schedule import Schedule
+from optolab.core.strict import StrictModel
 from optolab.measures.measure import Measure
 
 BUILTIN: dict[str, type[Measure]] = builtins("optolab.measures.builtin", Measure, "NAME")
 ENTRY_POINT_GROUP = "optolab.measures"
 
 
-class MeasuresBase(Strict):
+class MeasuresBase(StrictModel):
     schedule: Schedule = Field(default_factory=Schedule)
     eval_sequences: PosCount = Field(1000, description="sequences per eval split")
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from optolab.core.errors import OptolabError
+from optolab.core.files import read_json_object
 
 
 def _atomic(path: Path, write) -> None:
@@ -108,14 +109,8 @@ def load_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
     for key, value in state.items():
         name, field = key.split("::")
         optimizer.state[params[name]][field] = value.clone()
-    try:
-        sidecar = json.loads(base.with_suffix(".json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        sidecar = None
-    if not isinstance(sidecar, dict):
-        raise OptolabError(f"checkpoint sidecar '{base.with_suffix('.json')}' is damaged.", field="--out",
-                           fix="delete that checkpoint's three files to resume from the one before, or --overwrite.")
-    return sidecar
+    return read_json_object(base.with_suffix(".json"),
+                            fix="delete that checkpoint's three files to resume from the one before, or --overwrite.")
 
 
 def prune(folder: Path, keep: int | None, protect: set[int] = frozenset()) -> None:

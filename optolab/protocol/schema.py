@@ -25,7 +25,8 @@ from pydantic import BeforeValidator, Field, PrivateAttr, SerializeAsAny, model_
 from optolab.clamps.plan import Plan, plan_clamps
 from optolab.clamps.kind import ClampSpec
 from optolab.clamps.registry import validate_clamps
-from optolab.core.schedule import Schedule, Strict
+from optolab.core.schedule import Schedule
+from optolab.core.strict import StrictModel
 from optolab.measures.registry import measures_spec
 from optolab.model.config import ModelConfig
 from optolab.core.counts import PosCount, Seed
@@ -36,7 +37,7 @@ from optolab.tasks import Task, TaskSpec, validate_task_spec
 MAX_PARAMS = 1_000_000_000  # parameters in the blocks; 16 GiB with Adam's two moments and grads
 
 
-class ModelSpec(Strict):
+class ModelSpec(StrictModel):
     # Upper bounds catch typos (an extra zero or three), not ambition: see MAX_PARAMS.
     n_ctx: int | None = Field(None, ge=1, le=65_536, description="context length; default: the task's")
     n_layers: int = Field(2, ge=1, le=256)
@@ -70,12 +71,12 @@ class ModelSpec(Strict):
         return self
 
 
-class Checkpoints(Strict):
+class Checkpoints(StrictModel):
     schedule: Schedule = Field(default_factory=lambda: Schedule(every=100_000))
     keep: int | None = Field(None, ge=1, description="keep only the newest N (default: all)")
 
 
-class TrainSpec(Strict):
+class TrainSpec(StrictModel):
     lr: float = Field(1e-5, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
@@ -111,7 +112,7 @@ class TrainSpec(Strict):
         return self.steps if self.steps is not None else math.ceil(self.sequences / self.batch_size)
 
 
-class Seeds(Strict):
+class Seeds(StrictModel):
     init: Seed = Field(0, description="model initialisation")
     data: Seed = Field(0, description="training batches")
     eval: Seed = Field(1, description="fixed evaluation sets (keep fixed across seeds)")
@@ -120,7 +121,7 @@ class Seeds(Strict):
 MeasuresSpec = measures_spec()  # schedule, eval set size, and each registered measure's switch and options
 
 
-class Protocol(Strict):
+class Protocol(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     description: str = ""
     # validated by the task's own Spec class (found by kind or generator; see tasks/registry.py)

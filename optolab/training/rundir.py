@@ -39,6 +39,7 @@ import pandas as pd
 import yaml
 
 from optolab.core.errors import OptolabError
+from optolab.core.files import read_json_object
 from optolab.core.lock import LOCK_NAME
 
 COLUMNS = ["step", "sequences", "split", "metric", "layer", "head", "src_layer", "src_head", "value"]
@@ -121,14 +122,7 @@ class RunDir:
         """A JSON file of the run ({} when absent); a damaged one is one clear error."""
         if not path.is_file():
             return {}
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError):
-            data = None
-        if not isinstance(data, dict):
-            raise OptolabError(f"'{path}' is damaged (not a JSON object).", field="--out",
-                               fix="pass --overwrite to redo the run (or restore the file).")
-        return data
+        return read_json_object(path, fix="pass --overwrite to redo the run (or restore the file).")
 
     def write_json(self, path: Path, data: dict) -> None:
         write_atomic(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
