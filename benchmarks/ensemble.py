@@ -24,7 +24,6 @@ per core.
 from __future__ import annotations
 
 import argparse
-import copy
 import multiprocessing
 import tempfile
 import time
@@ -32,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from optolab.training.ensemble import train_ensemble
 from optolab.protocol.loader import load_protocol, validate_protocol
+from optolab.training.ensemble import train_ensemble
 from optolab.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from optolab.model.forward import PlainForward
-from optolab.protocol.loader import load_protocol
 from optolab.model.transformer import build_model
+from optolab.protocol.loader import load_protocol
 from optolab.tasks import IGNORE, make_task
 from optolab.training.trainer import make_optimizer
 

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optolab.model.forward import Forward
-from optolab.training.trainer import make_forward
-from optolab.protocol.loader import load_protocol
 from optolab.model.transformer import Transformer, build_model
+from optolab.protocol.loader import load_protocol
 from optolab.protocol.schema import Protocol
 from optolab.tasks import make_task
-from optolab.training.trainer import make_optimizer, make_update
+from optolab.training.trainer import make_forward, make_optimizer, make_update
 
 ROOT = Path(__file__).resolve().parents[1]
 

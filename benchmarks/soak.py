@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from optolab.training.trainer import make_forward
 from optolab.protocol.loader import load_protocol
+from optolab.training.trainer import make_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 

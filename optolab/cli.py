@@ -144,12 +144,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         import pandas as pd
 
+        from optolab.core.lock import DirLock
         from optolab.experiments.posthoc import accuracy_table, default_out, evaluate_checkpoint, resolve_checkpoint
 
         torch.set_num_threads(1)
         protocol = load_protocol(args.protocol)
-        from optolab.core.lock import DirLock
-
         weights, run_dir, _ = resolve_checkpoint(args.checkpoint)
         out = Path(args.out) if args.out else default_out(run_dir, protocol, weights)
         if out.is_dir():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import save_file
 
+from optolab.cli import main
 from optolab.protocol.loader import validate_protocol
 from optolab.training.trainer import train
 from tests.conftest import ROOT, fewshot_protocol, repeat_protocol, write_protocol
-from optolab.cli import main
 from tests.test_bad_input import run_cli
 
 PREV = {"kind": "set", "site": "pattern0", "heads": [1], "to": "previous_token"}

@@ -52,9 +52,9 @@ def test_a_kind_by_path_validates_trains_and_resumes(myclamps, tmp_path, capsys)
 
 
 def test_the_kind_acts(myclamps):
+    from optolab.model.transformer import build_model
     from optolab.tasks import make_task
     from optolab.training.trainer import make_forward
-    from optolab.model.transformer import build_model
 
     p = validate_protocol(_data("myclamps:Clip"))
     task = make_task(p.task)

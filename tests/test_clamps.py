@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from optolab.clamps.values import previous_token_pattern
 from optolab.model.forward import PlainForward
-from optolab.training.trainer import make_forward, train
-from optolab.protocol.loader import validate_protocol
 from optolab.model.transformer import build_model
+from optolab.protocol.loader import validate_protocol
 from optolab.tasks import make_task
+from optolab.training.trainer import make_forward, train
 from tests.conftest import fewshot_protocol, repeat_protocol
 
 P0, P1 = "blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"

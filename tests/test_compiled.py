@@ -11,14 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from optolab.core.errors import OptolabError
+from optolab.model.transformer import build_model
+from optolab.protocol.loader import validate_protocol
+from optolab.tasks import make_task
 from optolab.training.compiled_step import CompiledStep, adam_, ensure_state
 from optolab.training.ensemble import train_ensemble
-from optolab.core.errors import OptolabError
-from optolab.training.trainer import make_forward
-from optolab.protocol.loader import validate_protocol
-from optolab.model.transformer import build_model
-from optolab.tasks import make_task
-from optolab.training.trainer import make_optimizer, make_update, train
+from optolab.training.trainer import make_forward, make_optimizer, make_update, train
 
 from .conftest import fewshot_protocol
 

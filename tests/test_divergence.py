@@ -8,8 +8,8 @@ import pandas as pd
 import torch
 import yaml
 
-from optolab.model.checkpoint import list_checkpoints
 from optolab.cli import main
+from optolab.model.checkpoint import list_checkpoints
 from optolab.tasks.fewshot import FewshotTask
 
 from .conftest import fewshot_protocol, write_protocol

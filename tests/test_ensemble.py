@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from optolab.clamps.union import pass_signature
-from optolab.training.ensemble import condition_key, pack_key, train_ensemble, why_not_packable
 from optolab.protocol.loader import validate_protocol
+from optolab.training.ensemble import condition_key, pack_key, train_ensemble, why_not_packable
 from optolab.training.trainer import train
 
 from .conftest import fewshot_protocol
@@ -190,8 +190,8 @@ def test_a_compiled_mixed_ensemble_evaluates_right_when_no_clamp_acts(tmp_path):
 
 def test_a_clamp_every_condition_has_acts_once_and_members_still_equal_their_runs_alone(tmp_path):
     from optolab.clamps.union import Conditions
-    from optolab.training.trainer import make_forward
     from optolab.tasks import make_task
+    from optolab.training.trainer import make_forward
 
     ablate = {"kind": "ablate", "site": "blocks.1.attn.hook_v", "heads": [1, 2, 3]}  # T4's single-head model
     conditions = [[ablate], [ablate, *CLAMPS["perfect_copy (2 passes)"]], [ablate, *CLAMPS["layer_clamp (3 passes)"]],

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from optolab.measures import (
-    composition_scores, copying_scores, induction_strength, prefix_matching, previous_token, repeat_probe)
+    composition_scores,
+    copying_scores,
+    induction_strength,
+    prefix_matching,
+    previous_token,
+    repeat_probe,
+)
 from optolab.model.transformer import build_model
 from optolab.tasks.repeat_tokens import repeat_induction_targets
 from tests.conftest import tiny_config

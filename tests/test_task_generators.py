@@ -8,10 +8,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optolab.tasks import (IGNORE, BurstyClassesSpec, GaussianICLSpec, MarkovICLSpec, TriggerBigramSpec,
-                           make_task)
-from optolab.testing import (bursty_classes_specs, data_seeds, gaussian_icl_specs, markov_icl_specs, steps,
-                             trigger_bigram_specs)
+from optolab.tasks import IGNORE, BurstyClassesSpec, GaussianICLSpec, MarkovICLSpec, TriggerBigramSpec, make_task
+from optolab.testing import (
+    bursty_classes_specs,
+    data_seeds,
+    gaussian_icl_specs,
+    markov_icl_specs,
+    steps,
+    trigger_bigram_specs,
+)
 
 SETTINGS = settings(max_examples=20, deadline=None)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from optolab.clamps.kind import Planned, PlanContext, When
+from optolab.clamps.kind import PlanContext, Planned, When
 from optolab.clamps.sites import resolve_positions, site_info
 from optolab.core.errors import OptolabError
 from optolab.model.hooks import dry_run

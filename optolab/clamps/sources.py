@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from optolab.clamps.sites import canonical
-from optolab.model.checkpoint import list_checkpoints, load_weights, stem
 from optolab.core.errors import OptolabError
+from optolab.model.checkpoint import list_checkpoints, load_weights, stem
 from optolab.model.config import ModelConfig
 from optolab.model.hooks import dry_run
 from optolab.model.transformer import Transformer

@@ -61,10 +61,10 @@ def train_job(members: list[tuple[dict, str]]) -> dict[str, str]:
     ``{out: "done" | "failed: …"}``; a single run's failure raises instead, like ``train_one``."""
     import torch
 
-    from optolab.experiments.runs import open_run
-    from optolab.training.ensemble import train_ensemble
     from optolab.core.errors import RunFailed
+    from optolab.experiments.runs import open_run
     from optolab.protocol.loader import validate_protocol
+    from optolab.training.ensemble import train_ensemble
 
     if len(members) == 1:
         return {train_one(*members[0]): "done"}

@@ -17,11 +17,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from optolab.model.checkpoint import list_checkpoints, load_weights, stem
 from optolab.clamps.engine import ClampForward
 from optolab.core.errors import OptolabError
-from optolab.model.forward import PlainForward
 from optolab.measures.evaluate import EvalSet, evaluate
+from optolab.model.checkpoint import list_checkpoints, load_weights, stem
+from optolab.model.forward import PlainForward
 from optolab.model.transformer import build_model
 from optolab.protocol.conditions import condition_protocols, plan_condition
 from optolab.protocol.schema import Protocol

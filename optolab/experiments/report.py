@@ -30,8 +30,8 @@ from pathlib import Path
 import pandas as pd
 
 from optolab.core.errors import OptolabError
-from optolab.measures.phase import detect, ratio, summarize_times
 from optolab.experiments.report_figures import plot_report
+from optolab.measures.phase import detect, ratio, summarize_times
 from optolab.training.summary import head_score, phase_change
 
 

@@ -12,16 +12,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from optolab.model.checkpoint import list_checkpoints, load_weights, stem
 from optolab.core.errors import OptolabError
 from optolab.core.lock import DirLock
-from optolab.training.trainer import make_forward
-from optolab.protocol.loader import load_protocol, protocol_from_resolved
+from optolab.model.checkpoint import list_checkpoints, load_weights, stem
 from optolab.model.transformer import Transformer, build_model
+from optolab.protocol.loader import load_protocol, protocol_from_resolved
 from optolab.protocol.schema import Protocol
-from optolab.training.rundir import RunDir
 from optolab.tasks import IGNORE, Batch, Task, make_task
-from optolab.training.trainer import train
+from optolab.training.rundir import RunDir
+from optolab.training.trainer import make_forward, train
 
 
 class Run:
@@ -86,8 +85,13 @@ class Run:
 
     def plot(self) -> list[Path]:
         """(Re)write every figure into ``RUN_DIR/figures``; returns their paths."""
-        from optolab.experiments.plots import (plot_attention, plot_head_scores, plot_loss, plot_loss_by_position,
-                                               plot_prev_token)
+        from optolab.experiments.plots import (
+            plot_attention,
+            plot_head_scores,
+            plot_loss,
+            plot_loss_by_position,
+            plot_prev_token,
+        )
 
         figs = self.dir.figures
         figs.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,9 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from optolab.core.counts import Seed
-from optolab.core.strict import StrictModel
 from optolab.core.errors import OptolabError, SpecError, from_validation_error, lookup_line
 from optolab.core.lock import DirLock
+from optolab.core.strict import StrictModel
 from optolab.protocol.schema import Protocol
 from optolab.training.rundir import write_atomic
 

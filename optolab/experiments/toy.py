@@ -30,8 +30,8 @@ import yaml
 from pydantic import Field, model_validator
 
 from optolab.core.counts import PosCount, Seed
-from optolab.core.strict import StrictModel
 from optolab.core.errors import OptolabError, SpecError
+from optolab.core.strict import StrictModel
 
 Vector = Literal["a", "b", "c"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from optolab.clamps.describe import describe_clamp
 from optolab.measures.registry import active

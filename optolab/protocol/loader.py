@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from optolab.protocol.conditions import condition_protocols, plan_condition
-from optolab.protocol.footprint import check_footprint
 from optolab.core.counts import MAX_SEED
 from optolab.core.errors import OptolabError, duplicate_key, from_validation_error, yaml_line_map
+from optolab.protocol.conditions import condition_protocols, plan_condition
+from optolab.protocol.footprint import check_footprint
 from optolab.protocol.schema import Protocol
 from optolab.tasks import make_task, validate_task_spec
 

@@ -22,17 +22,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, PrivateAttr, SerializeAsAny, model_validator
 
-from optolab.clamps.plan import Plan, plan_clamps
 from optolab.clamps.kind import ClampSpec
+from optolab.clamps.plan import Plan, plan_clamps
 from optolab.clamps.registry import validate_clamps
+from optolab.core.counts import PosCount, Seed
+from optolab.core.errors import SpecError
 from optolab.core.schedule import Schedule
 from optolab.core.strict import StrictModel
 from optolab.measures.registry import measures_spec
 from optolab.model.config import ModelConfig
-from optolab.core.counts import PosCount, Seed
-from optolab.core.errors import SpecError
 from optolab.tasks import Task, TaskSpec, validate_task_spec
-
 
 MAX_PARAMS = 1_000_000_000  # parameters in the blocks; 16 GiB with Adam's two moments and grads
 

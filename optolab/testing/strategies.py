@@ -22,8 +22,15 @@ from hypothesis import assume
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from optolab.tasks import (BurstyClassesSpec, FewshotSpec, GaussianICLSpec, MarkovICLSpec, RepeatTokensSpec,
-                           TaskSpec, TriggerBigramSpec)
+from optolab.tasks import (
+    BurstyClassesSpec,
+    FewshotSpec,
+    GaussianICLSpec,
+    MarkovICLSpec,
+    RepeatTokensSpec,
+    TaskSpec,
+    TriggerBigramSpec,
+)
 
 task_seeds = st.integers(0, 2**31 - 1)
 data_seeds = st.integers(0, 2**31 - 1)

@@ -40,7 +40,6 @@ from torch import Tensor, nn
 
 from optolab.clamps.engine import (
     ClampForward,
-    Op,
     Program,
     program_logits,
     saving,

@@ -34,6 +34,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 
 from optolab.clamps.engine import Program
+from optolab.protocol.schema import Protocol
+from optolab.tasks import IGNORE
+from optolab.tasks.base import Batch
 from optolab.training.compiled import (
     STEP_OPTIONS,
     CallKeys,
@@ -41,9 +44,6 @@ from optolab.training.compiled import (
     compile_fn,
     unused_parameters,
 )
-from optolab.protocol.schema import Protocol
-from optolab.tasks import IGNORE
-from optolab.tasks.base import Batch
 
 
 def plain_adam(protocol: Protocol) -> bool:

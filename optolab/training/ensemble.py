@@ -45,10 +45,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from optolab.model.checkpoint import list_checkpoints
 from optolab.clamps.engine import Program
 from optolab.clamps.rng import call_key
 from optolab.clamps.union import Conditions
+from optolab.core.errors import RunFailed
+from optolab.model.checkpoint import list_checkpoints
+from optolab.model.forward import Forward
+from optolab.model.kernels import PLAIN_KERNELS
+from optolab.model.transformer import build_model
+from optolab.protocol.schema import Protocol
+from optolab.tasks import IGNORE, make_task
+from optolab.tasks.base import Batch
 from optolab.training.compiled import (
     STEP_OPTIONS,
     CallKeys,
@@ -59,15 +66,9 @@ from optolab.training.compiled import (
     unused_parameters,
 )
 from optolab.training.compiled_step import adam_, ensure_state, plain_adam
-from optolab.core.errors import RunFailed
-from optolab.model.forward import Forward
-from optolab.model.kernels import PLAIN_KERNELS
-from optolab.model.transformer import build_model
-from optolab.protocol.schema import Protocol
 from optolab.training.runbook import RunBook
-from optolab.tasks import IGNORE, make_task
-from optolab.tasks.base import Batch
 from optolab.training.trainer import flush_denormals, make_forward, make_optimizer
+
 
 def pack_key(protocol: Protocol) -> str:
     """Runs with equal keys can share an ensemble: everything but the name, description, init and

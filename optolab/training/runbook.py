@@ -25,15 +25,15 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from optolab.model.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
 from optolab.core.errors import OptolabError, RunFailed
 from optolab.core.lock import LOCK_NAME, DirLock
-from optolab.model.forward import Forward
 from optolab.measures.evaluate import EvalSet, evaluate
+from optolab.model.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
+from optolab.model.forward import Forward
 from optolab.protocol.schema import Protocol
+from optolab.tasks import Task
 from optolab.training.rundir import RunDir, environment
 from optolab.training.summary import summarize
-from optolab.tasks import Task
 
 
 class RunBook:

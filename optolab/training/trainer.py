@@ -28,15 +28,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from optolab.clamps.engine import ClampForward
-from optolab.training.compiled import CompiledForward, fresh_caches, require_compiler
-from optolab.training.compiled_step import CompiledStep
 from optolab.model.forward import Forward, PlainForward
 from optolab.model.transformer import Transformer, build_model
 from optolab.protocol.schema import Protocol
-from optolab.training.runbook import RunBook
-from optolab.training.rundir import RunDir
 from optolab.tasks import IGNORE, Task, make_task
 from optolab.tasks.base import Batch
+from optolab.training.compiled import CompiledForward, fresh_caches, require_compiler
+from optolab.training.compiled_step import CompiledStep
+from optolab.training.runbook import RunBook
+from optolab.training.rundir import RunDir
 
 
 @dataclass

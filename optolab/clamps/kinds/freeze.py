@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar
 import torch
 from pydantic import BeforeValidator, Field, model_validator
 
-from optolab.clamps.kind import ClampSpec, Heads, Planned, PlanContext, When, no_empty
+from optolab.clamps.kind import ClampSpec, Heads, PlanContext, Planned, When, no_empty
 from optolab.clamps.sources import load_param_values
 from optolab.core.counts import Count
 from optolab.core.errors import SpecError

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 from torch import Tensor
 
-from optolab.clamps.kind import Planned, PlanContext, SiteClamp
+from optolab.clamps.kind import PlanContext, Planned, SiteClamp
 from optolab.clamps.sources import load_frozen_model
 from optolab.core.counts import Count
 from optolab.model.forward import PlainForward

@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from optolab.clamps.kind import ClampSpec, Parts, Planned, PlanContext, When, record
+from optolab.clamps.kind import ClampSpec, Parts, PlanContext, Planned, When, record
 from optolab.clamps.values import shift_right
 
 

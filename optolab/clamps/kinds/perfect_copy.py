@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field
 
-from optolab.clamps.kind import ClampSpec, Parts, Planned, PlanContext, When, record
+from optolab.clamps.kind import ClampSpec, Parts, PlanContext, Planned, When, record
 
 
 class PerfectCopy(ClampSpec):

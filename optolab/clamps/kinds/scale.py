@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from optolab.clamps.kind import Planned, PlanContext, SiteClamp, finite
+from optolab.clamps.kind import PlanContext, Planned, SiteClamp, finite
 
 
 class Scale(SiteClamp):

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from optolab.clamps.kind import Planned, PlanContext, SiteClamp
+from optolab.clamps.kind import PlanContext, Planned, SiteClamp
 from optolab.clamps.sources import load_tensor_file
 from optolab.clamps.values import perfect_match_rows, previous_token_pattern, uniform_pattern
 from optolab.core.errors import SpecError
