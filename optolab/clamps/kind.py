@@ -38,7 +38,6 @@ Rules for a kind:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -322,7 +321,3 @@ class SiteClamp(ClampSpec):
     def describe(self, c: Planned, words) -> str:
         return f"{words.where(c)} is changed by a '{self.kind}' clamp."
 
-
-def finite(i: int, ctx: PlanContext, name: str, value: float, example: str) -> None:
-    if not math.isfinite(value):
-        raise ctx.error(i, name, "must be a finite number.", f"use e.g. {example}.")

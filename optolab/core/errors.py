@@ -162,6 +162,8 @@ def _fix_for(err: Mapping[str, Any], allowed: Sequence[str]) -> str:
         return f"use a value {bound} {limit}."
     if kind.startswith("int_"):
         return "use a whole number, e.g. 0 (no quotes, no decimal point)."
+    if kind == "finite_number":
+        return "use a finite number (no nan or inf), e.g. 2.0."
     if kind.startswith("float_"):
         return "use a number, e.g. 1e-3."
     if kind.startswith("bool"):
@@ -180,7 +182,7 @@ def _fix_for(err: Mapping[str, Any], allowed: Sequence[str]) -> str:
         return f"set 'kind' to one of {ctx.get('expected_tags', 'the known kinds')}."
     if kind == "value_error":
         return ""
-    return "see the README section on protocols for the expected form."
+    return "see docs/protocols.md for the expected form."
 
 
 def from_validation_error(exc: Any, *, source: str | Path | None = None, prefix: str = "",

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from optolab.clamps.kind import PlanContext, Planned, SiteClamp, finite
+from optolab.clamps.kind import Planned, SiteClamp
 
 
 class Scale(SiteClamp):
@@ -14,9 +14,6 @@ class Scale(SiteClamp):
 
     KIND: ClassVar[str] = "scale"
     factor: float
-
-    def check(self, i: int, ctx: PlanContext, info) -> None:
-        finite(i, ctx, "factor", self.factor, "factor: 2.0")
 
     def fill(self, c: Planned):
         f = self.factor
