@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard what --out holds first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for tiny models)")
+    p.add_argument("--device", help="set train.device: auto, cpu, cuda, cuda:N or mps (a run may resume on another)")
 
     p = sub.add_parser("validate", help="check a protocol and explain it in plain words")
     p.add_argument("protocol")
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "forward passes, seeds = only runs of one condition, off = each alone (default: auto)")
     p.add_argument("--max-pack", type=int, default=8, help="most runs in one ensemble (default 8)")
     p.add_argument("--max-runs", type=int, default=1000, help="refuse a sweep of more runs (default 1000)")
+    p.add_argument("--device", help="set every run's train.device: auto, cpu, cuda, cuda:N or mps")
 
     p = sub.add_parser("report", help="summary.csv, conditions.csv and report.md of a sweep directory")
     p.add_argument("sweep_dir")
@@ -108,7 +110,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from optolab.api import default_out, run
 
         torch.set_num_threads(max(1, args.threads))
-        protocol = load_protocol(args.protocol, seed=args.seed)
+        protocol = load_protocol(args.protocol, seed=args.seed, device=args.device)
         out = args.out or default_out(protocol)
         result = run(protocol, out, overwrite=args.overwrite, progress=not args.no_progress)
         s = result.summary
@@ -185,7 +187,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         status = run_sweep(args.sweep, args.out, workers=args.workers, executor=args.executor,
                            address=args.address, pack=args.pack, max_pack=args.max_pack,
-                           max_runs=args.max_runs)
+                           max_runs=args.max_runs, device=args.device)
         done = sum(v == "done" for v in status.values())
         skipped = sum(v == "skipped" for v in status.values())
         failed = {rid: v for rid, v in status.items() if v.startswith("failed")}

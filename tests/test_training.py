@@ -148,7 +148,7 @@ def test_denormals_are_flushed_only_while_training(tmp_path):
 def test_a_run_restores_the_denormal_setting_it_found(tmp_path):
     import torch
 
-    from optolab.training.trainer import flush_denormals
+    from optolab.core.device import flush_denormals
 
     for before in (True, False):
         torch.set_flush_denormal(before)

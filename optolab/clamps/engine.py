@@ -128,7 +128,7 @@ def copy_logits(logits: Tensor, scores: Tensor, head: int, batch: Batch) -> Tens
     every other label −1e9."""
     labels = batch.inputs[1]  # [batch, n_lab]
     n_labels = logits.shape[-1]
-    label_pos = torch.arange(1, 2 * labels.shape[1], 2)
+    label_pos = torch.arange(1, 2 * labels.shape[1], 2, device=scores.device)
     row = scores[:, head, -1, label_pos]  # [batch, n_lab]
     onehot = torch.nn.functional.one_hot(labels, n_labels).bool()  # [batch, n_lab, n_labels]
     per_label = torch.logsumexp(row[:, :, None].masked_fill(~onehot, float("-inf")), dim=1)
@@ -184,7 +184,7 @@ class ClampForward(Forward):
             program = self._programs[key] = build_program(self.plan, active, save)
         init, data = self.seeds if seeds is None else seeds
         return program, {"prepared": {c.index: c.spec.prepare(c, batch) for c in program.prepared},
-                         "key": call_key(init, data, step, training)}
+                         "key": call_key(init, data, step, training, batch.targets.device)}
 
     # --- one pass ------------------------------------------------------------------------
 

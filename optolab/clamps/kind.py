@@ -300,15 +300,15 @@ class SiteClamp(ClampSpec):
         """``where(selection, value(out), out)``; the selection mask is cached per shape."""
         value = self.fill(c)
         info, heads, positions = c.site, c.heads, c.positions
-        masks: dict[Any, Tensor | None] = {}  # per activation shape (lengths can vary per batch)
+        masks: dict[Any, Tensor | None] = {}  # per activation shape (lengths can vary per batch) and device
 
         def op(out: Tensor, ctx: PassContext) -> Tensor:
-            key = out.shape
+            key = (out.shape, out.device)
             if key not in masks:
                 n = out.shape[info.pos_axis] if info.pos_axis is not None else 0
                 pos = None if info.pos_axis is None else resolve_positions(positions, n, exemplar_label, strict=False)
                 mask = selection_mask(tuple(out.shape), info.head_axis, heads, info.pos_axis, pos)
-                masks[key] = TRUE if mask is None else mask
+                masks[key] = (TRUE if mask is None else mask).to(out.device)
             return torch.where(masks[key], value(out, ctx), out)
 
         return op

@@ -18,15 +18,22 @@ Rules:
 - At most one clamp defines the model's output (``perfect_copy``, ``layer_clamp`` with
   ``copy_head``).
 - A run plans once: the protocol keeps its plan (:meth:`~optolab.protocol.schema.Protocol.clamp_plan`).
+  Planning happens on the CPU; a run on another device takes :meth:`Plan.to_device` (what the
+  clamps loaded, moved; the protocol's own plan stays on the CPU).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, replace
 
+import torch
+from torch import nn
+
 from optolab.clamps.kind import PlanContext, Planned, When
 from optolab.clamps.sites import resolve_positions, site_info
+from optolab.core.device import to_device
 from optolab.core.errors import OptolabError
 from optolab.model.hooks import dry_run
 from optolab.model.transformer import build_model
@@ -49,6 +56,17 @@ class Plan:
         the compiled and ensemble paths compute per-head results only there."""
         return frozenset(c.site.layer for c in self.clamps
                          if c.site is not None and c.site.name.endswith("attn.hook_result"))
+
+    def to_device(self, device: torch.device) -> Plan:
+        """This plan with what its clamps loaded (tensors, parameter values, frozen models) on
+        ``device``; itself on the CPU."""
+        if device.type == "cpu":
+            return self
+
+        def moved(data):
+            return copy.deepcopy(data).to(device) if isinstance(data, nn.Module) else to_device(data, device)
+
+        return replace(self, clamps=[replace(c, data=moved(c.data)) for c in self.clamps])
 
     def posthoc(self) -> Plan:
         """This plan for post-hoc evaluation: every clamp that acts on evaluations acts at every

@@ -25,12 +25,12 @@ from torch import Tensor
 MASK32 = 0xFFFFFFFF
 
 
-def call_key(init_seed: int, data_seed: int, step: int, training: bool) -> Tensor:
-    """The key of one forward call of one run (see the module rules)."""
+def call_key(init_seed: int, data_seed: int, step: int, training: bool, device=None) -> Tensor:
+    """The key of one forward call of one run (see the module rules), on ``device``."""
     digest = hashlib.blake2b(f"optolab-clamp-rng/{init_seed}/{data_seed}/{step}/{int(training)}".encode(),
                              digest_size=8).digest()
     return torch.tensor([int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")],
-                        dtype=torch.int64)
+                        dtype=torch.int64, device=device)
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:

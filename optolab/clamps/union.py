@@ -128,17 +128,19 @@ class Conditions:
     """The members' conditions: each member's clamps (one Forward per distinct clamp list) and,
     per step and phase, the one program every member runs, with each member's gate."""
 
-    def __init__(self, forwards: Sequence[Forward], of_member: Sequence[int]) -> None:
+    def __init__(self, forwards: Sequence[Forward], of_member: Sequence[int], device=None) -> None:
         self.forwards = list(forwards)
         self.of_member = list(of_member)
+        self.device = torch.device("cpu") if device is None else device
         self.plans = [f.plan if isinstance(f, ClampForward) else None for f in self.forwards]
         # [member, condition]: each member's one-hot condition
-        self.gates = torch.nn.functional.one_hot(torch.tensor(list(of_member)), len(self.forwards)).bool()
+        self.gates = torch.nn.functional.one_hot(torch.tensor(list(of_member)), len(self.forwards)).bool() \
+            .to(self.device)
         self._programs: dict[tuple, Program] = {}
 
     def gate(self, k: int) -> Tensor:
         """Condition ``k``'s one-hot gate (``[condition]``)."""
-        return torch.arange(len(self.forwards)) == k
+        return torch.arange(len(self.forwards), device=self.device) == k
 
     def _actives(self, step: int, training: bool) -> list[list[Planned]]:
         return [f.active(step, training) if isinstance(f, ClampForward) else [] for f in self.forwards]
@@ -173,4 +175,5 @@ class Conditions:
         program of this call (nothing is prepared: grafts are never packed) and the random key
         of the member whose ``seeds`` these are."""
         init, data = seeds if seeds is not None else (0, 0)
-        return self.program(step, training, save), {"prepared": {}, "key": call_key(init, data, step, training)}
+        return self.program(step, training, save), {"prepared": {},
+                                                    "key": call_key(init, data, step, training, batch.targets.device)}

@@ -10,7 +10,9 @@ Rules:
   are numbers; ``"5"``, ``"abc"`` or ``"5 layers"`` are not.
 - An ``int`` field takes whole numbers (``1e6`` and ``3.0`` included); a ``float`` field any
   finite number within float32's range (the model trains in float32: ``1e39`` would become inf).
-- ``bool`` fields keep YAML's booleans; ``str`` fields are not touched.
+- ``bool`` fields take YAML's booleans only (``true``/``false``, ``yes``/``no``, ``on``/``off``):
+  a number or a quoted string is refused, not read as true (a field that also allows named
+  values, like ``compile: auto``, takes those names too); ``str`` fields are not touched.
 """
 
 from __future__ import annotations
@@ -68,6 +70,29 @@ def _number(v: Any, kind: str) -> Any:
     return v
 
 
+def boolean_words(annotation: Any) -> frozenset[str] | None:
+    """For a field that takes booleans: the strings it takes too (its ``Literal`` values); None
+    for any other field."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return boolean_words(typing.get_args(annotation)[0])
+    if annotation is bool:
+        return frozenset()
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if bool in args:
+            return frozenset(w for a in args if typing.get_origin(a) is typing.Literal
+                             for w in typing.get_args(a) if isinstance(w, str))
+    return None
+
+
+def _boolean(v: Any, words: frozenset[str]) -> Any:
+    if isinstance(v, bool) or (isinstance(v, str) and v in words):
+        return v
+    also = "".join(f" or {w}" for w in sorted(words))
+    raise SpecError("", f"{v!r} is not true or false.", f"write true or false{also} (no quotes).")
+
+
 class StrictModel(BaseModel):
     """A schema read from YAML (see the module rules)."""
 
@@ -77,6 +102,9 @@ class StrictModel(BaseModel):
     @classmethod
     def _numbers_are_numbers(cls, v: Any, info: ValidationInfo) -> Any:
         field = cls.model_fields.get(info.field_name) if info.field_name else None
+        words = boolean_words(field.annotation) if field is not None else None
+        if words is not None and v is not None:
+            return _boolean(v, words)
         kind = numeric_kind(field.annotation) if field is not None else None
         if kind is None or v is None:
             return v

@@ -14,6 +14,11 @@ Rules:
   in the environment) it connects to that cluster; without one it starts a local Ray instance
   with ``workers`` CPUs and shuts it down afterwards. An address that cannot be reached is one
   clear error within seconds, before anything is written.
+- GPUs: a job trains on a GPU when its ``train.device`` is ``cuda`` (or ``auto`` where one is).
+  ``local`` then starts its workers fresh (``spawn``: CUDA does not survive a ``fork``) and
+  gives each worker one GPU in turn (``CUDA_VISIBLE_DEVICES``), so ``workers`` runs share the
+  GPUs evenly; a job that names ``cuda:N`` keeps every GPU in view. ``ray`` asks for
+  ``1 / runs_per_gpu`` of a GPU per such job (``num_gpus``), so Ray places that many on each.
 - On a cluster every node must see the sweep directory at the same path (shared storage: NFS,
   Lustre, a mounted bucket) and have the same optolab installed; runs write there directly,
   and before any run is submitted a probe task on every node checks that it can read a file
@@ -42,6 +47,7 @@ CONNECT_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 60.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 WATCH_PARENT_S = 1.0
+RUNS_PER_GPU = 4  # a GPU job asks Ray for a quarter of a GPU: tiny models leave a GPU mostly idle
 
 
 def train_one(protocol_data: dict, out: str) -> str:
@@ -115,8 +121,43 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="optolab-watch-parent").start()
 
 
+def _devices(jobs: list[Job]) -> set[str]:
+    return {data.get("train", {}).get("device", "auto") for job in jobs for _rid, data in job}
+
+
+def gpu_jobs(jobs: list[Job], n_gpus: int) -> bool:
+    """Whether these jobs train on GPUs (see the module rules)."""
+    return any(d.startswith("cuda") or (d == "auto" and n_gpus > 0) for d in _devices(jobs))
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def start_worker(parent: int, slots=None) -> None:
+    """A pool worker's start: die with the parent; on a GPU sweep, see one GPU (the next slot)."""
+    if slots is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get())
+    die_with_parent(parent)
+
+
 def run_local(jobs: list[Job], out: Path, workers: int) -> dict[str, str]:
     status: dict[str, str] = {}
+    n_gpus = gpu_count() if workers > 1 else 0
+    if workers > 1 and gpu_jobs(jobs, n_gpus):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        slots = None
+        if n_gpus and not any(re.fullmatch(r"cuda:\d+", d) for d in _devices(jobs)):
+            slots = ctx.Queue()
+            for w in range(workers):
+                slots.put(w % n_gpus)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=start_worker,
+                                   initargs=(os.getpid(), slots))
+        return _drain(pool, jobs, out, status)
     if workers == 1:
         for job in jobs:
             try:
@@ -124,7 +165,12 @@ def run_local(jobs: list[Job], out: Path, workers: int) -> dict[str, str]:
             except Exception as e:  # noqa: BLE001 - one broken run must not stop the sweep
                 status.update(_collect(job, out, None, e))
         return status
-    with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    return _drain(pool, jobs, out, status)
+
+
+def _drain(pool: ProcessPoolExecutor, jobs: list[Job], out: Path, status: dict[str, str]) -> dict[str, str]:
+    with pool:
         futures = {pool.submit(train_job, _members(job, out)): job for job in jobs}
         for fut in as_completed(futures):
             job = futures[fut]
@@ -246,8 +292,14 @@ def check_shared_storage(ray, out: Path) -> None:
                            fix="put --out on storage shared by every node, mounted at the same path.")
 
 
+def ray_gpus(jobs: list[Job], cluster_gpus: float, runs_per_gpu: int = RUNS_PER_GPU) -> float:
+    """The share of a GPU each job asks Ray for: ``1 / runs_per_gpu`` for GPU jobs, else 0."""
+    return 1.0 / runs_per_gpu if gpu_jobs(jobs, int(cluster_gpus)) else 0.0
+
+
 def run_ray(jobs: list[Job], out: Path, ray, max_retries: int = 3) -> dict[str, str]:
-    remote = ray.remote(num_cpus=1, max_retries=max_retries)(train_job)
+    gpus = ray_gpus(jobs, ray.cluster_resources().get("GPU", 0))
+    remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=max_retries)(train_job)
     resolved = out.resolve()
     refs = {remote.remote(_members(job, resolved)): job for job in jobs}
     status: dict[str, str] = {}

@@ -22,6 +22,8 @@ from optolab.tasks import IGNORE, Batch, Task, make_task
 from optolab.training.rundir import RunDir
 from optolab.training.trainer import make_forward, train
 
+CPU = torch.device("cpu")  # a finished run is read on the CPU: its checkpoints are device-free
+
 
 class Run:
     """A run directory, opened: protocol, metrics, summary, checkpoints and the model."""
@@ -102,7 +104,7 @@ class Run:
         if self.checkpoint_steps:
             model = self.model()
             sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
-            forward = make_forward(self.protocol, self.task, model.cfg)  # patterns as the clamps left them
+            forward = make_forward(self.protocol, self.task, model.cfg, CPU, compiled=False)  # patterns as the clamps left them
             with torch.no_grad():
                 _, saved = forward(model, self.eval_batch(n=256), step=self.checkpoint_steps[-1], training=False,
                                    save=sites)
@@ -120,7 +122,7 @@ class Run:
         out = {}
         for step in self.checkpoint_steps:
             model = self.model(step)
-            forward = make_forward(self.protocol, self.task, model.cfg)
+            forward = make_forward(self.protocol, self.task, model.cfg, CPU, compiled=False)
             with torch.no_grad():
                 logits, _ = forward(model, batch, step=step, training=False)
             per = F.cross_entropy(logits.transpose(1, 2), batch.targets.clamp_min(0), reduction="none")

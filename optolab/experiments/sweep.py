@@ -35,6 +35,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from optolab.core.counts import Seed
+from optolab.core.device import check_device
 from optolab.core.errors import OptolabError, SpecError, from_validation_error, lookup_line
 from optolab.core.lock import DirLock
 from optolab.core.strict import StrictModel
@@ -306,19 +307,26 @@ def plan_sweep(path: str | Path, out: str | Path, *, workers: int | None, pack: 
     return spec, runs, status, jobs, min(workers, len(jobs) or 1)
 
 
+def on_device(resolved: dict, device: str | None) -> dict:
+    return resolved if device is None else {**resolved, "train": {**resolved["train"], "device": device}}
+
+
 def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, executor: str = "local",
               address: str | None = None, pack: str = "auto", max_pack: int = 8,
-              max_runs: int = MAX_RUNS) -> dict[str, str]:
+              max_runs: int = MAX_RUNS, device: str | None = None) -> dict[str, str]:
     """Train every unfinished run of a sweep; ``{run id: "done" | "skipped" | "failed: …"}``.
 
     Bad input (the sweep file, the executor, an unreachable Ray address) raises before anything
-    is written. A run that fails does not stop the others.
+    is written. A run that fails does not stop the others. ``device`` (``--device``) sets every
+    run's ``train.device`` (not part of a run's identity: finished runs stay finished).
     """
     from optolab.experiments import executors
 
     if executor not in executors.EXECUTORS:
         raise OptolabError(f"unknown executor '{executor}'.", field="--executor",
                            fix=f"use one of {list(executors.EXECUTORS)}.")
+    if device is not None:
+        check_device(device, "--device")
     spec, runs, status, jobs, workers = plan_sweep(path, out, workers=workers, pack=pack, max_pack=max_pack,
                                                    max_runs=max_runs)
     out = Path(out)
@@ -337,7 +345,7 @@ def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, 
             "runs": {rid: {"condition": r.condition, "point": r.point, "seed": r.seed, "group": r.group}
                      for rid, r in runs.items()},
             "invocations": invocations}, indent=2, default=str))
-        payload = [[(rid, runs[rid].protocol.resolved()) for rid in job] for job in jobs]
+        payload = [[(rid, on_device(runs[rid].protocol.resolved(), device)) for rid in job] for job in jobs]
         if ray is not None:
             executors.check_shared_storage(ray, out)
             status.update(executors.run_ray(payload, out, ray))

@@ -35,7 +35,7 @@ def induction_strength(pattern: Pattern, match: Bool[Tensor, "batch pos"], nonma
 def previous_token(pattern: Pattern) -> tuple[Float[Tensor, "head"], Float[Tensor, "head"]]:
     """``(raw, baseline_corrected)``, each averaged over query positions 1..n−1 and the batch."""
     n = pattern.shape[-1]
-    i = torch.arange(1, n)
+    i = torch.arange(1, n, device=pattern.device)
     a = pattern[:, :, i, i - 1]  # [batch, head, n-1]
     corrected = a - (1 - a) / i.to(a.dtype)
     return a.mean((0, 2)), corrected.mean((0, 2))

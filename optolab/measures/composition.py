@@ -21,7 +21,7 @@ def composition_scores(model: Transformer) -> dict[str, Tensor]:
     L, H = len(blocks), model.cfg.n_heads
     out = {}
     for name in ("Q", "K", "V"):
-        scores = torch.full((L, H, L, H), float("nan"))
+        scores = torch.full((L, H, L, H), float("nan"), device=blocks[0].attn.W_O.device)
         for src in range(L):
             W_O = blocks[src].attn.W_O  # [head, d_head, d_model]
             o_norm = W_O.flatten(1).norm(dim=1)  # [head]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from optolab.core.device import to_device
 from optolab.measures.measure import ModelData, SplitData, model_row
 from optolab.measures.registry import active
 from optolab.model.forward import Forward
@@ -37,9 +38,14 @@ class EvalSet:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, task: Task, spec, seed: int, n_ctx: int) -> EvalSet:
+    def build(cls, task: Task, spec, seed: int, n_ctx: int, device: torch.device | None = None) -> EvalSet:
+        """Made on the CPU (the same numbers everywhere), then moved to ``device``."""
         splits = {s: task.eval_batch(s, seed, spec.eval_sequences) for s in task.eval_splits}
-        return cls(splits, {m.NAME: m.build(task, spec, seed, n_ctx) for m in active(spec)})
+        evals = cls(splits, {m.NAME: m.build(task, spec, seed, n_ctx) for m in active(spec)})
+        return evals if device is None or device.type == "cpu" else evals.to_device(device)
+
+    def to_device(self, device: torch.device) -> EvalSet:
+        return EvalSet(to_device(self.splits, device), to_device(self.extra, device))
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ def copying_scores(model: Transformer, ids: Tensor) -> Tensor:
     E = model.W_E if cfg.input_mode == "tokens" else model.W_L
     x = E[ids][None]  # [1, n, d_model] as a "residual stream"
     W_U = model.W_U
-    scores = torch.empty(cfg.n_layers, cfg.n_heads)
+    scores = torch.empty(cfg.n_layers, cfg.n_heads, device=x.device)
     for layer, block in enumerate(model.blocks):
         h_in = block.ln1(x)
         v = torch.einsum("bnd,dhe->bnhe", h_in, block.attn.W_V)

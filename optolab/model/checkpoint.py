@@ -6,6 +6,9 @@ Rules:
 - Every file is written to a temporary name and renamed; the sidecar is written last, so a
   checkpoint exists only when its sidecar does. A half-written checkpoint is never loaded.
 - Only safetensors are read: nothing here unpickles.
+- Files are device-free: tensors are saved from the CPU and loaded onto the device of the model
+  they go into (Adam's step counts where torch's Adam keeps them: on the parameter's device for
+  fused or capturable Adam, else on the CPU), so a run moves between devices at any checkpoint.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def save_checkpoint(folder: Path, step: int, sequences: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None, info: dict | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / stem(step)
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _atomic(base.with_suffix(".safetensors"), lambda p: save_file(weights, str(p)))
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
@@ -46,7 +49,7 @@ def save_checkpoint(folder: Path, step: int, sequences: int, model: nn.Module,
             for p in group["params"]:
                 for key, value in optimizer.state.get(p, {}).items():
                     if torch.is_tensor(value):
-                        state[f"{names[id(p)]}::{key}"] = value.detach().reshape(value.shape).contiguous()
+                        state[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous()
         _atomic(folder / f"{stem(step)}.optim.safetensors", lambda p: save_file(state, str(p)))
     sidecar = {"step": step, "sequences": sequences, **(info or {})}
     _atomic(base.with_suffix(".json"), lambda p: p.write_text(json.dumps(sidecar, indent=2)))
@@ -106,9 +109,12 @@ def load_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
     load_weights(base.with_suffix(".safetensors"), model)
     state = _read(folder / f"{stem(step)}.optim.safetensors", "--out")
     params = dict(model.named_parameters())
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     for key, value in state.items():
         name, field = key.split("::")
-        optimizer.state[params[name]][field] = value.clone()
+        p = params[name]
+        device = p.device if field != "step" or on_device else torch.device("cpu")
+        optimizer.state[p][field] = value.to(device, copy=True)
     return read_json_object(base.with_suffix(".json"),
                             fix="delete that checkpoint's three files to resume from the one before, or --overwrite.")
 

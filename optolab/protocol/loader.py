@@ -176,8 +176,10 @@ def _resolve_clamp_paths(clamps: Any, base: Path) -> Any:
     return out
 
 
-def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None = None) -> Protocol:
-    """Load and validate a protocol file. ``seed`` sets both the init and the data seed."""
+def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None = None,
+                  device: str | None = None) -> Protocol:
+    """Load and validate a protocol file. ``seed`` sets both the init and the data seed;
+    ``device`` (``--device``) sets ``train.device``."""
     data, lines = read_yaml(path, "protocol")
     source = str(path)
     data = dict(data)
@@ -201,6 +203,8 @@ def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None
         seeds = data.get("seeds") or {}
         if isinstance(seeds, dict):  # anything else is reported by the schema below
             data["seeds"] = {**seeds, "init": seed, "data": seed}
+    if device is not None and isinstance(data.get("train"), dict):
+        data["train"] = {**data["train"], "device": device}
     return validate_protocol(data, source=source, lines=lines)
 
 

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, PrivateAttr, SerializeAsAny, model_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
 
 from optolab.clamps.kind import ClampSpec
 from optolab.clamps.plan import Plan, plan_clamps
 from optolab.clamps.registry import validate_clamps
 from optolab.core.counts import PosCount, Seed
+from optolab.core.device import DEVICE_PATTERN
 from optolab.core.errors import SpecError
 from optolab.core.schedule import Schedule
 from optolab.core.strict import StrictModel
@@ -88,11 +90,26 @@ class TrainSpec(StrictModel):
     flush_denormals: bool = Field(True, description="treat denormal floats as 0 while training (CPU speed)")
     clamp_engine: Literal["nnsight", "hooks"] = Field(
         "nnsight", description="how clamps are applied: nnsight traces, or the same ops as raw forward hooks")
-    compile: bool = Field(
-        False, description="every forward (training and evals) through torch.compile (optolab.training.compiled): "
-                           "~2.5-4x faster, equal to the nnsight path up to float rounding; "
-                           "costs a compile per clamp program")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="every forward (training and evals) through torch.compile (optolab.training.compiled): "
+                            "~2.5-4x faster, equal to the nnsight path up to float rounding; costs a compile per "
+                            "clamp program. auto: compiled when the run is long enough to repay that "
+                            "(optolab.training.compiled.decide_compile)")
+    device: str = Field("auto",
+                        description="auto (a GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or mps "
+                                    "(optolab.core.device); not part of the run's identity: a run may resume "
+                                    "on another device")
+    precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32", description="fp32; tf32 (TensorFloat-32 matmuls on GPUs); bf16 (forward under bfloat16 autocast)")
+    deterministic: bool = Field(False, description="torch's deterministic algorithms (GPUs; CPU runs always are)")
     checkpoints: Checkpoints = Field(default_factory=Checkpoints)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, v):
+            raise SpecError("", f"'{v}' is not a device.", "use auto, cpu, cuda, cuda:N or mps.")
+        return v
 
     @model_validator(mode="after")
     def _budget(self) -> TrainSpec:

@@ -34,6 +34,7 @@ from jaxtyping import Bool, Int
 from pydantic import Field
 from torch import Tensor
 
+from optolab.core.device import to_device
 from optolab.core.strict import StrictModel
 
 IGNORE = -100
@@ -102,6 +103,13 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.targets.shape[0])
+
+    def to_device(self, device: torch.device) -> Batch:
+        """This batch with every tensor (``extra``'s too) on ``device``; itself when already there."""
+        if self.targets.device == device:
+            return self
+        moved = {k: to_device(v, device) for k, v in vars(self).items()}
+        return Batch(**moved)
 
 
 def rng(*keys: int) -> torch.Generator:

@@ -32,6 +32,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import shutil
 from collections.abc import Callable, Sequence
 
@@ -70,16 +71,48 @@ OPTIONS = {"cpp.simdlen": 256, "cpp.vec_isa_ok": True}
 STEP_OPTIONS = {**OPTIONS, "cpp_wrapper": True, "size_asserts": False}
 
 
+def step_options(device: torch.device) -> dict:
+    """A training step's compile options on ``device`` (the C++ wrapper is measured on CPUs only)."""
+    return STEP_OPTIONS if device.type == "cpu" else OPTIONS
+
+
 def compile_fn(fn: Callable, options: dict = OPTIONS) -> Callable:
     """``fn`` through torch.compile as this module uses it: one graph, static shapes."""
     return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
 
 
-def require_compiler() -> None:
-    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        raise OptolabError("train.compile needs a C++ compiler on CPU (torch.compile builds its kernels), "
-                           "and none is on PATH.", field="train.compile",
-                           fix="install one (e.g. g++), or set train.compile: false.")
+def has_compiler(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels for ``device``: a C++ compiler for the CPU, Triton
+    for a GPU."""
+    if device.type == "cpu":
+        return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return False
+
+
+def require_compiler(device: torch.device = torch.device("cpu")) -> None:
+    if not has_compiler(device):
+        need = "a C++ compiler on PATH (e.g. g++)" if device.type == "cpu" else \
+            "Triton" if device.type == "cuda" else "a device torch.compile supports here (cpu or cuda)"
+        raise OptolabError(f"train.compile needs {need} on {device} (torch.compile builds its kernels), "
+                           "and it is missing.", field="train.compile",
+                           fix="install it, or set train.compile: false (or auto, which then runs eagerly).")
+
+
+# ``train.compile: auto`` compiles a run of at least this many training steps. Measured
+# (benchmarks/compile_cost.py, main config with one pattern clamp, one core): see decide_compile.
+AUTO_COMPILE_STEPS = 10_000
+
+
+def decide_compile(train, device: torch.device) -> bool:
+    """Whether a run with these ``train`` settings compiles on ``device``: ``true``/``false`` as
+    written; ``auto`` compiles when torch.compile can build kernels there and the run has at least
+    :data:`AUTO_COMPILE_STEPS` steps, where the steps it saves repay the compile (a compile costs
+    about as much as a few thousand eager steps; below that, and in tests, eager is faster)."""
+    if train.compile != "auto":
+        return bool(train.compile)
+    return train.total_steps >= AUTO_COMPILE_STEPS and has_compiler(device)
 
 
 def fresh_caches() -> None:

@@ -38,10 +38,10 @@ from optolab.protocol.schema import Protocol
 from optolab.tasks import IGNORE
 from optolab.tasks.base import Batch
 from optolab.training.compiled import (
-    STEP_OPTIONS,
     CallKeys,
     CompiledForward,
     compile_fn,
+    step_options,
     unused_parameters,
 )
 
@@ -57,7 +57,7 @@ def ensure_state(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not optimizer.state[p]:
-                optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
                                       "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                                       "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
@@ -88,7 +88,7 @@ class CompiledStep:
         self.names = [n for n, _ in model.named_parameters()]
         # parameters only ever change in place (Adam, a freeze's restore): one detached view each
         self.detached = {n: p.detach() for n, p in zip(self.names, self.params)}
-        self.compiled = compile_fn(self._grads, STEP_OPTIONS)
+        self.compiled = compile_fn(self._grads, step_options(self.params[0].device))
         self.keys = CallKeys()
         self._used_by: dict[int, list[int]] = {}
         if self.plain:

@@ -48,6 +48,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from optolab.clamps.engine import Program
 from optolab.clamps.rng import call_key
 from optolab.clamps.union import Conditions
+from optolab.core.device import autocast, numerics, resolve_device, to_device
 from optolab.core.errors import RunFailed
 from optolab.model.checkpoint import list_checkpoints
 from optolab.model.forward import Forward
@@ -57,17 +58,18 @@ from optolab.protocol.schema import Protocol
 from optolab.tasks import IGNORE, make_task
 from optolab.tasks.base import Batch
 from optolab.training.compiled import (
-    STEP_OPTIONS,
     CallKeys,
     CompiledForward,
     SiteDispatch,
     compile_fn,
+    decide_compile,
     fresh_caches,
+    step_options,
     unused_parameters,
 )
 from optolab.training.compiled_step import adam_, ensure_state, plain_adam
 from optolab.training.runbook import RunBook
-from optolab.training.trainer import flush_denormals, make_forward, make_optimizer
+from optolab.training.trainer import make_forward, make_optimizer
 
 
 def pack_key(protocol: Protocol) -> str:
@@ -149,10 +151,11 @@ class _Step:
     ``torch.func.grad_and_value`` in one compiled graph per program). Returns the stacked
     parameters' gradients and each member's loss."""
 
-    def __init__(self, skeleton: nn.Module, conditions: Conditions, names: list[str], compiled: bool) -> None:
+    def __init__(self, skeleton: nn.Module, conditions: Conditions, names: list[str], compiled: bool,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.conditions, self.names, self.compiled = conditions, names, compiled
         self.dispatch = SiteDispatch(skeleton)
-        self.fn = compile_fn(self._grads, STEP_OPTIONS) if compiled else self._grads
+        self.fn = compile_fn(self._grads, step_options(device)) if compiled else self._grads
         self.keys = CallKeys()
         self._unused: dict[tuple, dict[str, list[int]]] = {}
 
@@ -169,7 +172,7 @@ class _Step:
                     p.grad = None
                 losses = _member_losses(self._logits(program, params, buffers, tensors, gates, keys, rest,
                                                      n_inputs), tensors["targets"])
-                torch.where(alive, losses, torch.zeros(())).sum().backward()
+                torch.where(alive, losses, losses.new_zeros(())).sum().backward()
             finally:
                 PLAIN_KERNELS.reset(token)
             return [params[n].grad for n in self.names], losses.detach()
@@ -221,7 +224,7 @@ class _Step:
               n_inputs: int, alive: Tensor):
         losses = _member_losses(self._logits(program, params, buffers, tensors, gates, keys, rest, n_inputs),
                                 tensors["targets"])
-        return torch.where(alive, losses, torch.zeros(())).sum(), losses
+        return torch.where(alive, losses, losses.new_zeros(())).sum(), losses
 
     def _grads(self, program: Program, params, buffers, tensors, gates: Tensor, keys: Tensor, rest: dict,
                n_inputs: int, alive: Tensor):
@@ -250,26 +253,29 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     p0 = protocols[0]
     task = make_task(p0.task)
     cfg = p0.model_config_for(task)
+    t0 = p0.train
+    device = resolve_device(t0.device)
+    compiled = decide_compile(t0, device)
     index: dict[str, int] = {}
     of_member = [index.setdefault(condition_key(p), len(index)) for p in protocols]
     # one Forward per condition: its clamp plan, and its members' evals
-    forwards = [make_forward(protocols[of_member.index(k)], task, cfg) for k in range(len(index))]
-    conditions = Conditions([f.inner if isinstance(f, CompiledForward) else f for f in forwards], of_member)
+    forwards = [make_forward(protocols[of_member.index(k)], task, cfg, device) for k in range(len(index))]
+    conditions = Conditions([f.inner if isinstance(f, CompiledForward) else f for f in forwards], of_member, device)
     evals = [_MemberEval(forwards[k], (p.seeds.init, p.seeds.data)) for p, k in zip(protocols, of_member)]
-    if p0.train.compile and len(forwards) > 1:  # one compiled eval graph for all conditions
+    if compiled and len(forwards) > 1:  # one compiled eval graph for all conditions
         union = CompiledForward(conditions)
         evals = [_MemberEval(union, (p.seeds.init, p.seeds.data), conditions.gate(k))
                  for p, k in zip(protocols, of_member)]
     books: list[RunBook] = []
     try:
         for p, o, e in zip(protocols, outs, evals):
-            books.append(RunBook(p, o, task, cfg, e))
+            books.append(RunBook(p, o, task, cfg, e, device))
     except BaseException:  # one member's directory refused: release the others'
         for b in books:
             b.release()
         raise
-    models = [build_model(cfg, p.seeds.init) for p in protocols]
-    shared = build_model(cfg, p0.seeds.init)  # evaluated with each member's weights in turn
+    models = [build_model(cfg, p.seeds.init).to(device) for p in protocols]  # initialised on the CPU
+    shared = build_model(cfg, p0.seeds.init).to(device)  # evaluated with each member's weights in turn
     optimizers = [make_optimizer(p, m) for p, m in zip(protocols, models)]
     try:
         starts = {b.start(m, o) for b, m, o in zip(books, models, optimizers)}
@@ -287,11 +293,11 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     optimizer = make_optimizer(p0, _Params(params))
     _load_moments(optimizer, params, models, optimizers)
     skeleton = copy.deepcopy(models[0]).to("meta")
-    update = _Step(skeleton, conditions, names, p0.train.compile)
+    update = _Step(skeleton, conditions, names, compiled, device)
     plain = plain_adam(p0)
     if plain:
         ensure_state(optimizer)
-    if p0.train.compile:
+    if compiled:
         fresh_caches()
     S = len(protocols)
 
@@ -306,42 +312,46 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
             alive[i], failed[i] = False, e
 
     bar = tqdm(total=total, initial=step, disable=not progress, unit="step", desc=f"ensemble of {S}")
-    restore = flush_denormals(p0.train.flush_denormals)
+    cast = autocast(device, t0.precision)
     try:
-        while any(alive):
-            if any(b.busy(step) for b, a in zip(books, alive) if a):
-                _sync_members(params, optimizer, models, optimizers)
-                for i, (b, m, o) in enumerate(zip(books, models, optimizers)):
-                    if alive[i]:
-                        with torch.no_grad():
-                            for mine, theirs in zip(shared.parameters(), m.parameters()):
-                                mine.copy_(theirs)
-                        guard(i, b.at_step, step, m, o, shared)
-            if step >= total or (stop_after is not None and step >= stop_after) or not any(alive):
-                break
-            batches = [task.train_batch(p.seeds.data, step, bs) for p in protocols]
-            tensors, rest, n_inputs = _stack_batches(batches)
+        with numerics(device, t0.precision, t0.deterministic, t0.flush_denormals):
+            while any(alive):
+                if any(b.busy(step) for b, a in zip(books, alive) if a):
+                    _sync_members(params, optimizer, models, optimizers)
+                    for i, (b, m, o) in enumerate(zip(books, models, optimizers)):
+                        if alive[i]:
+                            with torch.no_grad():
+                                for mine, theirs in zip(shared.parameters(), m.parameters()):
+                                    mine.copy_(theirs)
+                            guard(i, b.at_step, step, m, o, shared)
+                if step >= total or (stop_after is not None and step >= stop_after) or not any(alive):
+                    break
+                batches = [task.train_batch(p.seeds.data, step, bs) for p in protocols]
+                tensors, rest, n_inputs = to_device(_stack_batches(batches), device)  # one move per step
 
-            keys = torch.stack([call_key(p.seeds.init, p.seeds.data, step, True) for p in protocols])
-            grads, losses = update(step, params, buffers, tensors, keys, rest, n_inputs, torch.tensor(alive))
-            for i, b in enumerate(books):
-                if alive[i]:
-                    guard(i, b.check_loss, step, losses[i])
-            # a stopped member contributes nothing, and its NaNs reach no other member (members'
-            # slices never mix); its gradient is zeroed too (0 x NaN is NaN)
-            if any(alive):
-                dead = [i for i, a in enumerate(alive) if not a]
-                if dead:
-                    for g in grads:
-                        if g is not None:
-                            g[dead] = 0
-                skip = update.unused(step, params, buffers, tensors, keys, rest, n_inputs)
-                _adam(optimizer, params, grads, skip, plain)
-            for i, b in enumerate(books):
-                if alive[i]:
-                    b.add_loss(losses[i])
-            step += 1
-            bar.update(1)
+                keys = torch.stack([call_key(p.seeds.init, p.seeds.data, step, True) for p in protocols]).to(device)
+                with cast:
+                    grads, losses = update(step, params, buffers, tensors, keys, rest, n_inputs,
+                                           torch.tensor(alive, device=device))
+                finite = torch.isfinite(losses).tolist()  # one check of every member (one sync on a GPU)
+                for i, b in enumerate(books):
+                    if alive[i] and not finite[i]:
+                        guard(i, b.check_loss, step, losses[i])
+                # a stopped member contributes nothing, and its NaNs reach no other member (members'
+                # slices never mix); its gradient is zeroed too (0 x NaN is NaN)
+                if any(alive):
+                    dead = [i for i, a in enumerate(alive) if not a]
+                    if dead:
+                        for g in grads:
+                            if g is not None:
+                                g[dead] = 0
+                    skip = update.unused(step, params, buffers, tensors, keys, rest, n_inputs)
+                    _adam(optimizer, params, grads, skip, plain)
+                for i, b in enumerate(books):
+                    if alive[i]:
+                        b.add_loss(losses[i])
+                step += 1
+                bar.update(1)
     except KeyboardInterrupt:
         for i, b in enumerate(books):
             if alive[i]:
@@ -366,7 +376,6 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
         raise
     finally:
         bar.close()
-        torch.set_flush_denormal(restore)
     return [failed[i] if i in failed else b.finish(step) for i, b in enumerate(books)]
 
 

@@ -25,6 +25,8 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from optolab.core.device import autocast
+from optolab.core.device import describe as describe_device
 from optolab.core.errors import OptolabError, RunFailed
 from optolab.core.lock import LOCK_NAME, DirLock
 from optolab.measures.evaluate import EvalSet, evaluate
@@ -32,13 +34,15 @@ from optolab.model.checkpoint import list_checkpoints, load_checkpoint, prune, s
 from optolab.model.forward import Forward
 from optolab.protocol.schema import Protocol
 from optolab.tasks import Task
+from optolab.training.compiled import decide_compile
 from optolab.training.rundir import RunDir, environment
 from optolab.training.summary import summarize
 
 
 class RunBook:
-    def __init__(self, protocol: Protocol, out: str | Path, task: Task, cfg, forward: Forward) -> None:
-        self.protocol, self.task, self.forward = protocol, task, forward
+    def __init__(self, protocol: Protocol, out: str | Path, task: Task, cfg, forward: Forward,
+                 device: torch.device = torch.device("cpu")) -> None:
+        self.protocol, self.task, self.forward, self.device = protocol, task, forward, device
         self.run = RunDir(out)
         resolved = protocol.resolved()
         _refuse_foreign(self.run)  # before the lock: nothing is written into a folder that is not a run
@@ -49,7 +53,7 @@ class RunBook:
         except BaseException:
             self.lock.release()
             raise
-        self.evals = EvalSet.build(task, protocol.measures, protocol.seeds.eval, cfg.n_ctx)
+        self.evals = EvalSet.build(task, protocol.measures, protocol.seeds.eval, cfg.n_ctx, device)
         self.total = protocol.train.total_steps
         self.bs = protocol.train.batch_size
         self.eval_steps = set(protocol.eval_steps())
@@ -59,7 +63,7 @@ class RunBook:
         self.meta.update(model_config=cfg.to_dict())
         self.start_step = 0
         self.resumed = False
-        self.loss_sum, self.loss_n = torch.zeros(()), 0  # training loss since the last eval
+        self.loss_sum, self.loss_n = torch.zeros((), device=device), 0  # training loss since the last eval
         self.eval_time = 0.0
         self.last_loss: float | None = None
         self._t0 = 0.0
@@ -72,13 +76,17 @@ class RunBook:
             self.start_step, self.resumed = done[-1], True
             sidecar = load_checkpoint(self.run.checkpoints, self.start_step, model, optimizer)
             self.run.truncate_metrics(self.start_step)
-            self.loss_sum = torch.tensor(sidecar.get("train_loss_sum", 0.0))
+            self.loss_sum = torch.tensor(sidecar.get("train_loss_sum", 0.0), device=self.device)
             self.loss_n = sidecar.get("train_loss_n", 0)
         else:
             self.run.truncate_metrics(-1)  # a run that died before its first checkpoint starts clean
         self.meta.update(status="running", n_params=sum(p.numel() for p in model.parameters()))
+        t = self.protocol.train
         self.meta["segments"].append({"resumed_from_step": self.start_step,
-                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                      **describe_device(self.device), "precision": t.precision,
+                                      "deterministic": t.deterministic,
+                                      "compiled": decide_compile(t, self.device)})
         self.run.write_json(self.run.meta, self.meta)
         self._t0 = time.perf_counter()
         return self.start_step
@@ -98,12 +106,13 @@ class RunBook:
         evaluated = step in self.eval_steps
         if evaluated:
             te = time.perf_counter()
-            rows = evaluate(model if eval_model is None else eval_model, self.task, self.protocol.measures,
-                            self.evals, self.forward, step)
+            with autocast(self.device, self.protocol.train.precision):
+                rows = evaluate(model if eval_model is None else eval_model, self.task, self.protocol.measures,
+                                self.evals, self.forward, step)
             if self.loss_n:
                 rows.append({"split": "train_batches", "metric": "loss", "layer": None, "head": None,
                              "value": self.loss_sum.item() / self.loss_n})
-                self.loss_sum, self.loss_n = torch.zeros(()), 0
+                self.loss_sum, self.loss_n = torch.zeros((), device=self.device), 0
             self.run.append_metrics([{"step": step, "sequences": step * self.bs, **r} for r in rows])
             self.eval_time += time.perf_counter() - te
             main = self.task.main_split
@@ -215,6 +224,15 @@ def _refuse_foreign(run: RunDir) -> None:
                            fix="choose an empty or new folder.")
 
 
+def _identity(resolved: dict) -> dict:
+    """What makes two protocols the same run: everything but where it computes (``train.device``:
+    a run trained on a GPU may resume on a CPU; each segment records its device in meta.json)."""
+    train = resolved.get("train")
+    if isinstance(train, dict) and "device" in train:
+        resolved = {**resolved, "train": {k: v for k, v in train.items() if k != "device"}}
+    return resolved
+
+
 def _check_same_protocol(run: RunDir, resolved: dict) -> None:
     """Refuse to mix two protocols in one run directory (and so to lose anything written)."""
     if not run.protocol.is_file():
@@ -226,6 +244,7 @@ def _check_same_protocol(run: RunDir, resolved: dict) -> None:
     if not isinstance(existing, dict):
         raise OptolabError(f"'{run.protocol}' is damaged (not a readable protocol).", field="--out",
                            fix="pass --overwrite to redo the run, or another --out.")
+    existing, resolved = _identity(existing), _identity(resolved)
     if existing != resolved:
         changed = sorted(k for k in set(existing) | set(resolved) if existing.get(k) != resolved.get(k))
         raise OptolabError(

@@ -11,9 +11,13 @@ Rules:
 - Determinism: the model is initialised from ``seeds.init``; the batch of step t depends only on
   ``(seeds.data, t)``; eval sets only on ``seeds.eval``. So resuming from the checkpoint at step
   t continues exactly as the uninterrupted run did.
-- No process-wide setting is changed (thread counts are the caller's: the CLI sets one thread),
-  except that a ``train.compile`` run starts from cleared torch.compile caches with a higher
-  recompile limit (:func:`optolab.training.compiled.fresh_caches` says why).
+- Devices (:mod:`optolab.core.device`): the model is initialised on the CPU and moved to
+  ``train.device``; each step's batch is generated on the CPU and moved. The forward passes run
+  under the protocol's precision (:func:`~optolab.core.device.autocast`).
+- No process-wide setting is changed for longer than the run (thread counts are the caller's:
+  the CLI sets one thread; :func:`~optolab.core.device.numerics` restores what it sets), except
+  that a compiled run starts from cleared torch.compile caches with a higher recompile limit
+  (:func:`optolab.training.compiled.fresh_caches` says why).
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from optolab.clamps.engine import ClampForward
+from optolab.core.device import autocast, numerics, resolve_device
 from optolab.model.forward import Forward, PlainForward
 from optolab.model.transformer import Transformer, build_model
 from optolab.protocol.schema import Protocol
 from optolab.tasks import IGNORE, Task, make_task
 from optolab.tasks.base import Batch
-from optolab.training.compiled import CompiledForward, fresh_caches, require_compiler
+from optolab.training.compiled import CompiledForward, decide_compile, fresh_caches, require_compiler
 from optolab.training.compiled_step import CompiledStep
 from optolab.training.runbook import RunBook
 from optolab.training.rundir import RunDir
@@ -47,31 +52,22 @@ class TrainResult:
     summary: dict
 
 
-def make_forward(protocol, task, cfg) -> Forward:
-    """The Forward a protocol needs: plain without clamps, else the clamp engine with the
-    protocol's clamp plan (made once per protocol: :meth:`~optolab.protocol.schema.Protocol.clamp_plan`); with ``train.compile`` every call goes through
+def make_forward(protocol, task, cfg, device: torch.device | None = None, *, compiled: bool | None = None) -> Forward:
+    """The Forward a protocol needs on ``device`` (default: the protocol's ``train.device``):
+    plain without clamps, else the clamp engine with the protocol's clamp plan (made once per
+    protocol: :meth:`~optolab.protocol.schema.Protocol.clamp_plan`, moved to the device); when
+    the run compiles (:func:`~optolab.training.compiled.decide_compile`, or ``compiled``: a few
+    calls on a finished run never repay a compile) every call goes through
     :class:`optolab.training.compiled.CompiledForward`."""
+    device = resolve_device(protocol.train.device) if device is None else device
     forward: Forward = PlainForward()
     if protocol.clamps:
-        forward = ClampForward(protocol.clamp_plan(task, cfg), backend=protocol.train.clamp_engine,
+        forward = ClampForward(protocol.clamp_plan(task, cfg).to_device(device), backend=protocol.train.clamp_engine,
                                seeds=(protocol.seeds.init, protocol.seeds.data))
-    if protocol.train.compile:
-        require_compiler()
+    if decide_compile(protocol.train, device) if compiled is None else compiled:
+        require_compiler(device)
         forward = CompiledForward(forward)
     return forward
-
-
-def flush_denormals(on: bool) -> bool:
-    """Set whether denormal floats flush to zero and return the previous setting (to restore).
-
-    Tiny gradients and Adam moments (e.g. a run that does not learn) turn into denormals, which
-    are ~3x slower on CPU (measured): a run flushes them while it trains (``train.flush_denormals``,
-    recorded in the protocol, so runs stay exact), then puts back what it found. Torch has no getter
-    for the setting, so it is read by its effect: a product that is a denormal, or zero when flushed.
-    """
-    previous = bool((torch.tensor([1e-30]) * torch.tensor([1e-10])).item() == 0.0)
-    torch.set_flush_denormal(on)
-    return previous
 
 
 def make_optimizer(protocol: Protocol, model: Transformer) -> torch.optim.Optimizer:
@@ -107,19 +103,21 @@ def make_update(protocol: Protocol, forward: Forward, model: Transformer,
 
 def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None,
           progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Train (or resume) ``protocol`` into run directory ``out``.
+    """Train (or resume) ``protocol`` into run directory ``out``, on ``train.device``.
 
     ``stop_after`` ends the loop early after that step's checkpoint/eval, as a kill would
     (used by tests of resumption); the run is then left unfinished.
     """
     task = make_task(protocol.task)
     cfg = protocol.model_config_for(task)
+    t = protocol.train
+    device = resolve_device(t.device)
     owned = forward is None  # a Forward the caller passed is the caller's to close
-    forward = forward or make_forward(protocol, task, cfg)
-    if protocol.train.compile:
+    forward = forward or make_forward(protocol, task, cfg, device)
+    if isinstance(forward, CompiledForward):
         fresh_caches()
-    book = RunBook(protocol, out, task, cfg, forward)
-    model = build_model(cfg, protocol.seeds.init)
+    book = RunBook(protocol, out, task, cfg, forward, device)
+    model = build_model(cfg, protocol.seeds.init).to(device)  # initialised on the CPU: the same weights everywhere
     optimizer = make_optimizer(protocol, model)
     total, bs = book.total, book.bs
     try:
@@ -132,18 +130,21 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
                desc=protocol.name, mininterval=0.5)
     model.train()
-    restore = flush_denormals(protocol.train.flush_denormals)
+    cast = autocast(device, t.precision)
     try:
-        while True:
-            if book.at_step(step, model, optimizer):
-                bar.set_postfix({f"{task.main_split} loss": f"{book.last_loss:.3f}"}, refresh=False)
-            if step >= total or (stop_after is not None and step >= stop_after):
-                break
-            loss = update(task.train_batch(protocol.seeds.data, step, bs), step)
-            book.check_loss(step, loss)
-            book.add_loss(loss)
-            step += 1
-            bar.update(1)
+        with numerics(device, t.precision, t.deterministic, t.flush_denormals):
+            while True:
+                if book.at_step(step, model, optimizer):
+                    bar.set_postfix({f"{task.main_split} loss": f"{book.last_loss:.3f}"}, refresh=False)
+                if step >= total or (stop_after is not None and step >= stop_after):
+                    break
+                batch = task.train_batch(protocol.seeds.data, step, bs).to_device(device)
+                with cast:
+                    loss = update(batch, step)
+                book.check_loss(step, loss)
+                book.add_loss(loss)
+                step += 1
+                bar.update(1)
     except KeyboardInterrupt:
         book.interrupted(step)
         raise
@@ -154,7 +155,6 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
         raise
     finally:
         bar.close()
-        torch.set_flush_denormal(restore)
         if owned:
             forward.close()  # the model leaves with no hooks attached
     summary = book.finish(step)

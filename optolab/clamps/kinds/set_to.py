@@ -72,12 +72,13 @@ class SetTo(SiteClamp):
     def fill(self, c: Planned):
         to, strength = self.to, self.strength
         if to in ("previous_token", "uniform"):
-            patterns: dict[torch.Size, Tensor] = {}  # per shape; a plain dict the compiler can read
+            patterns: dict[tuple, Tensor] = {}  # per shape and device; a plain dict the compiler can read
 
             def fixed(out: Tensor, ctx) -> Tensor:
-                p = patterns.get(out.shape)
+                key = (out.shape, out.device)
+                p = patterns.get(key)
                 if p is None:
-                    p = patterns[out.shape] = _fixed_pattern(to, out.shape[-2], out.shape[-1], strength)
+                    p = patterns[key] = _fixed_pattern(to, out.shape[-2], out.shape[-1], strength).to(out.device)
                 return p
             return fixed
         if to == "perfect_match":
