@@ -55,6 +55,15 @@ def _main_loss(run_dir: Path):
     return df[(df.split == main) & (df.metric == "loss")].set_index("step")["value"]
 
 
+def _last_step(run_dir: Path) -> int | None:
+    """The last evaluated step of a run (finished or not)."""
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return None
+    lines = f.read_text().strip().splitlines()
+    return json.loads(lines[-1])["step"] if lines else None
+
+
 def _spawn(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})})
@@ -86,8 +95,11 @@ def stage_runs(out: Path, deadline: float, device: str, workers: int, which: lis
         if "t4" in which:
             procs[f"t4_{dev}"] = _spawn(_optolab("sweep", sweep, "--device", dev, "--out", str(out / f"t4_{dev}"),
                                                  "--workers", str(workers)), out / f"t4_{dev}.log")
+    started = time.perf_counter()
     walls = _wait(procs, deadline)
-    res: dict = {"wall_s": {k: None if v is None else round(v, 1) for k, v in walls.items()}}
+    res: dict = {"wall_s": {k: None if v is None else round(v, 1) for k, v in walls.items()},
+                 "waited_s": round(time.perf_counter() - started, 1),
+                 "main_last_step": {dev: _last_step(out / f"main_{dev}") for dev in (device, "cpu")}}
     if walls.get(f"main_{device}") and walls.get("main_cpu"):
         a, b = _main_loss(out / f"main_{device}"), _main_loss(out / "main_cpu")
         res["main"] = {"gpu": _summary(out / f"main_{device}"), "cpu": _summary(out / "main_cpu"),
@@ -100,7 +112,9 @@ def stage_runs(out: Path, deadline: float, device: str, workers: int, which: lis
                 runs.setdefault(d.parent.name, {})[dev] = _summary(d.parent)["time_to_loss_0.5"]
         both = [r for r in runs.values() if device in r and "cpu" in r]
         res["t4"] = {"time_to_loss_0.5": runs, "compared": len(both), "workers": workers,
-                     "equal": sum(r[device] == r["cpu"] for r in both)}
+                     "equal": sum(r[device] == r["cpu"] for r in both),
+                     "last_step": {dev: {d.name: _last_step(d) for d in sorted((out / f"t4_{dev}").glob("*_s*"))}
+                                   for dev in (device, "cpu")}}
     return res
 
 
@@ -234,9 +248,9 @@ def stage_determinism(out: Path, device: str) -> dict:
     return res
 
 
-def stage_pytest(out: Path, deadline: float, workers: int) -> dict:
+def stage_pytest(out: Path, deadline: float, workers: int, files: list[str]) -> dict:
     cmd = [PY, "-m", "pytest", "-v", "-p", "optolab.testing.pytest_plugin", "-n", str(workers),
-           "-p", "no:cacheprovider", "--tb=short", "tests"]
+           "-p", "no:cacheprovider", "--tb=short", *(files or ["tests"])]
     log = out / "pytest.log"
     p = _spawn(cmd, log)
     try:
@@ -257,6 +271,9 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=["main", "t4", "ensembles", "resume", "determinism", "pytest"])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     ap.add_argument("--workers", type=int, default=6, help="sweep workers per device (T4) and pytest workers")
+    ap.add_argument("--runs-share", type=float, default=0.55, help="share of the budget for main and t4")
+    ap.add_argument("--together", action="store_true", help="run the pytest stage alongside the others")
+    ap.add_argument("--pytest-files", nargs="*", default=[], help="test files for the pytest stage (default: all)")
     ap.add_argument("--device", default="cuda", help="the device under test (cpu: a smoke test of the script)")
     args = ap.parse_args()
     import torch
@@ -275,8 +292,14 @@ def main() -> None:
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
 
     stages = list(args.stages)
-    if "main" in stages or "t4" in stages:  # trained at the same time
+    if "main" in stages or "t4" in stages:  # trained at the same time (and with pytest, when asked)
         stages = ["runs"] + [s for s in stages if s not in ("main", "t4")]
+    background = None
+    if args.together and "pytest" in stages:
+        stages.remove("pytest")
+        background = _spawn([PY, "-m", "pytest", "-v", "-p", "optolab.testing.pytest_plugin", "-n", str(args.workers),
+                             "-p", "no:cacheprovider", "--tb=short", *(args.pytest_files or ["tests"])],
+                            out / "pytest.log")
     for stage in stages:
         left = end - time.perf_counter()
         if left < 20:
@@ -285,7 +308,7 @@ def main() -> None:
         ts = time.perf_counter()
         try:
             if stage == "runs":
-                got = stage_runs(out, min(end, ts + 0.55 * args.budget), args.device, args.workers, args.stages)
+                got = stage_runs(out, min(end, ts + args.runs_share * args.budget), args.device, args.workers, args.stages)
             elif stage == "ensembles":
                 got = stage_ensemble_rates(min(end, ts + 0.2 * args.budget), args.sizes, 50, args.device)
             elif stage == "resume":
@@ -293,7 +316,7 @@ def main() -> None:
             elif stage == "determinism":
                 got = stage_determinism(out, args.device)
             elif stage == "pytest":
-                got = stage_pytest(out, end, args.workers)
+                got = stage_pytest(out, end, args.workers, args.pytest_files)
             else:
                 got = "unknown stage"
         except Exception as e:  # noqa: BLE001 - one broken stage must not lose the others' numbers
@@ -305,6 +328,16 @@ def main() -> None:
         report["stages"][stage] = got
         save()
         print(stage, json.dumps(got, default=str)[:1500], flush=True)
+    if background is not None:
+        try:
+            background.wait(timeout=max(1.0, end - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            background.kill()
+        lines = (out / "pytest.log").read_text().splitlines()
+        report["stages"]["pytest"] = {"rc": background.returncode, "passed": sum(" PASSED " in x for x in lines),
+                                      "failed": [x.split(" FAILED ")[-1] for x in lines if " FAILED " in x][:40],
+                                      "last_line": lines[-1] if lines else None}
+        print("pytest", json.dumps(report["stages"]["pytest"])[:1500], flush=True)
     save()
     print(f"written to {out / 'gpu_check.json'}")
 

@@ -130,6 +130,16 @@ def gpu_jobs(jobs: list[Job], n_gpus: int) -> bool:
     return any(d.startswith("cuda") or (d == "auto" and n_gpus > 0) for d in _devices(jobs))
 
 
+def may_use_gpus(jobs: list[Job]) -> bool:
+    """Whether a job could train on a GPU, decided without touching CUDA (asking CUDA anything,
+    even how many GPUs there are, makes every later ``fork`` unable to use it, and a CPU-only
+    sweep forks): jobs that all say ``cpu`` cannot; ``auto`` can where torch is built with CUDA."""
+    import torch
+
+    devices = _devices(jobs)
+    return any(d.startswith("cuda") for d in devices) or ("auto" in devices and torch.backends.cuda.is_built())
+
+
 def gpu_count() -> int:
     import torch
 
@@ -145,13 +155,13 @@ def start_worker(parent: int, slots=None) -> None:
 
 def run_local(jobs: list[Job], out: Path, workers: int) -> dict[str, str]:
     status: dict[str, str] = {}
-    n_gpus = gpu_count() if workers > 1 else 0
-    if workers > 1 and gpu_jobs(jobs, n_gpus):
+    if workers > 1 and may_use_gpus(jobs):  # spawned, even where no GPU turns up: the query poisons fork
         import multiprocessing
 
+        n_gpus = gpu_count()
         ctx = multiprocessing.get_context("spawn")
         slots = None
-        if n_gpus and not any(re.fullmatch(r"cuda:\d+", d) for d in _devices(jobs)):
+        if n_gpus and gpu_jobs(jobs, n_gpus) and not any(re.fullmatch(r"cuda:\d+", d) for d in _devices(jobs)):
             slots = ctx.Queue()
             for w in range(workers):
                 slots.put(w % n_gpus)

@@ -28,8 +28,11 @@ class Graft(SiteClamp):
         return load_frozen_model(i, self, ctx.cfg, ctx.batch, ctx.shapes)
 
     def prepare(self, c: Planned, batch) -> Tensor:
-        _, got = PlainForward()(c.data, batch, save=[c.site.name])
-        return got[c.site.name]
+        """The frozen model's activation, on the batch's device (the frozen model stays where
+        the plan put it: :meth:`~optolab.clamps.plan.Plan.to_device`)."""
+        device = next(c.data.parameters()).device
+        _, got = PlainForward()(c.data, batch.to_device(device), save=[c.site.name])
+        return got[c.site.name].to(batch.targets.device)
 
     def fill(self, c: Planned):
         index = c.index
