@@ -29,9 +29,11 @@ class Stepper:
 
 
 def main_config(clamps: list[dict] = (), **train) -> Stepper:
-    """The main config with ``clamps`` and ``train`` overrides (e.g. ``compile=True``)."""
+    """The main config with ``clamps`` and ``train`` overrides (e.g. ``compile=True``); eager on the
+    CPU unless they say otherwise (the main config's 31,250 steps would compile under ``auto``)."""
     base = load_protocol(ROOT / "protocols" / "singh2024" / "main.yaml")
     data = base.resolved()
+    train = {"compile": False, "device": "cpu", **train}
     protocol = base.model_validate({**data, "clamps": list(clamps), "train": {**data["train"], **train}})
     task = make_task(protocol.task)
     cfg = protocol.model_config_for(task)

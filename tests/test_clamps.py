@@ -24,7 +24,9 @@ def setup(clamps, base=fewshot_protocol, engine="nnsight", **train):
     protocol = validate_protocol(data)
     task = make_task(protocol.task)
     cfg = protocol.model_config_for(task)
-    return protocol, task, build_model(cfg, 0), make_forward(protocol, task, cfg), task.train_batch(0, 0, 16)
+    # the model is built on the CPU, so its Forward is made for the CPU whatever train.device says
+    return protocol, task, build_model(cfg, 0), make_forward(protocol, task, cfg, torch.device("cpu")), \
+        task.train_batch(0, 0, 16)
 
 
 def loss_of(logits, batch):

@@ -108,21 +108,35 @@ class TriggerBigramTask(Task):
     # --- batches ------------------------------------------------------------------------
 
     def train_batch(self, seed: int, step: int, batch_size: int) -> Batch:
-        batch = self._sample(rng(seed, 101, step), batch_size)
-        if self.spec.loss_on == "outputs":
-            batch.targets = torch.where(self._second_outputs(batch), batch.targets, IGNORE)
-        return batch
+        if self.spec.loss_on == "all":
+            return self._sample(rng(seed, 101, step), batch_size)
+        return self._with_outputs(lambda attempt: rng(seed, 101, step, *attempt), batch_size)
 
     def eval_batch(self, split: str, seed: int, n: int) -> Batch:
         if split not in SPLITS:
             raise KeyError(f"unknown split {split!r}; trigger_bigram has {SPLITS}")
-        batch = self._sample(rng(seed, 202, SPLITS.index(split)), n)
-        if split == "induction" or self.spec.loss_on == "outputs":
-            keep = self._second_outputs(batch)
-            batch.targets = torch.where(keep, batch.targets, IGNORE)
-            if split == "induction":
-                batch.induction_targets = induction_targets_from_tokens(batch.tokens, keep)
+        if split != "induction" and self.spec.loss_on == "all":
+            return self._sample(rng(seed, 202, SPLITS.index(split)), n)
+        batch = self._with_outputs(lambda attempt: rng(seed, 202, SPLITS.index(split), *attempt), n)
+        if split == "induction":
+            batch.induction_targets = induction_targets_from_tokens(batch.tokens, batch.targets != IGNORE)
         return batch
+
+    def _with_outputs(self, gen, n: int, attempts: int = 8) -> Batch:
+        """A batch whose loss is on repeated triggers' outputs only. A background chain that
+        rarely reaches a trigger (a tiny vocabulary, a low concentration) can give a batch with
+        no such position at all, whose loss would be NaN: such a batch is drawn again from the
+        next stream (``gen((attempt,))``; the first draw keeps the plain stream, so batches that
+        have an output are what they always were)."""
+        for attempt in range(attempts):
+            batch = self._sample(gen(() if attempt == 0 else (attempt,)), n)
+            keep = self._second_outputs(batch)
+            if keep.any():
+                batch.targets = torch.where(keep, batch.targets, IGNORE)
+                return batch
+        raise ValueError(f"trigger_bigram: {attempts} batches in a row had no repeated trigger; this background "
+                         "chain (n_tokens, background_concentration) rarely reaches its triggers: use "
+                         "loss_on: all, more tokens or a higher concentration")
 
     def _second_outputs(self, batch: Batch) -> torch.Tensor:
         """``[b, T]``: position t holds a trigger seen before t, so its next token is an output
