@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Pinned so pip takes the CPU wheel; pyproject keeps an open range for users elsewhere.
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test bench bench-train bench-clamps bench-generators bench-ensemble bench-soak bench-t4 install clean
+.PHONY: demo test bench bench-train bench-clamps bench-generators bench-ensemble bench-soak bench-t4 bench-speed bench-compile gpu-check install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,9 +43,23 @@ bench-generators: $(STAMP)
 bench-soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py
 
-# The T4 sweep end to end (two workers, compiled, packed): takes the minutes it measures.
+# The T4 sweep end to end (two workers, compiled, packed, an empty compiler cache): takes the
+# minutes it measures.
 bench-t4: $(STAMP)
-	$(BIN)/python benchmarks/t4_sweep.py
+	$(BIN)/python benchmarks/t4_sweep.py --cold
+
+# optolab's paths against JAX's, side by side (JAX in its own environment: see the script).
+bench-speed: $(STAMP)
+	test -x /tmp/jaxenv/bin/python || (python3 -m venv /tmp/jaxenv && /tmp/jaxenv/bin/pip install --quiet jax numpy)
+	$(BIN)/python benchmarks/speed_table.py
+
+# What a cold compile costs and where compile: auto draws the line.
+bench-compile: $(STAMP)
+	$(BIN)/python benchmarks/compile_cost.py
+
+# On a machine with a CUDA GPU: the GPU check (about 7 minutes; docs/speed.md#devices).
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out results/gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

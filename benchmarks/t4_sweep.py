@@ -7,13 +7,14 @@ loss 0.5 (a check that the fast run still reproduces T4; nothing is kept). Targe
 <= 5 minutes on this 2-core machine. Takes about as long as it measures, so ``make bench`` leaves
 it out: ``make bench-t4``.
 
-    .venv/bin/python benchmarks/t4_sweep.py [--workers 2] [-- extra sweep flags, e.g. --pack off]
+    .venv/bin/python benchmarks/t4_sweep.py [--workers 2] [--cold] [-- extra sweep flags, e.g. --pack off]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--cold", action="store_true", help="an empty compiler cache (what a first sweep pays)")
     ap.add_argument("extra", nargs="*", help="more `optolab sweep` flags (after --)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,7 +38,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "optolab", "sweep", str(ROOT / "protocols" / "sweeps" / "t4_fig5b.yaml"),
                "--out", str(out), "--workers", str(args.workers), *args.extra]
         t = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")} if args.cold else None
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
         wall = time.perf_counter() - t
         jobs = json.loads((out / "sweep.json").read_text())["invocations"][-1]["jobs"]
         times = defaultdict(list)

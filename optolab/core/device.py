@@ -123,8 +123,9 @@ def autocast(device: torch.device, precision: str):
 
 
 def to_device(x, device: torch.device):
-    """``x`` with every tensor in it (through dicts, lists, tuples and objects that have a
-    ``to(device)`` method) on ``device``; anything else as it is. A no-op on the device it is on."""
+    """``x`` with every tensor in it (through dicts, lists, tuples and objects with a
+    ``to_device(device)`` method, such as a Batch) on ``device``; anything else as it is. Tensors
+    already there are returned as they are (``Tensor.to`` makes no copy)."""
     if isinstance(x, torch.Tensor):
         return x.to(device)
     if isinstance(x, dict):
