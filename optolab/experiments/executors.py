@@ -97,6 +97,30 @@ def _collect(job: Job, out: Path, result: dict[str, str] | None, err: BaseExcept
     return {rid: result.get(str(out / rid), "done") for rid, _ in job}
 
 
+class Progress:
+    """One line on stderr each time a job ends: runs finished / running / failed and an ETA from
+    the mean time per finished run so far (jobs differ in length, so it is a rough guide)."""
+
+    def __init__(self, jobs: list[Job], workers: int, stream=None) -> None:
+        self.total = sum(len(job) for job in jobs)
+        self.workers, self.stream = workers, stream if stream is not None else sys.stderr
+        self.done = self.failed = 0
+        self.t0 = time.monotonic()
+
+    def ended(self, result: dict[str, str]) -> None:
+        self.failed += sum(v.startswith("failed") for v in result.values())
+        self.done += sum(not v.startswith("failed") for v in result.values())
+        ended = self.done + self.failed
+        left = self.total - ended
+        running = min(left, self.workers)
+        eta = ""
+        if ended and left:
+            per = (time.monotonic() - self.t0) / ended
+            eta = f", about {per * left / 60:.1f} min left"
+        print(f"[sweep] {self.done}/{self.total} runs finished, {running} running, {self.failed} failed{eta}",
+              file=self.stream, flush=True)
+
+
 def _members(job: Job, out: Path) -> list[tuple[dict, str]]:
     return [(data, str(out / rid)) for rid, data in job]
 
@@ -167,27 +191,34 @@ def run_local(jobs: list[Job], out: Path, workers: int) -> dict[str, str]:
                 slots.put(w % n_gpus)
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=start_worker,
                                    initargs=(os.getpid(), slots))
-        return _drain(pool, jobs, out, status)
+        return _drain(pool, jobs, out, status, workers)
     if workers == 1:
+        progress = Progress(jobs, 1)
         for job in jobs:
             try:
-                status.update(_collect(job, out, train_job(_members(job, out)), None))
+                got = _collect(job, out, train_job(_members(job, out)), None)
             except Exception as e:  # noqa: BLE001 - one broken run must not stop the sweep
-                status.update(_collect(job, out, None, e))
+                got = _collect(job, out, None, e)
+            status.update(got)
+            progress.ended(got)
         return status
     pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
-    return _drain(pool, jobs, out, status)
+    return _drain(pool, jobs, out, status, workers)
 
 
-def _drain(pool: ProcessPoolExecutor, jobs: list[Job], out: Path, status: dict[str, str]) -> dict[str, str]:
+def _drain(pool: ProcessPoolExecutor, jobs: list[Job], out: Path, status: dict[str, str],
+           workers: int) -> dict[str, str]:
+    progress = Progress(jobs, workers)
     with pool:
         futures = {pool.submit(train_job, _members(job, out)): job for job in jobs}
         for fut in as_completed(futures):
             job = futures[fut]
             try:
-                status.update(_collect(job, out, fut.result(), None))
+                got = _collect(job, out, fut.result(), None)
             except Exception as e:  # noqa: BLE001 - including a worker killed mid-run
-                status.update(_collect(job, out, None, e))
+                got = _collect(job, out, None, e)
+            status.update(got)
+            progress.ended(got)
     return status
 
 
@@ -313,16 +344,19 @@ def run_ray(jobs: list[Job], out: Path, ray, max_retries: int = 3) -> dict[str, 
     resolved = out.resolve()
     refs = {remote.remote(_members(job, resolved)): job for job in jobs}
     status: dict[str, str] = {}
+    progress = Progress(jobs, len(jobs))
     pending = list(refs)
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             job = refs[ready[0]]
             try:
-                status.update(_collect(job, resolved, ray.get(ready[0]), None))
+                got = _collect(job, resolved, ray.get(ready[0]), None)
             except ray.exceptions.RayError as e:
                 cause = getattr(e, "cause", None)
-                status.update(_collect(job, resolved, None, cause if isinstance(cause, BaseException) else e))
+                got = _collect(job, resolved, None, cause if isinstance(cause, BaseException) else e)
+            status.update(got)
+            progress.ended(got)
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref, force=True)

@@ -25,14 +25,18 @@ Rules:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
 
+import yaml
+
 from optolab.core.errors import OptolabError
+from optolab.experiments import stats
 from optolab.experiments.report_figures import plot_report
-from optolab.measures.phase import detect, ratio, summarize_times
-from optolab.training.summary import head_score, phase_change
+from optolab.measures.phase import detect
+from optolab.training.summary import THRESHOLDS, head_score, phase_change
 
 
 def _score_rise(m: pd.DataFrame, split: str) -> dict:
@@ -72,42 +76,150 @@ def run_rows(sweep_dir: Path) -> tuple[dict, pd.DataFrame, list[str], dict[str, 
         pc = phase_change(m, main) or {}
         t05 = s.get("time_to_loss_0.5") or {}
         final = s.get("final", {}).get(main, {})  # a diverged run has none
+        loss = m[(m.split == main) & (m.metric == "loss")].sort_values("step")
+        crossing = stats.crossing_time(loss.sequences.to_numpy(), loss.value.to_numpy(), THRESHOLDS["0.5"])
         rows.append({"run": rid, "condition": info["condition"], "group": info["group"],
                      **{f"grid.{k}": v for k, v in info["point"].items()}, "seed": info["seed"],
                      "status": s.get("status", "finished"),
                      "onset": pc.get("onset"), "midpoint": pc.get("midpoint"), "end": pc.get("end"),
                      "plateau": pc.get("plateau"), "loss_below_0.5": t05.get("sequences"),
+                     "t05": crossing.time, "t05_censored_at": crossing.censored_at,
                      "final_loss": final.get("loss"), "final_acc": final.get("acc"),
                      **_score_rise(m, main)})
     return meta, pd.DataFrame(rows), missing, metrics
 
 
-def _times(values: pd.Series) -> list[float | None]:
-    return [None if pd.isna(v) else float(v) for v in values]
+TIMES = {"t05": "loss below 0.5", "midpoint": "the phase change's midpoint",
+         "score_midpoint": "the induction score's rise"}
 
 
 def condition_table(meta: dict, df: pd.DataFrame) -> pd.DataFrame:
-    """Per condition × grid point, for two times: the phase change's ``midpoint`` and the first
-    eval below loss 0.5 (``t05``, Singh et al.'s measure; defined also without a plateau)."""
+    """Per condition × grid point, for each time of :data:`TIMES` (``t05``: the main loss's
+    first crossing of 0.5, interpolated between evals; ``midpoint``; ``score_midpoint``): how
+    many seeds reached it, the ordinary median over seeds and, against the ``reference``
+    condition at the same grid point, the per-seed *paired* ratio and difference (same seed,
+    other condition) with bootstrap CIs over the pairs (:mod:`optolab.experiments.stats`; a seed
+    that never got there is censored, not dropped)."""
     reference = meta["sweep"].get("reference")
-    out = []
+    out: dict[str, dict] = {}
+    for name in TIMES:
+        if name not in df:
+            continue
+        runs = [{"condition": r.condition, "group": r.group, "seed": r.seed, "t": r.t}
+                for r in df[["condition", "group", "seed", name]].rename(columns={name: "t"}).itertuples(index=False)]
+        for row in stats.effects_table(runs, reference, "t"):
+            cell = out.setdefault(row["group"], {"group": row["group"], "condition": row["condition"],
+                                                 "seeds": row["n_seeds"]})
+            cell.update({f"{name}_found": row["n_crossed"], f"{name}_median": row["median"]})
+            if "ratio" in row:
+                cell.update({f"{name}_ratio": row["ratio"], f"{name}_ratio_ci_low": row["ratio_ci_low"],
+                             f"{name}_ratio_ci_high": row["ratio_ci_high"], f"{name}_diff": row["difference"],
+                             f"{name}_diff_ci_low": row["difference_ci_low"],
+                             f"{name}_diff_ci_high": row["difference_ci_high"],
+                             f"{name}_resolved": row["ratio_resolved"], f"{name}_pairs": row["n_pairs"],
+                             f"{name}_censored": row["n_censored"],
+                             f"{name}_warning": row["warning"]})
+    return pd.DataFrame(list(out.values()))
+
+
+def clamp_words(sweep_dir: Path, df: pd.DataFrame, meta: dict | None = None) -> dict[str, str]:
+    """What each condition changes, in a few words: its own protocol file and ``set``
+    overrides (from ``sweep.json``), and its clamps (from its first run's resolved protocol)."""
+    conditions = {c["name"]: c for c in ((meta or {}).get("sweep", {}).get("conditions") or [])}
+    words = {}
+    for condition, g in df.groupby("condition", sort=False):
+        parts = []
+        spec = conditions.get(condition, {})
+        if spec.get("protocol"):
+            parts.append(f"protocol {spec['protocol']}")
+        parts += [f"{k} = {v}" for k, v in (spec.get("set") or {}).items()]
+        try:
+            data = yaml.safe_load((sweep_dir / g.run.iloc[0] / "protocol.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            data = {}
+        clamps = data.get("clamps") or []
+        parts.append("clamps: " + "; ".join(_clamp_text(c) for c in clamps) if clamps else "no clamp")
+        words[condition] = ", ".join(parts)
+    return words
+
+
+def _clamp_text(c: dict) -> str:
+    where = c.get("site") or c.get("param") or (f"layer {c['layer']}" if "layer" in c else "")
+    heads = f" heads {c['heads']}" if c.get("heads") is not None else ""
+    what = f" to {c['to']}" if "to" in c else ""
+    w = c.get("window") or {}
+    when = "" if not w or (w.get("start", 0) == 0 and w.get("stop") is None) else \
+        f" during [{w.get('start', 0):g}, {w['stop'] if w.get('stop') is not None else 'end'}) {w.get('unit', '')}"
+    return f"{c.get('kind')} {where}{heads}{what}{when}".replace("  ", " ").strip()
+
+
+def opening(meta: dict, df: pd.DataFrame, cond: pd.DataFrame, words: dict[str, str]) -> list[str]:
+    """The report's first sentences: what was compared, what each condition changed, the
+    strongest effects with their CIs, and a warning where seeds are too few to resolve them."""
+    reference = meta["sweep"].get("reference")
+    seeds = sorted(df.seed.unique().tolist())
+    lines = [f"This sweep compares {cond.condition.nunique()} conditions"
+             + (f" at {cond.group.nunique() // max(cond.condition.nunique(), 1)} grid points" if any(
+                 c.startswith("grid.") for c in df.columns) else "")
+             + f" over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
+             + (f", each against '{reference}' on the same seeds." if reference else "."), ""]
+    lines += [f"- **{c}**: {words.get(c, '?')}" for c in cond.condition.unique()]
+    if reference and "t05_ratio" in cond:
+        eff = cond[cond.condition != reference].dropna(subset=["t05_ratio"])
+        eff = eff.assign(size=eff.t05_ratio.astype(float).map(lambda r: abs(math.log(r)) if r > 0 else math.inf))
+        lines.append("")
+        for row in eff.sort_values("size", ascending=False).head(5).itertuples(index=False):
+            verb = "delays" if row.t05_ratio > 1 else "speeds up"
+            ci = f"[{_num(row.t05_ratio_ci_low)}, {_num(row.t05_ratio_ci_high)}]"
+            never = f"; {int(row.t05_censored)} of them never got there" if row.t05_censored else ""
+            lines.append(f"- '{row.group}' {verb} the drop below loss 0.5 by a factor {row.t05_ratio:.3g} "
+                         f"(paired over {int(row.t05_pairs)} seeds{never}; 95 % CI {ci})"
+                         + ("." if row.t05_resolved else ", not resolved from no effect."))
+        warned = sorted({w for w in cond.get("t05_warning", pd.Series(dtype=object)).dropna()})
+        if warned:
+            lines += ["", "**Warning:** " + warned[0]]
+    lines += ["", stats.INTERPOLATION_NOTE]
+    return lines
+
+
+def compact(cond: pd.DataFrame) -> pd.DataFrame:
+    """The per-condition table for reading: counts, medians and paired ratios with their CIs."""
+    out = cond[["group", "seeds"]].copy()
+    for name in TIMES:
+        if f"{name}_median" not in cond:
+            continue
+        out[f"{name} found"] = cond[f"{name}_found"]
+        out[f"{name} median"] = cond[f"{name}_median"]
+        if f"{name}_ratio" in cond:
+            out[f"{name} ratio [95 % CI]"] = [
+                "" if pd.isna(r) else f"{r:.3g} [{_num(lo)}, {_num(hi)}]" + ("" if ok is True else " (n.r.)")
+                for r, lo, hi, ok in zip(cond[f"{name}_ratio"], cond[f"{name}_ratio_ci_low"],
+                                         cond[f"{name}_ratio_ci_high"], cond[f"{name}_resolved"])]
+    return out
+
+
+def _num(v) -> str:
+    return "unbounded" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.3g}"
+
+
+def clamp_windows(sweep_dir: Path, df: pd.DataFrame) -> dict[str, list[tuple[float, float | None]]]:
+    """Each group's clamp windows in sequences (``[start, stop)``, stop None: to the end), for
+    shading; clamps that act throughout are left out."""
+    out: dict[str, list] = {}
     for group, g in df.groupby("group", sort=False):
-        condition = g["condition"].iloc[0]
-        row = {"group": group, "condition": condition, "seeds": len(g)}
-        ref = df[df.group == reference + group[len(condition):]] if reference is not None else df.iloc[:0]
-        times = [("midpoint", "midpoint"), ("loss_below_0.5", "t05")]
-        if "score_midpoint" in df:
-            times.append(("score_midpoint", "score_midpoint"))
-        for col, name in times:
-            st = summarize_times(_times(g[col]))
-            row.update({f"{name}_found": st["n_found"], f"{name}_median": st["median"],
-                        f"{name}_ci_low": st["ci_low"], f"{name}_ci_high": st["ci_high"]})
-            if len(ref):
-                r = ratio(_times(g[col]), _times(ref[col]))
-                row.update({f"{name}_ratio": r["ratio"], f"{name}_ratio_ci_low": r["ci_low"],
-                            f"{name}_ratio_ci_high": r["ci_high"]})
-        out.append(row)
-    return pd.DataFrame(out)
+        try:
+            data = yaml.safe_load((sweep_dir / g.run.iloc[0] / "protocol.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        bs = data.get("train", {}).get("batch_size", 1)
+        for c in data.get("clamps") or []:
+            w = c.get("window") or {}
+            if not w or (w.get("start", 0) == 0 and w.get("stop") is None):
+                continue
+            per = bs if w.get("unit") == "steps" else 1
+            stop = w.get("stop")
+            out.setdefault(group, []).append((w.get("start", 0) * per, None if stop is None else stop * per))
+    return out
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -151,14 +263,19 @@ def write_report(sweep_dir: str | Path) -> list[Path]:
              sweep_dir / "report.html"]
     df.to_csv(paths[0], index=False)
     cond.to_csv(paths[1], index=False)
-    images = plot_report(sweep_dir, df, cond, metrics)
-    lines = [f"# Sweep {meta['sweep']['name']}", "",
+    windows = clamp_windows(sweep_dir, df)
+    images = plot_report(sweep_dir, df, cond, metrics, windows)
+    intro = opening(meta, df, cond, clamp_words(sweep_dir, df, meta))
+    lines = [f"# Sweep {meta['sweep']['name']}", "", *intro, "",
              f"{len(df)} finished runs" + (f"; missing: {', '.join(missing)}" if missing else "") + ".", "",
-             "## Per condition (sequences; midpoint of the phase change, and first eval below loss 0.5)", "",
-             markdown_table(cond), "", "## Runs", "", markdown_table(df), "",
+             "## Per condition", "",
+             "Sequences to the main loss's first crossing of 0.5 (t05, interpolated), to the phase change's "
+             "midpoint and to the induction score's rise: seeds that got there, the median, and the paired "
+             "ratio to the reference with its 95 % CI (every column, with differences: conditions.csv).", "",
+             markdown_table(compact(cond)), "", "## Runs", "", markdown_table(df), "",
              *(f"![{img.stem}](figures/{img.name})" for img in images)]
     paths[2].write_text("\n".join(lines) + "\n")
     done = f"{len(df)} finished runs" + (f"; missing: {', '.join(missing)}" if missing else "") + "."
-    paths[3].write_text(_html([("Per condition (sequences)", done), ("Runs", "")], [cond, df], images,
-                              f"Sweep {meta['sweep']['name']}"))
+    paths[3].write_text(_html([("Per condition (sequences)", " ".join(intro) + " " + done), ("Runs", "")],
+                              [cond, df], images, f"Sweep {meta['sweep']['name']}"))
     return paths + images

@@ -6,8 +6,15 @@
   induction-type score of the last layer (``induction_strength``, or ``prefix_matching`` for
   token tasks); bottom row, where measured: layer 0's ``prev_token`` score. Lines are medians
   over seeds per condition, bands the seeds' range.
-- ``times.png``: first eval below loss 0.5 per condition, seeds as dots, the median with its
-  bootstrap 95 % CI.
+- ``times.png``: the main loss's first crossing of 0.5 (interpolated between evals) per
+  condition: seeds as dots, the ordinary median in red; seeds that never crossed as crosses at
+  their last eval (censored).
+- ``effects.png`` (with a reference): each condition's paired ratio to the reference on the same
+  seeds, with its bootstrap 95 % CI, on a log axis (1: no effect).
+- ``survival.png``: per condition, the fraction of seeds not yet below loss 0.5 against
+  sequences (Kaplan–Meier: seeds that never crossed stay in, censored at their last eval).
+- Every loss and score plot shades each condition's clamp windows (clamps that act throughout
+  are not shaded).
 """
 
 from __future__ import annotations
@@ -50,9 +57,20 @@ def _score_curves(metrics: dict, df: pd.DataFrame) -> tuple[pd.DataFrame, list[s
     return pd.concat(frames, ignore_index=True).astype({"head": int}), rows
 
 
+def _shade(ax, windows: dict, palette: dict) -> None:
+    for group, spans in windows.items():
+        for start, stop in spans:
+            ax.axvspan(start, stop if stop is not None else ax.get_xlim()[1], color=palette.get(group, "0.5"),
+                       alpha=0.08, lw=0)
+
+
 def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame,
-                metrics: dict[str, tuple[str, pd.DataFrame]]) -> list[Path]:
-    """The figures; ``metrics`` is each run's ``(main split, metrics table)`` from the report."""
+                metrics: dict[str, tuple[str, pd.DataFrame]], windows: dict | None = None) -> list[Path]:
+    """The figures; ``metrics`` is each run's ``(main split, metrics table)`` from the report,
+    ``windows`` each group's clamp windows in sequences (shaded)."""
+    from optolab.experiments import stats
+
+    windows = windows or {}
     import seaborn as sns
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -70,8 +88,9 @@ def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame,
     for row in df.itertuples(index=False):
         if not pd.isna(row.onset):
             ax.axvline(row.onset, ymax=0.04, color=palette.get(row.group, "k"), lw=1.5)
+    _shade(ax, windows, palette)
     ax.set(yscale="log", ylabel="main-split loss (median over seeds; band: range)", xlabel="sequences seen",
-           title="Loss per condition (ticks: phase-change onsets)")
+           title="Loss per condition (ticks: phase-change onsets; shaded: clamp windows)")
     ax.legend(fontsize=7, title="condition")
     paths.append(figs / "loss_curves.png")
     fig.savefig(paths[-1], dpi=110)
@@ -88,6 +107,7 @@ def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame,
                 if not part.empty:
                     sns.lineplot(data=part, x="sequences", y="value", hue="group", palette=palette,
                                  estimator="median", errorbar=("pi", 100), ax=ax, lw=1, legend=(r == c == 0))
+                    _shade(ax, windows, palette)
                 ax.set(title=f"{label} H{head}" if r == 0 or c == 0 else f"H{head}", xlabel="", ylabel="")
                 ax.title.set_fontsize(8)
                 ax.tick_params(labelsize=6)
@@ -100,17 +120,52 @@ def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame,
         paths.append(figs / "head_scores.png")
         fig.savefig(paths[-1], dpi=100)
 
+    order = list(cond["group"])
     fig = Figure(figsize=(6.5, 0.45 * len(cond) + 1.5), layout="constrained")
     ax = fig.add_subplot()
-    sns.stripplot(data=df, y="group", x="loss_below_0.5", ax=ax, color="0.4", size=5, jitter=0.1)
+    crossed = df[df.t05.notna()]
+    sns.stripplot(data=crossed, y="group", x="t05", order=order, ax=ax, color="0.4", size=5, jitter=0.1)
+    never = df[df.t05.isna() & df.t05_censored_at.notna()]
+    ax.scatter(never.t05_censored_at, [order.index(g) for g in never.group], marker="x", color="0.4",
+               label="never crossed (at its last eval)")
     for i, row in enumerate(cond.itertuples(index=False)):
         if row.t05_median is not None and not pd.isna(row.t05_median):
-            lo = row.t05_ci_low if not pd.isna(row.t05_ci_low) else row.t05_median
-            hi = row.t05_ci_high if not pd.isna(row.t05_ci_high) else row.t05_median
-            ax.errorbar(row.t05_median, i, xerr=[[row.t05_median - lo], [hi - row.t05_median]], fmt="o",
-                        color="C3", capsize=4)
-    ax.set(xlabel="sequences to loss < 0.5 (dots: seeds; red: median, 95 % CI)", ylabel="",
+            ax.plot(row.t05_median, i, "o", color="C3")
+    if len(never):
+        ax.legend(fontsize=7)
+    ax.set(xlabel="sequences to loss < 0.5, interpolated (dots: seeds; red: median)", ylabel="",
            title="Learning time per condition")
     paths.append(figs / "times.png")
+    fig.savefig(paths[-1], dpi=110)
+
+    if "t05_ratio" in cond and cond.t05_ratio.notna().any():
+        eff = cond[cond.t05_ratio.notna()]
+        fig = Figure(figsize=(6.5, 0.45 * len(eff) + 1.5), layout="constrained")
+        ax = fig.add_subplot()
+        for i, row in enumerate(eff.itertuples(index=False)):
+            lo = row.t05_ratio_ci_low if not pd.isna(row.t05_ratio_ci_low) else row.t05_ratio
+            hi = row.t05_ratio_ci_high if not pd.isna(row.t05_ratio_ci_high) else row.t05_ratio
+            ax.errorbar(row.t05_ratio, i, xerr=[[row.t05_ratio - lo], [hi - row.t05_ratio]], fmt="o",
+                        color="C3" if row.t05_resolved else "0.6", capsize=4)
+        ax.axvline(1, color="k", lw=0.8, ls="--")
+        ax.set_yticks(range(len(eff)), list(eff.group))
+        ax.set(xscale="log", xlabel="time to loss < 0.5 ÷ the reference's, paired by seed (95 % CI; grey: "
+               "not resolved)", title="Effect on learning time")
+        paths.append(figs / "effects.png")
+        fig.savefig(paths[-1], dpi=110)
+
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for group, g in df.groupby("group", sort=False):
+        curve = stats.survival(list(g.t05.where(g.t05.notna(), None)), list(g.t05_censored_at))
+        xs, ys = [0.0], [1.0]
+        for x, y in curve:
+            xs += [x, x]
+            ys += [ys[-1], y]
+        ax.plot(xs, ys, color=palette.get(group, "k"), label=group, lw=1.3)
+    ax.set(xlabel="sequences seen", ylabel="fraction of seeds not yet below loss 0.5",
+           title="Transition times (Kaplan–Meier; never-crossing seeds censored)", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=7)
+    paths.append(figs / "survival.png")
     fig.savefig(paths[-1], dpi=110)
     return paths

@@ -1,0 +1,107 @@
+"""The sweep report on synthetic run directories with a known effect: paired ratios with CIs,
+interpolated crossing times, censored seeds, the opening sentences, figures, a sweep still
+running (missing runs listed), and the sweep's progress lines."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from optolab.experiments.executors import Progress
+from optolab.experiments.report import write_report
+
+SEEDS = list(range(8))
+
+
+def _run(out, rid: str, crossing: float | None, seed: int, clamps: list) -> None:
+    """A run whose main loss falls linearly from 1.5 and crosses 0.5 at ``crossing`` sequences
+    (None: never; it stops at 0.6), evaluated every 100 sequences up to 4,000."""
+    d = out / rid
+    d.mkdir(parents=True)
+    xs = np.arange(0, 4001, 100)
+    loss = np.full(len(xs), 0.6) if crossing is None else np.maximum(1.5 - xs / crossing, 0.01)
+    rows = [{"step": int(x // 10), "sequences": int(x), "split": "val", "metric": "loss", "layer": None,
+             "head": None, "src_layer": None, "src_head": None, "value": float(v)} for x, v in zip(xs, loss)]
+    pd.DataFrame(rows).to_parquet(d / "metrics.parquet")
+    first = next((int(x) for x, v in zip(xs, loss) if v < 0.5), None)
+    (d / "summary.json").write_text(json.dumps({
+        "main_split": "val", "status": "finished",
+        "time_to_loss_0.5": None if first is None else {"step": first // 10, "sequences": first},
+        "final": {"val": {"loss": float(loss[-1]), "acc": 0.9}}}))
+    (d / "protocol.yaml").write_text(yaml.safe_dump({"train": {"batch_size": 10}, "clamps": clamps}))
+
+
+def _sweep(tmp_path, missing: str | None = None):
+    out = tmp_path / "sweep"
+    rng = np.random.default_rng(0)
+    window = {"kind": "set", "site": "blocks.0.attn.hook_pattern", "heads": [2], "to": "previous_token",
+              "window": {"start": 50, "stop": 150, "unit": "steps"}}
+    runs = {}
+    for s in SEEDS:
+        base = 1000 * float(np.exp(rng.normal(0, 0.3)))  # seeds differ a lot; the effect is the same
+        for cond, t, clamps in (("none", base, []), ("fast", 0.5 * base * float(np.exp(rng.normal(0, 0.02))),
+                                                     [window]),
+                                ("never", None if s < 2 else 2.0 * base, [])):
+            rid = f"{cond}_s{s}"
+            runs[rid] = {"condition": cond, "point": {}, "seed": s, "group": cond}
+            if rid != missing:
+                _run(out, rid, t, s, clamps)
+    (out / "sweep.json").write_text(json.dumps({
+        "sweep": {"name": "known", "reference": "none",
+                  "conditions": [{"name": "none"}, {"name": "fast"}, {"name": "never", "set": {"train.lr": 0.001}}]},
+        "runs": runs}))
+    return out
+
+
+def test_the_report_finds_a_known_paired_effect_and_opens_with_it(tmp_path):
+    out = _sweep(tmp_path)
+    write_report(out)
+    cond = pd.read_csv(out / "conditions.csv").set_index("group")
+    fast = cond.loc["fast"]
+    assert abs(fast.t05_ratio - 0.5) < 0.03 and fast.t05_ratio_ci_low < 0.5 < fast.t05_ratio_ci_high
+    assert fast.t05_ratio_ci_high < 0.6 and bool(fast.t05_resolved) and fast.t05_pairs == len(SEEDS)
+    # interpolation: the loss 1.5 - x/t crosses 0.5 at x = t exactly; evals every 100 would round up
+    summary = pd.read_csv(out / "summary.csv").set_index("run")
+    s0 = summary.loc["none_s0"]
+    assert s0.t05 < s0["loss_below_0.5"] and s0["loss_below_0.5"] - s0.t05 < 100
+    # censoring: two seeds of 'never' never cross; they count, as later than any time
+    never = cond.loc["never"]
+    assert never.t05_found == len(SEEDS) - 2 and never.t05_ratio > 1.5 and np.isnan(never.t05_ratio_ci_high)
+    text = (out / "report.md").read_text()
+    intro = text.split("## Per condition")[0]
+    assert "compares 3 conditions over 8 seeds" in intro and "against 'none'" in intro
+    assert "**fast**: clamps: set blocks.0.attn.hook_pattern heads [2] to previous_token during [50, 150) steps" in intro
+    assert "**never**: train.lr = 0.001, no clamp" in intro
+    assert "'fast' speeds up the drop below loss 0.5 by a factor 0.5 (paired over 8 seeds; 95 % CI [0.49" in intro
+    assert "'never' delays the drop below loss 0.5 by a factor 2 (paired over 8 seeds; 2 of them never" in intro
+    assert "interpolated" in intro
+    for fig in ("loss_curves", "times", "effects", "survival"):
+        assert (out / "figures" / f"{fig}.png").is_file()
+
+
+def test_too_few_seeds_are_a_warning_and_a_running_sweep_lists_what_is_missing(tmp_path):
+    out = _sweep(tmp_path, missing="fast_s3")
+    for s in SEEDS[2:]:  # leave two seeds of each
+        for c in ("none", "fast", "never"):
+            rid = f"{c}_s{s}"
+            if (out / rid / "summary.json").is_file():
+                (out / rid / "summary.json").unlink()  # as if still training
+    write_report(out)
+    text = (out / "report.md").read_text()
+    assert "**Warning:**" in text and "missing: " in text and "fast_s3" in text
+    cond = pd.read_csv(out / "conditions.csv").set_index("group")
+    assert not bool(cond.loc["fast"].t05_resolved)
+
+
+def test_sweep_progress_counts_runs_and_estimates_the_time_left():
+    stream = io.StringIO()
+    p = Progress([[("a", {}), ("b", {})], [("c", {})], [("d", {})]], workers=2, stream=stream)
+    p.ended({"a": "done", "b": "done"})
+    p.ended({"c": "failed: boom"})
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[sweep] 2/4 runs finished, 2 running, 0 failed, about ")
+    assert lines[1].startswith("[sweep] 2/4 runs finished, 1 running, 1 failed, about ")
