@@ -5,7 +5,7 @@ single-head T4 config, trains ``--short`` and ``--long`` steps eagerly and compi
 fresh process with an empty compiler cache (cold: what a first run pays), evals at the first and
 last step only. Each path's wall time is ``fixed + steps × per_step``; two lengths give both, and
 the break-even length is ``(fixed_compiled − fixed_eager) / (per_step_eager − per_step_compiled)``.
-``optolab.training.compiled.AUTO_COMPILE_STEPS`` is set above the largest break-even measured,
+``optolab.core.device.AUTO_COMPILE_STEPS`` is set above the largest break-even measured,
 so ``auto`` never makes a run slower. One torch thread; nothing is kept.
 
     .venv/bin/python benchmarks/compile_cost.py [--short 300] [--long 3000] [--configs main t4]

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import optolab.core.device as core_device
 from optolab.core.device import check_device, numerics, resolve_device, to_device
 from optolab.core.errors import OptolabError
 from optolab.experiments.executors import gpu_jobs, ray_gpus
@@ -21,7 +22,6 @@ from optolab.model.checkpoint import load_checkpoint, save_checkpoint
 from optolab.model.transformer import build_model
 from optolab.protocol.loader import validate_protocol
 from optolab.tasks import make_task
-from optolab.training import compiled
 from optolab.training.trainer import make_optimizer, train
 
 torch.set_num_threads(1)
@@ -126,13 +126,13 @@ def test_precisions_train_and_numerics_are_restored(tmp_path):
 def test_compile_auto_picks_as_documented(monkeypatch):
     cpu = torch.device("cpu")
     short = validate_protocol(_protocol()).train
-    long = validate_protocol(_protocol(steps=compiled.AUTO_COMPILE_STEPS)).train
-    assert short.compile == "auto" and not compiled.decide_compile(short, cpu)
-    assert compiled.decide_compile(long, cpu) == compiled.has_compiler(cpu)
-    assert compiled.decide_compile(validate_protocol(_protocol(compile=True)).train, cpu)
-    assert not compiled.decide_compile(validate_protocol(_protocol(steps=10**6, compile=False)).train, cpu)
-    monkeypatch.setattr("optolab.training.compiled.shutil.which", lambda name: None)
-    assert not compiled.decide_compile(long, cpu)  # auto without a compiler: eager, not an error
+    long = validate_protocol(_protocol(steps=core_device.AUTO_COMPILE_STEPS)).train
+    assert short.compile == "auto" and not core_device.decide_compile(short, cpu)
+    assert core_device.decide_compile(long, cpu) == core_device.has_compiler(cpu)
+    assert core_device.decide_compile(validate_protocol(_protocol(compile=True)).train, cpu)
+    assert not core_device.decide_compile(validate_protocol(_protocol(steps=10**6, compile=False)).train, cpu)
+    monkeypatch.setattr("optolab.core.device.shutil.which", lambda name: None)
+    assert not core_device.decide_compile(long, cpu)  # auto without a compiler: eager, not an error
 
 
 def test_sweeps_know_gpu_jobs():

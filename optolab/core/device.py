@@ -26,8 +26,10 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
+import shutil
 from collections.abc import Iterator
 
 import torch
@@ -135,3 +137,29 @@ def to_device(x, device: torch.device):
     if hasattr(x, "to_device"):
         return x.to_device(device)
     return x
+
+
+def has_compiler(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels for ``device``: a C++ compiler for the CPU, Triton
+    for a GPU."""
+    if device.type == "cpu":
+        return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return False
+
+
+# ``train.compile: auto`` compiles a run of at least this many training steps. Measured
+# (benchmarks/compile_cost.py, one core): a cold compile
+# repays itself after ~8,600 steps of the main and T4 configs (docs/speed.md#compile-auto).
+AUTO_COMPILE_STEPS = 10_000
+
+
+def decide_compile(train, device: torch.device) -> bool:
+    """Whether a run with these ``train`` settings compiles on ``device``: ``true``/``false`` as
+    written; ``auto`` compiles when torch.compile can build kernels there and the run has at least
+    :data:`AUTO_COMPILE_STEPS` steps, where the steps it saves repay the compile (a compile costs
+    about as much as a few thousand eager steps; below that, and in tests, eager is faster)."""
+    if train.compile != "auto":
+        return bool(train.compile)
+    return train.total_steps >= AUTO_COMPILE_STEPS and has_compiler(device)

@@ -29,7 +29,6 @@ import math
 from pathlib import Path
 
 import pandas as pd
-
 import yaml
 
 from optolab.core.errors import OptolabError

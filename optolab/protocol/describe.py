@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-
 from optolab.clamps.describe import describe_clamp
+from optolab.core.device import AUTO_COMPILE_STEPS
 from optolab.measures.registry import active
 from optolab.model.hooks import dry_run
 from optolab.model.transformer import Transformer, build_model
@@ -36,7 +36,10 @@ def describe_protocol(p: Protocol) -> list[str]:
         f"Training: Adam lr {t.lr:g}, betas {t.betas}, weight decay {t.weight_decay:g}, "
         f"grad clip {t.grad_clip if t.grad_clip else 'none'}, batch {t.batch_size}, "
         f"{t.total_steps:,} steps = {t.total_steps * t.batch_size:,} sequences"
-        + ("; every forward through torch.compile (train.compile)." if t.compile else "."),
+        + {True: "; every forward through torch.compile (train.compile).", False: ".",
+           "auto": (f"; compiled where torch.compile can build kernels (train.compile: auto compiles runs of "
+                    f"{AUTO_COMPILE_STEPS:,} steps or more)." if t.total_steps >= AUTO_COMPILE_STEPS else
+                    f"; eager (train.compile: auto compiles runs of {AUTO_COMPILE_STEPS:,} steps or more).")}[t.compile],
         f"Seeds: init {p.seeds.init}, data {p.seeds.data}, eval {p.seeds.eval}.",
         f"Evaluation: {_schedule(p.measures.schedule, t.batch_size, len(p.eval_steps()))}, "
         f"{p.measures.eval_sequences} sequences per split.",

@@ -94,7 +94,7 @@ class TrainSpec(StrictModel):
         "auto", description="every forward (training and evals) through torch.compile (optolab.training.compiled): "
                             "~2.5-4x faster, equal to the nnsight path up to float rounding; costs a compile per "
                             "clamp program. auto: compiled when the run is long enough to repay that "
-                            "(optolab.training.compiled.decide_compile)")
+                            "(optolab.core.device.decide_compile)")
     device: str = Field("auto",
                         description="auto (a GPU where torch sees one, else the CPU), cpu, cuda, cuda:N or mps "
                                     "(optolab.core.device); not part of the run's identity: a run may resume "

@@ -32,8 +32,6 @@ Rules:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import shutil
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,6 +45,7 @@ from optolab.clamps.engine import (
 )
 from optolab.clamps.union import Conditions
 from optolab.clamps.values import PassContext
+from optolab.core.device import has_compiler
 from optolab.core.errors import OptolabError
 from optolab.model.forward import Forward
 from optolab.model.hooks import SiteHooks
@@ -81,16 +80,6 @@ def compile_fn(fn: Callable, options: dict = OPTIONS) -> Callable:
     return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
 
 
-def has_compiler(device: torch.device) -> bool:
-    """Whether torch.compile can build kernels for ``device``: a C++ compiler for the CPU, Triton
-    for a GPU."""
-    if device.type == "cpu":
-        return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
-    if device.type == "cuda":
-        return importlib.util.find_spec("triton") is not None
-    return False
-
-
 def require_compiler(device: torch.device = torch.device("cpu")) -> None:
     if not has_compiler(device):
         need = "a C++ compiler on PATH (e.g. g++)" if device.type == "cpu" else \
@@ -100,19 +89,6 @@ def require_compiler(device: torch.device = torch.device("cpu")) -> None:
                            fix="install it, or set train.compile: false (or auto, which then runs eagerly).")
 
 
-# ``train.compile: auto`` compiles a run of at least this many training steps. Measured
-# (benchmarks/compile_cost.py, main config with one pattern clamp, one core): see decide_compile.
-AUTO_COMPILE_STEPS = 10_000
-
-
-def decide_compile(train, device: torch.device) -> bool:
-    """Whether a run with these ``train`` settings compiles on ``device``: ``true``/``false`` as
-    written; ``auto`` compiles when torch.compile can build kernels there and the run has at least
-    :data:`AUTO_COMPILE_STEPS` steps, where the steps it saves repay the compile (a compile costs
-    about as much as a few thousand eager steps; below that, and in tests, eager is faster)."""
-    if train.compile != "auto":
-        return bool(train.compile)
-    return train.total_steps >= AUTO_COMPILE_STEPS and has_compiler(device)
 
 
 def fresh_caches() -> None:

@@ -48,7 +48,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from optolab.clamps.engine import Program
 from optolab.clamps.rng import call_key
 from optolab.clamps.union import Conditions
-from optolab.core.device import autocast, numerics, resolve_device, to_device
+from optolab.core.device import autocast, decide_compile, numerics, resolve_device, to_device
 from optolab.core.errors import RunFailed
 from optolab.model.checkpoint import list_checkpoints
 from optolab.model.forward import Forward
@@ -62,7 +62,6 @@ from optolab.training.compiled import (
     CompiledForward,
     SiteDispatch,
     compile_fn,
-    decide_compile,
     fresh_caches,
     step_options,
     unused_parameters,

@@ -25,7 +25,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from optolab.core.device import autocast
+from optolab.core.device import autocast, decide_compile
 from optolab.core.device import describe as describe_device
 from optolab.core.errors import OptolabError, RunFailed
 from optolab.core.lock import LOCK_NAME, DirLock
@@ -34,7 +34,6 @@ from optolab.model.checkpoint import list_checkpoints, load_checkpoint, prune, s
 from optolab.model.forward import Forward
 from optolab.protocol.schema import Protocol
 from optolab.tasks import Task
-from optolab.training.compiled import decide_compile
 from optolab.training.rundir import RunDir, environment
 from optolab.training.summary import summarize
 

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from optolab.clamps.engine import ClampForward
-from optolab.core.device import autocast, numerics, resolve_device
+from optolab.core.device import autocast, decide_compile, numerics, resolve_device
 from optolab.model.forward import Forward, PlainForward
 from optolab.model.transformer import Transformer, build_model
 from optolab.protocol.schema import Protocol
 from optolab.tasks import IGNORE, Task, make_task
 from optolab.tasks.base import Batch
-from optolab.training.compiled import CompiledForward, decide_compile, fresh_caches, require_compiler
+from optolab.training.compiled import CompiledForward, fresh_caches, require_compiler
 from optolab.training.compiled_step import CompiledStep
 from optolab.training.runbook import RunBook
 from optolab.training.rundir import RunDir
@@ -56,7 +56,7 @@ def make_forward(protocol, task, cfg, device: torch.device | None = None, *, com
     """The Forward a protocol needs on ``device`` (default: the protocol's ``train.device``):
     plain without clamps, else the clamp engine with the protocol's clamp plan (made once per
     protocol: :meth:`~optolab.protocol.schema.Protocol.clamp_plan`, moved to the device); when
-    the run compiles (:func:`~optolab.training.compiled.decide_compile`, or ``compiled``: a few
+    the run compiles (:func:`~optolab.core.device.decide_compile`, or ``compiled``: a few
     calls on a finished run never repay a compile) every call goes through
     :class:`optolab.training.compiled.CompiledForward`."""
     device = resolve_device(protocol.train.device) if device is None else device
