@@ -113,7 +113,7 @@ def test_a_resumed_compiled_run_repeats_the_uninterrupted_one(tmp_path):
 
 
 def test_no_cpp_compiler_is_one_clear_error_before_anything_is_written(tmp_path, monkeypatch):
-    monkeypatch.setattr("optolab.training.compiled.shutil.which", lambda name: None)
+    monkeypatch.setattr("optolab.core.device.shutil.which", lambda name: None)
     with pytest.raises(OptolabError) as err:
         train(_protocol([], True, device="cpu"), tmp_path / "run", progress=False)  # a GPU needs Triton instead
     assert err.value.field == "train.compile" and "train.compile: false" in err.value.fix

@@ -2,10 +2,18 @@
 
 Rules:
 - A sweep file names a base ``protocol`` (relative to the sweep file), ``seeds``, optional
-  ``conditions`` (a list of ``{name, protocol?, set?}``: another base file and/or dotted-field
-  overrides) and an optional ``grid`` (``{dotted.field: [values]}``, crossed with everything);
-  a top-level ``set`` applies to every run (a condition's own ``set`` wins).
-  ``reference`` names the condition other conditions are compared with in reports.
+  ``conditions`` (a list of ``{name, protocol?, clamps?, set?}``: another base file, clamps
+  appended to the base's, and/or dotted-field overrides) and an optional ``grid``
+  (``{dotted.field: [values]}``, crossed with everything); a top-level ``set`` applies to every
+  run (a condition's own ``set`` wins). ``reference`` names the condition other conditions are
+  compared with in reports.
+- An optional ``design`` (screen, window_scan, dose: :mod:`optolab.experiments.designs`) is
+  expanded into ordinary conditions first, from the shape and budget of its base protocol, and
+  appended to the listed ones; errors in it name ``design.<field>``.
+- A grid over a field that some condition lacks is refused in one line (a list index past the
+  end, or a key its kind does not have), unless ``grid_where_present: true``: then each
+  condition is crossed only with the grid fields its protocol has (a field no condition has is
+  still refused).
 - Every run gets a stable, readable id: ``<condition>[__<field>-<value>…]_s<seed>``, and its own
   run directory ``OUT/<id>``. Every expanded protocol is validated before anything runs: an
   unknown field, an empty grid list or a duplicate condition name is one clear error.
@@ -47,6 +55,8 @@ class Condition(StrictModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     protocol: str | None = Field(None, description="another base protocol (relative to the sweep file)")
+    clamps: list[dict[str, Any]] = Field(default_factory=list,
+                                         description="clamps appended to the base protocol's (before any set)")
     set: dict[str, Any] = Field(default_factory=dict, description="dotted field -> value overrides")
 
 
@@ -59,6 +69,10 @@ class SweepSpec(StrictModel):
     set: dict[str, Any] = Field(default_factory=dict,
                                 description="dotted field -> value overrides for every run (a condition's own set wins)")
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    grid_where_present: bool = Field(False, description="cross each condition only with the grid fields its "
+                                                        "protocol has (default: refuse a field some condition lacks)")
+    design: dict[str, Any] | None = Field(None, description="a screen, window_scan or dose, expanded into "
+                                                            "conditions (optolab.experiments.designs)")
     reference: str | None = None
 
     @field_validator("conditions")
@@ -130,6 +144,32 @@ def _label(value: Any) -> str:
     return text[:24] or "x"
 
 
+def _has(data: Any, dotted: str) -> bool:
+    """Whether ``a.b.c`` leads to something in the (resolved) protocol: every default is filled
+    in there, so a path that is absent is one this protocol does not have."""
+    cur = data
+    for part in dotted.split("."):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.lstrip("-").isdigit() and -len(cur) <= int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            return False
+    return True
+
+
+def _resolved_clamps(data: dict) -> dict:
+    """``data`` with its clamps' defaults filled in (appended clamps are as written), so that
+    :func:`_has` sees a default field as present; as written when they do not validate (the
+    run's validation then says why)."""
+    from optolab.clamps.registry import validate_clamps
+
+    try:
+        return {**data, "clamps": [c.model_dump(mode="json") for c in validate_clamps(data["clamps"], "clamps")]}
+    except (OptolabError, ValidationError):
+        return data
+
+
 @dataclass(frozen=True)
 class SweepRun:
     id: str
@@ -144,13 +184,80 @@ class SweepRun:
         return self.id.rsplit("_s", 1)[0]
 
 
-def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: dict | None = None,
-           max_runs: int = MAX_RUNS) -> dict[str, SweepRun]:
-    """``run id -> SweepRun`` for every condition × grid point × seed, each validated. Errors
-    name the sweep file (``source``) and the sweep field that caused them. A sweep of more than
-    ``max_runs`` runs is refused before anything is expanded."""
+def _load_base(base_dir: Path, relative: str, field: str, source: str | None, lines: dict | None) -> dict:
     from optolab.protocol.loader import load_protocol
 
+    base_path = base_dir / relative
+    if not base_path.is_file():
+        raise OptolabError(f"base protocol '{base_path.name}' not found (looked for {base_path.resolve()}).",
+                           field=field, fix="give a path relative to the sweep file.").located(source, lines)
+    try:
+        return load_protocol(base_path).resolved()
+    except OptolabError as e:
+        raise OptolabError(f"its protocol is invalid: {e.format()}", field=field,
+                           fix=None).located(source, lines) from None
+
+
+def _override(data: dict, where: str, dotted: str, value: Any, condition: str, source: str | None,
+              lines: dict | None) -> None:
+    try:
+        _set(data, dotted, value)
+    except PathError as e:
+        also = " (or set grid_where_present: true to apply the grid only where the path exists)" \
+            if where == "grid" else ""
+        raise OptolabError(f"{e} (condition '{condition}').", field=f"{where}.{dotted}",
+                           fix="give a path that exists in every condition's protocol, e.g. "
+                               f"clamps.0.strength{also}.").located(source, lines) from None
+
+
+def apply_design(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: dict | None = None,
+                 max_runs: int = MAX_RUNS) -> tuple[SweepSpec, dict]:
+    """``(spec, origins)``: the spec with its design's conditions appended to the listed ones
+    (all of them when the file lists none) and ``reference`` defaulting to the design's, and
+    ``{condition name: DesignCondition}`` to name design fields in errors. A design whose
+    sweep would exceed ``max_runs`` runs is refused before its conditions are built."""
+    from optolab.experiments import designs
+    from optolab.protocol.loader import validate_protocol
+
+    if spec.design is None:
+        return spec, {}
+    design = designs.parse(spec.design, source, lines)
+    field = "design.protocol" if design.protocol else "protocol"
+    data = _load_base(base_dir, design.protocol or spec.protocol, field, source, lines)
+    for dotted, value in spec.set.items():
+        _override(data, "set", dotted, value, "the design's base", source, lines)
+    try:  # the shape and budget the design is laid out on
+        base = validate_protocol(data)
+    except OptolabError as e:
+        raise OptolabError(f"the design's base protocol (with the sweep's set) is invalid: {e.format()}",
+                           field=field, fix=None).located(source, lines) from None
+    shape = designs.Shape(base.model.n_layers, base.model.n_heads, base.train.total_steps, base.train.batch_size)
+    listed = spec.conditions if "conditions" in spec.model_fields_set else []
+    n_runs = (len(listed) + design.count(shape)) * math.prod(len(v) for v in spec.grid.values()) * len(spec.seeds)
+    if n_runs > max_runs:
+        raise OptolabError(f"this sweep's design expands to {n_runs:,} runs (conditions × grid × seeds), more than "
+                           f"{max_runs:,}.", field="design",
+                           fix=f"check the design's lists for a typo, or pass --max-runs {n_runs} if you mean it.",
+                           ).located(source, lines)
+    made = design.conditions(shape, source, lines)
+    taken = {c.name: k for k, c in enumerate(listed)}
+    for c in made:
+        if c.name in taken:
+            raise OptolabError(f"the design makes a condition '{c.name}', and conditions.{taken[c.name]} has that "
+                               "name too.", field="design", fix="rename one of them.").located(source, lines)
+    conditions = [*listed, *(Condition(name=c.name, protocol=design.protocol, clamps=c.clamps) for c in made)]
+    reference = spec.reference if spec.reference is not None else design.reference
+    return spec.model_copy(update={"conditions": conditions, "reference": reference}), {c.name: c for c in made}
+
+
+def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: dict | None = None,
+           max_runs: int = MAX_RUNS, origins: dict | None = None) -> dict[str, SweepRun]:
+    """``run id -> SweepRun`` for every condition × grid point × seed, each validated. Errors
+    name the sweep file (``source``) and the sweep field that caused them. A sweep of more than
+    ``max_runs`` runs is refused before anything is expanded. ``origins`` is what
+    :func:`apply_design` returned for ``spec``; without it, the spec's design is applied here."""
+    if origins is None:
+        spec, origins = apply_design(spec, base_dir, source, lines, max_runs)
     fields = list(spec.grid)
     n_runs = len(spec.conditions) * math.prod(len(v) for v in spec.grid.values()) * len(spec.seeds)
     if n_runs > max_runs:
@@ -160,29 +267,29 @@ def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: di
                            ).located(source, lines)
     runs: dict[str, SweepRun] = {}
     made_by: dict[str, dict] = {}  # run id -> the grid point that made it
+    used: set[str] = set()  # grid fields some condition has (grid_where_present)
+    bases: dict[str, dict] = {}  # a design's conditions share one base file: load it once
     for k, cond in enumerate(spec.conditions):
-        base_path = base_dir / (cond.protocol or spec.protocol)
         field = f"conditions.{k}.protocol" if cond.protocol else "protocol"
-        if not base_path.is_file():
-            raise OptolabError(f"base protocol '{base_path.name}' not found (looked for {base_path.resolve()}).",
-                               field=field, fix="give a path relative to the sweep file.").located(source, lines)
-        try:
-            base = load_protocol(base_path).resolved()
-        except OptolabError as e:
-            raise OptolabError(f"its protocol is invalid: {e.format()}", field=field,
-                               fix=None).located(source, lines) from None
-        for values in itertools.product(*(spec.grid[f] for f in fields)):
-            point = dict(zip(fields, values))
+        if origins.get(cond.name) is not None and cond.protocol:
+            field = "design.protocol"
+        relative = cond.protocol or spec.protocol
+        if relative not in bases:
+            bases[relative] = _load_base(base_dir, relative, field, source, lines)
+        prepared = copy.deepcopy(bases[relative])
+        n_base = len(prepared["clamps"])
+        prepared["clamps"] = [*prepared["clamps"], *copy.deepcopy(cond.clamps)]
+        for where, overrides in (("set", spec.set), (f"conditions.{k}.set", cond.set)):
+            for dotted, value in overrides.items():
+                _override(prepared, where, dotted, value, cond.name, source, lines)
+        here = [f for f in fields if not spec.grid_where_present or _has(_resolved_clamps(prepared), f)]
+        used.update(here)
+        for values in itertools.product(*(spec.grid[f] for f in here)):
+            point = dict(zip(here, values))
             for seed in spec.seeds:
-                data = copy.deepcopy(base)
-                for where, overrides in (("set", spec.set), (f"conditions.{k}.set", cond.set), ("grid", point)):
-                    for dotted, value in overrides.items():
-                        try:
-                            _set(data, dotted, value)
-                        except PathError as e:
-                            raise OptolabError(f"{e} (condition '{cond.name}').", field=f"{where}.{dotted}",
-                                               fix="give a path that exists in every condition's protocol, e.g. "
-                                                   "clamps.0.strength.").located(source, lines) from None
+                data = copy.deepcopy(prepared)
+                for dotted, value in point.items():
+                    _override(data, "grid", dotted, value, cond.name, source, lines)
                 data["seeds"]["init"] = data["seeds"]["data"] = seed
                 suffix = "".join(f"__{f.rsplit('.', 1)[-1]}-{_label(v)}" for f, v in point.items())
                 run_id = f"{cond.name}{suffix}_s{seed}"
@@ -193,24 +300,44 @@ def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: di
                                        ).located(source, lines)
                 made_by[run_id] = point
                 data["name"] = f"{spec.name}.{run_id}"
-                protocol = _validate(data, run_id, {**spec.set, **cond.set, **point}, source, lines)
+                protocol = _validate(data, run_id, {**spec.set, **cond.set, **point}, source, lines,
+                                     (n_base, origins.get(cond.name)), point)
                 runs[run_id] = SweepRun(run_id, protocol, cond.name, point, seed)
+    missing = [f for f in fields if f not in used]
+    if missing:  # only with grid_where_present: a field no condition has is a typo, not a choice
+        raise OptolabError(f"grid field '{missing[0]}' is in no condition's protocol, so it would vary nothing.",
+                           field=f"grid.{missing[0]}", fix="check its spelling against a resolved protocol "
+                           "(optolab validate), or remove it.").located(source, lines)
     return runs
 
 
-def _validate(data: dict, run_id: str, overrides: dict, source: str | None, lines: dict | None) -> Protocol:
+def _validate(data: dict, run_id: str, overrides: dict, source: str | None, lines: dict | None,
+              origin: tuple[int, Any] = (0, None), point: dict | None = None) -> Protocol:
+    import re
+
     from optolab.protocol.loader import validate_protocol
 
     try:
         return validate_protocol(data)
     except OptolabError as e:
         hint = f" (sweep run '{run_id}', overrides {sorted(overrides)})" if overrides else f" (sweep run '{run_id}')"
+        n_base, made = origin
+        hit = re.fullmatch(r"clamps\.(\d+)(?:\.(.*))?", e.field or "") if made is not None else None
+        if hit and 0 <= int(hit.group(1)) - n_base < len(made.origins):
+            # a clamp the design made: name the design field that made it
+            field = made.field_for(int(hit.group(1)) - n_base, hit.group(2) or "", e.message.startswith("unknown key"))
+            raise OptolabError(e.message + f" (sweep run '{run_id}', {e.field} of its protocol)", field=field,
+                               fix=e.fix or "check the design.", source=source,
+                               line=lookup_line(lines or {}, field)) from None
         # point at the sweep line that set the field when there is one (grid or a condition's set)
         culprit = next((f for f in overrides if e.field and (e.field == f or e.field.startswith(f + ".")
                                                              or f.startswith(e.field + "."))), None)
         where = lookup_line(lines or {}, f"grid.{culprit}") if culprit else None
-        err = OptolabError(e.message + hint, field=e.field, fix=e.fix or "check the grid and condition fields.",
-                           source=source, line=where)
+        fix = e.fix or "check the grid and condition fields."
+        if culprit in (point or {}) and e.message.startswith("unknown key"):  # the grid added it
+            fix += (" If only some conditions have this field, set grid_where_present: true to apply the grid "
+                    "only where it exists.")
+        err = OptolabError(e.message + hint, field=e.field, fix=fix, source=source, line=where)
         raise err from None
 
 
@@ -223,9 +350,11 @@ def load_sweep(path: str | Path, max_runs: int = MAX_RUNS) -> tuple[SweepSpec, d
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
         raise from_validation_error(e, source=str(path), lines=lines, model=SweepSpec) from None
-    runs = expand(spec, Path(path).parent, str(path), lines, max_runs)
+    spec, origins = apply_design(spec, Path(path).parent, str(path), lines, max_runs)
+    runs = expand(spec, Path(path).parent, str(path), lines, max_runs, origins)
     if spec.reference is not None and spec.reference not in {c.name for c in spec.conditions}:
-        raise OptolabError(f"reference '{spec.reference}' is not a condition name.", field="reference",
+        field = "reference" if "reference" in spec.model_fields_set else "design.reference"
+        raise OptolabError(f"reference '{spec.reference}' is not a condition name.", field=field,
                            source=str(path), fix=f"use one of {[c.name for c in spec.conditions]}.")
     return spec, runs
 
