@@ -105,3 +105,44 @@ def test_sweep_progress_counts_runs_and_estimates_the_time_left():
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("[sweep] 2/4 runs finished, 2 running, 0 failed, about ")
     assert lines[1].startswith("[sweep] 2/4 runs finished, 1 running, 1 failed, about ")
+
+
+def _design_sweep(tmp_path, design: dict, cells: dict[str, tuple[float, list]]):
+    """Runs of ``cells`` (condition -> (factor on the reference's time, clamps)) plus 'none'."""
+    out = tmp_path / "sweep"
+    rng = np.random.default_rng(1)
+    runs = {}
+    for s in range(6):
+        base = 1000 * float(np.exp(rng.normal(0, 0.3)))
+        for cond, (factor, clamps) in {"none": (1.0, []), **cells}.items():
+            rid = f"{cond}_s{s}"
+            runs[rid] = {"condition": cond, "point": {}, "seed": s, "group": cond}
+            _run(out, rid, factor * base * float(np.exp(rng.normal(0, 0.02))), s, clamps)
+    (out / "sweep.json").write_text(json.dumps({
+        "sweep": {"name": "design", "reference": "none", "design": design, "conditions": []}, "runs": runs}))
+    return out
+
+
+def test_a_screen_report_ranks_targets_by_their_paired_effect(tmp_path):
+    cells = {f"{what}_L0H{h}": (f, []) for what, h, f in
+             [("ablate", 0, 1.0), ("ablate", 1, 2.5), ("prev_token", 0, 0.6), ("prev_token", 1, 1.0)]}
+    out = _design_sweep(tmp_path, {"kind": "screen"}, cells)
+    write_report(out)
+    text = (out / "report.md").read_text()
+    ranked = [line.split(" | ")[1] for line in text.split("## Screen")[1].splitlines() if line.startswith("| 1 ")
+              or line.startswith("| 4 ")]
+    assert ranked == ["ablate_L0H1", "prev_token_L0H0"]  # most delaying first, most speeding last
+    assert (out / "figures" / "screen.png").is_file()
+
+
+def test_a_window_scan_report_draws_the_effect_by_window_start(tmp_path):
+    def clamp(start):
+        return [{"kind": "set", "site": "blocks.0.attn.hook_pattern", "heads": [2], "to": "previous_token",
+                 "window": {"start": start, "stop": start + 100, "unit": "sequences"}}]
+    cells = {f"win_s{s}_l100": (f, clamp(s)) for s, f in [(0, 0.7), (500, 0.9), (2000, 1.0)]}
+    out = _design_sweep(tmp_path, {"kind": "window_scan"}, cells)
+    write_report(out)
+    table = (out / "report.md").read_text().split("## Window scan")[1]
+    starts = [line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ") and
+              line[2].isdigit()]
+    assert starts == ["0", "500", "2e+03"] and (out / "figures" / "window_scan.png").is_file()

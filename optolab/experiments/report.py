@@ -5,19 +5,25 @@ Rules:
   split's phase change (onset, midpoint, end in sequences, and the plateau before it; empty
   when none was found), the first eval below loss 0.5, final loss and accuracy, and ``status``
   (``finished``, or ``failed`` for a run that diverged: its times count as "never").
-- ``conditions.csv``: one row per condition × grid point, for two times — the phase change's
-  midpoint and the first eval below loss 0.5 (``t05``, which exists also for runs that drop
-  without a plateau) — how many seeds have it, the median with a bootstrap 95 % CI, and (with
-  a ``reference`` condition) the ratio of medians to the reference at the same grid point with
-  its CI (:mod:`optolab.measures.phase`; "never" counts as later than everything).
-  The same for ``score_midpoint``: the midpoint of the rise of the run's strongest last-layer
-  head score (``induction_strength``, or ``prefix_matching`` for token tasks; ``score`` names
-  the head) — when the induction head forms, beside when the loss drops.
+- ``conditions.csv``: one row per condition × grid point, for three times — ``t05`` (the main
+  loss's first crossing of 0.5, interpolated linearly between evals; ``summary.csv`` keeps the
+  eval-quantised ``loss_below_0.5`` too), the phase change's ``midpoint`` and ``score_midpoint``
+  (the midpoint of the rise of the run's strongest last-layer head score: ``induction_strength``,
+  or ``prefix_matching`` for token tasks) — how many seeds got there, the ordinary median over
+  seeds, and (with a ``reference`` condition) the per-seed *paired* ratio and difference to the
+  reference at the same grid point with bootstrap 95 % CIs over the pairs, the number of pairs,
+  whether the CI excludes no effect, and a warning where seeds are too few
+  (:mod:`optolab.experiments.stats`; a seed that never got there is censored: later than every
+  time, counted, never dropped).
 - Phase changes are recomputed from each run's ``metrics.parquet`` with the installed
   detector, so one report never mixes detector versions.
 - Figures (``figures/``, :mod:`optolab.experiments.report_figures`): loss curves, head-score
   trajectories, and learning times with CIs.
-- ``report.md``: both tables in Markdown with the figures linked; ``report.html``: the same,
+- ``report.md`` opens with a few sentences (what was compared, what each condition changes, the
+  strongest paired effects with CIs, a warning where seeds are too few), then the design's view
+  where the sweep has one (:mod:`optolab.experiments.report_designs`: a screen's heatmap and
+  ranking, a window scan's critical-period curves, a dose–response curve), then both tables in
+  Markdown with the figures linked; ``report.html``: the same,
   self-contained (figures embedded), to send to a colleague. Unfinished runs are listed as
   missing, never guessed.
 """
@@ -33,6 +39,7 @@ import yaml
 
 from optolab.core.errors import OptolabError
 from optolab.experiments import stats
+from optolab.experiments.report_designs import design_view
 from optolab.experiments.report_figures import plot_report
 from optolab.measures.phase import detect
 from optolab.training.summary import THRESHOLDS, head_score, phase_change
@@ -264,8 +271,9 @@ def write_report(sweep_dir: str | Path) -> list[Path]:
     cond.to_csv(paths[1], index=False)
     windows = clamp_windows(sweep_dir, df)
     images = plot_report(sweep_dir, df, cond, metrics, windows)
+    design_images, design_lines = design_view(sweep_dir, meta, df, cond, windows)
     intro = opening(meta, df, cond, clamp_words(sweep_dir, df, meta))
-    lines = [f"# Sweep {meta['sweep']['name']}", "", *intro, "",
+    lines = [f"# Sweep {meta['sweep']['name']}", "", *intro, "", *design_lines, "",
              f"{len(df)} finished runs" + (f"; missing: {', '.join(missing)}" if missing else "") + ".", "",
              "## Per condition", "",
              "Sequences to the main loss's first crossing of 0.5 (t05, interpolated), to the phase change's "
@@ -277,4 +285,4 @@ def write_report(sweep_dir: str | Path) -> list[Path]:
     done = f"{len(df)} finished runs" + (f"; missing: {', '.join(missing)}" if missing else "") + "."
     paths[3].write_text(_html([("Per condition (sequences)", " ".join(intro) + " " + done), ("Runs", "")],
                               [cond, df], images, f"Sweep {meta['sweep']['name']}"))
-    return paths + images
+    return paths + design_images + images
