@@ -112,7 +112,14 @@ class Run:
             curves = self.task.reference_curves()
             if curves:
                 written.append(plot_loss_by_position(self._loss_by_position(), curves, figs / "loss_by_position.png"))
-        return [p for p in written if p is not None]
+        written = [p for p in written if p is not None]
+        if self.protocol.train.track:  # the figures also go to the run's trackers
+            from optolab.training.trackers import Trackers
+
+            trackers = Trackers(self.protocol.train.track, self.path, self.protocol.resolved())
+            trackers.images(self.checkpoint_steps[-1] if self.checkpoint_steps else 0, written)
+            trackers.close()
+        return written
 
     def _loss_by_position(self, n: int = 256) -> dict[int, torch.Tensor]:
         """Per-position loss ``[pos]`` (NaN where no loss is taken) on the main split, at every

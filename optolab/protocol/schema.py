@@ -102,6 +102,10 @@ class TrainSpec(StrictModel):
     precision: Literal["fp32", "tf32", "bf16"] = Field(
         "fp32", description="fp32; tf32 (TensorFloat-32 matmuls on GPUs); bf16 (forward under bfloat16 autocast)")
     deterministic: bool = Field(False, description="torch's deterministic algorithms (GPUs; CPU runs always are)")
+    track: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="also log every metrics row and figure to TensorBoard and/or Weights & "
+                                          "Biases (offline unless WANDB_MODE=online; optolab.training.trackers); "
+                                          "not part of the run's identity")
     checkpoints: Checkpoints = Field(default_factory=Checkpoints)
 
     @field_validator("device")

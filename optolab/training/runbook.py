@@ -35,6 +35,8 @@ from optolab.model.forward import Forward
 from optolab.protocol.schema import Protocol
 from optolab.tasks import Task
 from optolab.training.rundir import RunDir, environment
+from optolab.training.trackers import Trackers
+from optolab.training.trackers import require as require_trackers
 from optolab.training.summary import summarize
 
 
@@ -45,6 +47,7 @@ class RunBook:
         self.run = RunDir(out)
         resolved = protocol.resolved()
         _refuse_foreign(self.run)  # before the lock: nothing is written into a folder that is not a run
+        require_trackers(protocol.train.track)  # a missing library is refused before anything is written
         self.lock = DirLock(self.run.path)
         try:
             _check_same_protocol(self.run, resolved)  # under the lock: no other writer changes it now
@@ -66,6 +69,8 @@ class RunBook:
         self.eval_time = 0.0
         self.last_loss: float | None = None
         self._t0 = 0.0
+        self._resolved = resolved
+        self.trackers: Trackers | None = None
 
     # --- the loop's calls, in order ------------------------------------------------------
 
@@ -87,6 +92,8 @@ class RunBook:
                                       "deterministic": t.deterministic,
                                       "compiled": decide_compile(t, self.device)})
         self.run.write_json(self.run.meta, self.meta)
+        if self.protocol.train.track:
+            self.trackers = Trackers(self.protocol.train.track, self.run.path, self._resolved)
         self._t0 = time.perf_counter()
         return self.start_step
 
@@ -113,6 +120,8 @@ class RunBook:
                              "value": self.loss_sum.item() / self.loss_n})
                 self.loss_sum, self.loss_n = torch.zeros((), device=self.device), 0
             self.run.append_metrics([{"step": step, "sequences": step * self.bs, **r} for r in rows])
+            if self.trackers is not None:
+                self.trackers.scalars(step, rows)
             self.eval_time += time.perf_counter() - te
             main = self.task.main_split
             self.last_loss = next(r["value"] for r in rows if r["split"] == main and r["metric"] == "loss")
@@ -154,7 +163,17 @@ class RunBook:
         return summary
 
     def release(self) -> None:
-        """Let go of the run directory's lock (the run's last write is done; idempotent)."""
+        """Close the trackers and let go of the run directory's lock (the run's last write is
+        done; idempotent)."""
+        if self.trackers is not None:
+            self.trackers.close()
+            if self.trackers.failures:  # the run went on; meta.json says what was not tracked
+                self.meta["tracker_failures"] = self.trackers.failures
+                try:
+                    self.run.write_json(self.run.meta, self.meta)
+                except OSError:
+                    pass  # a full disk: the run's own message says so
+            self.trackers = None
         self.lock.release()
 
     def interrupted(self, step: int) -> None:
@@ -223,12 +242,16 @@ def _refuse_foreign(run: RunDir) -> None:
                            fix="choose an empty or new folder.")
 
 
+NOT_IDENTITY = ("device", "track")
+
+
 def _identity(resolved: dict) -> dict:
     """What makes two protocols the same run: everything but where it computes (``train.device``:
-    a run trained on a GPU may resume on a CPU; each segment records its device in meta.json)."""
+    a run trained on a GPU may resume on a CPU; each segment records its device in meta.json)
+    and where else it is logged (``train.track``)."""
     train = resolved.get("train")
-    if isinstance(train, dict) and "device" in train:
-        resolved = {**resolved, "train": {k: v for k, v in train.items() if k != "device"}}
+    if isinstance(train, dict):
+        resolved = {**resolved, "train": {k: v for k, v in train.items() if k not in NOT_IDENTITY}}
     return resolved
 
 
