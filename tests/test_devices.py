@@ -65,6 +65,13 @@ def test_a_run_records_its_device_per_segment_and_resumes_under_another_device_s
     assert got == want if resolve_device("auto").type == "cpu" else abs(got - want) < 1e-4
 
 
+def test_a_run_started_eager_resumes_under_compile_auto(tmp_path):
+    # runs recorded before compile: auto was the default say compile: false
+    train(validate_protocol(_protocol(device="cpu", compile=False)), tmp_path / "run", progress=False, stop_after=20)
+    result = train(validate_protocol(_protocol(device="cpu")), tmp_path / "run", progress=False)
+    assert result.summary and json.loads((tmp_path / "run" / "meta.json").read_text())["status"] == "finished"
+
+
 def test_a_different_protocol_is_still_refused_when_only_the_device_matches(tmp_path):
     train(validate_protocol(_protocol(device="cpu")), tmp_path / "run", progress=False, stop_after=20)
     with pytest.raises(OptolabError, match="different protocol"):

@@ -242,13 +242,15 @@ def _refuse_foreign(run: RunDir) -> None:
                            fix="choose an empty or new folder.")
 
 
-NOT_IDENTITY = ("device", "track")
+NOT_IDENTITY = ("device", "compile", "track")
 
 
 def _identity(resolved: dict) -> dict:
-    """What makes two protocols the same run: everything but where it computes (``train.device``:
-    a run trained on a GPU may resume on a CPU; each segment records its device in meta.json)
-    and where else it is logged (``train.track``)."""
+    """What makes two protocols the same run: everything but how it computes (``train.device``
+    and ``train.compile``: a run trained on a GPU may resume on a CPU, an eager run compiled,
+    equal up to float rounding; each segment records its device and path in meta.json) and
+    where else it is logged (``train.track``). So a run started before ``compile: auto`` was
+    the default resumes under the same command."""
     train = resolved.get("train")
     if isinstance(train, dict):
         resolved = {**resolved, "train": {k: v for k, v in train.items() if k not in NOT_IDENTITY}}
