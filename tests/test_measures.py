@@ -131,3 +131,40 @@ def test_lagged_prefix_matching_finds_a_head_that_attends_past_olssons_target():
     best, lag = lagged_prefix_matching(pattern, targets, max_lag=5)
     assert strict.tolist() == [1.0, 0.0]
     assert best.tolist() == [1.0, 1.0] and lag.tolist() == [0.0, 3.0]
+
+
+def test_in_context_copying_is_one_for_a_copying_ov_and_minus_one_for_an_anti_copier():
+    """Head 0's OV is the identity, head 1's its negative; the residual at each label token is that
+    label's one-hot; the query attends only to label tokens."""
+    from types import SimpleNamespace
+
+    from optolab.measures.builtin.icl_copying import icl_copying_scores
+
+    d, n_lab, b = 5, 2, 3
+    W_V = torch.zeros(d, 2, d)
+    W_O = torch.zeros(2, d, d)
+    W_V[:, 0], W_V[:, 1] = torch.eye(d), torch.eye(d)
+    W_O[0], W_O[1] = torch.eye(d), -torch.eye(d)
+    block = SimpleNamespace(attn=SimpleNamespace(W_V=W_V, W_O=W_O))
+    model = SimpleNamespace(cfg=SimpleNamespace(n_heads=2), blocks=[block], ln_final=torch.nn.Identity(),
+                            W_U=torch.eye(d))
+    labels = torch.tensor([[0, 3], [2, 1], [4, 4]])
+    x = torch.zeros(b, 2 * n_lab + 1, d)
+    x[:, 1::2][torch.arange(b)[:, None], torch.arange(n_lab), labels] = 1.0
+    pattern = torch.zeros(b, 2, 2 * n_lab + 1, 2 * n_lab + 1)
+    pattern[:, :, -1, 1::2] = 0.5
+    scores = icl_copying_scores(model, [x], [pattern], labels)
+    assert torch.allclose(scores[0], torch.tensor([1.0, -1.0]))
+
+
+def test_in_context_copying_rows_come_only_for_exemplar_label_tasks(tmp_path):
+    from optolab.protocol.loader import validate_protocol
+    from optolab.training.trainer import train
+
+    from .conftest import fewshot_protocol, repeat_protocol
+
+    few = train(validate_protocol(fewshot_protocol(steps=10)), tmp_path / "f", progress=False).run_dir.metrics()
+    rows = few[few.metric == "icl_copying"]
+    assert len(rows) and set(rows.split) == {"in_context"} and rows.value.between(-1, 1).all()
+    tok = train(validate_protocol(repeat_protocol(steps=10)), tmp_path / "t", progress=False).run_dir.metrics()
+    assert not (tok.metric == "icl_copying").any()
