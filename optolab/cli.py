@@ -184,6 +184,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"trains as {len(jobs)} job(s) on {workers} worker(s) (--pack {args.pack}):")
             for job in jobs:
                 print("  " + " + ".join(job))
+            later = [rid for rid in runs if rid not in status and not any(rid in job for job in jobs)]
+            if later:
+                print(f"then {len(later)} run(s) with dense evals around the reference's loss drop, once it has finished")
             return 0
         status = run_sweep(args.sweep, args.out, workers=args.workers, executor=args.executor,
                            address=args.address, pack=args.pack, max_pack=args.max_pack,

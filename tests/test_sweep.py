@@ -214,3 +214,25 @@ def test_a_dry_run_lists_the_runs_and_how_they_would_pack_and_writes_nothing(tmp
     assert main(["sweep", sweep, "--out", str(out), "--dry-run", "--max-pack", "0"]) == 2
     assert "--max-pack" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_dense_evals_train_the_reference_first_then_evaluate_the_others_around_its_drop(tmp_path, capsys):
+    sweep = _sweep(tmp_path, dense_evals={"every": 16, "span": [0.5, 1.5], "loss": 1.7})
+    out = tmp_path / "out"
+    assert main(["sweep", sweep, "--out", str(out), "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    jobs = dry.split("trains as")[1].split("then")[0]
+    assert "lr1e-3_s0" in jobs and "lr1e-3_s1" in jobs and "lr3e-3" not in jobs
+    assert "then 2 run(s) with dense evals" in dry
+    assert main(["sweep", sweep, "--out", str(out), "--workers", "2"]) == 0
+    invocations = json.loads((out / "sweep.json").read_text())["invocations"]
+    assert [sorted(r for job in inv["jobs"] for r in job) for inv in invocations] == [
+        ["lr1e-3_s0", "lr1e-3_s1"], ["lr3e-3_s0", "lr3e-3_s1"]]  # the reference first
+    ref = pd.read_parquet(out / "lr1e-3_s0" / "metrics.parquet")
+    other = pd.read_parquet(out / "lr3e-3_s0" / "metrics.parquet")
+    assert len(other.step.unique()) > len(ref.step.unique())  # extra evals around the reference's drop
+    extra = sorted(set(other.sequences.unique()) - set(ref.sequences.unique()))
+    assert extra and all(s % 16 == 0 for s in extra)
+    # a re-run expands the same protocols: everything is finished, nothing is refused
+    assert main(["sweep", sweep, "--out", str(out), "--workers", "2"]) == 0
+    assert "0 runs trained, 4 already finished" in capsys.readouterr().out

@@ -20,6 +20,11 @@ Rules:
 - ``optolab sweep`` skips finished runs (``summary.json`` present; a diverged run is finished
   too, as failed, and stays so) and resumes unfinished ones
   from their checkpoints (the trainer does), so re-running the same command completes a sweep.
+- ``dense_evals`` (``{every, span, loss, around}``): the other conditions evaluate every
+  ``every`` sequences over ``span`` (fractions) of the reference's time to ``loss``, as
+  measured on its finished runs at the same grid point (the median over seeds, interpolated),
+  so effects smaller than the usual eval spacing resolve. The sweep trains the reference's runs
+  first, then the others with those extra evals (:func:`with_dense_evals`).
 - Runs train through an executor (``optolab/executors.py``): a local process pool by default, or
   Ray (``--executor ray``) on a local instance or a cluster. Runs pack into ensembles
   (:func:`plan_jobs`, :mod:`optolab.training.ensemble`): with ``--pack auto`` (the default) runs that
@@ -40,9 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from optolab.core.counts import Seed
+from optolab.core.counts import PosCount, Seed
 from optolab.core.device import check_device
 from optolab.core.errors import OptolabError, SpecError, from_validation_error, lookup_line
 from optolab.core.lock import DirLock
@@ -60,6 +65,23 @@ class Condition(StrictModel):
     set: dict[str, Any] = Field(default_factory=dict, description="dotted field -> value overrides")
 
 
+class DenseEvals(StrictModel):
+    """Evaluate the other conditions densely around the reference's loss drop (see the module rules)."""
+
+    every: PosCount = Field(description="sequences between the extra evals")
+    span: tuple[float, float] = Field((0.5, 1.5), description="from/to, as fractions of the reference's time")
+    loss: float = Field(0.5, gt=0, description="the reference's time: its main loss's first crossing of this")
+    around: str | None = Field(None, description="the condition whose drop it is (default: the sweep's reference)")
+
+    @model_validator(mode="after")
+    def _span(self) -> DenseEvals:
+        lo, hi = self.span
+        if not 0 <= lo < hi:
+            raise SpecError("span", f"span {list(self.span)} is not [from, to) with 0 <= from < to.",
+                            "use e.g. span: [0.5, 1.5].")
+        return self
+
+
 class SweepSpec(StrictModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
@@ -74,6 +96,7 @@ class SweepSpec(StrictModel):
     design: dict[str, Any] | None = Field(None, description="a screen, window_scan or dose, expanded into "
                                                             "conditions (optolab.experiments.designs)")
     reference: str | None = None
+    dense_evals: DenseEvals | None = Field(None, description="extra evals around the reference's loss drop")
 
     @field_validator("conditions")
     @classmethod
@@ -356,7 +379,68 @@ def load_sweep(path: str | Path, max_runs: int = MAX_RUNS) -> tuple[SweepSpec, d
         field = "reference" if "reference" in spec.model_fields_set else "design.reference"
         raise OptolabError(f"reference '{spec.reference}' is not a condition name.", field=field,
                            source=str(path), fix=f"use one of {[c.name for c in spec.conditions]}.")
+    if spec.dense_evals is not None and dense_around(spec) not in {c.name for c in spec.conditions}:
+        raise OptolabError(f"dense_evals needs a condition to evaluate around, and '{dense_around(spec)}' is not one.",
+                           field="dense_evals.around", source=str(path),
+                           fix="set dense_evals.around (or the sweep's reference) to a condition name.")
     return spec, runs
+
+
+def dense_around(spec: SweepSpec) -> str | None:
+    return spec.dense_evals.around or spec.reference if spec.dense_evals is not None else None
+
+
+def _crossing(run_dir: Path, loss: float) -> float | None:
+    """A finished run's main loss's first crossing of ``loss``, interpolated (sequences)."""
+    import pandas as pd
+
+    from optolab.experiments.stats import crossing_time
+
+    main = json.loads((run_dir / "summary.json").read_text()).get("main_split")
+    m = pd.read_parquet(run_dir / "metrics.parquet")
+    curve = m[(m.split == main) & (m.metric == "loss")].sort_values("step")
+    return crossing_time(curve.sequences.to_numpy(), curve.value.to_numpy(), loss).time
+
+
+def with_dense_evals(spec: SweepSpec, runs: dict[str, SweepRun], out: Path) -> tuple[dict[str, SweepRun], list[str]]:
+    """``(runs, waiting)``: with ``dense_evals``, every run of another condition gets extra evals
+    every ``dense_evals.every`` sequences over ``span`` × the reference's median time at the same
+    grid point (``measures.schedule.at``). They can only be placed once the reference's runs have
+    finished: until then, ``waiting`` lists the other runs (the sweep trains the reference first,
+    then them). A reference that never crossed gives no extra evals. The points depend only on
+    the reference's finished results, so a re-run expands the same protocols."""
+    around = dense_around(spec)
+    if around is None:
+        return runs, []
+    d = spec.dense_evals
+    by_point: dict[str, list[str]] = {}
+    for rid, r in runs.items():
+        by_point.setdefault(json.dumps(r.point, sort_keys=True, default=str), []).append(rid)
+    waiting: list[str] = []
+    for ids in by_point.values():
+        refs = [rid for rid in ids if runs[rid].condition == around]
+        others = [rid for rid in ids if runs[rid].condition != around]
+        if not all(finished(out / rid) for rid in refs):
+            waiting += others
+            continue
+        times = sorted(t for t in (_crossing(out / rid, d.loss) for rid in refs) if t is not None)
+        if not times or not others:
+            continue
+        from optolab.experiments.stats import median
+
+        t = median(times)
+        for rid in others:
+            r = runs[rid]
+            data = r.protocol.resolved()
+            sched = data["measures"]["schedule"]
+            bs = data["train"]["batch_size"]
+            end = r.protocol.train.total_steps * bs
+            per = 1 if sched["unit"] == "sequences" else bs
+            first = math.ceil(d.span[0] * t / d.every) * d.every
+            points = [p // per for p in range(first, min(int(d.span[1] * t), end) + 1, d.every)]
+            sched["at"] = sorted(set(sched.get("at", [])) | set(points))
+            runs[rid] = SweepRun(rid, _validate(data, rid, {}, None, None), r.condition, r.point, r.seed)
+    return runs, waiting
 
 
 def finished(run_dir: Path) -> bool:
@@ -429,8 +513,9 @@ def plan_sweep(path: str | Path, out: str | Path, *, workers: int | None, pack: 
                            fix="use e.g. --max-pack 8.")
     spec, runs = load_sweep(path, max_runs)
     out = Path(out)
+    runs, waiting = with_dense_evals(spec, runs, out)
     status = {rid: _previous(out / rid) for rid in runs if finished(out / rid)}
-    todo = [rid for rid in runs if rid not in status]
+    todo = [rid for rid in runs if rid not in status and rid not in waiting]
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     jobs = plan_jobs(runs, todo, out, pack=pack, max_pack=max_pack, workers=workers)
     return spec, runs, status, jobs, min(workers, len(jobs) or 1)
@@ -456,12 +541,32 @@ def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, 
                            fix=f"use one of {list(executors.EXECUTORS)}.")
     if device is not None:
         check_device(device, "--device")
-    spec, runs, status, jobs, workers = plan_sweep(path, out, workers=workers, pack=pack, max_pack=max_pack,
-                                                   max_runs=max_runs)
-    out = Path(out)
-    todo = [rid for rid in runs if rid not in status]
+    status: dict[str, str] = {}
+    waiting: set[str] = set()
+    for phase in (0, 1):  # with dense_evals: the reference first, then the runs placed around its drop
+        spec, runs, done, jobs, n_workers = plan_sweep(path, out, workers=workers, pack=pack, max_pack=max_pack,
+                                                       max_runs=max_runs)
+        if phase == 0:
+            status.update(done)
+            waiting = set(runs) - set(done) - {rid for job in jobs for rid in job}
+        else:  # only what waited for the reference (a run that failed above waits for the next command)
+            jobs = [kept for job in jobs if (kept := [rid for rid in job if rid in waiting])]
+            if not jobs:
+                break
+        status.update(_train_jobs(spec, runs, jobs, n_workers, Path(path), Path(out), executor, address, device,
+                                  pack))
+        if not waiting:
+            break
+    return status
+
+
+def _train_jobs(spec: SweepSpec, runs: dict[str, SweepRun], jobs: list[list[str]], workers: int, path: Path,
+                out: Path, executor: str, address: str | None, device: str | None, pack: str) -> dict[str, str]:
+    from optolab.experiments import executors
+
+    status: dict[str, str] = {}
     ray = started = lock = None
-    if executor == "ray" and todo:
+    if executor == "ray" and jobs:
         ray, started = executors.connect_ray(executors.ray_address(address), workers)
     try:
         lock = DirLock(out, "sweep")  # the sweep's own files (each run locks its own directory too)
@@ -470,7 +575,7 @@ def run_sweep(path: str | Path, out: str | Path, *, workers: int | None = None, 
         invocations.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "executor": executor, "pack": pack,
                             "workers": workers, "jobs": jobs})  # which runs trained together, and how
         write_atomic(meta_path, json.dumps({
-            "sweep": spec.model_dump(mode="json"), "source": str(Path(path).resolve()),
+            "sweep": spec.model_dump(mode="json"), "source": str(path.resolve()),
             "runs": {rid: {"condition": r.condition, "point": r.point, "seed": r.seed, "group": r.group}
                      for rid, r in runs.items()},
             "invocations": invocations}, indent=2, default=str))
