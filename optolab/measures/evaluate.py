@@ -61,7 +61,7 @@ def evaluate(model: Transformer, task: Task, spec, evals: EvalSet, forward: Forw
         for split, batch in evals.splits.items():
             logits, saved = forward(model, batch, step=step, training=False, save=sites)
             rows += _loss_rows(split, logits, batch)
-            data = SplitData(split, batch, logits, saved, L, spec)
+            data = SplitData(split, batch, logits, saved, L, spec, model)
             for m in measures:
                 rows += m.on_split(data)
         for m in measures:

@@ -15,7 +15,8 @@ Rules for a measure:
   on every eval split; the evaluator saves them all in one call per split, through the run's
   Forward, so they hold the activations as the model used them (after interventions).
 - :meth:`Measure.build` makes the fixed data it needs once per run from the eval seed (a probe
-  batch); :meth:`Measure.on_split` turns one split's logits and saved sites into rows;
+  batch); :meth:`Measure.on_split` turns one split's logits and saved sites (and, where it needs
+  them, the model's weights) into rows;
   :meth:`Measure.on_model` makes rows from the weights or its own data (with the run's Forward).
   A measure that does not apply to a task or split returns no rows (the task's public interface
   says: ``batch.match_mask``, ``batch.induction_targets``, ``task.label_ids()``, …).
@@ -42,6 +43,7 @@ class SplitData:
     saved: dict[str, Tensor]  # every measure's SITES for every layer
     n_layers: int
     spec: Any  # the protocol's measures section
+    model: Any = None  # the model evaluated (its weights, for measures that read both)
 
 
 @dataclass

@@ -7,14 +7,15 @@ through layer 1's outputs, not through the bare embedding, so the strongest indu
 score ≤ 0 there (a head with induction strength 0.92 scored −0.55). This score asks the same
 question of the input the head really has:
 
-- For each sequence of a fixed batch of the main split (``icl_copying_sequences``, built from the
-  eval seed) and each head, take the head's layer input (``ln1``'s output) at every label token
+- On every eval split of an exemplar–label task, for each sequence and head, take the head's
+  layer input (the residual the layer reads, through the block's LayerNorm) at every label token
   of the context, apply the head's OV circuit (``W_V`` then ``W_O``), the final LayerNorm and the
   unembedding: logits over labels, one vector per label token.
 - Olsson's ratio on each: ``s = relu(l_own − mean l) / Σ relu(l − mean l)`` for the label that
   token carries, mapped to ``2s − 1`` (1: the head copies that label, −1: it suppresses it).
 - Average over the label tokens weighted by the head's attention from the query to them (as the
-  head reads them), then over sequences. Rows: split ``in_context``, one per head of every layer.
+  head reads them), then over sequences. One row per head of every layer, per split; the
+  activations are those the eval already saved (no extra forward pass).
 
 Read ``copying`` for what a head's weights do to a label's own embedding (the circuit as
 Olsson's one-layer analysis defines it); read ``icl_copying`` for whether a head, as it runs in
@@ -26,12 +27,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from pydantic import Field
 
-from optolab.core.counts import PosCount
-from optolab.measures.measure import Measure, ModelData, head_rows
+from optolab.measures.measure import Measure, SplitData, head_rows
 
-NORMALIZED = "blocks.{layer}.ln1.hook_normalized"  # the attention's input (without block LayerNorms: resid_pre)
 RESID_PRE = "blocks.{layer}.hook_resid_pre"
 PATTERN = "blocks.{layer}.attn.hook_pattern"
 
@@ -61,25 +59,15 @@ def icl_copying_scores(model, normalized: list[torch.Tensor], patterns: list[tor
 
 class ICLCopying(Measure):
     NAME: ClassVar[str] = "icl_copying"
+    SITES: ClassVar[tuple[str, ...]] = (RESID_PRE, PATTERN)
     DOC: ClassVar[str] = "each head's copying of the label it attends to, on the residual it reads (exemplar-label tasks)"
-    OPTIONS: ClassVar[dict] = {
-        "icl_copying_sequences": (PosCount, Field(200, description="sequences of the main split for icl_copying")),
-    }
 
-    def build(self, task, spec, seed: int, n_ctx: int):
-        if task.model_io().input_mode != "exemplar_label":
-            return None
-        return task.eval_batch(task.main_split, seed, spec.icl_copying_sequences)
-
-    def on_model(self, d: ModelData) -> list[dict]:
-        batch = d.data
-        if batch is None:
+    @torch.no_grad()
+    def on_split(self, d: SplitData) -> list[dict]:
+        b, model = d.batch, d.model
+        if b.match_mask is None or model is None or len(b.inputs) < 2:
             return []
-        L = d.model.cfg.n_layers
-        inputs = [(NORMALIZED if d.model.cfg.layer_norm else RESID_PRE).format(layer=layer) for layer in range(L)]
-        patterns = [PATTERN.format(layer=layer) for layer in range(L)]
-        sites = [s for pair in zip(inputs, patterns) for s in pair]  # in forward order
-        _, saved = d.forward(d.model, batch, step=d.step, training=False, save=sites)
-        scores = icl_copying_scores(d.model, [saved[s] for s in inputs], [saved[s] for s in patterns],
-                                    batch.inputs[1])
-        return [row for layer in range(L) for row in head_rows("in_context", "icl_copying", scores[layer], layer)]
+        normalized = [block.ln1(d.saved[RESID_PRE.format(layer=layer)]) for layer, block in enumerate(model.blocks)]
+        scores = icl_copying_scores(model, normalized, [d.saved[PATTERN.format(layer=layer)]
+                                                        for layer in range(d.n_layers)], b.inputs[1])
+        return [row for layer in range(d.n_layers) for row in head_rows(d.split, "icl_copying", scores[layer], layer)]
