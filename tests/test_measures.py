@@ -169,3 +169,49 @@ def test_in_context_copying_rows_come_only_for_exemplar_label_tasks(tmp_path):
     assert rows.value.between(-1, 1).all()
     tok = train(validate_protocol(repeat_protocol(steps=10)), tmp_path / "t", progress=False).run_dir.metrics()
     assert not (tok.metric == "icl_copying").any()
+
+
+def test_the_loss_trajectory_finds_a_known_turn_and_its_variance():
+    """Per-example losses move along one direction, then turn onto another at eval 10: the
+    trajectory's first two components explain it all and the turn is a 90-degree corner there."""
+    import numpy as np
+
+    from optolab.measures.trajectory import pca, project, speed, turning
+
+    rng = np.random.default_rng(0)
+    u, v = rng.normal(size=50), rng.normal(size=50)
+    v -= u * (u @ v) / (u @ u)  # orthogonal directions in position space
+    t = np.arange(21, dtype=float)
+    X = np.outer(np.minimum(t, 10), u) + np.outer(np.maximum(t - 10, 0), v) + 1.0
+    traj = pca(X, t * 100, k=3)
+    assert traj.explained[:2].sum() > 0.999
+    angles = turning(traj)
+    assert abs(angles[9] - 90) < 1e-6 and np.allclose(np.delete(angles, 9), 0, atol=1e-6)
+    assert np.allclose(speed(traj)[:10], np.linalg.norm(u) / 100)
+    again = project(X + 0.0, t * 100, traj)  # projecting a run onto its own components
+    assert np.allclose(again.path, traj.path)
+
+
+def test_per_example_losses_round_trip_and_a_resumed_run_keeps_the_same_arrays(tmp_path):
+    import numpy as np
+
+    from optolab.protocol.loader import validate_protocol
+    from optolab.training import per_example
+    from optolab.training.trainer import train
+
+    from .conftest import fewshot_protocol
+
+    data = fewshot_protocol(steps=40)
+    data["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": 20}}
+    full = train(validate_protocol(data), tmp_path / "full", progress=False)
+    steps, seqs, arrays = per_example.load(tmp_path / "full")
+    df = full.run_dir.metrics()
+    assert list(steps) == sorted(df.step.unique()) and set(arrays) == set(full.task.eval_splits)
+    split = full.task.main_split
+    loss = df[(df.split == split) & (df.metric == "loss")].set_index("step").value
+    # the mean of the stored losses is the eval's loss (to float16's precision)
+    assert np.allclose(arrays[split].mean(1), loss.loc[steps].to_numpy(), rtol=2e-3)
+    train(validate_protocol(data), tmp_path / "cut", progress=False, stop_after=30)  # evals past the checkpoint
+    train(validate_protocol(data), tmp_path / "cut", progress=False)
+    s2, _, a2 = per_example.load(tmp_path / "cut")
+    assert list(s2) == list(steps) and all(np.array_equal(a2[k], arrays[k]) for k in arrays)

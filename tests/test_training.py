@@ -49,10 +49,11 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
 def test_run_directory_is_tidy_and_self_describing(tmp_path):
     run = optolab.run(validate_protocol(fewshot_protocol()), out=tmp_path / "run", progress=False)
     d = run.path
-    for name in ("protocol.yaml", "meta.json", "metrics.jsonl", "metrics.parquet", "summary.json"):
+    for name in ("protocol.yaml", "meta.json", "metrics.jsonl", "metrics.parquet", "summary.json",
+                 "per_example/index.jsonl"):
         assert (d / name).is_file(), name
     assert sorted(p.name for p in (d / "figures").iterdir()) == [
-        "attention.png", "head_scores.png", "loss.png", "prev_token.png"]
+        "attention.png", "head_scores.png", "loss.png", "prev_token.png", "trajectory.png"]
     assert run.checkpoint_steps == [0, 10, 20, 30]
     assert (d / "checkpoints" / "step_00000030.optim.safetensors").is_file()
     # the resolved protocol has every default and reloads to the same protocol

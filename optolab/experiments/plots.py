@@ -110,3 +110,34 @@ def plot_loss_by_position(per_step: dict[int, torch.Tensor], curves: dict[str, t
     ax.legend(fontsize=7, ncol=2)
     fig.savefig(path, dpi=120)
     return path
+
+
+def plot_trajectory(traj, split: str, events: dict, path: Path) -> Path:
+    """The per-example loss trajectory (:mod:`optolab.measures.trajectory`): its path on the first
+    two components, coloured by sequences seen, and its speed and turning over training, with the
+    loss drop's onset and end (``events``: name -> sequences) marked."""
+    from optolab.measures.trajectory import speed, turning
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2)
+    pts = ax.scatter(traj.path[:, 0], traj.path[:, 1], c=traj.xs, cmap="viridis", s=10, zorder=2)
+    ax.plot(traj.path[:, 0], traj.path[:, 1], color="0.7", lw=0.8, zorder=1)
+    for name, x in events.items():
+        i = int(np.argmin(np.abs(traj.xs - x)))
+        ax.annotate(name, traj.path[i, :2], fontsize=8, xytext=(5, 5), textcoords="offset points")
+        ax.plot(*traj.path[i, :2], "kx")
+    fig.colorbar(pts, ax=ax, label="sequences seen")
+    ev = traj.explained
+    ax.set(xlabel=f"PC1 ({ev[0]:.0%})", ylabel=f"PC2 ({ev[1]:.0%})" if len(ev) > 1 else "PC2",
+           title=f"Per-example loss trajectory ({split})")
+    ax2.plot(traj.xs[1:], speed(traj), color="C0", label="speed (PC distance per sequence)")
+    ax2.set(yscale="log", xlabel="sequences seen", ylabel="speed")
+    twin = ax2.twinx()
+    twin.plot(traj.xs[1:-1], turning(traj), color="C3", lw=0.8, label="turning (degrees)")
+    twin.set(ylabel="turning (degrees)", ylim=(0, 180))
+    for name, x in events.items():
+        ax2.axvline(x, color="k", lw=0.8, ls=":")
+    ax2.set_title("Speed (blue) and turning (red) of the trajectory")
+    ax2.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    fig.savefig(path, dpi=110)
+    return path

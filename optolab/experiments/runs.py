@@ -112,6 +112,13 @@ class Run:
             curves = self.task.reference_curves()
             if curves:
                 written.append(plot_loss_by_position(self._loss_by_position(), curves, figs / "loss_by_position.png"))
+        traj = self.trajectory()
+        if traj is not None:
+            from optolab.experiments.plots import plot_trajectory
+
+            pc = self.summary.get("phase_change") or {}
+            events = {k: pc[k] for k in ("onset", "end") if pc.get(k) is not None}
+            written.append(plot_trajectory(traj, self.task.main_split, events, figs / "trajectory.png"))
         written = [p for p in written if p is not None]
         if self.protocol.train.track:  # the figures also go to the run's trackers
             from optolab.training.trackers import Trackers
@@ -120,6 +127,19 @@ class Run:
             trackers.images(self.checkpoint_steps[-1] if self.checkpoint_steps else 0, written)
             trackers.close()
         return written
+
+    def trajectory(self, split: str | None = None, k: int = 3):
+        """The per-example loss trajectory of ``split`` (default: the main split) on its first
+        ``k`` principal components (:mod:`optolab.measures.trajectory`), or None without
+        per-example losses (``measures.per_example: false``) or fewer than three evals."""
+        from optolab.measures.trajectory import pca
+        from optolab.training import per_example
+
+        _, sequences, arrays = per_example.load(self.path)
+        X = arrays.get(split or self.task.main_split)
+        if X is None or len(X) < 3:
+            return None
+        return pca(X, sequences, k)
 
     def _loss_by_position(self, n: int = 256) -> dict[int, torch.Tensor]:
         """Per-position loss ``[pos]`` (NaN where no loss is taken) on the main split, at every

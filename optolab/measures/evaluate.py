@@ -49,8 +49,10 @@ class EvalSet:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, task: Task, spec, evals: EvalSet, forward: Forward, step: int = 0) -> list[dict]:
-    """Every measure at ``step`` (clamps active at that step act, as in training)."""
+def evaluate(model: Transformer, task: Task, spec, evals: EvalSet, forward: Forward, step: int = 0,
+             per_example: dict | None = None) -> list[dict]:
+    """Every measure at ``step`` (clamps active at that step act, as in training). With
+    ``per_example`` (a dict), each split's per-position losses go there too (:func:`position_losses`)."""
     was_training = model.training
     model.eval()
     L = model.cfg.n_layers
@@ -61,6 +63,8 @@ def evaluate(model: Transformer, task: Task, spec, evals: EvalSet, forward: Forw
         for split, batch in evals.splits.items():
             logits, saved = forward(model, batch, step=step, training=False, save=sites)
             rows += _loss_rows(split, logits, batch)
+            if per_example is not None:
+                per_example[split] = position_losses(logits, batch, spec.per_example_max)
             data = SplitData(split, batch, logits, saved, L, spec, model)
             for m in measures:
                 rows += m.on_split(data)
@@ -69,6 +73,15 @@ def evaluate(model: Transformer, task: Task, spec, evals: EvalSet, forward: Forw
     finally:
         model.train(was_training)
     return rows
+
+
+def position_losses(logits: torch.Tensor, batch: Batch, limit: int) -> torch.Tensor:
+    """The loss at each scored position (targets not IGNORE), sequence by sequence, position by
+    position, the first ``limit`` of them, as float32 on the CPU: the same positions at every eval
+    of a run (the eval set is fixed)."""
+    keep = batch.targets != IGNORE
+    losses = F.cross_entropy(logits[keep].float(), batch.targets[keep], reduction="none")
+    return losses[:limit].cpu()
 
 
 def _loss_rows(split: str, logits: torch.Tensor, batch: Batch) -> list[dict]:

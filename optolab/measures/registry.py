@@ -33,6 +33,9 @@ ENTRY_POINT_GROUP = "optolab.measures"
 class MeasuresBase(StrictModel):
     schedule: Schedule = Field(default_factory=Schedule)
     eval_sequences: PosCount = Field(1000, description="sequences per eval split")
+    per_example: bool = Field(True, description="keep each scored position's loss at every eval "
+                                                "(RUN_DIR/per_example/, float16; optolab.training.per_example)")
+    per_example_max: PosCount = Field(4096, description="the first this many scored positions of each split")
 
 
 def _check(cls: Any, name: str) -> type[Measure]:

@@ -34,6 +34,7 @@ from optolab.model.checkpoint import list_checkpoints, load_checkpoint, prune, s
 from optolab.model.forward import Forward
 from optolab.protocol.schema import Protocol
 from optolab.tasks import Task
+from optolab.training import per_example
 from optolab.training.rundir import RunDir, environment
 from optolab.training.trackers import Trackers
 from optolab.training.trackers import require as require_trackers
@@ -80,10 +81,12 @@ class RunBook:
             self.start_step, self.resumed = done[-1], True
             sidecar = load_checkpoint(self.run.checkpoints, self.start_step, model, optimizer)
             self.run.truncate_metrics(self.start_step)
+            per_example.truncate(self.run.path, self.start_step)
             self.loss_sum = torch.tensor(sidecar.get("train_loss_sum", 0.0), device=self.device)
             self.loss_n = sidecar.get("train_loss_n", 0)
         else:
             self.run.truncate_metrics(-1)  # a run that died before its first checkpoint starts clean
+            per_example.truncate(self.run.path, -1)
         self.meta.update(status="running", n_params=sum(p.numel() for p in model.parameters()))
         t = self.protocol.train
         self.meta["segments"].append({"resumed_from_step": self.start_step,
@@ -112,14 +115,17 @@ class RunBook:
         evaluated = step in self.eval_steps
         if evaluated:
             te = time.perf_counter()
+            losses: dict | None = {} if self.protocol.measures.per_example else None
             with autocast(self.device, self.protocol.train.precision):
                 rows = evaluate(model if eval_model is None else eval_model, self.task, self.protocol.measures,
-                                self.evals, self.forward, step)
+                                self.evals, self.forward, step, losses)
             if self.loss_n:
                 rows.append({"split": "train_batches", "metric": "loss", "layer": None, "head": None,
                              "value": self.loss_sum.item() / self.loss_n})
                 self.loss_sum, self.loss_n = torch.zeros((), device=self.device), 0
             self.run.append_metrics([{"step": step, "sequences": step * self.bs, **r} for r in rows])
+            if losses:
+                per_example.append(self.run.path, step, step * self.bs, losses)
             if self.trackers is not None:
                 self.trackers.scalars(step, rows)
             self.eval_time += time.perf_counter() - te

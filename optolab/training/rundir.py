@@ -46,7 +46,7 @@ COLUMNS = ["step", "sequences", "split", "metric", "layer", "head", "src_layer",
 
 
 OWNED = ("protocol.yaml", "meta.json", "metrics.jsonl", "metrics.parquet", "summary.json", "checkpoints",
-         "figures", "posthoc", "tensorboard", "wandb")  # what a run writes (plus the lock, which --overwrite keeps while it works)
+         "figures", "posthoc", "tensorboard", "wandb", "per_example")  # what a run writes (plus the lock, which --overwrite keeps while it works)
 
 
 def write_atomic(path: Path, text: str) -> None:
