@@ -36,9 +36,9 @@ from optolab.protocol.schema import Protocol
 from optolab.tasks import Task
 from optolab.training import per_example
 from optolab.training.rundir import RunDir, environment
+from optolab.training.summary import summarize
 from optolab.training.trackers import Trackers
 from optolab.training.trackers import require as require_trackers
-from optolab.training.summary import summarize
 
 
 class RunBook:
