@@ -132,19 +132,23 @@ def clamp_words(sweep_dir: Path, df: pd.DataFrame, meta: dict | None = None) -> 
     """What each condition changes, in a few words: its own protocol file and ``set``
     overrides (from ``sweep.json``), and its clamps (from its first run's resolved protocol)."""
     conditions = {c["name"]: c for c in ((meta or {}).get("sweep", {}).get("conditions") or [])}
-    words = {}
+    clamps: dict[str, list[str]] = {}
     for condition, g in df.groupby("condition", sort=False):
-        parts = []
-        spec = conditions.get(condition, {})
-        if spec.get("protocol"):
-            parts.append(f"protocol {spec['protocol']}")
-        parts += [f"{k} = {v}" for k, v in (spec.get("set") or {}).items()]
         try:
             data = yaml.safe_load((sweep_dir / g.run.iloc[0] / "protocol.yaml").read_text())
         except (OSError, yaml.YAMLError):
             data = {}
-        clamps = data.get("clamps") or []
-        parts.append("clamps: " + "; ".join(_clamp_text(c) for c in clamps) if clamps else "no clamp")
+        clamps[condition] = [_clamp_text(c) for c in data.get("clamps") or []]
+    # clamps every condition has (a base protocol's) are said once, under the key "" (see opening)
+    common = [c for c in next(iter(clamps.values()), []) if all(c in v for v in clamps.values())] \
+        if len(clamps) > 1 else []
+    words = {"": "; ".join(common)} if common else {}
+    for condition, own in clamps.items():
+        spec = conditions.get(condition, {})
+        parts = [f"protocol {spec['protocol']}"] if spec.get("protocol") else []
+        parts += [f"{k} = {v}" for k, v in (spec.get("set") or {}).items()]
+        extra = [c for c in own if c not in common]
+        parts.append("clamps: " + "; ".join(extra) if extra else ("no other clamp" if common else "no clamp"))
         words[condition] = ", ".join(parts)
     return words
 
@@ -169,6 +173,8 @@ def opening(meta: dict, df: pd.DataFrame, cond: pd.DataFrame, words: dict[str, s
                  c.startswith("grid.") for c in df.columns) else "")
              + f" over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
              + (f", each against '{reference}' on the same seeds." if reference else "."), ""]
+    if words.get(""):
+        lines += [f"Every condition has: {words['']}. Beyond that:", ""]
     lines += [f"- **{c}**: {words.get(c, '?')}" for c in cond.condition.unique()]
     if reference and "t05_ratio" in cond:
         eff = cond[cond.condition != reference].dropna(subset=["t05_ratio"])

@@ -85,8 +85,10 @@ def screen_view(figs: Path, meta: dict, df: pd.DataFrame, cond: pd.DataFrame) ->
                     continue
                 r = c.iloc[0]
                 text = f"{r[col]:.2g}" + (f"\n{_ci(r.lo, r.hi)}" if col == "ratio" else "")
-                ax.text(j, i, text, ha="center", va="center", fontsize=6,
-                        color="k" if r.resolved or col != "ratio" else "0.55")
+                dark = abs(shown.loc[t, w]) > 0.55 * lim  # light text on dark cells
+                faint = col == "ratio" and not r.resolved
+                color = ("0.8" if faint else "white") if dark else ("0.45" if faint else "k")
+                ax.text(j, i, text, ha="center", va="center", fontsize=6, color=color)
         ax.set_xticks(range(len(whats)), whats)
         ax.set_yticks(range(len(targets)), targets)
         ax.set_title(title, fontsize=9)
