@@ -148,3 +148,21 @@ def test_sweeps_know_gpu_jobs():
     assert gpu_jobs([[("r", {"train": {"device": "cuda:1"}})]], 0)
     assert not gpu_jobs([[("r", {"train": {"device": "cpu"}})]], 8)
     assert ray_gpus([job], 0) == 0.0 and ray_gpus([job], 2, runs_per_gpu=4) == 0.25
+
+
+def test_the_default_checkpoints_are_log_spaced_early_and_a_run_resumes_under_another_schedule(tmp_path):
+    from optolab.core.schedule import Schedule
+
+    steps = Schedule(every=100_000, per_decade=4).steps(1, 300_000, "s")
+    assert steps == [0, 1000, 1800, 3200, 5600, 10000, 18000, 32000, 56000, 100000, 180000, 200000, 300000]
+    data = _protocol(device="cpu")
+    train(validate_protocol(data), tmp_path / "run", progress=False, stop_after=20)
+    data["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": 5}}
+    result = train(validate_protocol(data), tmp_path / "run", progress=False)  # same run: checkpoints say when, not what
+    assert result.summary and 25 in optolab_checkpoints(tmp_path / "run")
+
+
+def optolab_checkpoints(run_dir):
+    from optolab.model.checkpoint import list_checkpoints
+
+    return list_checkpoints(run_dir / "checkpoints")

@@ -2,8 +2,10 @@
 
 Rules:
 - A schedule fires at multiples of ``every``, at multiples of each ``dense`` stage's cadence
-  until that stage's ``until`` (denser early on), and at the ``at`` points; always at 0 and at
-  the end of training.
+  until that stage's ``until`` (denser early on), at ``per_decade`` log-spaced points per decade
+  from 1,000 units to the end (rounded to 2 significant digits, so 1,000, 1,800, 3,200, 5,600,
+  10,000, … with 4 per decade), and at the ``at`` points; always at 0 and at the end of
+  training.
 - Points in ``sequences`` fire at the first step whose sequence count reaches them
   (``step = ceil(sequences / batch_size)``), as in the authors' loop.
 - A schedule that would fire more than :data:`MAX_SCHEDULE_POINTS` times is refused.
@@ -33,6 +35,7 @@ class Schedule(StrictModel):
     every: PosCount = 10_000
     dense: list[DenseStage] = Field(default_factory=list, description="denser cadence early on")
     at: list[Count] = Field(default_factory=list, description="extra points")
+    per_decade: PosCount | None = Field(None, le=100, description="log-spaced points per decade from 1,000 units")
 
     def steps(self, batch_size: int, total_steps: int, field: str) -> list[int]:
         """The sorted steps at which this schedule fires (always 0 and ``total_steps``)."""
@@ -50,6 +53,11 @@ class Schedule(StrictModel):
             points.update(p for p in range(0, min(stage.until, end) + 1, stage.every) if p >= start)
             start = stage.until
         points.update(p for p in range(0, end + 1, self.every) if p >= start)
+        if self.per_decade:
+            k = 0
+            while (p := 1000 * 10 ** (k / self.per_decade)) <= end:
+                points.add(int(float(f"{p:.2g}")))
+                k += 1
         for i, p in enumerate(self.at):
             if p > end:
                 raise OptolabError(

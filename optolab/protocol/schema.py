@@ -73,7 +73,8 @@ class ModelSpec(StrictModel):
 
 
 class Checkpoints(StrictModel):
-    schedule: Schedule = Field(default_factory=lambda: Schedule(every=100_000))
+    # log-spaced early, so a run keeps something to open near its early dynamics and its drop
+    schedule: Schedule = Field(default_factory=lambda: Schedule(every=100_000, per_decade=4))
     keep: int | None = Field(None, ge=1, description="keep only the newest N (default: all)")
 
 

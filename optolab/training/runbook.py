@@ -248,15 +248,16 @@ def _refuse_foreign(run: RunDir) -> None:
                            fix="choose an empty or new folder.")
 
 
-NOT_IDENTITY = ("device", "compile", "track")
+NOT_IDENTITY = ("device", "compile", "track", "checkpoints")
 
 
 def _identity(resolved: dict) -> dict:
     """What makes two protocols the same run: everything but how it computes (``train.device``
     and ``train.compile``: a run trained on a GPU may resume on a CPU, an eager run compiled,
     equal up to float rounding; each segment records its device and path in meta.json) and
-    where else it is logged (``train.track``). So a run started before ``compile: auto`` was
-    the default resumes under the same command."""
+    where else it is logged (``train.track``) or when it saves its state (``train.checkpoints``).
+    So a run started before ``compile: auto`` or today's checkpoint schedule were the defaults
+    resumes under the same command."""
     train = resolved.get("train")
     if isinstance(train, dict):
         resolved = {**resolved, "train": {k: v for k, v in train.items() if k not in NOT_IDENTITY}}
