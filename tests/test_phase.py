@@ -111,3 +111,31 @@ def test_a_short_plateau_after_a_slow_first_fall_counts():
     y = 1.95 - 0.3 * np.minimum(X, 15_000) / 15_000 - 1.6 / (1 + np.exp(-(X - 55_000) / 6000))
     pc = detect(X, noisy(y, 0.01, 5))
     assert pc.found and abs(pc.event.midpoint - 55_000) <= 10_000 and 1.5 < pc.event.plateau < 1.8
+
+
+def test_stages_from_several_signals_find_a_flat_loss_stage_where_a_score_rises():
+    """Loss: a first fall, a plateau, the drop. The previous-token score rises during the plateau,
+    the induction score with the drop: the plateau splits into flat / structure forms / flat."""
+    import numpy as np
+
+    from optolab.measures.stages import Signal, stages
+
+    rng = np.random.default_rng(0)
+    xs = np.arange(0, 1001, 10, dtype=float)
+
+    def ramp(a, b, lo, hi):
+        return lo + (hi - lo) * np.clip((xs - a) / (b - a), 0, 1)
+
+    loss = ramp(100, 200, 1.6, 0.7) + ramp(600, 700, 0, -0.65) + rng.normal(0, 0.003, len(xs))
+    prev = ramp(350, 450, 0.1, 0.8) + rng.normal(0, 0.003, len(xs))
+    ind = ramp(600, 700, 0.0, 0.9) + rng.normal(0, 0.003, len(xs))
+    got = stages({"loss": Signal(xs, loss, "down"), "prev_token": Signal(xs, prev, "up"),
+                  "induction": Signal(xs, ind, "up")})
+    kinds = [(round(s["start"], -1), round(s["end"], -1), s["kind"]) for s in got]
+    assert [k for *_, k in kinds] == ["loss flat", "loss falls", "loss flat", "loss flat while structure forms",
+                                      "loss flat", "loss falls", "loss flat"]
+    edges = [s["start"] for s in got[1:]]
+    assert np.allclose(edges, [110, 190, 360, 440, 610, 690], atol=25)
+    drop = got[5]
+    assert any(n.startswith("induction") for n in drop["boundary_signals"]) and "induction" in drop["moved"]
+    assert "prev_token" in got[3]["moved"] and "loss" not in got[3]["moved"]

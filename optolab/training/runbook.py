@@ -30,6 +30,7 @@ from optolab.core.device import describe as describe_device
 from optolab.core.errors import OptolabError, RunFailed
 from optolab.core.lock import LOCK_NAME, DirLock
 from optolab.measures.evaluate import EvalSet, evaluate
+from optolab.measures.trajectory import pca, speed
 from optolab.model.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
 from optolab.model.forward import Forward
 from optolab.protocol.schema import Protocol
@@ -159,7 +160,7 @@ class RunBook:
         summary: dict = {}
         if step >= self.total:
             self.run.write_parquet()
-            summary = summarize(self.run.metrics(), self.task, self.protocol)
+            summary = summarize(self.run.metrics(), self.task, self.protocol, self._speed())
             self.run.write_json(self.run.summary, summary)
             self.meta["status"] = "finished"
         else:
@@ -167,6 +168,14 @@ class RunBook:
         self.run.write_json(self.run.meta, self.meta)
         self.release()
         return summary
+
+    def _speed(self) -> tuple | None:
+        """The per-example loss trajectory's speed over training, for the stages (or None)."""
+        _, sequences, arrays = per_example.load(self.run.path)
+        X = arrays.get(self.task.main_split)
+        if X is None or len(X) < 4:
+            return None
+        return sequences[1:], speed(pca(X, sequences))
 
     def release(self) -> None:
         """Close the trackers and let go of the run directory's lock (the run's last write is

@@ -6,6 +6,11 @@
 - ``time_to_loss_0.277``: the same at 0.4·ln 2 (Singh et al.'s learning time).
 - ``phase_change``: the main split's loss drop found by :func:`optolab.measures.phase.detect`
   (``onset``, ``midpoint``, ``end`` in sequences, the ``plateau`` before it, …) or null.
+- ``stages``: the run's developmental stages from several signals
+  (:func:`optolab.measures.stages.stages`): the main loss, the strongest layer-0
+  ``prev_token`` and last-layer induction-type score (max over heads at each eval) and, with
+  per-example losses, the loss trajectory's speed; each ``{start, end, kind, boundary_signals,
+  moved}`` in sequences.
 - ``main_split``, ``icl_positions`` (token tasks), ``final_step``, ``final_sequences``.
 - ``status``: ``finished``; a run that diverged writes only ``status: failed``, ``failure``
   (step, sequences, what) and ``last_checkpoint_step`` (:mod:`optolab.training.trainer`).
@@ -15,10 +20,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
 from optolab.measures.builtin.icl_score import icl_score_positions
 from optolab.measures.phase import detect
+from optolab.measures.stages import Signal, stages
 from optolab.protocol.schema import Protocol
 from optolab.tasks import Task
 
@@ -53,7 +60,25 @@ def phase_change(df: pd.DataFrame, split: str) -> dict | None:
     return found.event.to_dict() if found.event is not None else None
 
 
-def summarize(df: pd.DataFrame, task: Task, protocol: Protocol) -> dict:
+def stage_signals(df: pd.DataFrame, split: str, speed: tuple | None = None) -> dict:
+    """The curves stages are read from (see the module rules): name -> Signal."""
+    loss = df[(df.split == split) & (df.metric == "loss")].sort_values("step")
+    signals = {"loss": Signal(loss.sequences.to_numpy(float), loss.value.to_numpy(float), "down")}
+    picks = [("prev_token", 0)] + ([head_score(df, split)] if head_score(df, split) else [])
+    for metric, layer in picks:
+        rows = df[(df.split == split) & (df.metric == metric) & (df["layer"] == layer) & df["src_layer"].isna()]
+        if not rows.empty:
+            best = rows.groupby("sequences").value.max()
+            signals[f"{metric} L{layer}"] = Signal(best.index.to_numpy(float), best.to_numpy(float), "up")
+    if speed is not None and len(speed[0]) >= 3:
+        signals["trajectory speed"] = Signal(np.asarray(speed[0], float), np.log(np.asarray(speed[1], float) + 1e-12),
+                                             "up")
+    return signals
+
+
+def summarize(df: pd.DataFrame, task: Task, protocol: Protocol, speed: tuple | None = None) -> dict:
+    """The summary (see the module rules); ``speed``: ``(sequences, speed)`` of the per-example
+    loss trajectory, when the run kept per-example losses."""
     last = df[df.step == df.step.max()]
     final: dict = {}
     for row in last.itertuples(index=False):
@@ -72,6 +97,7 @@ def summarize(df: pd.DataFrame, task: Task, protocol: Protocol) -> dict:
         "final_sequences": int(df.sequences.max()),
         **{f"time_to_loss_{k}": first_below(df, task.main_split, v) for k, v in THRESHOLDS.items()},
         "phase_change": phase_change(df, task.main_split),
+        "stages": stages(stage_signals(df, task.main_split, speed)),
         "final": final,
     }
     probe = task.eval_batch(task.main_split, protocol.seeds.eval, 1)
