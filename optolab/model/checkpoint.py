@@ -107,14 +107,7 @@ def load_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
     """Restore model and optimizer in place; return the sidecar."""
     base = folder / stem(step)
     load_weights(base.with_suffix(".safetensors"), model)
-    state = _read(folder / f"{stem(step)}.optim.safetensors", "--out")
-    params = dict(model.named_parameters())
-    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
-    for key, value in state.items():
-        name, field = key.split("::")
-        p = params[name]
-        device = p.device if field != "step" or on_device else torch.device("cpu")
-        optimizer.state[p][field] = value.to(device, copy=True)
+    load_optimizer_state(base.with_suffix(".safetensors"), model, optimizer, "--out")
     return read_json_object(base.with_suffix(".json"),
                             fix="delete that checkpoint's three files to resume from the one before, or --overwrite.")
 
@@ -129,3 +122,41 @@ def prune(folder: Path, keep: int | None, protect: set[int] = frozenset()) -> No
         (folder / f"{stem(step)}.json").unlink(missing_ok=True)  # sidecar first: no half checkpoint
         for suffix in (".safetensors", ".optim.safetensors"):
             (folder / f"{stem(step)}{suffix}").unlink(missing_ok=True)
+
+
+def find_checkpoint(source: str | Path, step: int | None, field: str) -> Path:
+    """The weights file a run directory holds at ``step`` (default: its last checkpoint), or
+    ``source`` itself when it is a ``step_*.safetensors`` file; one clear error otherwise."""
+    p = Path(source)
+    if p.is_dir():
+        steps = list_checkpoints(p / "checkpoints")
+        if not steps:
+            raise OptolabError(f"'{p}' has no checkpoints.", field=field,
+                               fix="point at a run directory written by `optolab run`, or a step_*.safetensors file.")
+        if step is None:
+            step = steps[-1]
+        if step not in steps:
+            raise OptolabError(f"'{p}' has no checkpoint at step {step}.", field=field,
+                               fix=f"use one of its steps: {steps[:8]}{' …' if len(steps) > 8 else ''}.")
+        return p / "checkpoints" / f"{stem(step)}.safetensors"
+    if not p.is_file():
+        raise OptolabError(f"'{p}' does not exist.", field=field,
+                           fix="give a run directory or RUN_DIR/checkpoints/step_*.safetensors.")
+    return p
+
+
+def load_optimizer_state(weights: Path, model: nn.Module, optimizer: torch.optim.Optimizer, field: str) -> None:
+    """The Adam state saved beside ``weights`` into ``optimizer`` (as :func:`load_checkpoint`)."""
+    path = weights.with_name(weights.name.replace(".safetensors", ".optim.safetensors"))
+    if not path.is_file():
+        raise OptolabError(f"'{path.name}' is missing: the checkpoint has no optimizer state.", field=field,
+                           fix="set optimizer: false, or point at a checkpoint written by `optolab run`.")
+    state = _read(path, field)
+    params = dict(model.named_parameters())
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    for key, value in state.items():
+        name, entry = key.split("::")
+        p = params[name]
+        device = p.device if entry != "step" or on_device else torch.device("cpu")
+        optimizer.state[p][entry] = value.to(device, copy=True)
+

@@ -194,6 +194,9 @@ def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None
                            fix="add 'task: ../tasks/fewshot_singh2024.yaml' (a path or a mapping with 'kind').")
     data["task"] = _resolve_task(data["task"], Path(path).parent, source, lines)
     data["clamps"] = _resolve_clamp_paths(data.get("clamps"), Path(path).parent)
+    init = data.get("init_from")
+    if isinstance(init, dict) and isinstance(init.get("run"), str) and not Path(init["run"]).expanduser().is_absolute():
+        data["init_from"] = {**init, "run": str((Path(path).parent / init["run"]).resolve())}
     if isinstance(data.get("conditions"), dict):
         data["conditions"] = {k: _resolve_clamp_paths(v, Path(path).parent) for k, v in data["conditions"].items()}
     if seed is not None:

@@ -26,7 +26,7 @@ from pydantic import BeforeValidator, Field, PrivateAttr, SerializeAsAny, field_
 from optolab.clamps.kind import ClampSpec
 from optolab.clamps.plan import Plan, plan_clamps
 from optolab.clamps.registry import validate_clamps
-from optolab.core.counts import PosCount, Seed
+from optolab.core.counts import Count, PosCount, Seed
 from optolab.core.device import DEVICE_PATTERN
 from optolab.core.errors import SpecError
 from optolab.core.schedule import Schedule
@@ -133,6 +133,14 @@ class TrainSpec(StrictModel):
         return self.steps if self.steps is not None else math.ceil(self.sequences / self.batch_size)
 
 
+class InitFrom(StrictModel):
+    """Start from another run's weights (``init_from``), instead of ``seeds.init``."""
+
+    run: str = Field(description="a run directory (its checkpoint at `step`) or a step_*.safetensors file")
+    step: Count | None = Field(None, description="the checkpoint's step (default: the run's last)")
+    optimizer: bool = Field(False, description="also take its Adam state (moments and step counts)")
+
+
 class Seeds(StrictModel):
     init: Seed = Field(0, description="model initialisation")
     data: Seed = Field(0, description="training batches")
@@ -150,6 +158,8 @@ class Protocol(StrictModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec
     seeds: Seeds = Field(default_factory=Seeds)
+    init_from: InitFrom | None = Field(None, description="start from another run's checkpoint (weights, optionally "
+                                                         "Adam's state); the task may differ, the model may not")
     measures: MeasuresSpec = Field(default_factory=MeasuresSpec)  # type: ignore[valid-type]
     # validated by each kind's own class (found by kind: clamps/registry.py) in _clamps below
     clamps: list[SerializeAsAny[ClampSpec]] = Field(default_factory=list)

@@ -31,7 +31,15 @@ from optolab.core.errors import OptolabError, RunFailed
 from optolab.core.lock import LOCK_NAME, DirLock
 from optolab.measures.evaluate import EvalSet, evaluate
 from optolab.measures.trajectory import pca, speed
-from optolab.model.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
+from optolab.model.checkpoint import (
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_optimizer_state,
+    load_weights,
+    prune,
+    save_checkpoint,
+)
 from optolab.model.forward import Forward
 from optolab.protocol.schema import Protocol
 from optolab.tasks import Task
@@ -88,6 +96,8 @@ class RunBook:
         else:
             self.run.truncate_metrics(-1)  # a run that died before its first checkpoint starts clean
             per_example.truncate(self.run.path, -1)
+            if self.protocol.init_from is not None:
+                self.meta["init_from"] = init_from(self.protocol.init_from, model, optimizer)
         self.meta.update(status="running", n_params=sum(p.numel() for p in model.parameters()))
         t = self.protocol.train
         self.meta["segments"].append({"resumed_from_step": self.start_step,
@@ -229,6 +239,21 @@ class RunBook:
         raise RunFailed(f"the run diverged: {what} at step {step}. It is marked failed in summary.json; "
                         f"metrics so far and checkpoints up to step {last_good} are kept.",
                         field="train.lr", fix="lower train.lr or set train.grad_clip, then run with --overwrite.")
+
+
+def init_from(spec, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load ``init_from``'s checkpoint into a fresh run's model (and Adam state); what meta.json
+    records of it."""
+    weights = find_checkpoint(spec.run, spec.step, "init_from.run")
+    try:
+        load_weights(weights, model)
+    except OptolabError as e:
+        raise OptolabError(e.message, field="init_from.run", source=e.source,
+                           fix="init_from needs a run of the same model (layers, heads, widths, input and output sizes)."
+                           ) from None
+    if spec.optimizer:
+        load_optimizer_state(weights, model, optimizer, "init_from.optimizer")
+    return {"checkpoint": str(weights), "optimizer": spec.optimizer}
 
 
 def _as_now(recorded: dict) -> dict:
