@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -37,7 +38,7 @@ def test_tensorboard_gets_every_eval_and_the_figures(tmp_path):
     tags = acc.Tags()
     split = json.loads((out / "summary.json").read_text())["main_split"]
     loss = acc.Scalars(f"{split}/loss")
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = pd.read_parquet(out / "metrics.parquet").to_dict("records")
     steps = sorted({m["step"] for m in metrics})
     assert [e.step for e in loss] == steps  # every eval, at its step
     want = {m["step"]: m["value"] for m in metrics if m["split"] == split and m["metric"] == "loss"}

@@ -49,9 +49,13 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
 def test_run_directory_is_tidy_and_self_describing(tmp_path):
     run = optolab.run(validate_protocol(fewshot_protocol()), out=tmp_path / "run", progress=False)
     d = run.path
-    for name in ("protocol.yaml", "meta.json", "metrics.jsonl", "metrics.parquet", "summary.json",
+    for name in ("protocol.yaml", "meta.json", "metrics.jsonl.gz", "metrics.parquet", "summary.json",
                  "per_example/index.jsonl"):
         assert (d / name).is_file(), name
+    import gzip
+
+    with gzip.open(d / "metrics.jsonl.gz", "rt") as f:  # the finished log, gzipped, holds the parquet's rows
+        assert sum(1 for _ in f) == len(pd.read_parquet(d / "metrics.parquet"))
     assert sorted(p.name for p in (d / "figures").iterdir()) == [
         "attention.png", "head_scores.png", "loss.png", "prev_token.png", "trajectory.png"]
     assert run.checkpoint_steps == [0, 10, 20, 30]

@@ -42,7 +42,7 @@ def describe_protocol(p: Protocol) -> list[str]:
                     f"; eager (train.compile: auto compiles runs of {AUTO_COMPILE_STEPS:,} steps or more).")}[t.compile],
         f"Seeds: init {p.seeds.init}, data {p.seeds.data}, eval {p.seeds.eval}."
         + ("" if p.init_from is None else
-           f" The model starts from {p.init_from.run} (checkpoint at step {p.init_from.step if p.init_from.step is not None else 'last'}"
+           f" The model starts from {p.init_from.run} ({'its last checkpoint' if p.init_from.step is None else f'its checkpoint at step {p.init_from.step}'}"
            f"{', with its Adam state' if p.init_from.optimizer else ', weights only'}), not from seeds.init."),
         f"Evaluation: {_schedule(p.measures.schedule, t.batch_size, len(p.eval_steps()))}, "
         f"{p.measures.eval_sequences} sequences per split.",

@@ -170,6 +170,7 @@ class RunBook:
         summary: dict = {}
         if step >= self.total:
             self.run.write_parquet()
+            self.run.finish_log()
             summary = summarize(self.run.metrics(), self.task, self.protocol, self._speed())
             self.run.write_json(self.run.summary, summary)
             self.meta["status"] = "finished"
