@@ -51,7 +51,10 @@ def icl_copying_scores(model, normalized: list[torch.Tensor], patterns: list[tor
         r = torch.relu(logits - logits.mean(-1, keepdim=True))
         own = r.gather(-1, labels[:, :, None, None].expand(-1, -1, H, 1)).squeeze(-1)
         s = 2 * own / r.sum(-1).clamp_min(1e-12) - 1  # [batch, n_lab, head]
-        w = patterns[layer][:, :, -1, label_pos].transpose(1, 2)  # [batch, n_lab, head]: query -> label tokens
+        # query -> label tokens [batch, n_lab, head]; a clamp may leave a pattern that is not a
+        # distribution (noise, a scaled score): negative weights count as 0, so the score stays an
+        # average in [-1, 1]
+        w = patterns[layer][:, :, -1, label_pos].transpose(1, 2).clamp_min(0)
         w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
         scores[layer] = (s * w).sum(1).mean(0)
     return scores
