@@ -151,6 +151,17 @@ class _Design(StrictModel):
         return out
 
 
+class _ClampDesign(_Design):
+    """A design that varies its own clamp (or list of clamps): window scans and doses."""
+
+    clamp: Template | list[Template]
+
+    @field_validator("clamp")
+    @classmethod
+    def _has_clamp(cls, v: Any) -> Any:
+        return _some_clamp(v)
+
+
 def _named(clamp: Template, name: str) -> Template:
     return clamp if "name" in clamp else {**clamp, "name": name}
 
@@ -307,12 +318,11 @@ def _fill(value: Any, values: dict[str, Any], key: str | None = None) -> Any:
 # --- window_scan -------------------------------------------------------------------------
 
 
-class WindowScan(_Design):
+class WindowScan(_ClampDesign):
     """The design's clamp(s) in a sliding window: starts × lengths."""
 
     KIND: ClassVar[str] = "window_scan"
     kind: Literal["window_scan"]
-    clamp: Template | list[Template]
     starts: list[Annotated[Number, Field(ge=0)]]
     lengths: list[Annotated[Number, Field(gt=0)]]
     unit: Literal["steps", "sequences"] | None = Field(None, description="default: sequences")
@@ -324,11 +334,6 @@ class WindowScan(_Design):
     @classmethod
     def _some(cls, v: list) -> list:
         return _not_empty(v)
-
-    @field_validator("clamp")
-    @classmethod
-    def _has_clamp(cls, v: Any) -> Any:
-        return _some_clamp(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> WindowScan:
@@ -421,12 +426,11 @@ def _g(x: float) -> str:
 # --- dose --------------------------------------------------------------------------------
 
 
-class Dose(_Design):
+class Dose(_ClampDesign):
     """The design's clamp(s) with one field set to each value."""
 
     KIND: ClassVar[str] = "dose"
     kind: Literal["dose"]
-    clamp: Template | list[Template]
     field: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$",
                        description="a field of the clamp, e.g. strength (dotted for a nested one)")
     values: list[Any]
@@ -436,11 +440,6 @@ class Dose(_Design):
     @classmethod
     def _some(cls, v: list) -> list:
         return _not_empty(v)
-
-    @field_validator("clamp")
-    @classmethod
-    def _has_clamp(cls, v: Any) -> Any:
-        return _some_clamp(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> Dose:
