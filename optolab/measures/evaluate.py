@@ -65,7 +65,7 @@ def evaluate(model: Transformer, task: Task, spec, evals: EvalSet, forward: Forw
             rows += _loss_rows(split, logits, batch)
             if per_example is not None:
                 per_example[split] = position_losses(logits, batch, spec.per_example_max)
-            data = SplitData(split, batch, logits, saved, L, spec, model)
+            data = SplitData(split, batch, logits, saved, L, spec, model, split == task.main_split)
             for m in measures:
                 rows += m.on_split(data)
         for m in measures:

@@ -44,6 +44,7 @@ class SplitData:
     n_layers: int
     spec: Any  # the protocol's measures section
     model: Any = None  # the model evaluated (its weights, for measures that read both)
+    main: bool = False  # whether this is the task's main split
 
 
 @dataclass

@@ -7,15 +7,16 @@ through layer 1's outputs, not through the bare embedding, so the strongest indu
 score ≤ 0 there (a head with induction strength 0.92 scored −0.55). This score asks the same
 question of the input the head really has:
 
-- On every eval split of an exemplar–label task, for each sequence and head, take the head's
+- On the main eval split of an exemplar–label task (one split keeps the cost small: on all four
+  it added ~25 ms to an eval of ~100 ms), for each sequence and head, take the head's
   layer input (the residual the layer reads, through the block's LayerNorm) at every label token
   of the context, apply the head's OV circuit (``W_V`` then ``W_O``), the final LayerNorm and the
   unembedding: logits over labels, one vector per label token.
 - Olsson's ratio on each: ``s = relu(l_own − mean l) / Σ relu(l − mean l)`` for the label that
   token carries, mapped to ``2s − 1`` (1: the head copies that label, −1: it suppresses it).
 - Average over the label tokens weighted by the head's attention from the query to them (as the
-  head reads them), then over sequences. One row per head of every layer, per split; the
-  activations are those the eval already saved (no extra forward pass).
+  head reads them), then over sequences. One row per head of every layer; the activations are
+  those the eval already saved (no extra forward pass).
 
 Read ``copying`` for what a head's weights do to a label's own embedding (the circuit as
 Olsson's one-layer analysis defines it); read ``icl_copying`` for whether a head, as it runs in
@@ -68,7 +69,7 @@ class ICLCopying(Measure):
     @torch.no_grad()
     def on_split(self, d: SplitData) -> list[dict]:
         b, model = d.batch, d.model
-        if b.match_mask is None or model is None or len(b.inputs) < 2:
+        if not d.main or b.match_mask is None or model is None or len(b.inputs) < 2:
             return []
         normalized = [block.ln1(d.saved[RESID_PRE.format(layer=layer)]) for layer, block in enumerate(model.blocks)]
         scores = icl_copying_scores(model, normalized, [d.saved[PATTERN.format(layer=layer)]
