@@ -21,7 +21,7 @@ from torch import Tensor
 
 from optolab.clamps.sites import canonical
 from optolab.core.errors import OptolabError
-from optolab.model.checkpoint import list_checkpoints, load_weights, stem
+from optolab.model.checkpoint import find_checkpoint, load_weights
 from optolab.model.config import ModelConfig
 from optolab.model.hooks import dry_run
 from optolab.model.transformer import Transformer
@@ -37,27 +37,7 @@ def _path(p: str) -> Path:
 
 def checkpoint_file(i: int, source: str, step: int | None) -> tuple[Path, Path | None]:
     """``(weights file, run directory or None)`` for a clamp's ``source``."""
-    p = _path(source)
-    if p.is_dir():
-        steps = list_checkpoints(p / "checkpoints")
-        if not steps:
-            raise _err(i, "source", f"'{source}' holds no checkpoints.",
-                       "point at a run directory written by `optolab run`, or at a step_*.safetensors file.")
-        if step is None:
-            step = steps[-1]
-        if step not in steps:
-            raise _err(i, "step", f"'{source}' has no checkpoint at step {step}.", f"use one of {steps}.")
-        return p / "checkpoints" / f"{stem(step)}.safetensors", p
-    if not p.is_file():
-        raise _err(i, "source", f"'{source}' does not exist (looked for {p.resolve()}).",
-                   "give a run directory or a checkpoint .safetensors file; relative paths start at the protocol's folder.")
-    if p.suffix != ".safetensors" or p.name.endswith(".optim.safetensors"):
-        raise _err(i, "source", f"'{p.name}' is not a model checkpoint.",
-                   "use a step_*.safetensors file (pickled checkpoints are refused).")
-    if step is not None:
-        raise _err(i, "step", "'step' only applies when source is a run directory.", "remove 'step'.")
-    run_dir = p.parent.parent
-    return p, run_dir if (run_dir / "protocol.yaml").is_file() else None
+    return find_checkpoint(source, step, f"clamps.{i}.source", f"clamps.{i}.step")
 
 
 def load_frozen_model(i: int, spec, cfg, batch, shapes: dict) -> Transformer:

@@ -18,9 +18,8 @@ import pandas as pd
 import torch
 
 from optolab.clamps.engine import ClampForward
-from optolab.core.errors import OptolabError
 from optolab.measures.evaluate import EvalSet, evaluate
-from optolab.model.checkpoint import list_checkpoints, load_weights, stem
+from optolab.model.checkpoint import find_checkpoint, load_weights
 from optolab.model.forward import PlainForward
 from optolab.model.transformer import build_model
 from optolab.protocol.conditions import condition_protocols, plan_condition
@@ -30,17 +29,7 @@ from optolab.tasks import make_task
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None, int | None]:
     """``(weights file, run dir or None, step or None)``."""
-    p = Path(path)
-    if p.is_dir():
-        steps = list_checkpoints(p / "checkpoints")
-        if not steps:
-            raise OptolabError(f"'{p}' has no checkpoints.", field="--checkpoint",
-                               fix="pass a run directory written by `optolab run`, or a step_*.safetensors file.")
-        return p / "checkpoints" / f"{stem(steps[-1])}.safetensors", p, steps[-1]
-    if not p.is_file():
-        raise OptolabError(f"'{p}' does not exist.", field="--checkpoint",
-                           fix="pass RUN_DIR or RUN_DIR/checkpoints/step_*.safetensors.")
-    run_dir = p.parent.parent if (p.parent.parent / "protocol.yaml").is_file() else None
+    p, run_dir = find_checkpoint(path, None, "--checkpoint")
     try:
         step = int(p.name.split(".")[0].split("_")[1])
     except (IndexError, ValueError):

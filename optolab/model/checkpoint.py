@@ -124,25 +124,37 @@ def prune(folder: Path, keep: int | None, protect: set[int] = frozenset()) -> No
             (folder / f"{stem(step)}{suffix}").unlink(missing_ok=True)
 
 
-def find_checkpoint(source: str | Path, step: int | None, field: str) -> Path:
-    """The weights file a run directory holds at ``step`` (default: its last checkpoint), or
-    ``source`` itself when it is a ``step_*.safetensors`` file; one clear error otherwise."""
-    p = Path(source)
+def find_checkpoint(source: str | Path, step: int | None, field: str,
+                    step_field: str | None = None) -> tuple[Path, Path | None]:
+    """``(weights file, run directory or None)`` for a checkpoint named by a run directory (its
+    checkpoint at ``step``, by default the last) or a ``step_*.safetensors`` file; one clear error
+    naming ``field`` (``step_field`` for a missing step) otherwise. Shared by graft and freeze
+    clamps' ``source``, ``init_from`` and ``optolab evaluate --checkpoint``."""
+    step_field = step_field or field
+    p = Path(source).expanduser()
     if p.is_dir():
         steps = list_checkpoints(p / "checkpoints")
         if not steps:
-            raise OptolabError(f"'{p}' has no checkpoints.", field=field,
-                               fix="point at a run directory written by `optolab run`, or a step_*.safetensors file.")
+            raise OptolabError(f"'{source}' holds no checkpoints.", field=field,
+                               fix="point at a run directory written by `optolab run`, or at a step_*.safetensors file.")
         if step is None:
             step = steps[-1]
         if step not in steps:
-            raise OptolabError(f"'{p}' has no checkpoint at step {step}.", field=field,
+            raise OptolabError(f"'{source}' has no checkpoint at step {step}.", field=step_field,
                                fix=f"use one of its steps: {steps[:8]}{' …' if len(steps) > 8 else ''}.")
-        return p / "checkpoints" / f"{stem(step)}.safetensors"
+        return p / "checkpoints" / f"{stem(step)}.safetensors", p
     if not p.is_file():
-        raise OptolabError(f"'{p}' does not exist.", field=field,
-                           fix="give a run directory or RUN_DIR/checkpoints/step_*.safetensors.")
-    return p
+        raise OptolabError(f"'{source}' does not exist (looked for {p.resolve()}).", field=field,
+                           fix="give a run directory or a checkpoint .safetensors file; relative paths start at the "
+                               "protocol's folder.")
+    if p.suffix != ".safetensors" or p.name.endswith(".optim.safetensors"):
+        raise OptolabError(f"'{p.name}' is not a model checkpoint.", field=field,
+                           fix="use a step_*.safetensors file (pickled checkpoints are refused).")
+    if step is not None:
+        raise OptolabError("'step' only applies when the checkpoint is named by a run directory.", field=step_field,
+                           fix="remove 'step'.")
+    run_dir = p.parent.parent
+    return p, run_dir if (run_dir / "protocol.yaml").is_file() else None
 
 
 def load_optimizer_state(weights: Path, model: nn.Module, optimizer: torch.optim.Optimizer, field: str) -> None:

@@ -245,7 +245,7 @@ class RunBook:
 def init_from(spec, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load ``init_from``'s checkpoint into a fresh run's model (and Adam state); what meta.json
     records of it."""
-    weights = find_checkpoint(spec.run, spec.step, "init_from.run")
+    weights, _ = find_checkpoint(spec.run, spec.step, "init_from.run")
     try:
         load_weights(weights, model)
     except OptolabError as e:
