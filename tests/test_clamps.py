@@ -229,3 +229,44 @@ def test_a_finished_run_leaves_no_hooks_on_its_model(tmp_path):
         hooked = [n for n, m in model.named_modules() if isinstance(m, HookPoint) and m._forward_hooks]
         assert hooked == [], (engine, compiled, hooked)
         assert all(b.attn.per_head_results for b in model.blocks)  # the flag is back to its default
+
+
+class TestPathAblate:
+    """``path_ablate``: one path loses the source, every other path keeps it."""
+
+    @pytest.mark.parametrize("engine", ["nnsight", "hooks"])
+    def test_on_the_whole_residual_it_is_the_plain_ablation(self, engine):
+        _, _, model, fwd, batch = setup([{"kind": "path_ablate", "site": "resid_pre1", "without": "attn_out0"}],
+                                        engine=engine)
+        got = fwd(model, batch, step=0, training=False, save=[])[0]
+        want = hooked(model, batch, {"blocks.0.hook_attn_out": torch.zeros_like})
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert not torch.allclose(got, model(*batch.inputs))
+
+    @pytest.mark.parametrize("path", ["q", "k", "v"])
+    def test_only_its_path_changes(self, path):
+        sites = {p: f"blocks.1.attn.hook_{p}" for p in "qkv"}
+        _, _, model, fwd, batch = setup([{"kind": "path_ablate", "site": f"{path}1", "without": "attn_out0"}])
+        _, saved = fwd(model, batch, step=0, training=False, save=list(sites.values()))
+        clean = plain(model, batch, list(sites.values()))
+        mods = dict(model.named_modules())
+        got = {}
+        handles = [mods["blocks.0.hook_attn_out"].register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))]
+        handles += [mods[s].register_forward_hook(lambda _m, _i, out, p=p: got.__setitem__(p, out))
+                    for p, s in sites.items()]
+        try:
+            model(*batch.inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        for p, s in sites.items():
+            want = got[p] if p == path else clean[s]
+            torch.testing.assert_close(saved[s], want, rtol=0, atol=1e-6)
+            if p == path:
+                assert not torch.allclose(saved[s], clean[s])
+
+    def test_source_downstream_of_the_site_is_refused(self):
+        from optolab.core.errors import OptolabError
+
+        with pytest.raises(OptolabError, match="does not come before"):
+            setup([{"kind": "path_ablate", "site": "k0", "without": "attn_out1"}])

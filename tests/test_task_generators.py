@@ -12,6 +12,7 @@ from optolab.tasks import IGNORE, BurstyClassesSpec, GaussianICLSpec, MarkovICLS
 from optolab.testing import (
     bursty_classes_specs,
     data_seeds,
+    fixed_labels_specs,
     gaussian_icl_specs,
     markov_icl_specs,
     steps,
@@ -109,6 +110,63 @@ def test_bursty_classes_zipf_makes_low_ranks_common():
     cls = task.train_batch(0, 0, 2000).extra["classes"].flatten()
     counts = torch.bincount(cls, minlength=100).double()
     assert counts[0] > 3 * counts[10] > 0  # p ∝ 1/rank: class 0 ≈ 11× class 10
+
+
+# --- fixed_labels (Singh et al. 2025, the coopetition evaluators) ---------------------------
+
+
+def _fixed_view(task, batch):
+    N = task.spec.context_pairs
+    cls, ctx_labels, target = batch.extra["classes"], batch.inputs[1], batch.extra["query_label"]
+    match = cls[:, :N] == cls[:, N:]
+    return N, cls, ctx_labels, target, match, batch.extra["exemplar_ids"]
+
+
+@SETTINGS
+@given(spec=fixed_labels_specs(), seed=data_seeds, step=steps)
+def test_fixed_labels_training_is_bursty_with_fixed_labels(spec, seed, step):
+    task = make_task(spec)
+    batch = task.train_batch(seed, step, 32)
+    N, cls, ctx_labels, target, match, ex = _fixed_view(task, batch)
+    assert (match.sum(1) == 1).all()  # the query's class exactly once; the others are other classes
+    assert all(len(set(row[:N])) == N for row in cls.tolist())
+    assert torch.equal(torch.cat([ctx_labels, target[:, None]], 1), cls % spec.n_labels)
+    assert (cls < spec.n_classes).all()
+    if spec.match_query:  # MQ: the query is the very exemplar its class shows in the context
+        assert torch.equal(ex[:, :N][match], ex[:, N])
+
+
+@SETTINGS
+@given(spec=fixed_labels_specs(), seed=data_seeds)
+def test_fixed_labels_evaluators_separate_the_strategies(spec, seed):
+    """Each split is solved by exactly the strategies the module docstring says: ICL (copy the
+    matching item's label), IWL (the query's fixed label) and CIWL (IWL restricted to the
+    context's labels)."""
+    task = make_task(spec)
+    for split in task.eval_splits:
+        batch = task.eval_batch(split, seed, 32)
+        N, cls, ctx_labels, target, match, ex = _fixed_view(task, batch)
+        fixed = cls[:, N] % spec.n_labels
+        in_ctx = (ctx_labels == target[:, None]).any(1)
+        icl_answer = (ctx_labels * match).sum(1)  # the label the context gives the query's class
+        assert (batch.targets[:, -1] == target).all() and (batch.targets[:, :-1] == IGNORE).all()
+        if split in ("icl", "icl_mq", "flip_icl", "train"):
+            assert (match.sum(1) == 1).all() and (icl_answer == target).all()
+        if split in ("icl", "icl_mq"):
+            assert (cls >= spec.n_classes).all() and all(len(set(r)) == N for r in ctx_labels.tolist())
+        else:
+            assert (cls < spec.n_classes).all()
+        if split == "flip_icl":  # ICL right, IWL and CIWL wrong (and the fixed label is in the context)
+            assert (target != fixed).all() and (ctx_labels == fixed[:, None]).any(1).all()
+        if split in ("iwl", "ciwl", "train"):
+            assert (target == fixed).all()
+        if split == "iwl":
+            assert not match.any() and not in_ctx.any()
+        if split == "ciwl":  # the answer is in the context, on an item of another class
+            assert not match.any() and in_ctx.all()
+        if split != "train":  # the query is a different exemplar from its context item, except in MQ
+            same = (ex[:, :N] == ex[:, N:]) & match
+            assert same.any(1).all() if split == "icl_mq" else not same.any()
 
 
 # --- markov_icl (Edelman 2024) -------------------------------------------------------------

@@ -15,7 +15,7 @@ Rules for a kind:
   the task) and return a :class:`Planned`; raise ``OptolabError`` naming ``clamps.<i>.<field>``
   for anything a user can get wrong. Files it reads are loaded here, once, into ``data``.
 - **Passes.** A program runs the passes in :data:`PASS_ORDER`: ``clean`` (no clamps: a
-  reference), ``shifted`` (the layer clamp's), ``main``. :attr:`ClampSpec.needs` adds passes;
+  reference), ``shifted`` (the layer clamp's), ``ablated`` (a path ablation's), ``main``. :attr:`ClampSpec.needs` adds passes;
   ``main`` runs unless an active clamp :meth:`~ClampSpec.excludes_main` (it defines the logits
   from another pass).
 - **Ops** (:meth:`ClampSpec.contribute`): add ``op(out, ctx) -> Tensor`` at ``(pass, site,
@@ -52,7 +52,7 @@ from optolab.core.counts import Count
 from optolab.core.errors import OptolabError, SpecError
 from optolab.core.strict import StrictModel
 
-PASS_ORDER = ("clean", "shifted", "main")
+PASS_ORDER = ("clean", "shifted", "ablated", "main")
 Op = Callable[[Tensor, PassContext], Tensor]
 TRUE = torch.ones((), dtype=torch.bool)
 

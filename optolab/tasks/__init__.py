@@ -2,7 +2,7 @@
 
 Built-in kinds: ``fewshot`` (Singh et al. 2024), ``repeat_tokens`` (Olsson et al. 2022),
 ``gaussian_icl`` (Reddy 2023), ``bursty_classes`` (Chan et al. 2022), ``markov_icl`` (Edelman et
-al. 2024) and ``trigger_bigram`` (Bietti et al. 2023). Users add their own by entry point or by
+al. 2024), ``trigger_bigram`` (Bietti et al. 2023) and ``fixed_labels`` (Singh et al. 2025). Users add their own by entry point or by
 ``generator: package.module:Class`` (:mod:`optolab.tasks.registry`).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from optolab.tasks.base import IGNORE, Batch, Holdout, ModelIO, Task, TaskSpec, rng
 from optolab.tasks.bursty_classes import BurstyClassesSpec, BurstyClassesTask
 from optolab.tasks.fewshot import FewshotSpec, FewshotTask
+from optolab.tasks.fixed_labels import FixedLabelsSpec, FixedLabelsTask
 from optolab.tasks.gaussian_icl import GaussianICLSpec, GaussianICLTask
 from optolab.tasks.markov_icl import MarkovICLSpec, MarkovICLTask
 from optolab.tasks.registry import BUILTIN, known_kinds, make_task, task_class, validate_task_spec
@@ -18,6 +19,7 @@ from optolab.tasks.repeat_tokens import RepeatTokensSpec, RepeatTokensTask
 from optolab.tasks.trigger_bigram import TriggerBigramSpec, TriggerBigramTask
 
 __all__ = ["BUILTIN", "IGNORE", "Batch", "BurstyClassesSpec", "BurstyClassesTask", "FewshotSpec", "FewshotTask",
+           "FixedLabelsSpec", "FixedLabelsTask",
            "GaussianICLSpec", "GaussianICLTask", "Holdout", "MarkovICLSpec", "MarkovICLTask", "ModelIO",
            "RepeatTokensSpec", "RepeatTokensTask", "Task", "TaskSpec", "TriggerBigramSpec", "TriggerBigramTask",
            "known_kinds", "make_task", "rng", "task_class", "validate_task_spec"]

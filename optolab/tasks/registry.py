@@ -23,6 +23,7 @@ from optolab.core.plugins import entry_points, import_object, load_entry_point
 from optolab.tasks.base import Task, TaskSpec
 from optolab.tasks.bursty_classes import BurstyClassesTask
 from optolab.tasks.fewshot import FewshotTask
+from optolab.tasks.fixed_labels import FixedLabelsTask
 from optolab.tasks.gaussian_icl import GaussianICLTask
 from optolab.tasks.markov_icl import MarkovICLTask
 from optolab.tasks.repeat_tokens import RepeatTokensTask
@@ -31,7 +32,7 @@ from optolab.tasks.trigger_bigram import TriggerBigramTask
 BUILTIN: dict[str, type[Task]] = {
     cls.kind: cls
     for cls in (FewshotTask, RepeatTokensTask, GaussianICLTask, BurstyClassesTask, MarkovICLTask,
-                TriggerBigramTask)
+                TriggerBigramTask, FixedLabelsTask)
 }
 ENTRY_POINT_GROUP = "optolab.tasks"
 

@@ -23,7 +23,8 @@ from typing import Any
 # loaded on first use: the pytest plugin (optolab.testing.pytest_plugin) lives in this package,
 # and every pytest session of an environment with optolab installed imports it
 _CONTRACT = ("ContractReport", "TaskContractError", "as_task", "check_task")
-_STRATEGIES = ("BUILTIN_STRATEGIES", "bursty_classes_specs", "data_seeds", "fewshot_specs", "gaussian_icl_specs",
+_STRATEGIES = ("BUILTIN_STRATEGIES", "bursty_classes_specs", "data_seeds", "fewshot_specs", "fixed_labels_specs",
+               "gaussian_icl_specs",
                "markov_icl_specs", "repeat_tokens_specs", "specs", "steps", "task_seeds", "task_specs",
                "trigger_bigram_specs")
 __all__ = sorted(_CONTRACT + _STRATEGIES)

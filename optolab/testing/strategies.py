@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from optolab.tasks import (
     BurstyClassesSpec,
     FewshotSpec,
+    FixedLabelsSpec,
     GaussianICLSpec,
     MarkovICLSpec,
     RepeatTokensSpec,
@@ -188,9 +189,22 @@ def trigger_bigram_specs(draw: Any) -> TriggerBigramSpec:
                              loss_on=draw(st.sampled_from(["all", "outputs"])), task_seed=draw(task_seeds))
 
 
+@st.composite
+def fixed_labels_specs(draw: Any) -> FixedLabelsSpec:
+    context_pairs = draw(st.integers(2, 4))
+    n_labels = draw(st.integers(context_pairs + 1, 12))
+    return FixedLabelsSpec(
+        n_classes=n_labels * draw(st.integers(1, 4)), n_labels=n_labels,
+        n_holdout_classes=draw(st.integers(context_pairs, 8)), n_exemplars=draw(st.integers(2, 5)),
+        dim=draw(st.integers(1, 16)), design=draw(st.sampled_from(["relu_lowrank", "lowrank", "relu", "isotropic"])),
+        latent_dim=draw(st.integers(1, 6)), noise=draw(st.floats(0, 1)), context_pairs=context_pairs,
+        match_query=draw(st.booleans()), task_seed=draw(task_seeds))
+
+
 BUILTIN_STRATEGIES = {
     "fewshot": fewshot_specs, "repeat_tokens": repeat_tokens_specs, "gaussian_icl": gaussian_icl_specs,
     "bursty_classes": bursty_classes_specs, "markov_icl": markov_icl_specs, "trigger_bigram": trigger_bigram_specs,
+    "fixed_labels": fixed_labels_specs,
 }
 
 

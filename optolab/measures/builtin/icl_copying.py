@@ -35,6 +35,17 @@ RESID_PRE = "blocks.{layer}.hook_resid_pre"
 PATTERN = "blocks.{layer}.attn.hook_pattern"
 
 
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk: with 12,800 labels a whole split's would take ~0.8 GB
+
+
+def _ratio(model, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Olsson's ratio, mapped to ``2s − 1``, for the label each token carries ``[b, n_lab, head]``."""
+    logits = model.ln_final(out) @ model.W_U  # [b, n_lab, head, d_out]
+    r = torch.relu(logits - logits.mean(-1, keepdim=True))
+    own = r.gather(-1, labels[:, :, None, None].expand(-1, -1, out.shape[2], 1)).squeeze(-1)
+    return 2 * own / r.sum(-1).clamp_min(1e-12) - 1
+
+
 @torch.no_grad()
 def icl_copying_scores(model, normalized: list[torch.Tensor], patterns: list[torch.Tensor],
                        labels: torch.Tensor) -> torch.Tensor:
@@ -44,14 +55,13 @@ def icl_copying_scores(model, normalized: list[torch.Tensor], patterns: list[tor
     label_pos = torch.arange(1, 2 * labels.shape[1], 2, device=labels.device)
     H = model.cfg.n_heads
     scores = torch.empty(len(model.blocks), H, device=labels.device)
+    n_lab, d_out = labels.shape[1], model.W_U.shape[1]
+    chunk = max(1, CHUNK_ELEMENTS // (n_lab * H * d_out))  # [chunk, n_lab, head, d_out] logits at a time
     for layer, block in enumerate(model.blocks):
         x = normalized[layer][:, label_pos]  # [batch, n_lab, d_model]
         v = torch.einsum("bnd,dhe->bnhe", x, block.attn.W_V)
         out = torch.einsum("bnhe,hed->bnhd", v, block.attn.W_O)  # [batch, n_lab, head, d_model]
-        logits = model.ln_final(out) @ model.W_U  # [batch, n_lab, head, d_out]
-        r = torch.relu(logits - logits.mean(-1, keepdim=True))
-        own = r.gather(-1, labels[:, :, None, None].expand(-1, -1, H, 1)).squeeze(-1)
-        s = 2 * own / r.sum(-1).clamp_min(1e-12) - 1  # [batch, n_lab, head]
+        s = torch.cat([_ratio(model, out[i:i + chunk], labels[i:i + chunk]) for i in range(0, len(out), chunk)])
         # query -> label tokens [batch, n_lab, head]; a clamp may leave a pattern that is not a
         # distribution (noise, a scaled score): negative weights count as 0, so the score stays an
         # average in [-1, 1]
