@@ -25,8 +25,8 @@ import torch
 from pydantic import Field, model_validator
 
 from optolab.core.errors import SpecError
-from optolab.tasks.base import Batch, Holdout, TaskSpec, rng
-from optolab.tasks.exemplars import Design, ExemplarLabelTask, default_scale, exemplar_bank, exemplar_label_batch
+from optolab.tasks.base import Batch, TaskSpec, rng
+from optolab.tasks.exemplars import Design, HeldOutClassesTask, default_scale, exemplar_label_batch
 from optolab.tasks.tokens import iid_excluding, sample_distinct, sample_iid
 
 SPLITS = ("fewshot_holdout", "no_support", "train")
@@ -80,12 +80,13 @@ class BurstyClassesSpec(TaskSpec):
         return self
 
 
-class BurstyClassesTask(ExemplarLabelTask):
+class BurstyClassesTask(HeldOutClassesTask):
     """Bursty few-shot sequences with fixed labels (Chan et al. 2022): x1 l1 … xN lN q."""
 
     kind = "bursty_classes"
     Spec = BurstyClassesSpec
     spec: BurstyClassesSpec
+    HOLDOUT_SPLITS = ("fewshot_holdout",)
 
     @property
     def eval_splits(self) -> tuple[str, ...]:
@@ -95,23 +96,8 @@ class BurstyClassesTask(ExemplarLabelTask):
     def icl_splits(self) -> tuple[str, ...]:
         return ("fewshot_holdout",)
 
-    def holdouts(self) -> tuple[Holdout, ...]:
-        s = self.spec
-        held = frozenset(range(s.n_classes, s.n_classes + s.n_holdout_classes))
-        return (Holdout("classes", held, splits=("fewshot_holdout",), what="held-out classes"),)
-
     def reference_losses(self) -> dict[str, float]:
         return {f"ln {self.spec.bursty_classes} (chance among context labels)": math.log(self.spec.bursty_classes)}
-
-    def label_ids(self) -> torch.Tensor:
-        return torch.arange(min(self.spec.n_labels, 512))
-
-    @cached_property
-    def exemplars(self) -> torch.Tensor:
-        s = self.spec
-        return exemplar_bank(rng(s.task_seed, 0), n_classes=s.n_classes + s.n_holdout_classes,
-                             n_exemplars=s.n_exemplars, dim=s.dim, design=s.design, latent_dim=s.latent_dim,
-                             noise=s.noise, scale=s.scale)
 
     @cached_property
     def class_probs(self) -> torch.Tensor:

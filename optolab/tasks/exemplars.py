@@ -15,13 +15,14 @@ Rules (ANCHORS §7):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from functools import cached_property
+from typing import ClassVar, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from optolab.tasks.base import IGNORE, Batch, ModelIO, Task
+from optolab.tasks.base import IGNORE, Batch, Holdout, ModelIO, Task, rng
 
 Design = Literal["relu_lowrank", "lowrank", "relu", "isotropic"]
 
@@ -55,6 +56,30 @@ class ExemplarLabelTask(Task):
         s = self.spec
         return ModelIO(input_mode="exemplar_label", n_ctx=2 * s.context_pairs + 1, d_out=s.n_labels,
                        d_input=s.dim, n_labels=s.n_labels)
+
+
+class HeldOutClassesTask(ExemplarLabelTask):
+    """An exemplar–label task over ``n_classes`` training classes with fixed labels (class k →
+    label k mod ``n_labels``) and ``n_holdout_classes`` more that only :attr:`HOLDOUT_SPLITS` show;
+    its spec also has the bank's fields (``n_exemplars``, ``design``, ``latent_dim``, ``noise``,
+    ``scale``, ``task_seed``)."""
+
+    HOLDOUT_SPLITS: ClassVar[tuple[str, ...]] = ()
+
+    def holdouts(self) -> tuple[Holdout, ...]:
+        s = self.spec
+        held = frozenset(range(s.n_classes, s.n_classes + s.n_holdout_classes))
+        return (Holdout("classes", held, splits=self.HOLDOUT_SPLITS, what="held-out classes"),)
+
+    def label_ids(self) -> torch.Tensor:
+        return torch.arange(min(self.spec.n_labels, 512))
+
+    @cached_property
+    def exemplars(self) -> torch.Tensor:
+        s = self.spec
+        return exemplar_bank(rng(s.task_seed, 0), n_classes=s.n_classes + s.n_holdout_classes,
+                             n_exemplars=s.n_exemplars, dim=s.dim, design=s.design, latent_dim=s.latent_dim,
+                             noise=s.noise, scale=s.scale)
 
 
 def exemplar_label_batch(x: torch.Tensor, ctx_labels: torch.Tensor, target: torch.Tensor, classes: torch.Tensor,

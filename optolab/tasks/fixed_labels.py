@@ -40,15 +40,14 @@ Rules (arXiv 2311.08360 and 2503.05631; ANCHORS §8):
 from __future__ import annotations
 
 import math
-from functools import cached_property
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from optolab.core.errors import SpecError
-from optolab.tasks.base import Batch, Holdout, TaskSpec, rng
-from optolab.tasks.exemplars import Design, ExemplarLabelTask, default_scale, exemplar_bank, exemplar_label_batch
+from optolab.tasks.base import Batch, TaskSpec, rng
+from optolab.tasks.exemplars import Design, HeldOutClassesTask, default_scale, exemplar_label_batch
 
 SPLITS = ("icl", "flip_icl", "iwl", "ciwl", "icl_mq", "train")
 
@@ -119,12 +118,13 @@ def _other_exemplar(ex: torch.Tensor, n_ex: int, g: torch.Generator) -> torch.Te
     return (ex + 1 + torch.randint(n_ex - 1, ex.shape, generator=g)) % n_ex
 
 
-class FixedLabelsTask(ExemplarLabelTask):
+class FixedLabelsTask(HeldOutClassesTask):
     """Bursty exemplar–label pairs with fixed class labels (Singh et al. 2025): x1 l1 … xN lN q."""
 
     kind = "fixed_labels"
     Spec = FixedLabelsSpec
     spec: FixedLabelsSpec
+    HOLDOUT_SPLITS = ("icl", "icl_mq")
 
     @property
     def eval_splits(self) -> tuple[str, ...]:
@@ -134,23 +134,8 @@ class FixedLabelsTask(ExemplarLabelTask):
     def icl_splits(self) -> tuple[str, ...]:
         return ("icl", "flip_icl", "icl_mq")
 
-    def holdouts(self) -> tuple[Holdout, ...]:
-        s = self.spec
-        held = frozenset(range(s.n_classes, s.n_classes + s.n_holdout_classes))
-        return (Holdout("classes", held, splits=("icl", "icl_mq"), what="held-out classes"),)
-
     def reference_losses(self) -> dict[str, float]:
         return {f"ln {self.spec.context_pairs} (chance among context labels)": math.log(self.spec.context_pairs)}
-
-    def label_ids(self) -> torch.Tensor:
-        return torch.arange(min(self.spec.n_labels, 512))
-
-    @cached_property
-    def exemplars(self) -> torch.Tensor:
-        s = self.spec
-        return exemplar_bank(rng(s.task_seed, 0), n_classes=s.n_classes + s.n_holdout_classes,
-                             n_exemplars=s.n_exemplars, dim=s.dim, design=s.design, latent_dim=s.latent_dim,
-                             noise=s.noise, scale=s.scale)
 
     def fixed_label(self, classes: torch.Tensor) -> torch.Tensor:
         return classes % self.spec.n_labels
