@@ -1,4 +1,4 @@
-"""``optolab`` command line: run, validate, sites, evaluate, plot, sweep, report, tasks show|check|list.
+"""``optolab`` command line: run, validate, sites, evaluate, llc, plot, sweep, report, tasks show|check|list.
 
 Every user error prints one line (``optolab: error: <where>: <what> Fix: <how>``) and exits
 with code 2; no traceback. Interrupting a run leaves its last checkpoint; the same command
@@ -51,6 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("protocol")
     p.add_argument("--checkpoint", required=True, help="RUN_DIR (last checkpoint) or RUN_DIR/checkpoints/step_*.safetensors")
     p.add_argument("--out", help="CSV to write (default: RUN_DIR/posthoc/<protocol name>.csv)")
+
+    p = sub.add_parser("llc", help="the local learning coefficient at a run's checkpoints (SGLD; needs optolab[llc])")
+    p.add_argument("run_dir")
+    p.add_argument("--steps", type=int, nargs="+", help="checkpoint steps (default: every --every-th and the last)")
+    p.add_argument("--every", type=int, help="every N-th checkpoint (default: the run's measures.llc, else 1)")
+    p.add_argument("--heads", nargs="+", help="also these heads' restricted LLCs, e.g. L1H3 L0H4")
+    p.add_argument("--chains", type=int)
+    p.add_argument("--draws", type=int)
+    p.add_argument("--burn-in", type=int)
+    p.add_argument("--step-size", type=float, help="SGLD step size ε")
+    p.add_argument("--nbeta", type=float, help="inverse temperature nβ (default: the run's measures.llc, else 300)")
+    p.add_argument("--localization", type=float, help="γ: pull towards the checkpoint's weights")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--no-clamps", action="store_true", help="sample the bare model, not under the run's clamps")
+    p.add_argument("--calibrate", action="store_true",
+                   help="sweep --step-sizes × --nbetas on one checkpoint (--step, default the last) and plot the traces")
+    p.add_argument("--step", type=int, help="the checkpoint a calibration uses")
+    p.add_argument("--step-sizes", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3])
+    p.add_argument("--nbetas", type=float, nargs="+", help="default: m / ln m (devinterp's), 100, 300, 1000")
 
     p = sub.add_parser("plot", help="(re)write the figures of a run directory")
     p.add_argument("run_dir")
@@ -170,6 +189,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(accuracy_table(df))
         print(f"all measures written to {out}")
         return 0
+    if args.command == "llc":
+        return _llc(args)
     if args.command == "tasks":
         return _tasks(args)
     if args.command == "sweep":
@@ -214,6 +235,32 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(path)
         return 0
     raise AssertionError(args.command)
+
+
+def _llc(args: argparse.Namespace) -> int:
+    import torch
+
+    from optolab.experiments import llc as posthoc
+    from optolab.experiments.runs import open_run
+    from optolab.measures.llc import nbeta_of
+
+    torch.set_num_threads(1)
+    run = open_run(args.run_dir)
+    spec = posthoc.base_spec(run, {
+        "every": args.every, "heads": args.heads, "chains": args.chains, "draws": args.draws,
+        "burn_in": args.burn_in, "step_size": args.step_size, "nbeta": args.nbeta,
+        "localization": args.localization, "batch_size": args.batch_size,
+        "clamps": False if args.no_clamps else None})
+    if args.calibrate:
+        m = spec.batch_size or run.protocol.train.batch_size
+        nbetas = args.nbetas or [round(nbeta_of(spec.model_copy(update={"nbeta": None}), m), 3), 100.0, 300.0, 1000.0]
+        df, folder = posthoc.calibrate(run.path, spec, args.step, args.step_sizes, nbetas)
+        print(df.to_string(index=False))
+        print(f"calibration written to {folder} (calibration.csv, traces.png)")
+        return 0
+    df, folder = posthoc.curve(run.path, spec, args.steps)
+    print(f"{len(df)} estimates in {folder} (estimates.jsonl, traces_*.npz, llc.png)")
+    return 0
 
 
 def _is_toy(path: str) -> bool:

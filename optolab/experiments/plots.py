@@ -8,6 +8,9 @@
 - ``attention.png``: the final model's mean attention pattern of every head on the main split.
 - ``loss_by_position.png`` (tasks with reference curves, e.g. ``markov_icl``): the loss at each
   position at every checkpoint, against the task's per-position reference estimators.
+- ``llc.png`` (runs with ``measures.llc``; post-hoc curves in their own folder): the local
+  learning coefficient over training with the loss, and the per-head restricted LLCs.
+- ``traces.png`` of an LLC calibration: the sampler's loss traces per step size × nβ.
 
 No pyplot: figures are built with ``matplotlib.figure.Figure`` so nothing global (backends,
 state) is touched and plotting works headless.
@@ -140,4 +143,61 @@ def plot_trajectory(traj, split: str, events: dict, path: Path) -> Path:
     ax2.set_title("Speed (blue) and turning (red) of the trajectory")
     ax2.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_llc(est: pd.DataFrame, metrics: pd.DataFrame, main_split: str, path: Path) -> Path | None:
+    """The LLC over training (mean ± spread over chains) with the main split's loss on a second
+    axis; restricted (per-head) LLCs in a second panel when there are any."""
+    if est.empty:
+        return None
+    heads = sorted(t for t in est.target.unique() if t != "model")
+    fig = Figure(figsize=(11 if heads else 6.5, 4), layout="constrained")
+    axes = fig.subplots(1, 2 if heads else 1)
+    ax = axes[0] if heads else axes
+    whole = est[est.target == "model"].sort_values("sequences")
+    ax.errorbar(whole.sequences, whole.llc, yerr=whole.llc_std, color="C0", marker="o", ms=3, capsize=2,
+                label="LLC (whole model)")
+    ax.set(xlabel="sequences seen", ylabel="LLC", title="Local learning coefficient")
+    loss = metrics[(metrics.split == main_split) & (metrics.metric == "loss") & metrics.layer.isna()]
+    if not loss.empty:
+        twin = ax.twinx()
+        twin.plot(loss.sequences, loss.value, color="0.5", lw=0.8, label=f"{main_split} loss")
+        twin.set(ylabel=f"{main_split} loss")
+        twin.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    if heads:
+        for i, h in enumerate(heads):
+            d = est[est.target == h].sort_values("sequences")
+            axes[1].errorbar(d.sequences, d.llc, yerr=d.llc_std, color=f"C{i % 10}", marker=".", capsize=2, label=h)
+        axes[1].set(xlabel="sequences seen", ylabel="restricted LLC", title="Per-head (weight-restricted) LLC")
+        axes[1].legend(fontsize=7, ncol=2)
+    for a in (axes if heads else [axes]):
+        a.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_llc_calibration(traces: dict, table: pd.DataFrame, path: Path) -> Path:
+    """Every chain's loss trace for each step size (rows) × nβ (columns) of a calibration, with
+    the checkpoint's own loss (dashed) and the cell's LLC and verdict in its title."""
+    sizes = sorted({k[0] for k in traces})
+    betas = sorted({k[1] for k in traces})
+    fig = Figure(figsize=(3.2 * len(betas), 2.4 * len(sizes)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(sizes), len(betas), squeeze=False))
+    for i, eps in enumerate(sizes):
+        for j, nb in enumerate(betas):
+            ax = axes[i, j]
+            tr, init = traces[(eps, nb)]
+            for c in range(tr.shape[0]):
+                ax.plot(tr[c], lw=0.6, color=f"C{c % 10}")
+            ax.axhline(float(np.mean(init)), color="k", ls="--", lw=0.8)
+            row = table[(table.step_size == eps) & (table.nbeta == nb)].iloc[0]
+            ax.set_title(f"ε {eps:.0e}, nβ {nb:.3g}: {row.llc:.3g} ({row.verdict})", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if j == 0:
+                ax.set_ylabel("loss", fontsize=8)
+            if i == len(sizes) - 1:
+                ax.set_xlabel("SGLD step", fontsize=8)
+    fig.savefig(path, dpi=100)
     return path

@@ -119,6 +119,12 @@ class Run:
             pc = self.summary.get("phase_change") or {}
             events = {k: pc[k] for k in ("onset", "end") if pc.get(k) is not None}
             written.append(plot_trajectory(traj, self.task.main_split, events, figs / "trajectory.png"))
+        est_dir = self.path / "measures" / "llc"
+        if (est_dir / "estimates.jsonl").is_file():
+            from optolab.experiments.plots import plot_llc
+            from optolab.measures.llc import load
+
+            written.append(plot_llc(load(est_dir), df, self.task.main_split, figs / "llc.png"))
         written = [p for p in written if p is not None]
         if self.protocol.train.track:  # the figures also go to the run's trackers
             from optolab.training.trackers import Trackers

@@ -23,6 +23,12 @@ Rules for a measure:
 - A row is ``{split, metric, layer, head, value}`` (plus ``src_layer``/``src_head`` between two
   heads); ``layer``/``head`` are None for whole-model numbers. Measures read no global state and
   change nothing: they run under ``torch.no_grad`` on the model in eval mode.
+- A measure too costly for every eval runs at checkpoints instead: it declares ``CONFIG`` (a
+  strict pydantic model; ``measures.<NAME>:`` then takes ``false``, ``true`` for its defaults,
+  or a mapping of its fields) and :meth:`Measure.on_checkpoint`, which the run calls at every
+  ``CONFIG.every``-th checkpoint step (and the last) with a fresh Forward of the run's clamps.
+  It may use gradients and write its own files under ``RUN_DIR/measures/<NAME>/``; it never changes the
+  model it is given.
 """
 
 from __future__ import annotations
@@ -59,6 +65,23 @@ class ModelData:
     spec: Any
 
 
+@dataclass
+class CheckpointData:
+    """A checkpoint, for measures that run at checkpoints (``on_checkpoint``)."""
+
+    model: Any  # the run's model at this step (not to be changed)
+    make_forward: Any  # () -> a fresh Forward with the run's clamp program (eager); the measure closes it
+    plain_forward: Any  # () -> a Forward without clamps
+    task: Any
+    data: Any  # what training draws its batches from: the task, or the protocol's data schedule
+    step: int
+    sequences: int
+    batch_size: int  # the run's train.batch_size
+    total_steps: int  # the run's length in steps
+    config: Any  # the measure's CONFIG instance
+    folder: Any  # RUN_DIR/measures/<NAME>: where it may write its own files
+
+
 def head_rows(split: str, metric: str, per_head: Tensor, layer: int) -> list[dict]:
     return [{"split": split, "metric": metric, "layer": layer, "head": h, "value": float(v)}
             for h, v in enumerate(per_head.tolist())]
@@ -76,6 +99,7 @@ class Measure:
     OPTIONS: ClassVar[dict[str, tuple[Any, Any]]] = {}
     SITES: ClassVar[tuple[str, ...]] = ()
     DOC: ClassVar[str] = ""  # the switch's one-line description
+    CONFIG: ClassVar[Any] = None  # a StrictModel for measures that run at checkpoints (see the rules)
 
     def build(self, task, spec, seed: int, n_ctx: int) -> Any:
         return None
@@ -85,3 +109,14 @@ class Measure:
 
     def on_model(self, d: ModelData) -> list[dict]:
         return []
+
+    def on_checkpoint(self, d: CheckpointData) -> list[dict]:
+        return []
+
+    def check(self, config, cfg) -> None:
+        """Refuse (an OptolabError) a config this model or installation cannot run, before the
+        run writes anything; ``cfg`` is the model's config."""
+
+    def forget_after(self, folder, step: int) -> None:
+        """A run resumes from the checkpoint at ``step`` (-1: starts clean): drop what this
+        measure wrote in ``folder`` for later steps, as the metrics after it are dropped."""

@@ -8,16 +8,18 @@ Rules:
   (``[project.entry-points."optolab.measures"] my_score = "mypkg.measures:MyScore"``); they are
   read once, when the protocol schema is built.
 - The ``measures:`` section is :class:`MeasuresBase` (schedule, eval set size) plus, per measure,
-  a switch ``<NAME>: bool`` (default ``DEFAULT``) and its ``OPTIONS``. Unknown keys are errors.
+  a switch ``<NAME>: bool`` (default ``DEFAULT``) and its ``OPTIONS``. A measure with a
+  ``CONFIG`` (one that runs at checkpoints) takes ``<NAME>: false | true | {its fields}`` instead,
+  resolved to ``null`` or the full mapping. Unknown keys are errors.
 - Measures run in the order of their modules' names, then entry points by name.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, create_model
+from pydantic import BeforeValidator, Field, create_model
 
 from optolab.core.counts import PosCount
 from optolab.core.errors import OptolabError
@@ -61,6 +63,10 @@ def measures_spec() -> type[MeasuresBase]:
     """The schema of a protocol's ``measures:`` section (see the module rules)."""
     fields: dict[str, Any] = {}
     for name, m in measures().items():
+        if m.CONFIG is not None:
+            fields[name] = (Annotated[m.CONFIG | None, BeforeValidator(_switch)],
+                            Field(m.CONFIG() if m.DEFAULT else None, description=m.DOC or None))
+            continue
         fields[name] = (bool, Field(m.DEFAULT, description=m.DOC or None))
         for option, (tp, info) in m.OPTIONS.items():
             if option in fields:
@@ -70,8 +76,24 @@ def measures_spec() -> type[MeasuresBase]:
     return create_model("MeasuresSpec", __base__=MeasuresBase, **fields)
 
 
+def _switch(v: Any) -> Any:
+    """``true`` is the measure's defaults, ``false`` is off (a YAML boolean is a switch here,
+    never a number)."""
+    if v is True:
+        return {}
+    if v is False:
+        return None
+    return v
+
+
+def at_checkpoints(spec) -> list[tuple[Measure, Any]]:
+    """The measures that run at checkpoints and are switched on, with their configs."""
+    return [(m(), getattr(spec, name)) for name, m in measures().items()
+            if m.CONFIG is not None and getattr(spec, name) is not None]
+
+
 def active(spec) -> list[Measure]:
-    """The measures ``spec`` (a protocol's ``measures:``) switches on, ready to run."""
-    return [m() for name, m in measures().items() if getattr(spec, name)]
+    """The measures ``spec`` (a protocol's ``measures:``) switches on for every eval, ready to run."""
+    return [m() for name, m in measures().items() if m.CONFIG is None and getattr(spec, name)]
 
 

@@ -5,8 +5,10 @@ loss is nearly flat, then the circuit completes as it drops).
 Method:
 1. Each signal is a curve over training (sequences) with the direction its structure moves in:
    the main loss (down), each watched head score (up: the strongest layer-0 ``prev_token`` and
-   last-layer induction-type score of the run), and the trajectory's speed (up: a burst of
-   movement). Every abrupt *event* :func:`optolab.measures.phase.detect` finds in a curve
+   last-layer induction-type score of the run), the trajectory's speed (up: a burst of
+   movement) and, where the run estimates it (``measures.llc``), the local learning coefficient
+   at checkpoints, once each way (``llc rises``, ``llc falls``: Hoogland et al.'s boundaries
+   turn it up and down). Every abrupt *event* :func:`optolab.measures.phase.detect` finds in a curve
    (after a plateau or not: a stage boundary need not be a phase change; a slow creep is not a
    boundary) contributes two candidate boundaries, its onset and its end, named by the signal.
 2. Candidates within ``merge`` eval spacings of each other (default 2; the spacing is the main

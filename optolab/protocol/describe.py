@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from optolab.clamps.describe import describe_clamp
 from optolab.core.device import AUTO_COMPILE_STEPS
-from optolab.measures.registry import active
+from optolab.measures.registry import active, at_checkpoints
 from optolab.model.hooks import dry_run
 from optolab.model.transformer import Transformer, build_model
 from optolab.protocol.schema import Protocol, Schedule
@@ -44,6 +44,7 @@ def describe_protocol(p: Protocol) -> list[str]:
         + ("" if p.init_from is None else
            f" The model starts from {p.init_from.run} ({'its last checkpoint' if p.init_from.step is None else f'its checkpoint at step {p.init_from.step}'}"
            f"{', with its Adam state' if p.init_from.optimizer else ', weights only'}), not from seeds.init."),
+        *_data_lines(p),
         f"Evaluation: {_schedule(p.measures.schedule, t.batch_size, len(p.eval_steps()))}, "
         f"{p.measures.eval_sequences} sequences per split.",
         f"Checkpoints: {_schedule(t.checkpoints.schedule, t.batch_size, len(p.checkpoint_steps()))}"
@@ -51,6 +52,9 @@ def describe_protocol(p: Protocol) -> list[str]:
     ]
     on = [m.NAME for m in active(p.measures)]
     lines.append(f"Measures: {', '.join(on) or 'loss and accuracy only'} (where the task supports them).")
+    for m, config in at_checkpoints(p.measures):
+        every = "every checkpoint" if config.every == 1 else f"every {config.every}th checkpoint and the last"
+        lines.append(f"At checkpoints: {m.NAME} ({every}; {m.DOC}).")
     if not p.clamps:
         lines.append("Clamps: none — every activation is left as the model computes it.")
         return lines
@@ -68,3 +72,22 @@ def site_shapes(p: Protocol, batch_size: int = 2) -> list[tuple[str, tuple[int, 
     task = make_task(p.task)
     model = build_model(p.model_config_for(task), 0)
     return list(dry_run(model, task.train_batch(0, 0, batch_size)).items())
+
+
+def _data_lines(p) -> list[str]:
+    """The data schedule in words: which task trains when (evals stay on ``task``)."""
+    if p.data is None:
+        return []
+    from optolab.protocol.data_schedule import phases
+
+    bs, total = p.train.batch_size, p.train.total_steps
+    said = []
+    for ph in phases(p.data, bs, total):
+        named = ["the protocol's task" if k == "task" else f"the task in data.{k}" if k.startswith("phases.")
+                 else f"'{k}'" for k in ph.keys]
+        what = (named[0] if len(named) == 1 else
+                "a mixture of " + ", ".join(f"{k} {w:.0%}" for k, w in zip(named, ph.weights)))
+        said.append(f"steps {ph.start:,}-{ph.stop:,} ({ph.start * bs:,}-{ph.stop * bs:,} sequences): {what}")
+    return ["Training data (data schedule): " + "; ".join(said) + "; elsewhere the task above. "
+            "Evaluations use the task above throughout."]
+

@@ -21,6 +21,8 @@ from pydantic import ValidationError
 from optolab.core.counts import MAX_SEED
 from optolab.core.errors import OptolabError, duplicate_key, from_validation_error, yaml_line_map
 from optolab.protocol.conditions import condition_protocols, plan_condition
+from optolab.protocol.data_schedule import check_data
+from optolab.protocol.data_schedule import resolve_paths as resolve_data_paths
 from optolab.protocol.footprint import check_footprint
 from optolab.protocol.schema import Protocol
 from optolab.tasks import make_task, validate_task_spec
@@ -130,27 +132,27 @@ def read_yaml(path: str | Path, what: str = "file") -> tuple[dict, dict[tuple, i
     return data, yaml_line_map(text)
 
 
-def _resolve_task(raw: Any, base: Path, source: str, protocol_lines: dict) -> Any:
-    """Inline a task given as a path or as ``{spec: path, overrides…}``."""
+def _resolve_task(raw: Any, base: Path, source: str, protocol_lines: dict, field: str = "task") -> Any:
+    """Inline a task given as a path or as ``{spec: path, overrides…}`` (``field``: where it is written)."""
     if isinstance(raw, str):
         raw = {"spec": raw}
     if not isinstance(raw, dict) or "spec" not in raw:
         return raw
     ref = raw["spec"]
     if not isinstance(ref, str):
-        raise OptolabError("must be a path to a task YAML file.", field="task.spec", source=source,
+        raise OptolabError("must be a path to a task YAML file.", field=f"{field}.spec", source=source,
                            fix="write e.g. spec: ../tasks/fewshot_singh2024.yaml")
     path = (base / ref) if not Path(ref).is_absolute() else Path(ref)
     if not path.is_file():
-        raise OptolabError(f"task file '{ref}' not found (looked for {path.resolve()}).", field="task",
+        raise OptolabError(f"task file '{ref}' not found (looked for {path.resolve()}).", field=field,
                            source=source, fix="give a path relative to the protocol file, e.g. ../tasks/repeat_tokens.yaml")
     spec, lines = read_yaml(path, "task spec")
     overrides = {k: v for k, v in raw.items() if k != "spec"}
     merged = {**spec, **overrides}
     try:
-        validate_task_spec(merged)
+        validate_task_spec(merged, field=field)
     except OptolabError as e:
-        key = (e.field or "").split(".")[1] if "." in (e.field or "") else None
+        key = (e.field or "")[len(field) + 1:].split(".")[0] if (e.field or "").startswith(field + ".") else None
         if key in overrides:  # the protocol's override is what is wrong
             raise e.located(source, protocol_lines) from None
         validate_task_spec(merged, field="", source=str(path), lines=lines)
@@ -193,6 +195,9 @@ def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None
         raise OptolabError("missing.", field="task", source=source,
                            fix="add 'task: ../tasks/fewshot_singh2024.yaml' (a path or a mapping with 'kind').")
     data["task"] = _resolve_task(data["task"], Path(path).parent, source, lines)
+    if "data" in data:  # a data schedule's tasks, resolved like `task` (optolab.protocol.data_schedule)
+        data["data"] = resolve_data_paths(
+            data["data"], lambda raw, field: _resolve_task(raw, Path(path).parent, source, lines, field))
     data["clamps"] = _resolve_clamp_paths(data.get("clamps"), Path(path).parent)
     init = data.get("init_from")
     if isinstance(init, dict) and isinstance(init.get("run"), str) and not Path(init["run"]).expanduser().is_absolute():
@@ -219,6 +224,7 @@ def validate_protocol(data: dict, *, source: str | None = None, lines: dict | No
         check_footprint(protocol, None)  # before the task allocates anything
         task = make_task(protocol.task)
         cfg = protocol.model_config_for(task)  # shape checks that need the task
+        check_data(protocol, task)  # the data schedule's tasks fit the model (and mix)
         check_footprint(protocol, cfg.n_ctx)
         protocol.eval_steps()
         protocol.checkpoint_steps()

@@ -1,7 +1,8 @@
 """The protocol: one YAML file that says what to train, how, and what to measure.
 
 Rules:
-- Sections: ``name``, ``description``, ``task``, ``model``, ``train``, ``seeds``, ``measures``
+- Sections: ``name``, ``description``, ``task``, ``data`` (a data schedule:
+  :mod:`optolab.protocol.data_schedule`), ``model``, ``train``, ``seeds``, ``measures``
   and ``clamps`` (each validated by its kind's schema: :mod:`optolab.clamps.registry`). Unknown keys at any level are errors, never
   ignored.
 - ``task`` is a path to a task spec YAML (relative to the protocol file), or a mapping that is
@@ -33,6 +34,7 @@ from optolab.core.schedule import Schedule
 from optolab.core.strict import StrictModel
 from optolab.measures.registry import measures_spec
 from optolab.model.config import ModelConfig
+from optolab.protocol.data_schedule import DataSchedule
 from optolab.tasks import Task, TaskSpec, validate_task_spec
 
 MAX_PARAMS = 1_000_000_000  # parameters in the blocks; 16 GiB with Adam's two moments and grads
@@ -155,6 +157,8 @@ class Protocol(StrictModel):
     description: str = ""
     # validated by the task's own Spec class (found by kind or generator; see tasks/registry.py)
     task: Annotated[SerializeAsAny[TaskSpec], BeforeValidator(validate_task_spec)]
+    # training data by step windows: switch or mix tasks (optolab.protocol.data_schedule); evals stay on `task`
+    data: DataSchedule | None = Field(None, description="switch the training task, or mix tasks, in step windows")
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec
     seeds: Seeds = Field(default_factory=Seeds)

@@ -26,13 +26,14 @@ from optolab.tasks.fewshot import FewshotTask
 from optolab.tasks.fixed_labels import FixedLabelsTask
 from optolab.tasks.gaussian_icl import GaussianICLTask
 from optolab.tasks.markov_icl import MarkovICLTask
+from optolab.tasks.recurring_segments import RecurringSegmentsTask
 from optolab.tasks.repeat_tokens import RepeatTokensTask
 from optolab.tasks.trigger_bigram import TriggerBigramTask
 
 BUILTIN: dict[str, type[Task]] = {
     cls.kind: cls
     for cls in (FewshotTask, RepeatTokensTask, GaussianICLTask, BurstyClassesTask, MarkovICLTask,
-                TriggerBigramTask, FixedLabelsTask)
+                TriggerBigramTask, FixedLabelsTask, RecurringSegmentsTask)
 }
 ENTRY_POINT_GROUP = "optolab.tasks"
 

@@ -28,6 +28,7 @@ from optolab.tasks import (
     FixedLabelsSpec,
     GaussianICLSpec,
     MarkovICLSpec,
+    RecurringSegmentsSpec,
     RepeatTokensSpec,
     TaskSpec,
     TriggerBigramSpec,
@@ -201,10 +202,23 @@ def fixed_labels_specs(draw: Any) -> FixedLabelsSpec:
         match_query=draw(st.booleans()), task_seed=draw(task_seeds))
 
 
+@st.composite
+def recurring_segments_specs(draw: Any) -> RecurringSegmentsSpec:
+    seq_len = draw(st.integers(8, 48))
+    min_len = draw(st.integers(2, 6))
+    min_gap = draw(st.integers(1, 4))
+    return RecurringSegmentsSpec(
+        n_tokens=draw(st.integers(2, 40)), seq_len=seq_len, bigram_scale=draw(st.sampled_from([0.0, 1.0, 3.0])),
+        skip_scale=draw(st.sampled_from([0.0, 1.0])), copy_rate=draw(st.sampled_from([0.2, 0.5, 1.0])),
+        min_len=min_len, max_len=draw(st.integers(min_len, 12)), min_gap=min_gap,
+        max_gap=draw(st.one_of(st.none(), st.integers(min_gap, seq_len))), noise=draw(st.sampled_from([0.0, 0.2])),
+        task_seed=draw(task_seeds))
+
+
 BUILTIN_STRATEGIES = {
     "fewshot": fewshot_specs, "repeat_tokens": repeat_tokens_specs, "gaussian_icl": gaussian_icl_specs,
     "bursty_classes": bursty_classes_specs, "markov_icl": markov_icl_specs, "trigger_bigram": trigger_bigram_specs,
-    "fixed_labels": fixed_labels_specs,
+    "fixed_labels": fixed_labels_specs, "recurring_segments": recurring_segments_specs,
 }
 
 

@@ -8,10 +8,10 @@ Rules:
   ``train.grad_clip``). Members with equal clamps share a *condition* (:func:`condition_key`).
   Each member keeps its own run directory, written by its own
   :class:`~optolab.training.runbook.RunBook`, exactly as if it had run alone.
-- Training: each member draws its own batch (``task.train_batch(seeds.data, step, …)``, the
-  solo run's data); the forward pass is ``torch.func.vmap`` over members of the model's own
-  ``forward`` with the member's parameters (``functional_call``), so every op runs once for all
-  members. Clamps act through site hooks on a shared skeleton (:class:`~optolab.training.compiled.SiteDispatch`)
+- Training: each member draws its own batch (``task.train_batch(seeds.data, step, …)``, or the
+  shared ``data`` schedule's batch for its data seed: the solo run's data); the forward pass is
+  ``torch.func.vmap`` over members of the model's own ``forward`` with the member's parameters
+  (``functional_call``), so every op runs once for all members. Clamps act through site hooks on a shared skeleton (:class:`~optolab.training.compiled.SiteDispatch`)
   running one program per step: a condition's own program when all members share it, else the
   union of the conditions' programs with each op gated to its condition's members
   (:mod:`optolab.clamps.union`). The loss is each member's mean, summed: members share no
@@ -54,6 +54,7 @@ from optolab.model.checkpoint import list_checkpoints
 from optolab.model.forward import Forward
 from optolab.model.kernels import PLAIN_KERNELS
 from optolab.model.transformer import build_model
+from optolab.protocol.data_schedule import train_data
 from optolab.protocol.schema import Protocol
 from optolab.tasks import IGNORE, make_task
 from optolab.tasks.base import Batch
@@ -255,6 +256,7 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     t0 = p0.train
     device = resolve_device(t0.device)
     compiled = decide_compile(t0, device)
+    source = train_data(p0, task)  # members share the schedule (pack_key): each draws with its data seed
     index: dict[str, int] = {}
     of_member = [index.setdefault(condition_key(p), len(index)) for p in protocols]
     # one Forward per condition: its clamp plan, and its members' evals
@@ -325,7 +327,7 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
                             guard(i, b.at_step, step, m, o, shared)
                 if step >= total or (stop_after is not None and step >= stop_after) or not any(alive):
                     break
-                batches = [task.train_batch(p.seeds.data, step, bs) for p in protocols]
+                batches = [source.train_batch(p.seeds.data, step, bs) for p in protocols]
                 tensors, rest, n_inputs = to_device(_stack_batches(batches), device)  # one move per step
 
                 keys = torch.stack([call_key(p.seeds.init, p.seeds.data, step, True) for p in protocols]).to(device)

@@ -25,11 +25,14 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from optolab.clamps.engine import ClampForward
 from optolab.core.device import autocast, decide_compile
 from optolab.core.device import describe as describe_device
 from optolab.core.errors import OptolabError, RunFailed
 from optolab.core.lock import LOCK_NAME, DirLock
 from optolab.measures.evaluate import EvalSet, evaluate
+from optolab.measures.measure import CheckpointData
+from optolab.measures.registry import at_checkpoints
 from optolab.measures.trajectory import pca, speed
 from optolab.model.checkpoint import (
     find_checkpoint,
@@ -40,7 +43,8 @@ from optolab.model.checkpoint import (
     prune,
     save_checkpoint,
 )
-from optolab.model.forward import Forward
+from optolab.model.forward import Forward, PlainForward
+from optolab.protocol.data_schedule import train_data
 from optolab.protocol.schema import Protocol
 from optolab.tasks import Task
 from optolab.training import per_example
@@ -58,6 +62,9 @@ class RunBook:
         resolved = protocol.resolved()
         _refuse_foreign(self.run)  # before the lock: nothing is written into a folder that is not a run
         require_trackers(protocol.train.track)  # a missing library is refused before anything is written
+        self.at_ckpt = at_checkpoints(protocol.measures)  # measures that run at checkpoints (the LLC)
+        for m, config in self.at_ckpt:
+            m.check(config, cfg)  # as is a config this model or installation cannot run
         self.lock = DirLock(self.run.path)
         try:
             _check_same_protocol(self.run, resolved)  # under the lock: no other writer changes it now
@@ -65,6 +72,8 @@ class RunBook:
         except BaseException:
             self.lock.release()
             raise
+        self.cfg = cfg
+        self.data = train_data(protocol, task) if self.at_ckpt else task  # what the LLC samples from
         self.evals = EvalSet.build(task, protocol.measures, protocol.seeds.eval, cfg.n_ctx, device)
         self.total = protocol.train.total_steps
         self.bs = protocol.train.batch_size
@@ -91,11 +100,13 @@ class RunBook:
             sidecar = load_checkpoint(self.run.checkpoints, self.start_step, model, optimizer)
             self.run.truncate_metrics(self.start_step)
             per_example.truncate(self.run.path, self.start_step)
+            self._forget_after(self.start_step)
             self.loss_sum = torch.tensor(sidecar.get("train_loss_sum", 0.0), device=self.device)
             self.loss_n = sidecar.get("train_loss_n", 0)
         else:
             self.run.truncate_metrics(-1)  # a run that died before its first checkpoint starts clean
             per_example.truncate(self.run.path, -1)
+            self._forget_after(-1)
             if self.protocol.init_from is not None:
                 self.meta["init_from"] = init_from(self.protocol.init_from, model, optimizer)
         self.meta.update(status="running", n_params=sum(p.numel() for p in model.parameters()))
@@ -148,11 +159,36 @@ class RunBook:
             bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
             if bad is not None:  # never checkpoint a broken model: the last good one stays the last
                 self.diverged(step, f"parameter {bad} is not finite")
+            self._checkpoint_measures(step, model)  # before the checkpoint: a resume from the last one redoes them
             save_checkpoint(self.run.checkpoints, step, step * self.bs, model, optimizer,
                             {"name": self.protocol.name, "train_loss_sum": self.loss_sum.item(),
                              "train_loss_n": self.loss_n})
             prune(self.run.checkpoints, self.protocol.train.checkpoints.keep, protect={self.total})
         return evaluated
+
+    def _forget_after(self, step: int) -> None:
+        for m, _ in self.at_ckpt:
+            m.forget_after(self.run.path / "measures" / m.NAME, step)
+
+    def _checkpoint_measures(self, step: int, model: torch.nn.Module) -> None:
+        """The measures that run at checkpoints (every ``every``-th checkpoint and the last)."""
+        if not self.at_ckpt:
+            return
+        order = sorted(self.ckpt_steps)
+        rows: list[dict] = []
+        te = time.perf_counter()
+        for m, config in self.at_ckpt:
+            if step != self.total and order.index(step) % config.every:
+                continue
+            rows += m.on_checkpoint(CheckpointData(
+                model, lambda: eager_forward(self.protocol, self.task, self.cfg, self.device),
+                PlainForward, self.task, self.data, step, step * self.bs, self.bs, self.total, config,
+                self.run.path / "measures" / m.NAME))
+        if rows:
+            self.run.append_metrics([{"step": step, "sequences": step * self.bs, **r} for r in rows])
+            if self.trackers is not None:
+                self.trackers.scalars(step, rows)
+        self.meta["checkpoint_measures_s"] = self.meta.get("checkpoint_measures_s", 0.0) + time.perf_counter() - te
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss.detach()
@@ -240,6 +276,15 @@ class RunBook:
         raise RunFailed(f"the run diverged: {what} at step {step}. It is marked failed in summary.json; "
                         f"metrics so far and checkpoints up to step {last_good} are kept.",
                         field="train.lr", fix="lower train.lr or set train.grad_clip, then run with --overwrite.")
+
+
+def eager_forward(protocol: Protocol, task: Task, cfg, device: torch.device) -> Forward:
+    """The protocol's Forward without compilation: plain without clamps, else the clamp engine
+    with the protocol's clamp plan (made once per protocol) on ``device``."""
+    if not protocol.clamps:
+        return PlainForward()
+    return ClampForward(protocol.clamp_plan(task, cfg).to_device(device), backend=protocol.train.clamp_engine,
+                        seeds=(protocol.seeds.init, protocol.seeds.data))
 
 
 def init_from(spec, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -48,7 +48,7 @@ COLUMNS = ["step", "sequences", "split", "metric", "layer", "head", "src_layer",
 
 
 OWNED = ("protocol.yaml", "meta.json", "metrics.jsonl", "metrics.parquet", "summary.json", "checkpoints",
-         "figures", "posthoc", "tensorboard", "wandb", "per_example", "metrics.jsonl.gz")  # what a run writes (plus the lock, which --overwrite keeps while it works)
+         "figures", "posthoc", "tensorboard", "wandb", "per_example", "metrics.jsonl.gz", "measures")  # what a run writes (plus the lock, which --overwrite keeps while it works)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -8,8 +8,9 @@
   (``onset``, ``midpoint``, ``end`` in sequences, the ``plateau`` before it, …) or null.
 - ``stages``: the run's developmental stages from several signals
   (:func:`optolab.measures.stages.stages`): the main loss, the strongest layer-0
-  ``prev_token`` and last-layer induction-type score (max over heads at each eval) and, with
-  per-example losses, the loss trajectory's speed; each ``{start, end, kind, boundary_signals,
+  ``prev_token`` and last-layer induction-type score (max over heads at each eval), with
+  per-example losses the loss trajectory's speed, and with ``measures.llc`` the LLC at
+  checkpoints (abrupt rises and falls both); each ``{start, end, kind, boundary_signals,
   moved}`` in sequences.
 - ``main_split``, ``icl_positions`` (token tasks), ``final_step``, ``final_sequences``.
 - ``status``: ``finished``; a run that diverged writes only ``status: failed``, ``failure``
@@ -70,6 +71,11 @@ def stage_signals(df: pd.DataFrame, split: str, speed: tuple | None = None) -> d
         if not rows.empty:
             best = rows.groupby("sequences").value.max()
             signals[f"{metric} L{layer}"] = Signal(best.index.to_numpy(float), best.to_numpy(float), "up")
+    llc = df[(df.split == "llc") & (df.metric == "llc")].sort_values("step")
+    if len(llc) >= 4:  # the LLC at checkpoints (measures.llc): Hoogland's stages turn it both ways
+        xs, ys = llc.sequences.to_numpy(float), llc.value.to_numpy(float)
+        signals["llc rises"] = Signal(xs, ys, "up")
+        signals["llc falls"] = Signal(xs, ys, "down")
     if speed is not None and len(speed[0]) >= 3:
         signals["trajectory speed"] = Signal(np.asarray(speed[0], float), np.log(np.asarray(speed[1], float) + 1e-12),
                                              "up")

@@ -9,8 +9,10 @@ Rules:
 - ``step`` counts optimizer steps; ``sequences = step × batch_size``. An evaluation "at step s"
   sees the model after s updates; step 0 is the initial model.
 - Determinism: the model is initialised from ``seeds.init``; the batch of step t depends only on
-  ``(seeds.data, t)``; eval sets only on ``seeds.eval``. So resuming from the checkpoint at step
-  t continues exactly as the uninterrupted run did.
+  ``(seeds.data, t)`` (and the protocol's ``data`` schedule, which picks the task or mixture that
+  draws it: :mod:`optolab.protocol.data_schedule`); eval sets only on ``seeds.eval`` and the
+  protocol's ``task``. So resuming from the checkpoint at step t continues exactly as the
+  uninterrupted run did.
 - Devices (:mod:`optolab.core.device`): the model is initialised on the CPU and moved to
   ``train.device``; each step's batch is generated on the CPU and moved. The forward passes run
   under the protocol's precision (:func:`~optolab.core.device.autocast`).
@@ -31,16 +33,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from optolab.clamps.engine import ClampForward
 from optolab.core.device import autocast, decide_compile, numerics, resolve_device
-from optolab.model.forward import Forward, PlainForward
+from optolab.model.forward import Forward
 from optolab.model.transformer import Transformer, build_model
+from optolab.protocol.data_schedule import train_data
 from optolab.protocol.schema import Protocol
 from optolab.tasks import IGNORE, Task, make_task
 from optolab.tasks.base import Batch
 from optolab.training.compiled import CompiledForward, fresh_caches, require_compiler
 from optolab.training.compiled_step import CompiledStep
-from optolab.training.runbook import RunBook
+from optolab.training.runbook import RunBook, eager_forward
 from optolab.training.rundir import RunDir
 
 
@@ -60,10 +62,7 @@ def make_forward(protocol, task, cfg, device: torch.device | None = None, *, com
     calls on a finished run never repay a compile) every call goes through
     :class:`optolab.training.compiled.CompiledForward`."""
     device = resolve_device(protocol.train.device) if device is None else device
-    forward: Forward = PlainForward()
-    if protocol.clamps:
-        forward = ClampForward(protocol.clamp_plan(task, cfg).to_device(device), backend=protocol.train.clamp_engine,
-                               seeds=(protocol.seeds.init, protocol.seeds.data))
+    forward = eager_forward(protocol, task, cfg, device)
     if decide_compile(protocol.train, device) if compiled is None else compiled:
         require_compiler(device)
         forward = CompiledForward(forward)
@@ -117,6 +116,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     if isinstance(forward, CompiledForward):
         fresh_caches()
     book = RunBook(protocol, out, task, cfg, forward, device)
+    source = train_data(protocol, task)  # the task itself, or the data schedule's batches
     model = build_model(cfg, protocol.seeds.init).to(device)  # initialised on the CPU: the same weights everywhere
     optimizer = make_optimizer(protocol, model)
     total, bs = book.total, book.bs
@@ -138,7 +138,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
                     bar.set_postfix({f"{task.main_split} loss": f"{book.last_loss:.3f}"}, refresh=False)
                 if step >= total or (stop_after is not None and step >= stop_after):
                     break
-                batch = task.train_batch(protocol.seeds.data, step, bs).to_device(device)
+                batch = source.train_batch(protocol.seeds.data, step, bs).to_device(device)
                 with cast:
                     loss = update(batch, step)
                 book.check_loss(step, loss)

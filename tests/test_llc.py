@@ -1,0 +1,267 @@
+"""The local learning coefficient (optolab.measures.llc): devinterp's sampler against a
+hand-written SGLD loop, the measure at checkpoints (rows, files, resume), post hoc, under
+clamps, per head, and the calibration helper."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import optolab
+from optolab.cli import main
+from optolab.core.errors import OptolabError
+from optolab.experiments import llc as posthoc
+from optolab.measures import llc
+from optolab.model.forward import PlainForward
+from optolab.protocol.loader import validate_protocol
+from optolab.tasks import IGNORE
+from optolab.training.trainer import train
+from tests.conftest import fewshot_protocol, write_protocol
+
+pytest.importorskip("devinterp")
+
+
+def _trained(tmp_path, steps=60, **extra):
+    data = fewshot_protocol(steps=steps)
+    data.update(extra)
+    return train(validate_protocol(data), tmp_path / "run", progress=False)
+
+
+def _hand_sgld(model, task, spec: llc.LLCSpec, batch_size: int) -> np.ndarray:
+    """Lau et al.'s SGLD written out: w ← w − ε/2 (nβ ∇L + γ (w − w*)) + N(0, ε)."""
+    m = spec.batch_size or batch_size
+    batches = llc.sample_batches(task, spec, 0, m)
+
+    def loss_of(w, b):
+        logits = w(*b.inputs)
+        return F.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), ignore_index=IGNORE)
+
+    with torch.no_grad():
+        init = np.array([loss_of(model, b).item() for b in batches])
+    out = []
+    gen = torch.Generator().manual_seed(12345)  # other noise than devinterp's chains: only the law must agree
+    for _ in range(spec.chains):
+        w = llc._copy(model, torch.device("cpu"))
+        params = list(w.parameters())
+        start = [p.detach().clone() for p in params]
+        trace = []
+        for b in batches:
+            loss = loss_of(w, b)
+            trace.append(loss.item())
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for p, g, p0 in zip(params, grads, start):
+                    drift = spec.nbeta * g + spec.localization * (p - p0)
+                    p.add_(-0.5 * spec.step_size * drift)
+                    p.add_(torch.randn(p.shape, generator=gen) * math.sqrt(spec.step_size))
+        out.append(spec.nbeta * (np.mean(trace[spec.burn_in:]) - init[spec.burn_in:].mean()))
+    return np.array(out)
+
+
+def test_devinterp_agrees_with_a_hand_written_sgld_within_the_chain_spread(tmp_path):
+    data = fewshot_protocol(steps=300)
+    data["train"]["lr"] = 3e-3  # near a minimum: the LLC is a property of minima (away from one, SGLD descends)
+    run = train(validate_protocol(data), tmp_path / "run", progress=False)
+    spec = llc.LLCSpec(chains=6, draws=120, burn_in=30, step_size=1e-4, nbeta=300.0, localization=100.0)
+    ours = llc.estimate(run.model, run.task, PlainForward(), spec, step=0, batch_size=16)
+    hand = _hand_sgld(run.model, run.task, spec, 16)
+    assert ours.finite and np.isfinite(hand).all()
+    assert ours.mean > 0 and hand.mean() > 0
+    spread = max(ours.std, float(np.std(hand, ddof=1)))
+    assert abs(ours.mean - hand.mean()) <= spread, (ours.llc_per_chain, hand)
+
+
+def test_the_estimate_is_deterministic_and_leaves_the_model_alone(tmp_path):
+    run = _trained(tmp_path, steps=20)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    spec = llc.LLCSpec(chains=2, draws=20, burn_in=5)
+    a = llc.estimate(run.model, run.task, PlainForward(), spec, step=0, batch_size=16)
+    b = llc.estimate(run.model, run.task, PlainForward(), spec, step=0, batch_size=16)
+    np.testing.assert_array_equal(a.traces, b.traces)
+    assert a.traces.shape == (2, 25) and a.init_losses.shape == (25,)
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    c = llc.estimate(run.model, run.task, PlainForward(), spec.model_copy(update={"seed": 1}), step=0, batch_size=16)
+    assert not np.array_equal(a.traces, c.traces)
+
+
+def test_a_restricted_llc_moves_only_that_heads_slices(tmp_path):
+    run = _trained(tmp_path, steps=20)
+    w = llc._copy(run.model, torch.device("cpu"))
+    params, masks = llc.head_masks(w, "L1H2")
+    assert [tuple(m.shape) for m in masks] == [tuple(p.shape) for p in params]
+    assert masks[0][:, 2].all() and not masks[0][:, [0, 1, 3]].any()  # W_Q [d, h, e]
+    assert masks[3][2].all() and not masks[3][[0, 1, 3]].any()  # W_O [h, e, d]
+    from devinterp.optim import SGMCMC
+
+    start = {k: v.clone() for k, v in w.state_dict().items()}
+    sampler = SGMCMC.sgld([{"params": params}], lr=1e-3, nbeta=10.0, mask=masks)
+    b = run.task.train_batch(0, 0, 8)
+    llc.batch_loss(PlainForward(), w, b, 0).backward()
+    sampler.step()
+    for k, v in w.state_dict().items():
+        moved = v != start[k]
+        if k in {f"blocks.1.attn.{n}" for n in ("W_Q", "W_K", "W_V")}:
+            assert moved[:, 2].all() and not moved[:, [0, 1, 3]].any(), k
+        elif k == "blocks.1.attn.W_O":
+            assert moved[2].all() and not moved[[0, 1, 3]].any(), k
+        else:
+            assert not moved.any(), k
+
+
+def test_measures_llc_switch_resolves_and_refuses_bad_heads(tmp_path):
+    on = validate_protocol({**fewshot_protocol(), "measures": {"llc": True}})
+    assert on.resolved()["measures"]["llc"]["nbeta"] == 300.0
+    assert validate_protocol({**fewshot_protocol(), "measures": {"llc": False}}).measures.llc is None
+    assert validate_protocol(fewshot_protocol()).measures.llc is None  # off by default
+    with pytest.raises(OptolabError, match="llc"):
+        validate_protocol({**fewshot_protocol(), "measures": {"llc": {"heads": ["layer1"]}}})
+    with pytest.raises(OptolabError, match="llc"):
+        validate_protocol({**fewshot_protocol(), "measures": {"llc": {"chainz": 3}}})
+    path = write_protocol(tmp_path, {**fewshot_protocol(), "measures": {"llc": {"heads": ["L5H0"]}}})
+    assert main(["run", str(path), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_a_missing_devinterp_is_one_line(monkeypatch, capsys, tmp_path):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_devinterp(name, *a, **k):
+        if name.startswith("devinterp"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_devinterp)
+    path = write_protocol(tmp_path, {**fewshot_protocol(), "measures": {"llc": True}})
+    assert main(["run", str(path), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "optolab[llc]" in err[0] and "measures.llc" in err[0]
+
+
+LLC_RUN = {"every": 2, "chains": 2, "draws": 15, "burn_in": 5, "heads": ["L1H0"]}
+
+
+def _llc_protocol(**train):
+    data = fewshot_protocol(steps=40, **train)
+    data["measures"] = {**data["measures"], "llc": LLC_RUN}
+    return validate_protocol(data)
+
+
+def test_the_llc_runs_at_checkpoints_and_resumes_bit_identically(tmp_path):
+    p = _llc_protocol()
+    full = train(p, tmp_path / "full", progress=False)
+    df = optolab.open_run(full.run_dir.path).metrics
+    got = df[df.split == "llc"]
+    # checkpoints at 0, 10, 20, 30, 40: every 2nd (0, 20, 40) and the last
+    assert sorted(got[got.metric == "llc"].step.unique()) == [0, 20, 40]
+    assert sorted(got[got.metric == "llc_head"]["head"].unique()) == [0]
+    est = llc.load(full.run_dir.path / "measures" / "llc")
+    assert sorted(est.step.unique()) == [0, 20, 40] and set(est.target) == {"model", "L1H0"}
+    with np.load(full.run_dir.path / "measures" / "llc" / "traces_000000040.npz") as z:
+        assert z["model_traces"].shape == (2, 20) and z["L1H0_init"].shape == (20,)
+    summary = json.loads((full.run_dir.path / "summary.json").read_text())
+    assert summary["final"]["llc"]["llc"] > 0 and "L1H0" in summary["final"]["llc"]["llc_head"]
+    assert any(p.name == "llc.png" for p in optolab.open_run(full.run_dir.path).plot())
+
+    part = train(p, tmp_path / "part", progress=False, stop_after=25)
+    resumed = train(p, tmp_path / "part", progress=False)
+    a = llc.load(full.run_dir.path / "measures" / "llc").drop(columns=["config"])
+    b = llc.load(resumed.run_dir.path / "measures" / "llc").drop(columns=["config"])
+    pd.testing.assert_frame_equal(a, b)
+    assert part.run_dir.path == resumed.run_dir.path
+
+
+def test_post_hoc_equals_in_run_and_resumes_and_figures(tmp_path, capsys):
+    run = train(_llc_protocol(), tmp_path / "run", progress=False)
+    spec = llc.LLCSpec(**LLC_RUN)
+    df, folder = posthoc.curve(run.run_dir.path, spec, progress=False)
+    inrun = llc.load(run.run_dir.path / "measures" / "llc")
+    merged = df.merge(inrun, on=["step", "target"], suffixes=("", "_run"))
+    assert len(merged) == 6
+    np.testing.assert_allclose(merged.llc, merged.llc_run, rtol=1e-6)  # same checkpoints, same config
+    assert (folder / "llc.png").is_file() and (folder / "config.json").is_file()
+    # the same command again skips what it has; another config gets its own folder
+    mtime = (folder / "estimates.jsonl").stat().st_mtime_ns
+    posthoc.curve(run.run_dir.path, spec, progress=False)
+    assert (folder / "estimates.jsonl").stat().st_mtime_ns == mtime
+    assert main(["llc", str(run.run_dir.path), "--steps", "10", "--chains", "2", "--draws", "10",
+                 "--burn-in", "2"]) == 0
+    assert len(list((run.run_dir.path / "measures" / "llc").glob("posthoc_*"))) == 2
+    assert main(["llc", str(run.run_dir.path), "--steps", "11"]) == 2
+    assert "--steps" in capsys.readouterr().err
+
+
+def test_the_llc_samples_under_the_runs_clamps(tmp_path):
+    # layer 1 learns for 10 steps, then is ablated: at step 20 its weights matter only without the clamp
+    clamped = {**fewshot_protocol(steps=20), "clamps": [{"kind": "ablate", "site": "z1", "window": {"start": 160}}]}
+    run = train(validate_protocol(clamped), tmp_path / "run", progress=False)
+    spec = llc.LLCSpec(chains=2, draws=20, burn_in=5)
+    under, _ = posthoc.curve(run.run_dir.path, spec, steps=[20], progress=False)
+    bare, _ = posthoc.curve(run.run_dir.path, spec.model_copy(update={"clamps": False}), steps=[20], progress=False)
+    assert under.init_loss.iloc[0] != bare.init_loss.iloc[0]
+    # under the clamp layer 1's heads do nothing: their restricted LLC is exactly 0
+    forward = posthoc._forward(optolab.open_run(run.run_dir.path), spec, run.model)
+    head = llc.estimate(run.model, run.task, forward, spec, step=llc.clamp_step(20, 20), batch_size=16, target="L1H1")
+    forward.close()
+    assert head.mean == 0.0 and np.array_equal(head.traces[0], head.init_losses)
+
+
+def test_calibration_writes_its_table_and_traces(tmp_path):
+    run = _trained(tmp_path, steps=20)
+    spec = llc.LLCSpec(chains=2, draws=16, burn_in=4)
+    df, folder = posthoc.calibrate(run.run_dir.path, spec, None, [1e-5, 1e-4], [30.0, 300.0], progress=False)
+    assert len(df) == 4 and set(df.verdict) <= {"ok", "drifting", "negative", "diverged"}
+    assert (folder / "calibration.csv").is_file() and (folder / "traces.png").is_file()
+    assert folder.name == "calibration_000000020"
+
+
+def test_calibration_verdicts():
+    rng = np.random.default_rng(0)
+    flat = rng.normal(1.0, 0.1, (2, 200))
+    assert posthoc.verdict(flat, np.array([1.0, 1.2]), 0) == "ok"
+    assert posthoc.verdict(flat + np.linspace(0, 0.5, 200), np.array([1.0, 1.2]), 0) == "drifting"
+    assert posthoc.verdict(flat, np.array([-1.0, 0.5]), 0) == "negative"
+    bad = flat.copy()
+    bad[0, 50] = np.nan
+    assert posthoc.verdict(bad, np.array([np.nan, 1.0]), 0) == "diverged"
+
+
+def test_stages_read_the_llc_when_a_run_has_it():
+    from optolab.training.summary import stage_signals
+
+    xs = np.arange(0, 40) * 1000.0
+    loss = np.where(xs < 20000, 1.0, 0.2)
+    rows = [{"step": i, "sequences": x, "split": "main", "metric": "loss", "layer": None, "head": None,
+             "src_layer": None, "value": v} for i, (x, v) in enumerate(zip(xs, loss))]
+    llc_x = xs[::4]
+    llc_y = np.where(llc_x < 10000, 5.0, np.where(llc_x < 24000, 2.0, 9.0))  # falls, then rises
+    rows += [{"step": int(x / 1000), "sequences": x, "split": "llc", "metric": "llc", "layer": None, "head": None,
+              "src_layer": None, "value": v} for x, v in zip(llc_x, llc_y)]
+    signals = stage_signals(pd.DataFrame(rows), "main")
+    assert {"llc rises", "llc falls"} <= set(signals)
+    np.testing.assert_array_equal(signals["llc rises"].ys, llc_y)
+
+
+def test_the_llc_samples_the_data_the_run_trains_on_at_that_step():
+    from optolab.protocol.data_schedule import train_data
+    from optolab.tasks import make_task
+
+    b2 = {**fewshot_protocol()["task"], "burstiness": 2}
+    p = validate_protocol({**fewshot_protocol(steps=30),
+                           "data": {"tasks": {"b2": b2}, "phases": [{"task": "b2", "window": {"start": 10, "unit": "steps"}}]}})
+    data = train_data(p, make_task(p.task))
+    spec = llc.LLCSpec(draws=3, burn_in=0)
+    before, after = llc.sample_batches(data, spec, 5, 8), llc.sample_batches(data, spec, 20, 8)
+    own = llc.sample_batches(make_task(p.task), spec, 5, 8)
+    other = llc.sample_batches(make_task(validate_protocol({**fewshot_protocol(), "task": b2}).task), spec, 20, 8)
+    assert all(torch.equal(a.targets, b.targets) and torch.equal(a.inputs[0], b.inputs[0]) for a, b in zip(before, own))
+    assert all(torch.equal(a.inputs[0], b.inputs[0]) for a, b in zip(after, other))
+    assert not torch.equal(before[0].inputs[0], before[1].inputs[0])  # each SGLD step its own batch
