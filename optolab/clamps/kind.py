@@ -43,13 +43,13 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import torch
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field
 from torch import Tensor
 
 from optolab.clamps.sites import SiteInfo, canonical, resolve_positions, selection_mask, site_info, suggest
 from optolab.clamps.values import PassContext
-from optolab.core.counts import Count
 from optolab.core.errors import OptolabError, SpecError
+from optolab.core.schedule import Window
 from optolab.core.strict import StrictModel
 
 PASS_ORDER = ("clean", "shifted", "ablated", "main")
@@ -59,19 +59,6 @@ TRUE = torch.ones((), dtype=torch.bool)
 
 Heads = Union[Literal["all"], list[Annotated[int, Field(strict=True)]]]
 Positions = Union[Literal["all", "query", "labels", "exemplars"], list[Annotated[int, Field(strict=True)]]]
-
-
-class Window(StrictModel):
-    start: Count = 0
-    stop: Count | None = Field(None, description="exclusive; omitted = the end of training")
-    unit: Literal["sequences", "steps"] = "sequences"
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Window:
-        if self.stop is not None and self.stop <= self.start:
-            raise SpecError("stop", f"window.stop ({self.stop}) must be greater than window.start ({self.start}).",
-                            "swap them, or omit stop to clamp until the end of training.")
-        return self
 
 
 def no_empty(v: Any) -> Any:

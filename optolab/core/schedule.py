@@ -9,6 +9,9 @@ Rules:
 - Points in ``sequences`` fire at the first step whose sequence count reaches them
   (``step = ceil(sequences / batch_size)``), as in the authors' loop.
 - A schedule that would fire more than :data:`MAX_SCHEDULE_POINTS` times is refused.
+- A :class:`Window` is a span of training, ``[start, stop)`` in sequences or steps (``stop``
+  omitted: to the end), as clamps (``window``) and data schedules (``data.phases.<i>.window``)
+  write it; each converts it to steps its own way.
 """
 
 from __future__ import annotations
@@ -16,13 +19,28 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from optolab.core.counts import Count, PosCount
-from optolab.core.errors import OptolabError
+from optolab.core.errors import OptolabError, SpecError
 from optolab.core.strict import StrictModel
 
 MAX_SCHEDULE_POINTS = 100_000
+
+
+class Window(StrictModel):
+    """A span of training (see the module rules)."""
+
+    start: Count = 0
+    stop: Count | None = Field(None, description="exclusive; omitted = the end of training")
+    unit: Literal["sequences", "steps"] = "sequences"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Window:
+        if self.stop is not None and self.stop <= self.start:
+            raise SpecError("stop", f"window.stop ({self.stop}) must be greater than window.start ({self.start}).",
+                            "swap them, or omit stop to run until the end of training.")
+        return self
 
 
 class DenseStage(StrictModel):

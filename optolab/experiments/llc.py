@@ -60,6 +60,17 @@ def _forward(run, spec: llc.LLCSpec, model):
     return make_forward(run.protocol, run.task, model.cfg, CPU, compiled=False)
 
 
+def _estimates(run, data, spec: llc.LLCSpec, model, step: int) -> list[llc.Estimate]:
+    """The whole-model and ``spec.heads``' LLCs of ``model`` (the checkpoint at ``step``), with
+    the clamps and data of the training step after it."""
+    forward = _forward(run, spec, model)
+    try:
+        return llc.estimates(model, data, forward, spec, batch_size=run.protocol.train.batch_size,
+                             step=llc.clamp_step(step, run.protocol.train.total_steps))
+    finally:
+        forward.close()
+
+
 def _config_hash(spec: llc.LLCSpec) -> str:
     return hashlib.sha1(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
 
@@ -94,13 +105,7 @@ def curve(run_dir: str | Path, spec: llc.LLCSpec, steps: list[int] | None = None
         for i, step in enumerate(steps):
             if step in done:
                 continue
-            model = run.model(step)
-            forward = _forward(run, spec, model)
-            try:
-                found = llc.estimates(model, data, forward, spec, batch_size=bs,
-                                      step=llc.clamp_step(step, run.protocol.train.total_steps))
-            finally:
-                forward.close()
+            found = _estimates(run, data, spec, run.model(step), step)
             llc.save(folder, step, step * bs, found, source="posthoc")
             if progress:
                 print(f"step {step:>9,} ({i + 1}/{len(steps)}): " + ", ".join(
@@ -147,7 +152,6 @@ def calibrate(run_dir: str | Path, spec: llc.LLCSpec, step: int | None, step_siz
                            fix=f"choose from the checkpoints: {have[:8]}{' …' if len(have) > 8 else ''}.")
     model = run.model(step)
     data = train_data(run.protocol, run.task)
-    bs = run.protocol.train.batch_size
     folder = run.path / "measures" / "llc" / f"calibration_{step:09d}"
     rows, traces = [], {}
     lock = DirLock(run.path)
@@ -156,12 +160,7 @@ def calibrate(run_dir: str | Path, spec: llc.LLCSpec, step: int | None, step_siz
         for eps in step_sizes:
             for nb in nbetas:
                 cell = spec.model_copy(update={"step_size": eps, "nbeta": nb, "heads": []})
-                forward = _forward(run, cell, model)
-                try:
-                    e = llc.estimate(model, data, forward, cell, batch_size=bs,
-                                     step=llc.clamp_step(step, run.protocol.train.total_steps))
-                finally:
-                    forward.close()
+                (e,) = _estimates(run, data, cell, model, step)
                 v = verdict(e.traces, e.llc_per_chain, cell.burn_in)
                 rows.append({"step": step, "step_size": eps, "nbeta": nb, "llc": e.mean, "llc_std": e.std,
                              "init_loss": float(e.init_losses.mean()), "verdict": v})

@@ -31,13 +31,13 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import torch
 from pydantic import BeforeValidator, Field, SerializeAsAny, model_serializer, model_validator
 
-from optolab.core.counts import Count
 from optolab.core.errors import OptolabError, SpecError
+from optolab.core.schedule import Window
 from optolab.core.strict import StrictModel, _number
 from optolab.protocol.footprint import MAX_BYTES
 from optolab.tasks import Task, TaskSpec, make_task, validate_task_spec
@@ -52,27 +52,12 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+$")]
 Weight = Annotated[float, BeforeValidator(lambda v: _number(v, "float"))]
 
 
-class DataWindow(StrictModel):
-    """Steps a phase covers, written as a clamp's ``window``."""
-
-    start: Count = 0
-    stop: Count | None = Field(None, description="exclusive; omitted = the end of training")
-    unit: Literal["sequences", "steps"] = "sequences"
-
-    @model_validator(mode="after")
-    def _ordered(self) -> DataWindow:
-        if self.stop is not None and self.stop <= self.start:
-            raise SpecError("stop", f"window.stop ({self.stop}) must be greater than window.start ({self.start}).",
-                            "swap them, or omit stop to run the phase until the end of training.")
-        return self
-
-
 class DataPhase(StrictModel):
     task: str | SerializeAsAny[TaskSpec] | None = Field(
         None, description="a name from data.tasks, 'task' (the protocol's own), or a task (path or mapping)")
     mix: dict[Name, Weight] | None = Field(None, description="{name: weight}: each sequence's task is drawn with "
                                                             "these weights (normalised)")
-    window: DataWindow = Field(default_factory=DataWindow)
+    window: Window = Field(default_factory=Window)
 
     @model_validator(mode="after")
     def _one(self) -> DataPhase:
