@@ -265,3 +265,22 @@ def test_the_llc_samples_the_data_the_run_trains_on_at_that_step():
     assert all(torch.equal(a.targets, b.targets) and torch.equal(a.inputs[0], b.inputs[0]) for a, b in zip(before, own))
     assert all(torch.equal(a.inputs[0], b.inputs[0]) for a, b in zip(after, other))
     assert not torch.equal(before[0].inputs[0], before[1].inputs[0])  # each SGLD step its own batch
+
+
+def test_an_ensemble_member_estimates_the_llc_of_its_solo_run(tmp_path):
+    from optolab.training.ensemble import train_ensemble
+
+    protocols = []
+    for seed in (0, 1):
+        data = fewshot_protocol(steps=20)
+        data["seeds"] = {"init": seed, "data": seed}
+        data["measures"] = {**data["measures"], "llc": {"every": 2, "chains": 2, "draws": 10, "burn_in": 2}}
+        protocols.append(validate_protocol(data))
+    train_ensemble(protocols, [tmp_path / "m0", tmp_path / "m1"])
+    for i, p in enumerate(protocols):
+        solo = train(p, tmp_path / f"solo{i}", progress=False)
+        a = llc.load(tmp_path / f"m{i}" / "measures" / "llc").sort_values(["step", "target"])
+        b = llc.load(solo.run_dir.path / "measures" / "llc").sort_values(["step", "target"])
+        assert list(a.step) == list(b.step) == [0, 20]
+        # members' weights equal their solo runs' up to float summation order (test_ensemble)
+        np.testing.assert_allclose(a.llc, b.llc, rtol=1e-3, atol=1e-3)
