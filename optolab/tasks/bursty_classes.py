@@ -25,40 +25,23 @@ import torch
 from pydantic import Field, model_validator
 
 from optolab.core.errors import SpecError
-from optolab.tasks.base import Batch, TaskSpec, rng
-from optolab.tasks.exemplars import Design, HeldOutClassesTask, default_scale, exemplar_label_batch
+from optolab.tasks.base import Batch, rng
+from optolab.tasks.exemplars import HeldOutClassesSpec, HeldOutClassesTask, exemplar_label_batch
 from optolab.tasks.tokens import iid_excluding, sample_distinct, sample_iid
 
 SPLITS = ("fewshot_holdout", "no_support", "train")
 
 
-class BurstyClassesSpec(TaskSpec):
+class BurstyClassesSpec(HeldOutClassesSpec):
     kind: Literal["bursty_classes"] = "bursty_classes"
-    n_classes: int = Field(1600, ge=2, description="training classes, each with a fixed label")
-    n_labels: int | None = Field(None, ge=2, description="default: n_classes (one label per class)")
     n_holdout_classes: int = Field(10, ge=2, description="classes only the fewshot_holdout split uses")
-    n_exemplars: int = Field(20, ge=1, description="fixed exemplars per class")
-    dim: int = Field(64, ge=1, description="exemplar vector size")
-    design: Design = "relu_lowrank"
-    latent_dim: int = Field(16, ge=1)
-    scale: float | None = Field(None, gt=0, description="default: 1 isotropic, else 2")
-    noise: float = Field(0.1, ge=0, description="within-class noise ε")
-    context_pairs: int = Field(8, ge=2, description="N: exemplar-label pairs before the query")
     bursty_frac: float = Field(0.9, ge=0, le=1, description="p_bursty")
     bursty_classes: int = Field(2, ge=1, description="classes in a bursty block (ways)")
     shots: int = Field(3, ge=1, description="items per bursty class in training")
     zipf: float = Field(0.0, ge=0, description="α: class weights ∝ rank^-α")
 
-    def static_bytes(self) -> int:
-        bank = (self.n_classes + self.n_holdout_classes) * self.n_exemplars * max(self.dim, self.latent_dim)
-        return 4 * 2 * bank
-
     @model_validator(mode="after")
     def _consistent(self) -> BurstyClassesSpec:
-        if self.scale is None:
-            object.__setattr__(self, "scale", default_scale(self.design))
-        if self.n_labels is None:
-            object.__setattr__(self, "n_labels", self.n_classes)
         N, ways = self.context_pairs, self.bursty_classes
         if ways * self.shots > N:
             raise SpecError("shots", f"a bursty block of bursty_classes × shots = {ways} × {self.shots} does not "
@@ -67,13 +50,6 @@ class BurstyClassesSpec(TaskSpec):
             raise SpecError("context_pairs", f"the fewshot_holdout split fills the context with {ways} classes, so "
                             f"context_pairs ({N}) must be a multiple of bursty_classes ({ways}).",
                             f"use context_pairs = {(N // ways + 1) * ways}.")
-        if self.n_labels > self.n_classes:
-            raise SpecError("n_labels", f"n_labels ({self.n_labels}) exceeds n_classes ({self.n_classes}); labels "
-                            "are fixed per class.", "use n_labels <= n_classes.")
-        if self.n_classes % self.n_labels:
-            raise SpecError("n_classes", f"n_classes ({self.n_classes}) must be a multiple of n_labels "
-                            f"({self.n_labels}) for a balanced class→label map.",
-                            "choose n_classes as a multiple of n_labels.")
         if ways > min(self.n_holdout_classes, self.n_classes, self.n_labels):
             raise SpecError("bursty_classes", f"bursty_classes ({ways}) exceeds the classes or labels available.",
                             "use n_holdout_classes, n_classes and n_labels >= bursty_classes.")

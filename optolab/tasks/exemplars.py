@@ -6,6 +6,9 @@ Rules (ANCHORS §7):
 - ``relu_lowrank`` (scale 2): ``scale · relu(W z)`` with a ``latent_dim``-dim latent and a fixed
   ``W ~ N(0, 1/r)``; ``lowrank``: without the relu; ``relu``: ``scale · relu(g)`` with
   ``g ~ N(0, I/D)``; ``isotropic`` (scale 1): ``scale · g``.
+- :class:`HeldOutClassesSpec` is the spec of tasks over a bank of classes with fixed labels
+  (class k → label k mod ``n_labels``) and held-out classes; each task's spec adds its own
+  fields and may change the shared fields' defaults and bounds.
 - :func:`exemplar_label_batch` lays out ``x1 l1 … xN lN q`` batches with the loss at the query
   and the label-token metadata the measures use; the ``classes`` it gets define what matches.
 - The bank is a pure function of its arguments and the generator's state; the order of draws
@@ -20,9 +23,11 @@ from typing import ClassVar, Literal
 
 import torch
 from jaxtyping import Float
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from optolab.tasks.base import IGNORE, Batch, Holdout, ModelIO, Task, rng
+from optolab.core.errors import SpecError
+from optolab.tasks.base import IGNORE, Batch, Holdout, ModelIO, Task, TaskSpec, rng
 
 Design = Literal["relu_lowrank", "lowrank", "relu", "isotropic"]
 
@@ -48,6 +53,40 @@ def exemplar_bank(g: torch.Generator, *, n_classes: int, n_exemplars: int, dim: 
     return (scale * x).contiguous()
 
 
+class HeldOutClassesSpec(TaskSpec):
+    """The exemplar bank and the class → label map shared by fixed-label tasks with held-out
+    classes (see the module rules)."""
+
+    n_classes: int = Field(1600, ge=2, description="training classes, each with a fixed label")
+    n_labels: int | None = Field(None, ge=2, description="default: n_classes (one label per class)")
+    n_holdout_classes: int = Field(10, ge=2, description="classes only the held-out splits use")
+    n_exemplars: int = Field(20, ge=1, description="fixed exemplars per class")
+    dim: int = Field(64, ge=1, description="exemplar vector size")
+    design: Design = "relu_lowrank"
+    latent_dim: int = Field(16, ge=1)
+    scale: float | None = Field(None, gt=0, description="default: 1 isotropic, else 2")
+    noise: float = Field(0.1, ge=0, description="within-class noise ε")
+    context_pairs: int = Field(8, ge=2, description="N: exemplar-label pairs before the query")
+
+    def static_bytes(self) -> int:
+        return 4 * 2 * (self.n_classes + self.n_holdout_classes) * self.n_exemplars * max(self.dim, self.latent_dim)
+
+    @model_validator(mode="after")
+    def _bank(self) -> HeldOutClassesSpec:
+        if self.scale is None:
+            object.__setattr__(self, "scale", default_scale(self.design))
+        if self.n_labels is None:
+            object.__setattr__(self, "n_labels", self.n_classes)
+        if self.n_labels > self.n_classes:
+            raise SpecError("n_labels", f"n_labels ({self.n_labels}) exceeds n_classes ({self.n_classes}); labels "
+                            "are fixed per class.", "use n_labels <= n_classes.")
+        if self.n_classes % self.n_labels:
+            raise SpecError("n_classes", f"n_classes ({self.n_classes}) must be a multiple of n_labels "
+                            f"({self.n_labels}) for a balanced class→label map.",
+                            "choose n_classes as a multiple of n_labels.")
+        return self
+
+
 class ExemplarLabelTask(Task):
     """A task of ``x1 l1 … xN lN q`` sequences: its spec has ``context_pairs`` (N), ``dim`` and
     ``n_labels``, and the model predicts one of ``n_labels`` at the query."""
@@ -61,8 +100,7 @@ class ExemplarLabelTask(Task):
 class HeldOutClassesTask(ExemplarLabelTask):
     """An exemplar–label task over ``n_classes`` training classes with fixed labels (class k →
     label k mod ``n_labels``) and ``n_holdout_classes`` more that only :attr:`HOLDOUT_SPLITS` show;
-    its spec also has the bank's fields (``n_exemplars``, ``design``, ``latent_dim``, ``noise``,
-    ``scale``, ``task_seed``)."""
+    its spec is a :class:`HeldOutClassesSpec`."""
 
     HOLDOUT_SPLITS: ClassVar[tuple[str, ...]] = ()
 

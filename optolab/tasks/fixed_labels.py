@@ -46,43 +46,24 @@ import torch
 from pydantic import Field, model_validator
 
 from optolab.core.errors import SpecError
-from optolab.tasks.base import Batch, TaskSpec, rng
-from optolab.tasks.exemplars import Design, HeldOutClassesTask, default_scale, exemplar_label_batch
+from optolab.tasks.base import Batch, rng
+from optolab.tasks.exemplars import HeldOutClassesSpec, HeldOutClassesTask, exemplar_label_batch
 
 SPLITS = ("icl", "flip_icl", "iwl", "ciwl", "icl_mq", "train")
 
 
-class FixedLabelsSpec(TaskSpec):
+class FixedLabelsSpec(HeldOutClassesSpec):
     kind: Literal["fixed_labels"] = "fixed_labels"
     n_classes: int = Field(12800, ge=3, description="training classes, each with a fixed label")
     n_labels: int | None = Field(None, ge=3, description="default: n_classes (one label per class)")
     n_holdout_classes: int = Field(100, ge=2, description="classes only the icl splits use")
     n_exemplars: int = Field(20, ge=2, description="fixed exemplars per class")
-    dim: int = Field(64, ge=1, description="exemplar vector size")
-    design: Design = "relu_lowrank"
-    latent_dim: int = Field(16, ge=1)
-    scale: float | None = Field(None, gt=0, description="default: 1 isotropic, else 2")
-    noise: float = Field(0.1, ge=0, description="within-class noise ε")
     context_pairs: int = Field(2, ge=2, description="N: exemplar-label pairs before the query")
     match_query: bool = Field(False, description="MQ data: the query is the context's exemplar of its class")
 
-    def static_bytes(self) -> int:
-        return 4 * 2 * (self.n_classes + self.n_holdout_classes) * self.n_exemplars * max(self.dim, self.latent_dim)
-
     @model_validator(mode="after")
     def _consistent(self) -> FixedLabelsSpec:
-        if self.scale is None:
-            object.__setattr__(self, "scale", default_scale(self.design))
-        if self.n_labels is None:
-            object.__setattr__(self, "n_labels", self.n_classes)
         N = self.context_pairs
-        if self.n_labels > self.n_classes:
-            raise SpecError("n_labels", f"n_labels ({self.n_labels}) exceeds n_classes ({self.n_classes}); labels "
-                            "are fixed per class.", "use n_labels <= n_classes.")
-        if self.n_classes % self.n_labels:
-            raise SpecError("n_classes", f"n_classes ({self.n_classes}) must be a multiple of n_labels "
-                            f"({self.n_labels}) for a balanced class→label map.",
-                            "choose n_classes as a multiple of n_labels.")
         if N + 1 > self.n_labels:
             raise SpecError("context_pairs", f"the iwl split needs {N + 1} distinct labels (context_pairs + 1) but "
                             f"n_labels is {self.n_labels}.", "raise n_labels or lower context_pairs.")

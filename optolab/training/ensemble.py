@@ -270,7 +270,7 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     books: list[RunBook] = []
     try:
         for p, o, e in zip(protocols, outs, evals):
-            books.append(RunBook(p, o, task, cfg, e, device))
+            books.append(RunBook(p, o, task, cfg, e, device, data=source))
     except BaseException:  # one member's directory refused: release the others'
         for b in books:
             b.release()

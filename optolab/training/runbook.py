@@ -44,7 +44,6 @@ from optolab.model.checkpoint import (
     save_checkpoint,
 )
 from optolab.model.forward import Forward, PlainForward
-from optolab.protocol.data_schedule import train_data
 from optolab.protocol.schema import Protocol
 from optolab.tasks import Task
 from optolab.training import per_example
@@ -56,7 +55,10 @@ from optolab.training.trackers import require as require_trackers
 
 class RunBook:
     def __init__(self, protocol: Protocol, out: str | Path, task: Task, cfg, forward: Forward,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), data=None) -> None:
+        """``data``: what the training loop draws its batches from (the task, or the protocol's
+        data schedule: :func:`~optolab.protocol.data_schedule.train_data`; default: the task).
+        Measures that run at checkpoints sample from it."""
         self.protocol, self.task, self.forward, self.device = protocol, task, forward, device
         self.run = RunDir(out)
         resolved = protocol.resolved()
@@ -73,7 +75,7 @@ class RunBook:
             self.lock.release()
             raise
         self.cfg = cfg
-        self.data = train_data(protocol, task) if self.at_ckpt else task  # what the LLC samples from
+        self.data = task if data is None else data
         self.evals = EvalSet.build(task, protocol.measures, protocol.seeds.eval, cfg.n_ctx, device)
         self.total = protocol.train.total_steps
         self.bs = protocol.train.batch_size

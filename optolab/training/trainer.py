@@ -115,8 +115,8 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     forward = forward or make_forward(protocol, task, cfg, device)
     if isinstance(forward, CompiledForward):
         fresh_caches()
-    book = RunBook(protocol, out, task, cfg, forward, device)
     source = train_data(protocol, task)  # the task itself, or the data schedule's batches
+    book = RunBook(protocol, out, task, cfg, forward, device, data=source)
     model = build_model(cfg, protocol.seeds.init).to(device)  # initialised on the CPU: the same weights everywhere
     optimizer = make_optimizer(protocol, model)
     total, bs = book.total, book.bs
