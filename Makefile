@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Pinned so pip takes the CPU wheel; pyproject keeps an open range for users elsewhere.
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test bench bench-train bench-clamps bench-generators bench-ensemble bench-soak bench-t4 bench-speed bench-compile gpu-check install clean
+.PHONY: demo test bench bench-train bench-clamps bench-generators bench-ensemble bench-soak bench-t4 bench-speed bench-eval bench-compile gpu-check install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -52,6 +52,10 @@ bench-t4: $(STAMP)
 bench-speed: $(STAMP)
 	test -x /tmp/jaxenv/bin/python || (python3 -m venv /tmp/jaxenv && /tmp/jaxenv/bin/pip install --quiet jax numpy)
 	$(BIN)/python benchmarks/speed_table.py
+
+# What one evaluation costs, torch's product (MKL) against oneDNN's, side by side.
+bench-eval: $(STAMP)
+	$(BIN)/python benchmarks/eval_cost.py
 
 # What a cold compile costs and where compile: auto draws the line.
 bench-compile: $(STAMP)

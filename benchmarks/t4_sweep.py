@@ -43,6 +43,11 @@ def main() -> None:
         wall = time.perf_counter() - t
         jobs = json.loads((out / "sweep.json").read_text())["invocations"][-1]["jobs"]
         times = defaultdict(list)
+        walls = []  # each job's training loop (its members share it) and its members' evals
+        for job in jobs:
+            metas = [json.loads((out / rid / "meta.json").read_text()) for rid in job]
+            walls.append((job[0].rsplit("_s", 1)[0], len(job), metas[0]["wall_time_s"],
+                          sum(seg["eval_time_s"] for meta in metas for seg in meta["segments"])))
         for summary in out.glob("*/summary.json"):
             s = json.loads(summary.read_text())
             reached = s.get("time_to_loss_0.5")
@@ -51,6 +56,8 @@ def main() -> None:
     print(f"T4 sweep (18 runs x 6e5 sequences, {args.workers} workers): {wall / 60:.2f} min wall   [target <= 5 min]")
     print(f"peak RSS of one process: {rss:.0f} MiB")
     print("jobs (runs trained together):", "  ".join("+".join(job) for job in jobs))
+    for first, n, wall, evals in walls:
+        print(f"  job of {n} ({first}, ...): {wall:.0f} s in the training loop, of which evals {evals:.0f} s")
     for cond, ts in sorted(times.items()):
         found = [t for t in ts if t is not None]
         med = f"{statistics.median(found):.3g}" if found else "not reached"

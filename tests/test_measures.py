@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from optolab.measures import (
@@ -218,3 +219,21 @@ def test_per_example_losses_round_trip_and_a_resumed_run_keeps_the_same_arrays(t
     train(validate_protocol(data), tmp_path / "cut", progress=False)
     s2, _, a2 = per_example.load(tmp_path / "cut")
     assert list(s2) == list(steps) and all(np.array_equal(a2[k], arrays[k]) for k in arrays)
+
+
+@pytest.mark.parametrize("final_ln", [True, False])
+def test_in_context_copying_logits_equal_the_direct_computation(final_ln):
+    """The copying score's per-head logits, taken through the final LayerNorm as forms of the
+    head's values, equal ln_final(v W_O) W_U computed directly."""
+    from optolab.measures.builtin.icl_copying import head_logits
+
+    model = build_model(tiny_config(final_ln=final_ln, n_heads=4, d_model=16, d_head=4), 3)
+    if final_ln:  # a LayerNorm that is not the identity at init
+        with torch.no_grad():
+            model.ln_final.w.mul_(1.5)
+            model.ln_final.b.add_(0.2)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(50, 3, 4, 4, generator=g) * 3
+    W_O = model.blocks[1].attn.W_O
+    direct = model.ln_final(torch.einsum("bnhe,hed->bnhd", v, W_O)) @ model.W_U
+    torch.testing.assert_close(head_logits(model, W_O, v), direct, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from nnsight import NNsight
 
+from optolab.model import kernels
 from optolab.model.kernels import apply_rotary, causal_softmax, per_head_mix, per_head_scores, rotary_table
 from optolab.model.transformer import HookPoint, build_model
 from tests.conftest import tiny_config
@@ -174,3 +175,40 @@ def test_bad_shapes_are_refused_with_the_field_named():
 
     with pytest.raises(OptolabError, match="model.d_head"):
         tiny_config(d_head=3).validate()
+
+
+@pytest.mark.skipif(not kernels.ONEDNN, reason="torch built without oneDNN")
+def test_weight_products_use_onednn_only_without_gradients():
+    """Evaluations take oneDNN's product (float rounding away from torch's); anything with
+    gradients takes torch's own product bit for bit, so training does not depend on it."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(300, 2, 64, generator=g), torch.randn(64, 48, generator=g)
+    with torch.no_grad():
+        fast = kernels.product(x, w)
+        assert kernels._use_onednn(x, w) and not kernels._use_onednn(x[:10], w)  # few rows: torch's
+        assert torch.equal(kernels.product(x[:10], w), x[:10] @ w)
+    torch.testing.assert_close(fast, x @ w, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast, kernels.onednn_product(x.reshape(-1, 64), w).view(300, 2, 48))  # deterministic
+    xg = x.clone().requires_grad_(True)
+    assert not kernels._use_onednn(xg, w) and torch.equal(kernels.product(xg, w), x @ w)
+    assert not kernels._use_onednn(x.double(), w.double())
+
+
+@pytest.mark.skipif(not kernels.ONEDNN, reason="torch built without oneDNN")
+def test_a_model_evaluates_through_onednn_within_float_rounding(monkeypatch):
+    cfg = tiny_config(**CONFIGS["tokens-learned-mlp"])
+    model = build_model(cfg, 0)
+    (tokens,) = inputs_for(cfg, batch=400)
+    calls = []
+    real = kernels.onednn_product
+    monkeypatch.setattr(kernels, "onednn_product", lambda x, w: calls.append(x.shape) or real(x, w))
+    with torch.no_grad():
+        fast = model(tokens)
+        assert len(calls) == 2 * (3 + 2) + 1  # per layer Q, K, V, W_in, W_out; the unembedding
+        monkeypatch.setattr(kernels, "ONEDNN", False)
+        plain = model(tokens)
+    assert len(calls) == 11
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    logits = model(tokens)  # with gradients: torch's product, bit for bit what it was
+    monkeypatch.setattr(kernels, "ONEDNN", True)
+    assert torch.equal(model(tokens), logits) and len(calls) == 11

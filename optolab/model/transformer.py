@@ -42,6 +42,8 @@ class HookPoint(nn.Module):
 
 
 class LayerNorm(nn.Module):
+    eps = 1e-5
+
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.ones(d_model))
@@ -49,7 +51,7 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.hook_normalized(F.layer_norm(x, x.shape[-1:], self.w, self.b, eps=1e-5))
+        return self.hook_normalized(F.layer_norm(x, x.shape[-1:], self.w, self.b, eps=self.eps))
 
 
 class Attention(nn.Module):
@@ -95,9 +97,9 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, n, d = x.shape
         h, e = cfg.n_heads, cfg.d_head
-        q = (x @ self.W_Q.view(d, h * e)).view(b, n, h, e)
-        k = (x @ self.W_K.view(d, h * e)).view(b, n, h, e)
-        v = (x @ self.W_V.view(d, h * e)).view(b, n, h, e)
+        q = kernels.product(x, self.W_Q.view(d, h * e)).view(b, n, h, e)
+        k = kernels.product(x, self.W_K.view(d, h * e)).view(b, n, h, e)
+        v = kernels.product(x, self.W_V.view(d, h * e)).view(b, n, h, e)
         if cfg.qkv_bias:
             q, k, v = q + self.b_Q, k + self.b_K, v + self.b_V
         if cfg.smeared_keys:
@@ -132,9 +134,9 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(x @ self.W_in + self.b_in)
+        pre = self.hook_pre(kernels.product(x, self.W_in) + self.b_in)
         post = self.hook_post(F.gelu(pre))
-        return post @ self.W_out + self.b_out
+        return kernels.product(post, self.W_out) + self.b_out
 
 
 class Block(nn.Module):
@@ -187,7 +189,7 @@ class Transformer(nn.Module):
             return self.W_E[x]
         if labels is None:
             raise ValueError("exemplar_label models take forward(exemplars, labels)")
-        ex: Float[Tensor, "batch n_ex d_model"] = x @ self.W_X + self.b_X
+        ex: Float[Tensor, "batch n_ex d_model"] = kernels.product(x, self.W_X) + self.b_X
         lab: Float[Tensor, "batch n_lab d_model"] = self.W_L[labels]
         n_lab = lab.shape[1]
         pairs = einops.rearrange(torch.stack([ex[:, :n_lab], lab], dim=2), "b n two d -> b (n two) d")
@@ -201,7 +203,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of length {resid.shape[1]} exceeds n_ctx={self.cfg.n_ctx}")
         for block in self.blocks:
             resid = block(resid)
-        logits = self.ln_final(resid) @ self.W_U
+        logits = kernels.product(self.ln_final(resid), self.W_U)
         return logits + self.b_U if self.cfg.unembed_bias else logits
 
     # --- introspection -----------------------------------------------------------------

@@ -110,6 +110,16 @@ def _batch_fields(batch: Batch) -> tuple[dict[str, Tensor], dict]:
     return tensors, rest
 
 
+def _draw(source, seeds: list[int], step: int, bs: int) -> list[Batch]:
+    """Each member's training batch. Members with one data seed (a condition sweep's runs of one
+    seed) share it: a batch is a function of (seed, step) alone, and stacking copies it."""
+    drawn: dict[int, Batch] = {}
+    for seed in seeds:
+        if seed not in drawn:
+            drawn[seed] = source.train_batch(seed, step, bs)
+    return [drawn[seed] for seed in seeds]
+
+
 def _stack_batches(batches: list[Batch]) -> tuple[dict[str, Tensor], dict, int]:
     fields = [_batch_fields(b)[0] for b in batches]
     return {k: torch.stack([f[k] for f in fields]) for k in fields[0]}, _batch_fields(batches[0])[1], \
@@ -301,6 +311,7 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     if compiled:
         fresh_caches()
     S = len(protocols)
+    data_seeds = [p.seeds.data for p in protocols]
 
     alive = [True] * S
     failed: dict[int, RunFailed] = {}
@@ -327,7 +338,7 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
                             guard(i, b.at_step, step, m, o, shared)
                 if step >= total or (stop_after is not None and step >= stop_after) or not any(alive):
                     break
-                batches = [source.train_batch(p.seeds.data, step, bs) for p in protocols]
+                batches = _draw(source, data_seeds, step, bs)
                 tensors, rest, n_inputs = to_device(_stack_batches(batches), device)  # one move per step
 
                 keys = torch.stack([call_key(p.seeds.init, p.seeds.data, step, True) for p in protocols]).to(device)
