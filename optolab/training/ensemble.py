@@ -58,6 +58,7 @@ from optolab.protocol.data_schedule import train_data
 from optolab.protocol.schema import Protocol
 from optolab.tasks import IGNORE, make_task
 from optolab.tasks.base import Batch
+from optolab.training.batches import Batches
 from optolab.training.compiled import (
     CallKeys,
     CompiledForward,
@@ -108,16 +109,6 @@ def _batch_fields(batch: Batch) -> tuple[dict[str, Tensor], dict]:
     tensors.update({f"inputs.{i}": t for i, t in enumerate(batch.inputs)})
     rest = {k: v for k, v in vars(batch).items() if k not in tensors and k != "inputs"}
     return tensors, rest
-
-
-def _draw(source, seeds: list[int], step: int, bs: int) -> list[Batch]:
-    """Each member's training batch. Members with one data seed (a condition sweep's runs of one
-    seed) share it: a batch is a function of (seed, step) alone, and stacking copies it."""
-    drawn: dict[int, Batch] = {}
-    for seed in seeds:
-        if seed not in drawn:
-            drawn[seed] = source.train_batch(seed, step, bs)
-    return [drawn[seed] for seed in seeds]
 
 
 def _stack_batches(batches: list[Batch]) -> tuple[dict[str, Tensor], dict, int]:
@@ -311,7 +302,7 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     if compiled:
         fresh_caches()
     S = len(protocols)
-    data_seeds = [p.seeds.data for p in protocols]
+    draw = Batches(source, [p.seeds.data for p in protocols], bs, total)
 
     alive = [True] * S
     failed: dict[int, RunFailed] = {}
@@ -338,7 +329,7 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
                             guard(i, b.at_step, step, m, o, shared)
                 if step >= total or (stop_after is not None and step >= stop_after) or not any(alive):
                     break
-                batches = _draw(source, data_seeds, step, bs)
+                batches = draw(step)
                 tensors, rest, n_inputs = to_device(_stack_batches(batches), device)  # one move per step
 
                 keys = torch.stack([call_key(p.seeds.init, p.seeds.data, step, True) for p in protocols]).to(device)

@@ -40,6 +40,7 @@ from optolab.protocol.data_schedule import train_data
 from optolab.protocol.schema import Protocol
 from optolab.tasks import IGNORE, Task, make_task
 from optolab.tasks.base import Batch
+from optolab.training.batches import Batches
 from optolab.training.compiled import CompiledForward, fresh_caches, require_compiler
 from optolab.training.compiled_step import CompiledStep
 from optolab.training.runbook import RunBook, eager_forward
@@ -130,6 +131,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
                desc=protocol.name, mininterval=0.5)
     model.train()
+    draw = Batches(source, [protocol.seeds.data], bs, total)
     cast = autocast(device, t.precision)
     try:
         with numerics(device, t.precision, t.deterministic, t.flush_denormals):
@@ -138,7 +140,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
                     bar.set_postfix({f"{task.main_split} loss": f"{book.last_loss:.3f}"}, refresh=False)
                 if step >= total or (stop_after is not None and step >= stop_after):
                     break
-                batch = source.train_batch(protocol.seeds.data, step, bs).to_device(device)
+                batch = draw(step)[0].to_device(device)
                 with cast:
                     loss = update(batch, step)
                 book.check_loss(step, loss)
