@@ -192,6 +192,8 @@ def test_weight_products_use_onednn_only_without_gradients():
     xg = x.clone().requires_grad_(True)
     assert not kernels._use_onednn(xg, w) and torch.equal(kernels.product(xg, w), x @ w)
     assert not kernels._use_onednn(x.double(), w.double())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels._use_onednn(x, w) and kernels.product(x, w).dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(not kernels.ONEDNN, reason="torch built without oneDNN")

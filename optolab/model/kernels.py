@@ -71,7 +71,8 @@ def _(x: Tensor, w: Tensor) -> Tensor:
 
 def _use_onednn(x: Tensor, w: Tensor) -> bool:
     if (torch.is_grad_enabled() or not ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32
-            or w.dtype != torch.float32 or w.dim() != 2 or x.numel() < ONEDNN_MIN_ROWS * x.shape[-1]):
+            or w.dtype != torch.float32 or w.dim() != 2 or x.numel() < ONEDNN_MIN_ROWS * x.shape[-1]
+            or torch.is_autocast_enabled("cpu")):  # under autocast the product is autocast's (bf16)
         return False
     # compiled graphs are never traced under vmap without gradients; dynamo cannot read a ContextVar
     return torch.compiler.is_compiling() or not PLAIN_KERNELS.get()
