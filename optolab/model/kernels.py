@@ -17,6 +17,7 @@ Rules:
 from __future__ import annotations
 
 import contextvars
+import platform
 
 import torch
 from jaxtyping import Float
@@ -92,7 +93,9 @@ SHORT_ROW_KEYS = 8
 # over members and the extra arithmetic (and strided copies) dominate. The ensemble trainer sets
 # this for the duration of its training steps (optolab.training.ensemble); nothing else changes it.
 PLAIN_KERNELS: contextvars.ContextVar[bool] = contextvars.ContextVar("optolab_plain_kernels", default=False)
-ONEDNN = torch.backends.mkldnn.is_available()
+# measured on x86-64 only (AVX-512); elsewhere torch's own product stays
+ONEDNN = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+          and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def fused_heads_product(z: Float[Tensor, "batch pos head d_head"], W_O: Tensor) -> Float[Tensor, "batch pos d_model"]:
