@@ -12,7 +12,7 @@ import yaml
 from optolab.cli import main
 from optolab.core.errors import OptolabError
 from optolab.protocol.loader import load_protocol, protocol_from_resolved
-from optolab.tasks import registry
+from optolab.tasks import BUILTIN, make_task, registry, task_class
 
 from .conftest import ROOT, write_protocol
 
@@ -150,3 +150,12 @@ def test_tasks_check_reports_a_missing_file_in_one_line(capsys, tmp_path):
 def test_api_validates_a_task_dict_too():
     with pytest.raises(OptolabError, match="unknown task kind"):
         registry.validate_task_spec({"kind": "nope"})
+
+
+@pytest.mark.parametrize("kind", sorted(BUILTIN))
+def test_every_builtin_task_refuses_an_unknown_split_naming_its_own(kind):
+    task = make_task(task_class(kind).Spec())
+    with pytest.raises(KeyError) as e:
+        task.eval_batch("no_such_split", 0, 4)
+    assert kind in str(e.value) and all(split in str(e.value) for split in task.eval_splits)
+    task.check_split(task.eval_splits[0])  # a real split passes

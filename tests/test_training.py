@@ -14,6 +14,12 @@ from optolab.protocol.loader import protocol_from_resolved, validate_protocol
 from optolab.training.trainer import train
 from tests.conftest import fewshot_protocol, repeat_protocol
 
+# The learning tests' thresholds were set on one seed's CPU trajectory. These tiny runs at high
+# learning rates diverge chaotically under another device's rounding (on an H200 both missed their
+# thresholds while the 31,250-step main protocol matched the CPU to 6e-6), so they train on the CPU
+# wherever the suite runs; benchmarks/gpu_check.py compares learning on a GPU at full scale.
+CPU_TRAJECTORY = "cpu"
+
 
 def metrics(run_dir) -> pd.DataFrame:
     return optolab.open_run(run_dir).metrics.sort_values(
@@ -102,6 +108,7 @@ def test_repeat_token_model_learns_an_induction_head(tmp_path):
     data = repeat_protocol(steps=300, lr=3e-3)
     data["model"]["positional"] = "rope"
     data["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": 300}}
+    data["train"]["device"] = CPU_TRAJECTORY
     data["measures"] = {"schedule": {"unit": "steps", "every": 100}, "eval_sequences": 128}
     run = train(validate_protocol(data), tmp_path / "r", progress=False)
     df = run.run_dir.metrics()
@@ -123,7 +130,7 @@ def test_fewshot_phase_change_plateau_then_drop_with_induction_rising_in_the_sam
     second layer's induction strength rises exactly when the loss drops."""
     data = {"name": "fs", "task": {"kind": "fewshot", "dim": 64},
             "model": {"n_layers": 2, "n_heads": 4, "d_model": 32},
-            "train": {"lr": 1e-3, "batch_size": 32, "steps": 600,
+            "train": {"lr": 1e-3, "batch_size": 32, "steps": 600, "device": CPU_TRAJECTORY,
                       "checkpoints": {"schedule": {"unit": "steps", "every": 600}}},
             "measures": {"schedule": {"unit": "steps", "every": 25}, "eval_sequences": 200}}
     run = train(validate_protocol(data), tmp_path / "r", progress=False)

@@ -146,6 +146,11 @@ class Task(ABC):
     @abstractmethod
     def eval_batch(self, split: str, seed: int, n: int) -> Batch: ...
 
+    def check_split(self, split: str) -> None:
+        """Raise ``KeyError`` naming the task's splits unless ``split`` is one of them."""
+        if split not in self.eval_splits:
+            raise KeyError(f"unknown split {split!r}; {self.kind} has {self.eval_splits}")
+
     def reference_losses(self) -> dict[str, float]:
         """Named loss levels that plots draw as horizontal lines (e.g. chance)."""
         return {}

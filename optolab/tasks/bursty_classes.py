@@ -86,8 +86,7 @@ class BurstyClassesTask(HeldOutClassesTask):
         return self._sample(rng(seed, 101, step), batch_size, "train")
 
     def eval_batch(self, split: str, seed: int, n: int) -> Batch:
-        if split not in SPLITS:
-            raise KeyError(f"unknown split {split!r}; bursty_classes has {SPLITS}")
+        self.check_split(split)
         return self._sample(rng(seed, 202, SPLITS.index(split)), n, split)
 
     def _block(self, g: torch.Generator, b: int, probs: torch.Tensor, shots: int

@@ -167,8 +167,7 @@ class FewshotTask(ExemplarLabelTask):
             "fsl_train_valex": ("train", "heldout", "train"),
             "fsl_test_class": ("test", "first", "train"),
         }
-        if split not in self.eval_splits:
-            raise KeyError(f"unknown split {split!r}; this fewshot task has {self.eval_splits}")
+        self.check_split(split)
         classes, exemplars, labels = how[split]
         return self._sample(rng(seed, 202, SPLITS.index(split)), n, classes=classes,
                             exemplars=exemplars, labels=labels)

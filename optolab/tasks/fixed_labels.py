@@ -127,8 +127,7 @@ class FixedLabelsTask(HeldOutClassesTask):
         return self._sample(rng(seed, 101, step), batch_size, "train")
 
     def eval_batch(self, split: str, seed: int, n: int) -> Batch:
-        if split not in SPLITS:
-            raise KeyError(f"unknown split {split!r}; fixed_labels has {SPLITS}")
+        self.check_split(split)
         return self._sample(rng(seed, 202, SPLITS.index(split)), n, split)
 
     def _sample(self, g: torch.Generator, b: int, split: str) -> Batch:

@@ -125,8 +125,7 @@ class GaussianICLTask(ExemplarLabelTask):
         return self._sample(rng(seed, 101, step), batch_size, "train")
 
     def eval_batch(self, split: str, seed: int, n: int) -> Batch:
-        if split not in SPLITS:
-            raise KeyError(f"unknown split {split!r}; gaussian_icl has {SPLITS}")
+        self.check_split(split)
         return self._sample(rng(seed, 202, SPLITS.index(split)), n, split)
 
     def _bursty_classes(self, g: torch.Generator, b: int, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,8 +92,7 @@ class MarkovICLTask(Task):
         return self._sample(rng(seed, 101, step), batch_size)
 
     def eval_batch(self, split: str, seed: int, n: int) -> Batch:
-        if split != "val":
-            raise KeyError(f"unknown split {split!r}; markov_icl has ('val',)")
+        self.check_split(split)
         batch = self._sample(rng(seed, 202, 0), n)
         query = batch.targets != IGNORE
         batch.induction_targets = induction_targets_from_tokens(batch.tokens, query, self.spec.order)

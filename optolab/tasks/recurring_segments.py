@@ -40,8 +40,8 @@ import torch
 from pydantic import Field, model_validator
 
 from optolab.core.errors import SpecError
-from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
-from optolab.tasks.tokens import induction_targets_from_tokens
+from optolab.tasks.base import IGNORE, Batch, TaskSpec, rng
+from optolab.tasks.tokens import NextTokenTask, induction_targets_from_tokens, next_token_targets
 
 SPLITS = ("val", "copies")
 
@@ -80,7 +80,7 @@ class RecurringSegmentsSpec(TaskSpec):
         return 8 * self.n_tokens * self.n_tokens
 
 
-class RecurringSegmentsTask(Task):
+class RecurringSegmentsTask(NextTokenTask):
     """Recurring segments on a Markov background: noisy copies at random gaps, next-token loss."""
 
     kind = "recurring_segments"
@@ -94,10 +94,6 @@ class RecurringSegmentsTask(Task):
         self.last_logits = spec.bigram_scale * torch.randn(V, V, generator=g, dtype=torch.float64)
         self.skip_logits = spec.skip_scale * torch.randn(V, V, generator=g, dtype=torch.float64)
 
-    def model_io(self) -> ModelIO:
-        s = self.spec
-        return ModelIO(input_mode="tokens", n_ctx=s.seq_len, d_out=s.n_tokens, d_vocab=s.n_tokens)
-
     @property
     def eval_splits(self) -> tuple[str, ...]:
         return SPLITS
@@ -105,9 +101,6 @@ class RecurringSegmentsTask(Task):
     @property
     def icl_splits(self) -> tuple[str, ...]:
         return ("copies",)
-
-    def token_probe_vocab(self) -> tuple[int, None]:
-        return self.spec.n_tokens, None
 
     @cached_property
     def _background_entropy(self) -> float:
@@ -127,8 +120,7 @@ class RecurringSegmentsTask(Task):
         return self._sample(rng(seed, 101, step), batch_size)
 
     def eval_batch(self, split: str, seed: int, n: int) -> Batch:
-        if split not in SPLITS:
-            raise KeyError(f"unknown split {split!r}; recurring_segments has {SPLITS}")
+        self.check_split(split)
         # both splits score the same sequences; a draw with no recurrence position at all (a tiny
         # context, a low copy_rate) would leave 'copies' without a target: the next stream is used
         for attempt in range(8):
@@ -188,7 +180,5 @@ class RecurringSegmentsTask(Task):
         recur = np.zeros((b, T), dtype=bool)
         recur[:, :-1] = (source[:, :-1] >= 0) & (source[:, 1:] >= 0) & (run[:, :-1] == run[:, 1:])
         tokens_t = torch.from_numpy(tokens)
-        targets = torch.full((b, T), IGNORE, dtype=torch.long)
-        targets[:, :-1] = tokens_t[:, 1:]
-        return Batch(inputs=(tokens_t,), targets=targets, tokens=tokens_t,
+        return Batch(inputs=(tokens_t,), targets=next_token_targets(tokens_t), tokens=tokens_t,
                      extra={"source": torch.from_numpy(source), "recurrence": torch.from_numpy(recur)})

@@ -96,8 +96,7 @@ class RepeatTokensTask(Task):
         return self._sample(rng(seed, 101, step), batch_size)
 
     def eval_batch(self, split: str, seed: int, n: int) -> Batch:
-        if split != "val":
-            raise KeyError(f"unknown split {split!r}; repeat_tokens has ('val',)")
+        self.check_split(split)
         return self._sample(rng(seed, 202, 0), n)
 
     def _sample(self, g: torch.Generator, b: int) -> Batch:

@@ -1,6 +1,9 @@
-"""Helpers for token-sequence tasks: sampling Markov chains fast, and induction metadata.
+"""Token-sequence tasks: their shared base, sampling Markov chains fast, and induction metadata.
 
 Rules:
+- :class:`NextTokenTask` is the base of tasks over ids ``0..n_tokens−1`` with no BOS, whose spec
+  has ``n_tokens`` and ``seq_len`` (the model's context) and whose loss is on the next token
+  (:func:`next_token_targets`; a task may then keep only some positions).
 - :func:`sample_chain` draws every sequence's next token for every possible state up front
   (one uniform per sequence and position, shared by all states, so each used draw is still an
   exact sample) and then walks the chain with one gather per position. Walking a chain is
@@ -19,6 +22,27 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from optolab.tasks.base import IGNORE, ModelIO, Task
+
+
+class NextTokenTask(Task):
+    """A task over token ids ``0..n_tokens−1`` (no BOS) with next-token loss; its spec has
+    ``n_tokens`` and ``seq_len``."""
+
+    def model_io(self) -> ModelIO:
+        s = self.spec
+        return ModelIO(input_mode="tokens", n_ctx=s.seq_len, d_out=s.n_tokens, d_vocab=s.n_tokens)
+
+    def token_probe_vocab(self) -> tuple[int, None]:
+        return self.spec.n_tokens, None
+
+
+def next_token_targets(tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """Each position's target is the next token; the last position, which has none, is ``IGNORE``."""
+    targets = torch.full_like(tokens, IGNORE)
+    targets[:, :-1] = tokens[:, 1:]
+    return targets
 
 
 def sample_chain(first: Int[Tensor, "batch"], next_table: Int[Tensor, "batch pos state"],

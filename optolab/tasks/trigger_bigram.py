@@ -27,9 +27,9 @@ import torch
 from pydantic import Field, model_validator
 
 from optolab.core.errors import SpecError
-from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
+from optolab.tasks.base import IGNORE, Batch, TaskSpec, rng
 from optolab.tasks.markov_icl import stationary
-from optolab.tasks.tokens import gamma, induction_targets_from_tokens, inverse_cdf
+from optolab.tasks.tokens import NextTokenTask, gamma, induction_targets_from_tokens, inverse_cdf, next_token_targets
 
 SPLITS = ("induction", "val")
 
@@ -55,7 +55,7 @@ class TriggerBigramSpec(TaskSpec):
         return self
 
 
-class TriggerBigramTask(Task):
+class TriggerBigramTask(NextTokenTask):
     """Trigger→output pairs on a bigram background (Bietti et al. 2023): next-token loss."""
 
     kind = "trigger_bigram"
@@ -79,10 +79,6 @@ class TriggerBigramTask(Task):
         self.unigram = stationary(self.bigram[None], V, 1).squeeze(0)
         self.frequent = self.unigram.argsort(descending=True)[: s.n_triggers]
 
-    def model_io(self) -> ModelIO:
-        s = self.spec
-        return ModelIO(input_mode="tokens", n_ctx=s.seq_len, d_out=s.n_tokens, d_vocab=s.n_tokens)
-
     @property
     def eval_splits(self) -> tuple[str, ...]:
         return SPLITS
@@ -98,9 +94,6 @@ class TriggerBigramTask(Task):
         return {f"ln {s.n_tokens} (uniform)": math.log(s.n_tokens),
                 "background bigram entropy": bigram_entropy}
 
-    def token_probe_vocab(self) -> tuple[int, None]:
-        return self.spec.n_tokens, None
-
     @cached_property
     def _unigram_cdf(self) -> torch.Tensor:
         return self.unigram.cumsum(0)
@@ -113,8 +106,7 @@ class TriggerBigramTask(Task):
         return self._with_outputs(lambda attempt: rng(seed, 101, step, *attempt), batch_size)
 
     def eval_batch(self, split: str, seed: int, n: int) -> Batch:
-        if split not in SPLITS:
-            raise KeyError(f"unknown split {split!r}; trigger_bigram has {SPLITS}")
+        self.check_split(split)
         if split != "induction" and self.spec.loss_on == "all":
             return self._sample(rng(seed, 202, SPLITS.index(split)), n)
         batch = self._with_outputs(lambda attempt: rng(seed, 202, SPLITS.index(split), *attempt), n)
@@ -160,9 +152,7 @@ class TriggerBigramTask(Task):
         output_of = torch.full((b, V), -1, dtype=torch.long).scatter_(1, trig, outputs)  # -1: not a trigger
         first = inverse_cdf(self._unigram_cdf, torch.rand(b, generator=g))
         tokens = _walk(first, pick, self.slot_table, output_of)  # [b, T]
-        targets = torch.full((b, T), IGNORE, dtype=torch.long)
-        targets[:, :-1] = tokens[:, 1:]
-        return Batch(inputs=(tokens,), targets=targets, tokens=tokens,
+        return Batch(inputs=(tokens,), targets=next_token_targets(tokens), tokens=tokens,
                      extra={"triggers": trig, "outputs": outputs})
 
 
