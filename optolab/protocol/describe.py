@@ -90,4 +90,3 @@ def _data_lines(p) -> list[str]:
         said.append(f"steps {ph.start:,}-{ph.stop:,} ({ph.start * bs:,}-{ph.stop * bs:,} sequences): {what}")
     return ["Training data (data schedule): " + "; ".join(said) + "; elsewhere the task above. "
             "Evaluations use the task above throughout."]
-

@@ -8,11 +8,12 @@ Rules:
   ``train.grad_clip``). Members with equal clamps share a *condition* (:func:`condition_key`).
   Each member keeps its own run directory, written by its own
   :class:`~optolab.training.runbook.RunBook`, exactly as if it had run alone.
-- Training: each member draws its own batch (``task.train_batch(seeds.data, step, …)``, or the
-  shared ``data`` schedule's batch for its data seed: the solo run's data); the forward pass is
+- Training: each member trains on the solo run's batch for its data seed
+  (``task.train_batch(seeds.data, step, …)``, or the shared ``data`` schedule's), drawn once per
+  distinct data seed and a few steps ahead (:mod:`optolab.training.batches`); the forward pass is
   ``torch.func.vmap`` over members of the model's own ``forward`` with the member's parameters
-  (``functional_call``), so every op runs once for all members. Clamps act through site hooks on a shared skeleton (:class:`~optolab.training.compiled.SiteDispatch`)
-  running one program per step: a condition's own program when all members share it, else the
+  (``functional_call``), so every op runs once for all members. Clamps act through site hooks on
+  a shared skeleton (:class:`~optolab.training.compiled.SiteDispatch`) running one program per step: a condition's own program when all members share it, else the
   union of the conditions' programs with each op gated to its condition's members
   (:mod:`optolab.clamps.union`). The loss is each member's mean, summed: members share no
   parameter, so each gets exactly its own gradient; Adam is elementwise, so the stacked update is
