@@ -78,8 +78,8 @@ def _read(path: Path, field: str, fix: str = READ_FIX) -> dict[str, torch.Tensor
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise OptolabError(f"'{Path(path).name}' is not a readable safetensors file (damaged or not a "
-                           f"checkpoint: {e}).", field=field, source=str(path), fix=fix) from None
+        raise OptolabError(f"'{path}' is not a readable safetensors file (damaged, or not a checkpoint: {e}).",
+                           field=field, fix=fix) from None
 
 
 def load_weights(path: Path, model: nn.Module, field: str = "--checkpoint", *,
@@ -100,13 +100,13 @@ def load_weights(path: Path, model: nn.Module, field: str = "--checkpoint", *,
     unexpected = set(state) - set(mine)
     if missing or unexpected:
         raise OptolabError(
-            f"checkpoint '{path.name}' does not fit this model (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}).", field=field, source=str(path), fix=mismatch_fix)
+            f"checkpoint '{path}' does not fit this model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}).", field=field, fix=mismatch_fix)
     for k, v in state.items():
         if v.shape != mine[k].shape:
-            raise OptolabError(f"checkpoint '{path.name}' does not fit this model: its tensor '{k}' has shape "
+            raise OptolabError(f"checkpoint '{path}' does not fit this model: its tensor '{k}' has shape "
                                f"{tuple(v.shape)}, the model expects {tuple(mine[k].shape)}.", field=field,
-                               source=str(path), fix=mismatch_fix)
+                               fix=mismatch_fix)
     model.load_state_dict(state)
 
 
@@ -183,8 +183,8 @@ def load_optimizer_state(weights: Path, model: nn.Module, optimizer: torch.optim
         name, _, entry = key.partition("::")
         p = params.get(name)
         if p is None or (entry in ("exp_avg", "exp_avg_sq") and value.shape != p.shape):
-            raise OptolabError(f"'{path.name}' does not fit this model (its entry '{key}' has shape "
-                               f"{tuple(value.shape)}).", field=field, source=str(path), fix=damaged_fix)
+            raise OptolabError(f"'{path}' does not fit this model (its entry '{key}' has shape "
+                               f"{tuple(value.shape)}).", field=field, fix=damaged_fix)
         entries.append((p, entry, value))
     on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     for p, entry, value in entries:

@@ -259,6 +259,8 @@ def validate_protocol(data: dict, *, source: str | None = None, lines: dict | No
         raise from_validation_error(e, source=source, lines=lines, model=Protocol) from None
     except OptolabError as e:
         raise e.located(source, lines) from None
+    if source is not None:
+        protocol._source = (source, lines)  # for what only a run can check (init_from's checkpoint)
     return protocol
 
 

@@ -111,7 +111,10 @@ class RunBook:
             self.loss_sum = torch.tensor(sidecar.get("train_loss_sum", 0.0), device=self.device)
             self.loss_n = sidecar.get("train_loss_n", 0)
         elif self.protocol.init_from is not None:
-            self.meta["init_from"] = init_from(self.protocol.init_from, model, optimizer)
+            try:
+                self.meta["init_from"] = init_from(self.protocol.init_from, model, optimizer)
+            except OptolabError as e:
+                raise self.protocol.locate(e) from None
         self._loaded = done
 
     def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
