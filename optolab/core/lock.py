@@ -10,6 +10,9 @@ Rules:
 - Within one process the lock is re-entrant (a run taken over by ``--overwrite`` keeps the lock
   while it deletes and trains); it is released when the last holder releases it, or when the
   process ends.
+- :func:`check_free` refuses a directory another process writes without taking the lock or
+  writing anything (a run probes before it reads the files it would resume from). A lock file
+  that cannot be opened is named as the culprit, not its folder, where the folder is writable.
 - Only directories are locked, and only by optolab: the lock never blocks readers
   (``optolab report``, ``open_run``, ``plot``).
 """
@@ -38,6 +41,32 @@ def holder(directory: str | Path) -> dict | None:
         return None
 
 
+def check_free(directory: str | Path, what: str = "run") -> None:
+    """Refuse (as :class:`DirLock` would) a directory another process is writing, without taking
+    its lock or writing anything: a run checks this before reading what the writer is changing."""
+    path = Path(directory) / LOCK_NAME
+    if os.path.realpath(path) in _held:
+        return
+    try:
+        f = open(path)  # noqa: SIM115 - closed below; read-only: nothing is created or changed
+    except OSError:
+        return  # no lock file (or none we may open): DirLock says why when the run takes it
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(Path(directory), what) from None
+    except OSError:
+        pass
+    finally:
+        f.close()
+
+
+def _busy(directory: Path, what: str) -> OptolabError:
+    return OptolabError(f"'{directory}' is being written by another optolab process "
+                        f"({_describe(holder(directory))}).", field="--out",
+                        fix=f"wait for that {what} to finish or stop it, or write to another folder.")
+
+
 class DirLock:
     """The lock of ``directory`` (created if missing), taken at construction; :meth:`release`
     (or leaving a ``with`` block) lets it go. ``what`` says what is being written, for messages."""
@@ -64,9 +93,7 @@ class DirLock:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise OptolabError(f"'{self.directory}' is being written by another optolab process "
-                               f"({_describe(holder(self.directory))}).", field="--out",
-                               fix=f"wait for that {what} to finish or stop it, or write to another folder.") from None
+            raise _busy(self.directory, what) from None
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),

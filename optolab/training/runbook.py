@@ -2,8 +2,12 @@
 divergence checks and summary — everything except the forward/backward/update itself.
 
 Rules:
-- A :class:`RunBook` owns one run directory. ``start(model, optimizer)`` loads the last
-  checkpoint into them (or starts clean) and returns the first step; ``at_step(step, …)`` runs
+- A :class:`RunBook` owns one run directory. A refusal writes nothing: building one and
+  ``load(model, optimizer)`` (the last checkpoint, or ``init_from``'s, into them) make every check
+  that can refuse the run — the folder and its writer, the protocol it holds, the trackers'
+  libraries, the checkpoint, the logs a resume cuts — and only read; ``start(model, optimizer)``
+  then takes the folder's lock (checking again what another writer may have changed), clears it
+  for ``overwrite``, writes, and returns the first step; ``at_step(step, …)`` runs
   the evals and checkpoints scheduled at that step; ``add_loss`` accumulates the training loss
   reported at the next eval; ``finish(step)`` writes parquet, ``summary.json`` and the status.
 - The training loops (:mod:`optolab.training.trainer` for one run, :mod:`optolab.training.ensemble` for several
@@ -29,7 +33,7 @@ from optolab.clamps.engine import ClampForward
 from optolab.core.device import autocast, decide_compile
 from optolab.core.device import describe as describe_device
 from optolab.core.errors import OptolabError, RunFailed
-from optolab.core.lock import LOCK_NAME, DirLock
+from optolab.core.lock import LOCK_NAME, DirLock, check_free
 from optolab.measures.evaluate import EvalSet, evaluate
 from optolab.measures.measure import CheckpointData
 from optolab.measures.registry import at_checkpoints
@@ -66,6 +70,8 @@ class RunBook:
         self.overwrite = overwrite
         self.lock: DirLock | None = None
         resolved = protocol.resolved()
+        if _is_dir(self.run.path):
+            check_free(self.run.path)  # another writer is refused first: what it writes is read below
         if overwrite and _is_dir(self.run.path):
             self.run.clearable()  # a folder that is not only a run's is refused, whole
         else:
