@@ -12,6 +12,11 @@
   per-example losses the loss trajectory's speed, and with ``measures.llc`` the LLC at
   checkpoints (abrupt rises and falls both); each ``{start, end, kind, boundary_signals,
   moved}`` in sequences.
+- ``readout``: which model the evals read (:func:`readout`): ``unclamped`` (no clamp acts on an
+  eval), ``clamped`` (a clamp acts at every eval: the condition is the clamped model) or
+  ``clamped inside windows`` (evals inside a clamp's window read its output, the others the
+  model itself, so times and final values there mix the clamp's direct effect on the readout
+  with its effect on learning), with the clamps that act on evals and their step windows.
 - ``main_split``, ``icl_positions`` (token tasks), ``final_step``, ``final_sequences``.
 - ``status``: ``finished``; a run that diverged writes only ``status: failed``, ``failure``
   (step, sequences, what) and ``last_checkpoint_step`` (:mod:`optolab.training.trainer`).
@@ -82,6 +87,23 @@ def stage_signals(df: pd.DataFrame, split: str, speed: tuple | None = None) -> d
     return signals
 
 
+def readout(protocol: Protocol) -> dict:
+    """Which model the evals read (see the module rules): ``{"model", "clamps"}``, each clamp that
+    acts on evals as ``{"clamp", "steps": [start, stop)}`` (stop = the budget: to the end)."""
+    total, bs = protocol.train.total_steps, protocol.train.batch_size
+    acting, everywhere = [], []
+    for k, spec in enumerate(protocol.clamps):
+        if not (type(spec).acts_on_forward and spec.apply_at in ("eval", "both")):
+            continue
+        w = spec.window
+        per = bs if w.unit == "sequences" else 1
+        start, stop = math.ceil(w.start / per), total if w.stop is None else math.ceil(w.stop / per)
+        acting.append({"clamp": spec.name or f"clamps.{k} ({spec.kind})", "steps": [start, stop]})
+        everywhere.append(start == 0 and stop == total)
+    model = "unclamped" if not acting else "clamped" if all(everywhere) else "clamped inside windows"
+    return {"model": model, "clamps": acting}
+
+
 def summarize(df: pd.DataFrame, task: Task, protocol: Protocol, speed: tuple | None = None) -> dict:
     """The summary (see the module rules); ``speed``: ``(sequences, speed)`` of the per-example
     loss trajectory, when the run kept per-example losses."""
@@ -101,6 +123,7 @@ def summarize(df: pd.DataFrame, task: Task, protocol: Protocol, speed: tuple | N
         "main_split": task.main_split,
         "final_step": int(df.step.max()),
         "final_sequences": int(df.sequences.max()),
+        "readout": readout(protocol),
         **{f"time_to_loss_{k}": first_below(df, task.main_split, v) for k, v in THRESHOLDS.items()},
         "phase_change": phase_change(df, task.main_split),
         "stages": stages(stage_signals(df, task.main_split, speed)),
