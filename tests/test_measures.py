@@ -14,7 +14,7 @@ from optolab.measures import (
     repeat_probe,
 )
 from optolab.model.transformer import build_model
-from optolab.tasks.repeat_tokens import repeat_induction_targets
+from optolab.tasks.tokens import repeat_induction_targets
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.numerics  # re-run under other CPU kernels (tests/kernel_choices.py)
@@ -118,7 +118,7 @@ def test_copying_score_is_high_for_an_identity_ov_and_low_for_an_anti_copier():
 
 def test_lagged_prefix_matching_finds_a_head_that_attends_past_olssons_target():
     from optolab.measures.attention import lagged_prefix_matching, prefix_matching
-    from optolab.tasks.repeat_tokens import repeat_induction_targets
+    from optolab.tasks.tokens import repeat_induction_targets
 
     targets = repeat_induction_targets(seq_len=8, n_repeats=2, prefix=1)  # [1, 17, 17]
     n = targets.shape[-1]

@@ -138,13 +138,15 @@ def clamp_words(sweep_dir: Path, df: pd.DataFrame, meta: dict | None = None) -> 
     """What each condition changes, in a few words: its own protocol file and ``set``
     overrides (from ``sweep.json``), and its clamps (from its first run's resolved protocol)."""
     conditions = {c["name"]: c for c in ((meta or {}).get("sweep", {}).get("conditions") or [])}
+    design = (meta or {}).get("sweep", {}).get("design") or {}
+    dosed = design.get("field") if design.get("kind") == "dose" else None  # a dose names its value
     clamps: dict[str, list[str]] = {}
     for condition, g in df.groupby("condition", sort=False):
         try:
             data = yaml.safe_load((sweep_dir / g.run.iloc[0] / "protocol.yaml").read_text())
         except (OSError, yaml.YAMLError):
             data = {}
-        clamps[condition] = [_clamp_text(c) for c in data.get("clamps") or []]
+        clamps[condition] = [_clamp_text(c, dosed) for c in data.get("clamps") or []]
     # clamps every condition has (a base protocol's) are said once, under the key "" (see opening)
     common = [c for c in next(iter(clamps.values()), []) if all(c in v for v in clamps.values())] \
         if len(clamps) > 1 else []
@@ -159,10 +161,15 @@ def clamp_words(sweep_dir: Path, df: pd.DataFrame, meta: dict | None = None) -> 
     return words
 
 
-def _clamp_text(c: dict) -> str:
+def _clamp_text(c: dict, field: str | None = None) -> str:
     where = c.get("site") or c.get("param") or (f"layer {c['layer']}" if "layer" in c else "")
     heads = f" heads {c['heads']}" if c.get("heads") is not None else ""
     what = f" to {c['to']}" if "to" in c else ""
+    value: object = c
+    for part in (field or "").split(".") if field else []:
+        value = value.get(part) if isinstance(value, dict) else None
+    if field and value is not None:
+        what += f", {field} = {value}"
     w = c.get("window") or {}
     when = "" if not w or (w.get("start", 0) == 0 and w.get("stop") is None) else \
         f" during [{w.get('start', 0):g}, {w['stop'] if w.get('stop') is not None else 'end'}) {w.get('unit', '')}"

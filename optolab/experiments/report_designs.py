@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from optolab.experiments import stats
+from optolab.experiments.report_figures import plain_log
 
 HEAD_CELL = re.compile(r"^(?P<what>.+)_L(?P<layer>\d+)H(?P<head>\d+)$")
 
@@ -183,6 +184,7 @@ def window_view(figs: Path, meta: dict, df: pd.DataFrame, cond: pd.DataFrame,
     ax.axhline(1, color="k", lw=0.8, ls="--")
     ax.set(yscale="log", xlabel="window start (sequences)", ylabel="time to loss < 0.5 ÷ reference (paired)",
            title="Critical period: the clamp's effect by when it acts")
+    plain_log(ax)
     ax.legend(fontsize=7)
     path = figs / "window_scan.png"
     fig.savefig(path, dpi=110)
@@ -223,6 +225,7 @@ def dose_view(figs: Path, meta: dict, cond: pd.DataFrame) -> tuple[list[Path], l
     ax.axhline(1, color="k", lw=0.8, ls="--")
     ax.set(yscale="log", xlabel=design.get("field", "dose"), ylabel="time to loss < 0.5 ÷ reference (paired)",
            title="Dose–response")
+    plain_log(ax)
     path = figs / "dose.png"
     fig.savefig(path, dpi=110)
     lines = ["## Dose–response", "", f"| {design.get('field', 'dose')} | ratio [CI] | resolved |", "|---|---|---|"]
