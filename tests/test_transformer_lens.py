@@ -13,7 +13,7 @@ from optolab.api import run as run_protocol
 from optolab.cli import main
 from optolab.core.errors import OptolabError
 from optolab.model.config import ModelConfig
-from optolab.model.export import load, to_hooked_transformer
+from optolab.model.export import load, tl_inputs, to_hooked_transformer
 from optolab.model.transformer import build_model
 from optolab.protocol.loader import validate_protocol
 from tests.conftest import repeat_protocol
@@ -52,8 +52,20 @@ def test_logits_equal_optolabs_for_every_option_that_maps(positional, layer_norm
     assert torch.allclose(tl(tokens), theirs)
 
 
+@pytest.mark.parametrize("positional", ["rope", "learned", "none"])
+def test_exemplar_models_enter_through_the_residual_stream(positional):
+    cfg = ModelConfig(n_layers=2, n_heads=4, d_model=32, d_head=8, n_ctx=9, d_out=6, input_mode="exemplar_label",
+                      d_input=10, n_labels=6, positional=positional, qkv_bias=True)
+    model = _moved(cfg)
+    g = torch.Generator().manual_seed(3)
+    exemplars, labels = torch.randn(5, 5, 10, generator=g), torch.randint(6, (5, 4), generator=g)
+    args, kwargs = tl_inputs(model, exemplars, labels)
+    with torch.no_grad():
+        ours, theirs = model(exemplars, labels), to_hooked_transformer(model)(*args, **kwargs)
+    assert kwargs == {"start_at_layer": 0} and (ours - theirs).abs().max().item() <= TOLERANCE
+
+
 @pytest.mark.parametrize("change, words", [
-    (dict(input_mode="exemplar_label", d_vocab=0, d_input=8, n_labels=4), "input_mode exemplar_label"),
     (dict(smeared_keys=True), "model.smeared_keys"),
     (dict(final_ln=False), "model.layer_norm: true with model.final_ln: false"),
     (dict(layer_norm=False), "model.layer_norm: false with model.final_ln: true"),

@@ -11,11 +11,16 @@ Rules:
   (``standard``) and ``none`` (``standard`` with a zero ``W_pos``); LayerNorm in every block and
   before the unembedding, or none at all; attention-only or with GELU MLPs; attention biases
   and the unembedding bias (zeros where optolab has none).
-- What does not map is refused in one line naming it (:func:`why_not`): exemplar-label inputs
-  (TransformerLens embeds token ids), smeared keys, and a final LayerNorm without the blocks'
-  (or the blocks' without a final one): TransformerLens has one ``normalization_type`` for all.
-- :func:`save` writes the weights as safetensors and the config as JSON (nothing unpickles);
-  :func:`load` builds the ``HookedTransformer`` again. TransformerLens is imported only here, when
+- Exemplar-label models enter through TransformerLens' residual stream: optolab computes the
+  embedding (exemplar map, label embedding, learned positions) and the ``HookedTransformer``
+  runs from block 0 (``start_at_layer=0``); its token embedding is a placeholder (one zero row).
+  :func:`tl_inputs` gives the arguments for either kind of model.
+- What does not map is refused in one line naming it (:func:`why_not`): smeared keys, and a final
+  LayerNorm without the blocks' (or the blocks' without a final one): TransformerLens has one
+  ``normalization_type`` for all.
+- :func:`save` writes the weights as safetensors and the config as JSON (nothing unpickles), an
+  exemplar model's embedding beside them (``optolab_embed.*``); :func:`load` builds the
+  ``HookedTransformer`` again. TransformerLens is imported only here, when
   called, so ``import optolab`` stays light.
 """
 
@@ -37,8 +42,6 @@ FIX = "export a token model without it, or analyse this one with optolab's own n
 
 def why_not(cfg: ModelConfig) -> str | None:
     """What about this model TransformerLens cannot express, or None when it maps."""
-    if cfg.input_mode != "tokens":
-        return "input_mode exemplar_label (TransformerLens' HookedTransformer embeds token ids only)"
     if cfg.smeared_keys:
         return "model.smeared_keys (TransformerLens' attention has no key smearing)"
     if cfg.layer_norm != cfg.final_ln:
@@ -53,7 +56,7 @@ def tl_config(cfg: ModelConfig) -> dict[str, Any]:
     if reason is not None:
         raise OptolabError(f"this model does not map to TransformerLens: {reason}.", field="model", fix=FIX)
     out = dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_ctx=cfg.n_ctx, d_head=cfg.d_head, n_heads=cfg.n_heads,
-               d_vocab=cfg.d_vocab, d_vocab_out=cfg.d_out, attn_only=cfg.attn_only,
+               d_vocab=cfg.d_vocab if cfg.input_mode == "tokens" else 1, d_vocab_out=cfg.d_out, attn_only=cfg.attn_only,
                normalization_type="LN" if cfg.layer_norm else None, eps=1e-5,
                positional_embedding_type="rotary" if cfg.positional == "rope" else "standard",
                init_weights=False, device="cpu", default_prepend_bos=False)
@@ -69,7 +72,8 @@ def tl_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """optolab's weights under TransformerLens' names and layouts."""
     cfg = model.cfg
     zeros = torch.zeros
-    sd = {"embed.W_E": model.W_E, "unembed.W_U": model.W_U,
+    tokens = cfg.input_mode == "tokens"
+    sd = {"embed.W_E": model.W_E if tokens else zeros(1, cfg.d_model), "unembed.W_U": model.W_U,
           "unembed.b_U": model.b_U if cfg.unembed_bias else zeros(cfg.d_out)}
     if cfg.positional != "rope":
         sd["pos_embed.W_pos"] = model.W_pos if cfg.positional == "learned" else zeros(cfg.n_ctx, cfg.d_model)
@@ -90,6 +94,19 @@ def tl_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             for name in ("W_in", "b_in", "W_out", "b_out"):
                 sd[f"{p}mlp.{name}"] = getattr(block.mlp, name)
     return {k: v.detach().float().cpu().contiguous().clone() for k, v in sd.items()}
+
+
+def tl_inputs(model: Transformer, *inputs: torch.Tensor) -> tuple[tuple[torch.Tensor], dict[str, Any]]:
+    """``(args, kwargs)`` with which the exported model computes what ``model(*inputs)`` does:
+    the token ids, or for an exemplar-label model optolab's embedding (positions added) and
+    ``start_at_layer=0``."""
+    if model.cfg.input_mode == "tokens":
+        return (inputs[0],), {}
+    with torch.no_grad():
+        resid = model.embed(*inputs)
+        if model.cfg.positional == "learned":
+            resid = resid + model.W_pos[: resid.shape[1]]
+    return (resid,), {"start_at_layer": 0}
 
 
 def _hooked(config: dict[str, Any], state: dict[str, torch.Tensor], rope_base: float | None):
@@ -129,7 +146,9 @@ def save(model: Transformer, path: str | Path) -> Path:
     config = tl_config(cfg)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tl_state_dict(model), str(path))
+    extra = {} if cfg.input_mode == "tokens" else {
+        f"optolab_embed.{k}": getattr(model, k).detach().cpu().contiguous() for k in ("W_X", "b_X", "W_L")}
+    save_file({**tl_state_dict(model), **extra}, str(path))
     meta = {"config": config, "rope_base": cfg.rope_base if cfg.positional == "rope" else None}
     Path(f"{path}.json").write_text(json.dumps(meta, indent=1) + "\n")
     return path
@@ -140,4 +159,5 @@ def load(path: str | Path):
     from safetensors.torch import load_file
 
     meta = json.loads(Path(f"{path}.json").read_text())
-    return _hooked(meta["config"], load_file(str(path)), meta["rope_base"])
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("optolab_embed.")}
+    return _hooked(meta["config"], state, meta["rope_base"])
