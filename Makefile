@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e '.[dev,ray,track,llc]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ray,track,llc,tl]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""``optolab`` command line: run, validate, sites, evaluate, llc, plot, sweep, report, tasks show|check|list.
+"""``optolab`` command line: run, validate, sites, evaluate, llc, plot, sweep, export, report, tasks show|check|list.
 
 Every user error prints one line (``optolab: error: <where>: <what> Fix: <how>``) and exits
 with code 2; no traceback. Interrupting a run leaves its last checkpoint; the same command
@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pack", type=int, default=8, help="most runs in one ensemble (default 8)")
     p.add_argument("--max-runs", type=int, default=1000, help="refuse a sweep of more runs (default 1000)")
     p.add_argument("--device", help="set every run's train.device: auto, cpu, cuda, cuda:N or mps")
+
+    p = sub.add_parser("export", help="a run's checkpoint for another library (TransformerLens; needs optolab[tl])")
+    p.add_argument("run_dir")
+    p.add_argument("--to", required=True, choices=["transformer-lens"])
+    p.add_argument("--step", type=int, help="checkpoint step (default: the last)")
+    p.add_argument("--out", help="weights file (default: RUN_DIR_tl_step<N>.safetensors beside the run)")
 
     p = sub.add_parser("report", help="summary.csv, conditions.csv and report.md of a sweep directory")
     p.add_argument("sweep_dir")
@@ -237,6 +243,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print("Re-run the same command to retry interrupted runs (finished and diverged ones are skipped).",
                   file=sys.stderr)
         return 1 if failed else 0
+    if args.command == "export":
+        return _export(args)
     if args.command == "report":
         from optolab.experiments.report import write_report
 
@@ -250,6 +258,21 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(path)
         return 0
     raise AssertionError(args.command)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from optolab.api import open_run
+    from optolab.model.export import save
+
+    run = open_run(args.run_dir)
+    step = args.step if args.step is not None else (run.checkpoint_steps or [None])[-1]
+    model = run.model(step)  # refuses a run without checkpoints, or an unknown step, in one line
+    out = Path(args.out) if args.out else run.path.parent / f"{run.path.name}_tl_step{step}.safetensors"
+    save(model, out)
+    print(f"{out} (+ .json): load with optolab.model.export.load(PATH), a TransformerLens HookedTransformer")
+    return 0
 
 
 def _llc(args: argparse.Namespace) -> int:

@@ -154,7 +154,7 @@ def test_api_validates_a_task_dict_too():
 
 @pytest.mark.parametrize("kind", sorted(BUILTIN))
 def test_every_builtin_task_refuses_an_unknown_split_naming_its_own(kind):
-    task = make_task(task_class(kind).Spec())
+    task = make_task(task_class(kind).example_spec())
     with pytest.raises(KeyError) as e:
         task.eval_batch("no_such_split", 0, 4)
     assert kind in str(e.value) and all(split in str(e.value) for split in task.eval_splits)

@@ -79,6 +79,36 @@ class Run:
 
         return NNsight(self.model(step))
 
+    def to_transformer_lens(self, step: int | None = None):
+        """The model at checkpoint ``step`` (default: the last) as a TransformerLens
+        ``HookedTransformer`` with the same logits, without the run's clamps
+        (:mod:`optolab.model.export`; needs ``optolab[tl]``)."""
+        from optolab.model.export import to_hooked_transformer
+
+        return to_hooked_transformer(self.model(step))
+
+    def head_scores(self, metrics: str | list[str] | None = None, split: str | None = None) -> pd.DataFrame:
+        """Per-head scores as a tidy frame: one row per (step, split, layer, head, metric), with
+        ``sequences`` and ``value``; composition scores keep their source head (``src_layer``,
+        ``src_head``). ``metrics`` and ``split`` pick rows; an unknown name is refused, naming
+        the ones the run has."""
+        df = self.metrics
+        df = df[df["head"].notna()]
+        for name, want in (("metric", metrics), ("split", split)):
+            if want is None:
+                continue
+            want = [want] if isinstance(want, str) else list(want)
+            unknown = sorted(set(want) - set(df[name]))
+            if unknown:
+                raise OptolabError(f"no per-head {name} {unknown} in this run.", field=name,
+                                   fix=f"use one of {sorted(df[name].unique())}.")
+            df = df[df[name].isin(want)]
+        cols = ["step", "sequences", "split", "layer", "head", "metric", "value"]
+        if "src_layer" in df.columns and df["src_layer"].notna().any():
+            cols[5:5] = ["src_layer", "src_head"]
+        out = df[cols].astype({"layer": int, "head": int})
+        return out.sort_values(cols[:-1]).reset_index(drop=True)
+
     def eval_batch(self, split: str | None = None, n: int | None = None) -> Batch:
         """The run's fixed eval batch for ``split`` (default: the task's main split)."""
         split = split or self.task.main_split
@@ -110,7 +140,7 @@ class Run:
             written.append(plot_attention([saved[s].mean(0) for s in sites], figs / "attention.png"))
             curves = self.task.reference_curves()
             if curves:
-                written.append(plot_loss_by_position(self._loss_by_position(), curves, figs / "loss_by_position.png"))
+                written.append(plot_loss_by_position(self.loss_by_position(), curves, figs / "loss_by_position.png"))
         traj = self.trajectory()
         if traj is not None:
             from optolab.experiments.plots import plot_trajectory
@@ -147,13 +177,15 @@ class Run:
             return None
         return pca(X, sequences, k)
 
-    def _loss_by_position(self, n: int = 256) -> dict[int, torch.Tensor]:
-        """Per-position loss ``[pos]`` (NaN where no loss is taken) on the main split, at every
-        checkpoint, through the protocol's clamps."""
-        batch = self.eval_batch(n=n)
+    def loss_by_position(self, split: str | None = None, n: int = 256,
+                         steps: list[int] | None = None) -> dict[int, torch.Tensor]:
+        """Per-token loss by context position ``[pos]`` (NaN where no loss is taken) on ``n``
+        sequences of ``split`` (default: the main split), at every checkpoint (or ``steps``),
+        through the protocol's clamps."""
+        batch = self.eval_batch(split, n=n)
         keep = batch.targets != IGNORE
         out = {}
-        for step in self.checkpoint_steps:
+        for step in self.checkpoint_steps if steps is None else steps:
             model = self.model(step)
             forward = make_forward(self.protocol, self.task, model.cfg, CPU, compiled=False)
             with torch.no_grad():

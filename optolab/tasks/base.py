@@ -20,6 +20,11 @@ Rules:
   ``[batch, k]`` (the sorted labels a sequence uses).
 - A task class names its spec class as ``Spec``; the registry (:mod:`optolab.tasks.registry`)
   finds a task by ``kind`` (built-in or entry point) or by ``generator: package.module:Class``.
+- A task is one module: whatever else optolab needs of it comes from the class, not from a list
+  elsewhere. ``example_spec()`` is a small valid spec (tests, ``optolab tasks list``; default
+  ``Spec()``) and ``spec_strategy()`` a hypothesis strategy of small valid specs for the contract
+  tests (default None: :mod:`optolab.testing` derives one from ``Spec``'s fields). A built-in is
+  any module of :mod:`optolab.tasks` defining a class with ``kind`` (found, not listed).
 """
 
 from __future__ import annotations
@@ -127,6 +132,17 @@ class Task(ABC):
 
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec
+
+    @classmethod
+    def example_spec(cls) -> TaskSpec:
+        """A small valid spec of this task (what tests build when they need one of each kind)."""
+        return cls.Spec()
+
+    @classmethod
+    def spec_strategy(cls) -> Any:
+        """A hypothesis strategy of small valid specs for the contract tests, or None (then
+        :func:`optolab.testing.spec_strategy` derives one from ``Spec``'s fields)."""
+        return None
 
     @abstractmethod
     def model_io(self) -> ModelIO: ...

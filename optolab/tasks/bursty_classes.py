@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -62,6 +62,29 @@ class BurstyClassesTask(HeldOutClassesTask):
     kind = "bursty_classes"
     Spec = BurstyClassesSpec
     spec: BurstyClassesSpec
+
+    @classmethod
+    def spec_strategy(cls) -> Any:
+        """Small, always-valid specs for the contract tests (a hypothesis strategy)."""
+        from hypothesis import strategies as st
+
+        task_seeds = st.integers(0, 2**31 - 1)
+
+        @st.composite
+        def draw_spec(draw: Any) -> BurstyClassesSpec:
+            ways = draw(st.integers(1, 3))
+            context_pairs = ways * draw(st.integers(2 if ways == 1 else 1, 4))
+            shots = draw(st.integers(1, context_pairs // ways))
+            n_labels = draw(st.integers(max(2, ways), 10))
+            return BurstyClassesSpec(
+                n_classes=n_labels * draw(st.integers(1, 4)), n_labels=n_labels,
+                n_holdout_classes=draw(st.integers(max(2, ways), 8)), n_exemplars=draw(st.integers(1, 4)),
+                dim=draw(st.integers(1, 16)), design=draw(st.sampled_from(["relu_lowrank", "lowrank", "relu", "isotropic"])),
+                latent_dim=draw(st.integers(1, 6)), noise=draw(st.floats(0, 1)), context_pairs=context_pairs,
+                bursty_frac=draw(st.floats(0, 1)), bursty_classes=ways, shots=shots, zipf=draw(st.floats(0, 2)),
+                task_seed=draw(task_seeds))
+
+        return draw_spec()
     HOLDOUT_SPLITS = ("fewshot_holdout",)
 
     @property

@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -102,6 +102,30 @@ class FewshotTask(ExemplarLabelTask):
     kind = "fewshot"
     Spec = FewshotSpec
     spec: FewshotSpec
+
+    @classmethod
+    def spec_strategy(cls) -> Any:
+        """Small, always-valid specs for the contract tests (a hypothesis strategy)."""
+        from hypothesis import strategies as st
+
+        task_seeds = st.integers(0, 2**31 - 1)
+
+        @st.composite
+        def draw_spec(draw: Any) -> FewshotSpec:
+            context_pairs = draw(st.integers(1, 4))
+            burstiness = draw(st.integers(1, context_pairs))
+            k = 1 + context_pairs - burstiness
+            n_labels = draw(st.integers(k + 1, k + 5))
+            held = 0.3 if math.comb(n_labels, k) >= 4 else 0.0
+            n_exemplars = draw(st.integers(2, 5))
+            return FewshotSpec(
+                n_train_classes=draw(st.integers(max(k, 2), 12)), n_test_classes=draw(st.integers(max(k, 2), 12)),
+                n_exemplars=n_exemplars, train_exemplars=draw(st.integers(1, n_exemplars - 1)),
+                dim=draw(st.integers(2, 24)), design=draw(st.sampled_from(["relu_lowrank", "lowrank", "relu", "isotropic"])),
+                latent_dim=draw(st.integers(1, 6)), noise=draw(st.floats(0, 1)), context_pairs=context_pairs,
+                burstiness=burstiness, n_labels=n_labels, heldout_label_frac=held, task_seed=draw(task_seeds))
+
+        return draw_spec()
 
     # --- what the task is ---------------------------------------------------------------
 

@@ -40,7 +40,7 @@ Rules (arXiv 2311.08360 and 2503.05631; ANCHORS §8):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -105,6 +105,26 @@ class FixedLabelsTask(HeldOutClassesTask):
     kind = "fixed_labels"
     Spec = FixedLabelsSpec
     spec: FixedLabelsSpec
+
+    @classmethod
+    def spec_strategy(cls) -> Any:
+        """Small, always-valid specs for the contract tests (a hypothesis strategy)."""
+        from hypothesis import strategies as st
+
+        task_seeds = st.integers(0, 2**31 - 1)
+
+        @st.composite
+        def draw_spec(draw: Any) -> FixedLabelsSpec:
+            context_pairs = draw(st.integers(2, 4))
+            n_labels = draw(st.integers(context_pairs + 1, 12))
+            return FixedLabelsSpec(
+                n_classes=n_labels * draw(st.integers(1, 4)), n_labels=n_labels,
+                n_holdout_classes=draw(st.integers(context_pairs, 8)), n_exemplars=draw(st.integers(2, 5)),
+                dim=draw(st.integers(1, 16)), design=draw(st.sampled_from(["relu_lowrank", "lowrank", "relu", "isotropic"])),
+                latent_dim=draw(st.integers(1, 6)), noise=draw(st.floats(0, 1)), context_pairs=context_pairs,
+                match_query=draw(st.booleans()), task_seed=draw(task_seeds))
+
+        return draw_spec()
     HOLDOUT_SPLITS = ("icl", "icl_mq")
 
     @property

@@ -23,7 +23,7 @@ Rules:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -85,6 +85,28 @@ class GaussianICLTask(ExemplarLabelTask):
     kind = "gaussian_icl"
     Spec = GaussianICLSpec
     spec: GaussianICLSpec
+
+    @classmethod
+    def spec_strategy(cls) -> Any:
+        """Small, always-valid specs for the contract tests (a hypothesis strategy)."""
+        from hypothesis import strategies as st
+
+        task_seeds = st.integers(0, 2**31 - 1)
+
+        @st.composite
+        def draw_spec(draw: Any) -> GaussianICLSpec:
+            n_labels = draw(st.integers(2, 8))
+            n_classes = n_labels * draw(st.integers(1, 6))
+            context_pairs = draw(st.integers(1, 8))
+            divisors = [d for d in range(1, context_pairs + 1) if context_pairs % d == 0 and context_pairs // d <= n_classes]
+            burstiness = draw(st.sampled_from(divisors))
+            return GaussianICLSpec(
+                n_classes=n_classes, n_labels=n_labels, context_pairs=context_pairs, dim=draw(st.integers(1, 16)),
+                noise=draw(st.floats(0, 2)), burstiness=burstiness, bursty_frac=draw(st.floats(0, 1)),
+                zipf=draw(st.floats(0, 2)), novel_frac=draw(st.floats(0, 1)),
+                n_test_classes=draw(st.integers(context_pairs // burstiness, 20)), task_seed=draw(task_seeds))
+
+        return draw_spec()
 
     def __init__(self, spec: GaussianICLSpec) -> None:
         super().__init__(spec)

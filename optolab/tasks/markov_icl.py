@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -59,6 +59,22 @@ class MarkovICLTask(Task):
     kind = "markov_icl"
     Spec = MarkovICLSpec
     spec: MarkovICLSpec
+
+    @classmethod
+    def spec_strategy(cls) -> Any:
+        """Small, always-valid specs for the contract tests (a hypothesis strategy)."""
+        from hypothesis import strategies as st
+
+        task_seeds = st.integers(0, 2**31 - 1)
+
+        @st.composite
+        def draw_spec(draw: Any) -> MarkovICLSpec:
+            order = draw(st.integers(1, 2))
+            return MarkovICLSpec(n_states=draw(st.integers(2, 5)), order=order, seq_len=draw(st.integers(order + 2, 40)),
+                                 concentration=draw(st.sampled_from([0.3, 1.0, 2.5])), reference_sequences=50,
+                                 task_seed=draw(task_seeds))
+
+        return draw_spec()
 
     @property
     def n_contexts(self) -> int:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -86,6 +86,27 @@ class RecurringSegmentsTask(NextTokenTask):
     kind = "recurring_segments"
     Spec = RecurringSegmentsSpec
     spec: RecurringSegmentsSpec
+
+    @classmethod
+    def spec_strategy(cls) -> Any:
+        """Small, always-valid specs for the contract tests (a hypothesis strategy)."""
+        from hypothesis import strategies as st
+
+        task_seeds = st.integers(0, 2**31 - 1)
+
+        @st.composite
+        def draw_spec(draw: Any) -> RecurringSegmentsSpec:
+            seq_len = draw(st.integers(8, 48))
+            min_len = draw(st.integers(2, 6))
+            min_gap = draw(st.integers(1, 4))
+            return RecurringSegmentsSpec(
+                n_tokens=draw(st.integers(2, 40)), seq_len=seq_len, bigram_scale=draw(st.sampled_from([0.0, 1.0, 3.0])),
+                skip_scale=draw(st.sampled_from([0.0, 1.0])), copy_rate=draw(st.sampled_from([0.2, 0.5, 1.0])),
+                min_len=min_len, max_len=draw(st.integers(min_len, 12)), min_gap=min_gap,
+                max_gap=draw(st.one_of(st.none(), st.integers(min_gap, seq_len))), noise=draw(st.sampled_from([0.0, 0.2])),
+                task_seed=draw(task_seeds))
+
+        return draw_spec()
 
     def __init__(self, spec: RecurringSegmentsSpec) -> None:
         super().__init__(spec)

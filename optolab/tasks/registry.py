@@ -7,7 +7,9 @@ Rules:
 - A task class is a subclass of :class:`~optolab.tasks.base.Task` with ``kind`` and ``Spec`` (a
   :class:`~optolab.tasks.base.TaskSpec` subclass whose ``kind`` is ``Literal[that kind]``).
   Anything else is refused with a message saying what the class lacks.
-- Nothing is imported until a spec asks for it; entry points are read once per process.
+- Built-ins are found, not listed: every module of :mod:`optolab.tasks` that defines a Task
+  subclass with a ``kind`` adds it. Nothing of a user's is imported until a spec asks for it;
+  entry points are read once per process.
 - Registering never edits optolab: a package adds, in its ``pyproject.toml``,
   ``[project.entry-points."optolab.tasks"] mytask = "mypkg.tasks:MyTask"``.
 """
@@ -19,22 +21,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from optolab.core.errors import OptolabError, from_validation_error
-from optolab.core.plugins import entry_points, import_object, load_entry_point
+from optolab.core.plugins import builtins, entry_points, import_object, load_entry_point
 from optolab.tasks.base import Task, TaskSpec
-from optolab.tasks.bursty_classes import BurstyClassesTask
-from optolab.tasks.fewshot import FewshotTask
-from optolab.tasks.fixed_labels import FixedLabelsTask
-from optolab.tasks.gaussian_icl import GaussianICLTask
-from optolab.tasks.markov_icl import MarkovICLTask
-from optolab.tasks.recurring_segments import RecurringSegmentsTask
-from optolab.tasks.repeat_tokens import RepeatTokensTask
-from optolab.tasks.trigger_bigram import TriggerBigramTask
 
-BUILTIN: dict[str, type[Task]] = {
-    cls.kind: cls
-    for cls in (FewshotTask, RepeatTokensTask, GaussianICLTask, BurstyClassesTask, MarkovICLTask,
-                TriggerBigramTask, FixedLabelsTask, RecurringSegmentsTask)
-}
+# every module of optolab.tasks that defines a class with a ``kind``: adding a built-in task is
+# adding its module (optolab.core.plugins.builtins); the abstract bases (Task, NextTokenTask,
+# HeldOutClassesTask) name no kind and are skipped
+BUILTIN: dict[str, type[Task]] = builtins("optolab.tasks", Task, "kind")
 ENTRY_POINT_GROUP = "optolab.tasks"
 
 

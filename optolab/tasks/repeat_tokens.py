@@ -19,7 +19,7 @@ Rules:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -57,6 +57,24 @@ class RepeatTokensTask(Task):
     kind = "repeat_tokens"
     Spec = RepeatTokensSpec
     spec: RepeatTokensSpec
+
+    @classmethod
+    def spec_strategy(cls) -> Any:
+        """Small, always-valid specs for the contract tests (a hypothesis strategy)."""
+        from hypothesis import strategies as st
+
+        @st.composite
+        def draw_spec(draw: Any) -> RepeatTokensSpec:
+            n_repeats = draw(st.integers(2, 4))
+            loss_on = draw(st.sampled_from(["all", "repeats"]))
+            shortest = 2 if loss_on == "repeats" and n_repeats == 2 else 1  # something must be scored
+            seq_len = draw(st.integers(shortest, 12))
+            variable = draw(st.booleans())
+            return RepeatTokensSpec(n_tokens=draw(st.integers(2, 40)), seq_len=seq_len,
+                                    seq_len_min=draw(st.integers(shortest, seq_len)) if variable else None,
+                                    n_repeats=n_repeats, loss_on=loss_on)
+
+        return draw_spec()
 
     @property
     def n_ctx(self) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -61,6 +61,25 @@ class TriggerBigramTask(NextTokenTask):
     kind = "trigger_bigram"
     Spec = TriggerBigramSpec
     spec: TriggerBigramSpec
+
+    @classmethod
+    def spec_strategy(cls) -> Any:
+        """Small, always-valid specs for the contract tests (a hypothesis strategy)."""
+        from hypothesis import strategies as st
+
+        task_seeds = st.integers(0, 2**31 - 1)
+
+        @st.composite
+        def draw_spec(draw: Any) -> TriggerBigramSpec:
+            n_tokens = draw(st.integers(3, 24))
+            return TriggerBigramSpec(n_tokens=n_tokens, seq_len=draw(st.integers(32, 64)),
+                                     n_triggers=draw(st.integers(1, min(4, n_tokens - 1))),
+                                     fixed_triggers=draw(st.booleans()),
+                                     background_concentration=draw(st.sampled_from([0.05, 0.3, 1.0])),
+                                     resolution=draw(st.sampled_from([64, 256, 1024])),
+                                     loss_on=draw(st.sampled_from(["all", "outputs"])), task_seed=draw(task_seeds))
+
+        return draw_spec()
 
     def __init__(self, spec: TriggerBigramSpec) -> None:
         super().__init__(spec)

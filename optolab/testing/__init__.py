@@ -25,7 +25,8 @@ from typing import Any
 _CONTRACT = ("ContractReport", "TaskContractError", "as_task", "check_task")
 _STRATEGIES = ("BUILTIN_STRATEGIES", "bursty_classes_specs", "data_seeds", "fewshot_specs", "fixed_labels_specs",
                "gaussian_icl_specs",
-               "markov_icl_specs", "recurring_segments_specs", "repeat_tokens_specs", "specs", "steps", "task_seeds", "task_specs",
+               "markov_icl_specs", "recurring_segments_specs", "repeat_tokens_specs", "spec_strategy", "specs", "steps",
+               "task_seeds", "task_specs",
                "trigger_bigram_specs")
 __all__ = sorted(_CONTRACT + _STRATEGIES)
 

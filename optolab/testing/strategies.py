@@ -8,12 +8,12 @@ Rules:
   a small range starting at the field's lower bound (up to twice its default), anything else
   → its default. Pass a value or a strategy per field to override. Combinations the spec's
   own validators refuse are rejected (``assume``), so keep overrides consistent.
-- ``task_specs()`` draws from every built-in kind.
+- ``task_specs()`` draws from every built-in kind; ``BUILTIN_STRATEGIES`` maps each built-in kind
+  (found by the registry) to its task's own strategy (``Task.spec_strategy``), or to ``specs(Spec)``.
 """
 
 from __future__ import annotations
 
-import math
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
@@ -23,15 +23,16 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from optolab.tasks import (
-    BurstyClassesSpec,
-    FewshotSpec,
-    FixedLabelsSpec,
-    GaussianICLSpec,
-    MarkovICLSpec,
-    RecurringSegmentsSpec,
-    RepeatTokensSpec,
+    BUILTIN,
+    BurstyClassesTask,
+    FewshotTask,
+    FixedLabelsTask,
+    GaussianICLTask,
+    MarkovICLTask,
+    RecurringSegmentsTask,
+    RepeatTokensTask,
     TaskSpec,
-    TriggerBigramSpec,
+    TriggerBigramTask,
 )
 
 task_seeds = st.integers(0, 2**31 - 1)
@@ -111,115 +112,26 @@ def specs(spec_cls: type[TaskSpec], **fixed: Any) -> st.SearchStrategy:
     return build()
 
 
-# --- built-in tasks: small, always-valid parameter spaces ----------------------------------
+# --- built-in tasks: each module's own small, always-valid parameter space ------------------
 
 
-@st.composite
-def fewshot_specs(draw: Any) -> FewshotSpec:
-    context_pairs = draw(st.integers(1, 4))
-    burstiness = draw(st.integers(1, context_pairs))
-    k = 1 + context_pairs - burstiness
-    n_labels = draw(st.integers(k + 1, k + 5))
-    held = 0.3 if math.comb(n_labels, k) >= 4 else 0.0
-    n_exemplars = draw(st.integers(2, 5))
-    return FewshotSpec(
-        n_train_classes=draw(st.integers(max(k, 2), 12)), n_test_classes=draw(st.integers(max(k, 2), 12)),
-        n_exemplars=n_exemplars, train_exemplars=draw(st.integers(1, n_exemplars - 1)),
-        dim=draw(st.integers(2, 24)), design=draw(st.sampled_from(["relu_lowrank", "lowrank", "relu", "isotropic"])),
-        latent_dim=draw(st.integers(1, 6)), noise=draw(st.floats(0, 1)), context_pairs=context_pairs,
-        burstiness=burstiness, n_labels=n_labels, heldout_label_frac=held, task_seed=draw(task_seeds))
+def spec_strategy(cls: type) -> st.SearchStrategy:
+    """The task class's own strategy (``Task.spec_strategy``), or one derived from its ``Spec``."""
+    own = cls.spec_strategy()
+    return own if own is not None else specs(cls.Spec)
 
 
-@st.composite
-def repeat_tokens_specs(draw: Any) -> RepeatTokensSpec:
-    n_repeats = draw(st.integers(2, 4))
-    loss_on = draw(st.sampled_from(["all", "repeats"]))
-    shortest = 2 if loss_on == "repeats" and n_repeats == 2 else 1  # something must be scored
-    seq_len = draw(st.integers(shortest, 12))
-    variable = draw(st.booleans())
-    return RepeatTokensSpec(n_tokens=draw(st.integers(2, 40)), seq_len=seq_len,
-                            seq_len_min=draw(st.integers(shortest, seq_len)) if variable else None,
-                            n_repeats=n_repeats, loss_on=loss_on)
-
-
-@st.composite
-def gaussian_icl_specs(draw: Any) -> GaussianICLSpec:
-    n_labels = draw(st.integers(2, 8))
-    n_classes = n_labels * draw(st.integers(1, 6))
-    context_pairs = draw(st.integers(1, 8))
-    divisors = [d for d in range(1, context_pairs + 1) if context_pairs % d == 0 and context_pairs // d <= n_classes]
-    burstiness = draw(st.sampled_from(divisors))
-    return GaussianICLSpec(
-        n_classes=n_classes, n_labels=n_labels, context_pairs=context_pairs, dim=draw(st.integers(1, 16)),
-        noise=draw(st.floats(0, 2)), burstiness=burstiness, bursty_frac=draw(st.floats(0, 1)),
-        zipf=draw(st.floats(0, 2)), novel_frac=draw(st.floats(0, 1)),
-        n_test_classes=draw(st.integers(context_pairs // burstiness, 20)), task_seed=draw(task_seeds))
-
-
-@st.composite
-def bursty_classes_specs(draw: Any) -> BurstyClassesSpec:
-    ways = draw(st.integers(1, 3))
-    context_pairs = ways * draw(st.integers(2 if ways == 1 else 1, 4))
-    shots = draw(st.integers(1, context_pairs // ways))
-    n_labels = draw(st.integers(max(2, ways), 10))
-    return BurstyClassesSpec(
-        n_classes=n_labels * draw(st.integers(1, 4)), n_labels=n_labels,
-        n_holdout_classes=draw(st.integers(max(2, ways), 8)), n_exemplars=draw(st.integers(1, 4)),
-        dim=draw(st.integers(1, 16)), design=draw(st.sampled_from(["relu_lowrank", "lowrank", "relu", "isotropic"])),
-        latent_dim=draw(st.integers(1, 6)), noise=draw(st.floats(0, 1)), context_pairs=context_pairs,
-        bursty_frac=draw(st.floats(0, 1)), bursty_classes=ways, shots=shots, zipf=draw(st.floats(0, 2)),
-        task_seed=draw(task_seeds))
-
-
-@st.composite
-def markov_icl_specs(draw: Any) -> MarkovICLSpec:
-    order = draw(st.integers(1, 2))
-    return MarkovICLSpec(n_states=draw(st.integers(2, 5)), order=order, seq_len=draw(st.integers(order + 2, 40)),
-                         concentration=draw(st.sampled_from([0.3, 1.0, 2.5])), reference_sequences=50,
-                         task_seed=draw(task_seeds))
-
-
-@st.composite
-def trigger_bigram_specs(draw: Any) -> TriggerBigramSpec:
-    n_tokens = draw(st.integers(3, 24))
-    return TriggerBigramSpec(n_tokens=n_tokens, seq_len=draw(st.integers(32, 64)),
-                             n_triggers=draw(st.integers(1, min(4, n_tokens - 1))),
-                             fixed_triggers=draw(st.booleans()),
-                             background_concentration=draw(st.sampled_from([0.05, 0.3, 1.0])),
-                             resolution=draw(st.sampled_from([64, 256, 1024])),
-                             loss_on=draw(st.sampled_from(["all", "outputs"])), task_seed=draw(task_seeds))
-
-
-@st.composite
-def fixed_labels_specs(draw: Any) -> FixedLabelsSpec:
-    context_pairs = draw(st.integers(2, 4))
-    n_labels = draw(st.integers(context_pairs + 1, 12))
-    return FixedLabelsSpec(
-        n_classes=n_labels * draw(st.integers(1, 4)), n_labels=n_labels,
-        n_holdout_classes=draw(st.integers(context_pairs, 8)), n_exemplars=draw(st.integers(2, 5)),
-        dim=draw(st.integers(1, 16)), design=draw(st.sampled_from(["relu_lowrank", "lowrank", "relu", "isotropic"])),
-        latent_dim=draw(st.integers(1, 6)), noise=draw(st.floats(0, 1)), context_pairs=context_pairs,
-        match_query=draw(st.booleans()), task_seed=draw(task_seeds))
-
-
-@st.composite
-def recurring_segments_specs(draw: Any) -> RecurringSegmentsSpec:
-    seq_len = draw(st.integers(8, 48))
-    min_len = draw(st.integers(2, 6))
-    min_gap = draw(st.integers(1, 4))
-    return RecurringSegmentsSpec(
-        n_tokens=draw(st.integers(2, 40)), seq_len=seq_len, bigram_scale=draw(st.sampled_from([0.0, 1.0, 3.0])),
-        skip_scale=draw(st.sampled_from([0.0, 1.0])), copy_rate=draw(st.sampled_from([0.2, 0.5, 1.0])),
-        min_len=min_len, max_len=draw(st.integers(min_len, 12)), min_gap=min_gap,
-        max_gap=draw(st.one_of(st.none(), st.integers(min_gap, seq_len))), noise=draw(st.sampled_from([0.0, 0.2])),
-        task_seed=draw(task_seeds))
-
-
-BUILTIN_STRATEGIES = {
-    "fewshot": fewshot_specs, "repeat_tokens": repeat_tokens_specs, "gaussian_icl": gaussian_icl_specs,
-    "bursty_classes": bursty_classes_specs, "markov_icl": markov_icl_specs, "trigger_bigram": trigger_bigram_specs,
-    "fixed_labels": fixed_labels_specs, "recurring_segments": recurring_segments_specs,
-}
+# every built-in kind, found by the registry: a new task module needs no line here
+BUILTIN_STRATEGIES = {kind: (lambda cls=cls: spec_strategy(cls)) for kind, cls in sorted(BUILTIN.items())}
+# the names earlier releases exported
+fewshot_specs = FewshotTask.spec_strategy
+repeat_tokens_specs = RepeatTokensTask.spec_strategy
+gaussian_icl_specs = GaussianICLTask.spec_strategy
+bursty_classes_specs = BurstyClassesTask.spec_strategy
+markov_icl_specs = MarkovICLTask.spec_strategy
+trigger_bigram_specs = TriggerBigramTask.spec_strategy
+fixed_labels_specs = FixedLabelsTask.spec_strategy
+recurring_segments_specs = RecurringSegmentsTask.spec_strategy
 
 
 def task_specs() -> st.SearchStrategy:
