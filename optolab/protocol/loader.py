@@ -28,7 +28,7 @@ from optolab.protocol.conditions import condition_protocols, plan_condition
 from optolab.protocol.data_schedule import check_data
 from optolab.protocol.data_schedule import resolve_paths as resolve_data_paths
 from optolab.protocol.footprint import check_footprint
-from optolab.protocol.schema import Protocol
+from optolab.protocol.schema import Origin, Protocol
 from optolab.tasks import make_task, validate_task_spec
 
 MAX_FILE_BYTES = 1 << 20  # a protocol, task or sweep file is a few KB
@@ -260,7 +260,7 @@ def validate_protocol(data: dict, *, source: str | None = None, lines: dict | No
     except OptolabError as e:
         raise e.located(source, lines) from None
     if source is not None:
-        protocol._source = (source, lines)  # for what only a run can check (init_from's checkpoint)
+        protocol._origin = Origin(source, lines)  # for what only a run can check (init_from's checkpoint)
     return protocol
 
 

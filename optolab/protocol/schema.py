@@ -143,6 +143,22 @@ class InitFrom(StrictModel):
     optimizer: bool = Field(False, description="also take its Adam state (moments and step counts)")
 
 
+class Origin:
+    """The file (and its line map) a protocol was read from. Not part of what the protocol is:
+    two equal protocols read from two files are equal."""
+
+    __slots__ = ("source", "lines")
+
+    def __init__(self, source: str | None = None, lines: dict | None = None) -> None:
+        self.source, self.lines = source, lines
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Origin)
+
+    def __hash__(self) -> int:
+        return 0
+
+
 class Seeds(StrictModel):
     init: Seed = Field(0, description="model initialisation")
     data: Seed = Field(0, description="training batches")
@@ -170,7 +186,7 @@ class Protocol(StrictModel):
     conditions: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+$")], list[SerializeAsAny[ClampSpec]]] = Field(
         default_factory=dict, description="post-hoc conditions for `optolab evaluate` (base clamps + these)")
     _plan: tuple | None = PrivateAttr(default=None)
-    _source: tuple | None = PrivateAttr(default=None)  # (file, line map) it was read from, if any
+    _origin: Origin = PrivateAttr(default_factory=lambda: Origin())
 
     @model_validator(mode="before")
     @classmethod
@@ -197,7 +213,8 @@ class Protocol(StrictModel):
     def locate(self, err: OptolabError) -> OptolabError:
         """``err`` (about one of this protocol's fields, found at run time) with the protocol's
         file and the field's line, where the protocol was read from a file."""
-        return err.located(*self._source) if self._source is not None else err
+        o = self._origin
+        return err.located(o.source, o.lines) if o.source is not None else err
 
     def clamp_plan(self, task: Task, cfg: ModelConfig) -> Plan:
         """The clamps checked against the model and task (:func:`optolab.clamps.plan.plan_clamps`),
