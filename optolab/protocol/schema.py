@@ -202,14 +202,6 @@ class Protocol(StrictModel):
             data["conditions"] = {k: validate_clamps(v, f"conditions.{k}") for k, v in data["conditions"].items()}
         return data  # (what it depends on, the clamp plan)
 
-    def __eq__(self, other: object) -> bool:
-        # what a protocol says, not where it was read from or its cached plan (private state)
-        if not isinstance(other, Protocol):
-            return NotImplemented
-        return type(self) is type(other) and self.__dict__ == other.__dict__
-
-    __hash__ = None  # mutable, as every pydantic model that is not frozen
-
     def locate(self, err: OptolabError) -> OptolabError:
         """``err`` (about one of this protocol's fields, found at run time) with the protocol's
         file and the field's line, where the protocol was read from a file."""
