@@ -12,9 +12,8 @@ from optolab.cli import main
 from optolab.core.errors import OptolabError
 from optolab.protocol.loader import validate_protocol
 from optolab.tasks import make_task, validate_task_spec
-from optolab.tasks.token_corpus import TokenCorpusSpec, TokenCorpusTask
+from optolab.tasks.token_corpus import TokenCorpusTask
 from optolab.training.trainer import train
-from tests.conftest import write_protocol
 
 TEXT = ("def f(x):\n    return x + 1\n\n" * 40 + "class A:\n    pass\n" * 40 + "é ü ß\n" * 10)
 
