@@ -5,6 +5,7 @@ trained like every task (a clamp, the compiled path, resume)."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -12,9 +13,8 @@ from optolab.cli import main
 from optolab.core.errors import OptolabError
 from optolab.protocol.loader import validate_protocol
 from optolab.tasks import make_task, validate_task_spec
-from optolab.tasks.token_corpus import TokenCorpusSpec, TokenCorpusTask
+from optolab.tasks.token_corpus import TokenCorpusTask
 from optolab.training.trainer import train
-from tests.conftest import write_protocol
 
 TEXT = ("def f(x):\n    return x + 1\n\n" * 40 + "class A:\n    pass\n" * 40 + "é ü ß\n" * 10)
 
@@ -211,3 +211,20 @@ def test_it_trains_under_a_clamp_compiled_and_resumed_like_every_task(tmp_path):
     assert ("repeated_random", "prefix_matching") in metrics
     loss = m_full[(m_full.split == "val") & (m_full.metric == "loss")].sort_values("step")["value"].to_numpy()
     assert loss[-1] < loss[0] - 1.0  # it learns the bytes' statistics (from ln 256 = 5.5)
+
+
+def test_ensemble_members_equal_their_runs_alone(tmp_path):
+    from optolab.training.ensemble import train_ensemble
+
+    corpus = _text(tmp_path)
+    members = []
+    for seed in (0, 1):
+        data = _protocol(corpus, False).resolved()
+        data.update(name=f"m{seed}", seeds={"init": seed, "data": seed, "eval": 1})
+        data["train"]["steps"] = 20
+        members.append(validate_protocol(data))
+    train_ensemble(members, [tmp_path / "e0", tmp_path / "e1"])
+    solo = train(members[1], tmp_path / "solo1", progress=False)
+    ens = pd.read_parquet(tmp_path / "e1" / "metrics.parquet")["value"].to_numpy()
+    # batched members round differently from one model alone (tests/test_ensemble.py: 6e-7 measured)
+    assert np.nanmax(np.abs(ens - solo.run_dir.metrics()["value"].to_numpy())) < 1e-5
