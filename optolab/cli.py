@@ -1,4 +1,4 @@
-"""``optolab`` command line: run, validate, sites, evaluate, llc, plot, sweep, report, tasks show|check|list.
+"""``optolab`` command line: run, validate, sites, evaluate, llc, plot, sweep, discover, report, tasks show|check|list.
 
 Every user error prints one line (``optolab: error: <where>: <what> Fix: <how>``) and exits
 with code 2; no traceback. Interrupting a run leaves its last checkpoint; the same command
@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pack", type=int, default=8, help="most runs in one ensemble (default 8)")
     p.add_argument("--max-runs", type=int, default=1000, help="refuse a sweep of more runs (default 1000)")
     p.add_argument("--device", help="set every run's train.device: auto, cpu, cuda, cuda:N or mps")
+
+    p = sub.add_parser("discover", help="screen -> confirmation -> critical windows -> dose, and a formation map")
+    p.add_argument("file")
+    p.add_argument("--out", required=True, help="folder of the stages' sweep directories and formation_map.md")
+    p.add_argument("--workers", type=int, help="processes (default: the file's, else the CPU count)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the estimated CPU-minutes only")
 
     p = sub.add_parser("report", help="summary.csv, conditions.csv and report.md of a sweep directory")
     p.add_argument("sweep_dir")
@@ -202,9 +208,17 @@ def _dispatch(args: argparse.Namespace) -> int:
                                                         max_pack=args.max_pack)
             for rid in runs:
                 print(rid + ("  (finished)" if rid in status else ""))
-            print(f"trains as {len(jobs)} job(s) on {workers} worker(s) (--pack {args.pack}):")
-            for job in jobs:
-                print("  " + " + ".join(job))
+            from optolab.experiments.cost import estimate
+
+            seconds, _ = estimate(runs, jobs)
+            print(f"trains as {len(jobs)} job(s) on {workers} worker(s) (--pack {args.pack}), estimated CPU-minutes "
+                  f"each (cost model calibrated just now: optolab.experiments.cost):")
+            for job, sec in zip(jobs, seconds):
+                print(f"  {sec / 60:7.1f}  " + " + ".join(job))
+            from optolab.experiments.cost import makespan
+
+            print(f"total about {sum(seconds) / 60:.1f} CPU-min, about {makespan(seconds, workers) / 60:.1f} min wall on "
+                  f"{workers} worker(s){' (an upper bound: runs stop at their answer)' if any(runs[r].protocol.train.stop for j in jobs for r in j) else ''}")
             later = [rid for rid in runs if rid not in status and not any(rid in job for job in jobs)]
             if later:
                 print(f"then {len(later)} run(s) with dense evals around the reference's loss drop, once it has finished")
@@ -222,6 +236,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             print("Re-run the same command to retry interrupted runs (finished and diverged ones are skipped).",
                   file=sys.stderr)
         return 1 if failed else 0
+    if args.command == "discover":
+        from optolab.experiments import discover
+
+        if args.dry_run:
+            print("\n".join(discover.plan(args.file, workers=args.workers)))
+            return 0
+        discover.run_discover(args.file, args.out, workers=args.workers)
+        print(f"formation map written to {args.out}/formation_map.md")
+        return 0
     if args.command == "report":
         from optolab.experiments.report import write_report
 
