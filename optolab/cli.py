@@ -200,29 +200,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "tasks":
         return _tasks(args)
     if args.command == "sweep":
-        from optolab.experiments.sweep import plan_sweep, run_sweep
+        from optolab.experiments.sweep import run_sweep
 
         if args.dry_run:
-            _, runs, status, jobs, workers = plan_sweep(args.sweep, args.out, workers=args.workers, pack=args.pack,
-                                                        max_runs=args.max_runs,
-                                                        max_pack=args.max_pack)
-            for rid in runs:
-                print(rid + ("  (finished)" if rid in status else ""))
-            from optolab.experiments.cost import estimate
-
-            seconds, _ = estimate(runs, jobs)
-            print(f"trains as {len(jobs)} job(s) on {workers} worker(s) (--pack {args.pack}), estimated CPU-minutes "
-                  f"each (cost model calibrated just now: optolab.experiments.cost):")
-            for job, sec in zip(jobs, seconds):
-                print(f"  {sec / 60:7.1f}  " + " + ".join(job))
-            from optolab.experiments.cost import makespan
-
-            print(f"total about {sum(seconds) / 60:.1f} CPU-min, about {makespan(seconds, workers) / 60:.1f} min wall on "
-                  f"{workers} worker(s){' (an upper bound: runs stop at their answer)' if any(runs[r].protocol.train.stop for j in jobs for r in j) else ''}")
-            later = [rid for rid in runs if rid not in status and not any(rid in job for job in jobs)]
-            if later:
-                print(f"then {len(later)} run(s) with dense evals around the reference's loss drop, once it has finished")
-            return 0
+            return _sweep_dry_run(args)
         status = run_sweep(args.sweep, args.out, workers=args.workers, executor=args.executor,
                            address=args.address, pack=args.pack, max_pack=args.max_pack,
                            max_runs=args.max_runs, device=args.device)
@@ -258,6 +239,31 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(path)
         return 0
     raise AssertionError(args.command)
+
+
+def _sweep_dry_run(args: argparse.Namespace) -> int:
+    """``optolab sweep --dry-run``: the runs, how they pack, and each job's estimated CPU-minutes."""
+    from optolab.experiments.cost import estimate, makespan
+    from optolab.experiments.sweep import plan_sweep
+
+    spec, runs, status, jobs, workers = plan_sweep(args.sweep, args.out, workers=args.workers, pack=args.pack,
+                                                max_runs=args.max_runs, max_pack=args.max_pack)
+    for rid in runs:
+        print(rid + ("  (finished)" if rid in status else ""))
+    seconds, _ = estimate(runs, jobs)
+    print(f"trains as {len(jobs)} job(s) on {workers} worker(s) (--pack {args.pack}):")
+    for job, sec in zip(jobs, seconds):
+        print("  " + " + ".join(job) + f"  (about {sec / 60:.1f} CPU-min)")
+    bound = any(runs[r].protocol.train.stop for job in jobs for r in job)
+    print(f"estimated total (cost model calibrated just now, optolab.experiments.cost): about {sum(seconds) / 60:.1f} "
+          f"CPU-min, about {makespan(seconds, workers) / 60:.1f} min wall on {workers} worker(s)"
+          + (" (an upper bound: runs stop at their answer)" if bound else ""))
+    later = [rid for rid in runs if rid not in status and not any(rid in job for job in jobs)]
+    if later:
+        why = "with dense evals around the reference's loss drop" if spec.dense_evals is not None else \
+            "capped at a multiple of the reference's crossing (stop_at_answer)"
+        print(f"then {len(later)} run(s) {why}, once it has finished")
+    return 0
 
 
 def _llc(args: argparse.Namespace) -> int:

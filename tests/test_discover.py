@@ -163,3 +163,13 @@ def test_tiny_real_discovery(tmp_path):
     assert set(record["stages"]["dose"]["doses"]) == {"0.5"}
     assert "## When" in (out / "formation_map.md").read_text()
     assert record["stages"]["screen"]["compute_s"] > 0
+
+
+def test_shipped_discover_files_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "protocols" / "discover").glob("*.yaml"))
+    assert files
+    for f in files:
+        spec = discover.load(f)
+        assert len(discover.screen_conditions(spec, str((f.parent / spec.protocol).resolve()))) == 16

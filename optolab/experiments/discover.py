@@ -71,6 +71,10 @@ class DoseSpec(StrictModel):
     values: list[float] = Field(min_length=1)
 
 
+class Budget(StrictModel):
+    max_runs: PosCount = Field(1000, description="no round starts that would take the discovery past this many runs")
+
+
 class DiscoverSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     protocol: str = Field(description="the base protocol, relative to this file")
@@ -84,6 +88,7 @@ class DiscoverSpec(StrictModel):
     confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
     windows: WindowSpec | None = Field(default_factory=WindowSpec)
     dose: dict[str, DoseSpec] = Field(default_factory=dict, description="intervention name -> the field and values")
+    budget: Budget = Field(default_factory=Budget)
     workers: PosCount | None = None
     max_pack: PosCount = 8
 
@@ -204,6 +209,7 @@ def sequential_stage(ctx: Ctx, k: int, stage: str, conds: dict[str, list[dict]],
     sweep_dir = ctx.stage_dir(k, stage)
     seeds = {n: list(range(first_seed, first_seed + rule.start)) for n in conds}
     verdicts: dict[str, dict] = {}
+    budget_reached = False
     for r in range(1, 1 + math.ceil((rule.max - rule.start) / rule.add) + 1):
         ref_seeds = sorted({s for v in seeds.values() for s in v})
         listed = [{"name": REFERENCE, "seeds": ref_seeds}] + [
@@ -223,14 +229,27 @@ def sequential_stage(ctx: Ctx, k: int, stage: str, conds: dict[str, list[dict]],
         grown = {n: sequential.next_seeds(seeds[n], verdicts[n]["verdict"], rule.add, rule.max) for n in conds}
         if grown == seeds:
             break
+        if _runs_so_far(ctx) + _stage_runs(grown) > ctx.spec.budget.max_runs:
+            budget_reached = True
+            break
         seeds = grown
     survives = sequential.holm({n: v["p"] for n, v in verdicts.items()}, ctx.spec.alpha)
     for n, v in verdicts.items():
         v.update(holm=survives[n], seeds=len(seeds[n]), at_cap=v["verdict"] == "open" and len(seeds[n]) >= rule.max)
-    return {"verdicts": verdicts, "rounds": r, "reference_times": {str(s): x for s, x in
+    return {"verdicts": verdicts, "rounds": r, "runs": _stage_runs(seeds), "budget_reached": budget_reached,
+            "reference_times": {str(s): x for s, x in
                                                                    times(sweep_dir, ctx.spec.question.loss)
                                                                    .get(REFERENCE, {}).items()},
             "compute_s": compute_s(sweep_dir), "dir": str(sweep_dir)}
+
+
+def _stage_runs(seeds: dict[str, list[int]]) -> int:
+    """Runs of a sequential stage: each condition's seeds and the reference's (their union)."""
+    return sum(map(len, seeds.values())) + len({s for v in seeds.values() for s in v})
+
+
+def _runs_so_far(ctx: Ctx) -> int:
+    return sum(int(st.get("runs", 0)) for st in ctx.record["stages"].values())
 
 
 def _stop_rule(ctx: Ctx, cap: int | None) -> dict:
@@ -353,6 +372,7 @@ def stage_windows(ctx: Ctx) -> dict:
 
         searches[name] = window_search.search(probe, v["direction"], w.effect, hi, w.resolution)
     return {"searches": searches, "t_event": t_event, "relative_to": w.relative_to, "seeds": seeds,
+            "runs": len(listed) * len(seeds),
             "compute_s": compute_s(sweep_dir), "dir": str(sweep_dir)}
 
 
@@ -377,7 +397,8 @@ def stage_dose(ctx: Ctx) -> dict:
     t = times(sweep_dir, ctx.spec.question.loss)
     doses = {f"{v:g}": judge(t.get(c["name"], {}), {s: ref[s] for s in seeds}, ctx.spec.margin)
              for v, c in zip(d.values, listed)}
-    return {"condition": pick, "field": d.field, "doses": doses, "compute_s": compute_s(sweep_dir),
+    return {"condition": pick, "field": d.field, "doses": doses, "runs": len(listed) * len(seeds),
+            "compute_s": compute_s(sweep_dir),
             "dir": str(sweep_dir)}
 
 

@@ -78,6 +78,9 @@ def _unresolved(stages: dict) -> list[str]:
             c = confirm.get(n)
             out.append(f"- {n}: an effect in the screen ({_ci(v)}) not confirmed on fresh seeds"
                        + (f" ({_ci(c)}, {c['verdict']})." if c else "."))
+    for name in ("screen", "confirm"):
+        if stages.get(name, {}).get("budget_reached"):
+            out.append(f"- the {name} stopped adding seeds at the discovery's budget (budget.max_runs).")
     nulls = [n for n, v in screen.items() if v["verdict"] == "null"]
     if nulls:
         out.append(f"- resolved nulls (ratio CI within the margin): {', '.join(nulls)}.")
