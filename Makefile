@@ -20,8 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/optolab run protocols/quickstart.yaml --out results/quickstart --overwrite
 
+# The suite, then its numerically sensitive tests again under other CPU kernel choices
+# (OpenBLAS SkylakeX / Haswell, torch avx2): a tolerance must hold on every CPU, not this one.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+	$(BIN)/python tests/kernel_choices.py
 
 # Everything but the soak (1e5 steps, ~10 min on its own): a few minutes on one core.
 bench: bench-train bench-clamps bench-ensemble bench-generators

@@ -74,8 +74,9 @@ def main() -> int:
     run_sweep(fixed_sweep(out, spec, args.fixed_stop, args.seeds), fixed_dir, workers=args.workers, max_runs=10_000)
     fixed_wall = time.monotonic() - t1
     cpu_fixed = sweep_cpu_s(fixed_dir)
-    t = discover.times(fixed_dir, spec.question.loss)
-    fixed = {n: discover.judge(t.get(n, {}), t.get("reference", {}), spec.margin) for n in t if n != "reference"}
+    t, c = discover.times(fixed_dir, spec.question.loss), discover.censored(fixed_dir, spec.question.loss)
+    fixed = {n: discover.judge(t.get(n, {}), t.get("reference", {}), spec.margin, cond_censored=c.get(n),
+                               ref_censored=c.get("reference")) for n in t if n != "reference"}
 
     screen = record["stages"]["screen"]["verdicts"]
     confirm = record["stages"].get("confirm", {}).get("verdicts", {})

@@ -20,14 +20,25 @@ def _seed(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"seed must be an integer from 0 to {MAX_SEED}, got {text!r}")
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer (at most {MAX_SEED}), got {text!r}. "
+                                         "Fix: pass e.g. --seed 3")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line and exit 2, as every other bad input (not a usage dump)."""
+
+    def error(self, message: str):
+        message = message.removeprefix("argument ")
+        if "Fix:" not in message:
+            message = f"{message.rstrip('.')}. Fix: see `{self.prog} --help`"
+        self.exit(EXIT_USER_ERROR, f"optolab: error: {self.prog}: {message}.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optolab", description="Causal-intervention lab for induction heads.")
+    parser = _Parser(prog="optolab", description="Causal-intervention lab for induction heads.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="train a protocol (resumes an unfinished run in --out)")
@@ -188,6 +199,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             df = evaluate_checkpoint(protocol, args.checkpoint)
             out.parent.mkdir(parents=True, exist_ok=True)
             df.to_csv(out, index=False)
+            if inside:  # optolab wrote it: --overwrite may delete it (optolab.training.rundir)
+                from optolab.training.rundir import record
+
+                record(run_dir, out)
         finally:
             if lock is not None:
                 lock.release()

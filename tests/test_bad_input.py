@@ -106,6 +106,7 @@ def test_bad_seed_flag_and_subprocess_has_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "optolab.cli", "run", str(QUICK), "--seed", "abc"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "seed must be a non-negative integer" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Fix:" in out.stderr  # not a usage dump
     out = subprocess.run([sys.executable, "-m", "optolab.cli", "validate", str(tmp_path / "x.yaml")],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -54,6 +54,7 @@ def hooked(model, batch, replace: dict):
             h.remove()
 
 
+@pytest.mark.numerics
 class TestValues:
     def test_previous_token_pattern_exact_and_cuts_qk_gradient(self):
         _, _, model, fwd, batch = setup([{"kind": "set", "site": "pattern0", "heads": [2], "to": "previous_token",
@@ -119,6 +120,7 @@ class TestValues:
         assert (saved[P0][:, 0, -1] == 0.25).all() and not (saved[P0][:, 0, -2] == 0.25).all()
 
 
+@pytest.mark.numerics
 class TestMultiPass:
     def test_pattern_preserving_ablation_matches_reference(self):
         clamps = [{"kind": "preserve", "site": "pattern0"}, {"kind": "preserve", "site": "pattern1"},
@@ -231,6 +233,7 @@ def test_a_finished_run_leaves_no_hooks_on_its_model(tmp_path):
         assert all(b.attn.per_head_results for b in model.blocks)  # the flag is back to its default
 
 
+@pytest.mark.numerics
 class TestPathAblate:
     """``path_ablate``: one path loses the source, every other path keeps it."""
 

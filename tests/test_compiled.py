@@ -76,6 +76,7 @@ def _max_diff(a, b) -> float:
     return float(np.nanmax(np.abs(x.value.to_numpy() - y.value.to_numpy())))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("group", ["none", "site clamps", "two passes", "three passes", "graft+freeze"])
 def test_compiled_run_equals_the_nnsight_run(group, tmp_path):
     clamps = _groups(tmp_path)[group]

@@ -4,6 +4,8 @@ some condition lacks (refused, or applied where present when the file says so)."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -231,3 +233,38 @@ def test_the_docs_design_examples_expand_as_documented(tmp_path):
         spec, runs = load_sweep(path)
         counts.append(len(spec.conditions))
     assert counts == [17, 12, 5]  # 8 heads × 2 + none; 11 windows (one clipped onto another) + none; 5 doses
+
+
+def test_a_window_scan_reads_its_times_on_the_unclamped_model(tmp_path):
+    """c9baccf's window scans kept ``apply_at: both``: an eval inside a window read the clamp's
+    output (the quickstart's loss spiked to ~2 at every window start and a window over the final
+    eval gave final_loss 0.75). Now the window's clamp acts on training only: at the window's
+    first eval the weights are the reference's (the clamp has not yet trained them), so the two
+    runs' losses there are equal; read through the clamp they are not."""
+    from optolab.training.trainer import train
+
+    design = {"kind": "window_scan", "reference": "none", "clamp": PREV, "unit": "steps", "starts": [20],
+              "lengths": [10]}
+    spec, runs = load_sweep(_sweep(tmp_path, design))
+    (clamp,) = _clamps(runs["win_s20_l10_s0"])
+    assert clamp["apply_at"] == "train"
+    results = {rid: train(r.protocol, tmp_path / rid, progress=False) for rid, r in runs.items()}
+
+    def loss_at(rid, step):
+        m = results[rid].run_dir.metrics()
+        split = results[rid].task.main_split
+        return float(m[(m.split == split) & (m.metric == "loss") & (m.step == step)].value.iloc[0])
+
+    assert loss_at("win_s20_l10_s0", 20) == loss_at("none_s0", 20)
+    summary = json.loads((tmp_path / "win_s20_l10_s0" / "summary.json").read_text())
+    assert summary["readout"] == {"model": "unclamped", "clamps": []}
+    # the same clamp read through at evals (apply_at: both, c9baccf's default) moves the step-20 loss
+    both = {**design, "clamp": {**PREV, "apply_at": "both"}}
+    _, runs = load_sweep(_sweep(tmp_path, both))
+    through = train(runs["win_s20_l10_s0"].protocol, tmp_path / "through", progress=False)
+    m = through.run_dir.metrics()
+    at20 = float(m[(m.split == through.task.main_split) & (m.metric == "loss") & (m.step == 20)].value.iloc[0])
+    assert abs(at20 - loss_at("none_s0", 20)) > 1e-3
+    summary = json.loads((tmp_path / "through" / "summary.json").read_text())
+    assert summary["readout"]["model"] == "clamped inside windows"
+    assert summary["readout"]["clamps"] == [{"clamp": "win_s20_l10", "steps": [20, 30]}]

@@ -91,6 +91,7 @@ def _max_diff(a, b) -> float:
     return float(np.nanmax(np.abs(x.value.to_numpy() - y.value.to_numpy())))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind", list(CLAMPS))
 def test_each_member_equals_its_run_alone(kind, tmp_path):
     protocols = _members(CLAMPS[kind])

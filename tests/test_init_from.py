@@ -71,7 +71,7 @@ def test_init_from_a_path_relative_to_the_protocol_and_bad_sources_are_one_line(
     assert load_protocol(path).init_from.run == str(src.resolve())
     with pytest.raises(OptolabError) as e:
         train(validate_protocol(_child(src, step=15)), tmp_path / "a", progress=False)
-    assert e.value.field == "init_from.run" and "no checkpoint at step 15" in str(e.value)
+    assert e.value.field == "init_from.step" and "no checkpoint at step 15" in str(e.value)
     other = _child(src)
     other["model"] = {**other["model"], "d_model": 32}
     with pytest.raises(OptolabError) as e:

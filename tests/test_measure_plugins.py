@@ -63,3 +63,48 @@ def test_installing_a_measure_never_stops_a_run_from_resuming(tmp_path):
     second = _train(protocol, out, site=site)  # the same protocol, the plugin now installed
     assert second.returncode == 0, second.stderr
     assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+
+
+LAGGED = '''
+from typing import ClassVar
+
+from pydantic import Field
+
+from optolab.measures.measure import Measure, SplitData, model_row
+
+
+class LagProbe(Measure):
+    NAME: ClassVar[str] = "lag_probe"
+    DEFAULT: ClassVar[bool] = False
+    OPTIONS: ClassVar[dict] = {"max_lag": (int, Field(3, ge=0))}  # the name of a built-in option
+
+    def on_split(self, d: SplitData) -> list[dict]:
+        return [model_row(d.split, "lag_probe", float(self.options(d.spec).max_lag))]
+'''
+
+
+def test_a_plug_in_option_named_like_a_built_in_one_lives_under_its_measure(tmp_path):
+    """c9baccf: a plug-in measure with an option `max_lag` (a built-in prefix_matching option)
+    made `optolab validate protocols/quickstart.yaml` fail. Options of installed measures are
+    namespaced under their measure: both max_lags coexist."""
+    site = tmp_path / "site"
+    (site / "lagprobe-0.1.dist-info").mkdir(parents=True)
+    (site / "lagprobe.py").write_text(LAGGED)
+    (site / "lagprobe-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: lagprobe\nVersion: 0.1\n")
+    (site / "lagprobe-0.1.dist-info" / "entry_points.txt").write_text("[optolab.measures]\nlag_probe = lagprobe:LagProbe\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    shipped = subprocess.run([sys.executable, "-m", "optolab", "validate", str(ROOT / "protocols" / "quickstart.yaml")],
+                             capture_output=True, text=True, env=env)
+    assert shipped.returncode == 0, shipped.stderr
+    data = fewshot_protocol(steps=10)
+    data["measures"].update({"lag_probe": {"max_lag": 5}, "max_lag": 2})
+    result = _train(write_protocol(tmp_path, data), tmp_path / "run", site=site)
+    assert result.returncode == 0, result.stderr
+    measures = yaml.safe_load((tmp_path / "run" / "protocol.yaml").read_text())["measures"]
+    assert measures["lag_probe"] == {"max_lag": 5} and measures["max_lag"] == 2
+    df = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
+    assert set(df[df.metric == "lag_probe"].value) == {5.0}
+    # `true` is the plug-in's defaults; a wrong type is one line naming the namespaced field
+    data["measures"]["lag_probe"] = {"max_lag": "many"}
+    bad = _train(write_protocol(tmp_path, data, "bad.yaml"), tmp_path / "bad", site=site)
+    assert bad.returncode != 0 and "measures.lag_probe.max_lag" in bad.stderr

@@ -76,6 +76,7 @@ def test_noise_changes_training_and_reruns_repeat_exactly(tmp_path):
     assert _max_diff(a, plain) > 1e-3
 
 
+@pytest.mark.numerics
 def test_hooks_and_nnsight_draw_the_same_noise_bit_for_bit(tmp_path):
     train(_protocol(clamp_engine="nnsight"), tmp_path / "nn", progress=False)
     train(_protocol(clamp_engine="hooks"), tmp_path / "hooks", progress=False)
@@ -89,6 +90,7 @@ def test_a_resumed_noisy_run_repeats_the_uninterrupted_one(tmp_path):
     assert _max_diff(tmp_path / "whole", tmp_path / "cut") == 0.0
 
 
+@pytest.mark.numerics
 def test_compiled_noise_equals_the_nnsight_run(tmp_path):
     train(_protocol(), tmp_path / "eager", progress=False)
     train(_protocol(compile=True), tmp_path / "compiled", progress=False)

@@ -7,6 +7,8 @@ import pytest
 
 from optolab.measures.phase import detect, ratio, summarize_times
 
+pytestmark = pytest.mark.numerics  # re-run under other CPU kernels (tests/kernel_choices.py)
+
 
 def sigmoid_drop(x, at, width, high, low):
     return low + (high - low) / (1 + np.exp((x - at) / width))

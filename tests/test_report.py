@@ -9,12 +9,18 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 
 from optolab.experiments.executors import Progress
 from optolab.experiments.report import write_report
 
 SEEDS = list(range(8))
+
+
+def _readout(clamps: list) -> dict:
+    windowed = [c for c in clamps if c.get("window") and c.get("apply_at", "both") != "train"]
+    return {"model": "clamped inside windows" if windowed else "unclamped", "clamps": []}
 
 
 def _run(out, rid: str, crossing: float | None, seed: int, clamps: list) -> None:
@@ -29,7 +35,7 @@ def _run(out, rid: str, crossing: float | None, seed: int, clamps: list) -> None
     pd.DataFrame(rows).to_parquet(d / "metrics.parquet")
     first = next((int(x) for x, v in zip(xs, loss) if v < 0.5), None)
     (d / "summary.json").write_text(json.dumps({
-        "main_split": "val", "status": "finished",
+        "main_split": "val", "status": "finished", "readout": _readout(clamps),
         "time_to_loss_0.5": None if first is None else {"step": first // 10, "sequences": first},
         "final": {"val": {"loss": float(loss[-1]), "acc": 0.9}}}))
     (d / "protocol.yaml").write_text(yaml.safe_dump({"train": {"batch_size": 10}, "clamps": clamps}))
@@ -77,7 +83,10 @@ def test_the_report_finds_a_known_paired_effect_and_opens_with_it(tmp_path):
     assert "**fast**: clamps: set blocks.0.attn.hook_pattern heads [2] to previous_token during [50, 150) steps" in intro
     assert "**never**: train.lr = 0.001, no clamp" in intro
     assert "'fast' speeds up the drop below loss 0.5 by a factor 0.5 (paired over 8 seeds; 95 % CI [0.49" in intro
-    assert "'never' delays the drop below loss 0.5 by a factor 2 (paired over 8 seeds; 2 of them never" in intro
+    assert "'never' delays the drop below loss 0.5 by a factor 2 (paired over 8 seeds; 95 % CI [" in intro
+    assert "**Censoring:** 2 of 24 runs never got below loss 0.5" in intro
+    # 'fast' reads the clamped model inside its window (apply_at: both): the report says so first
+    assert "**Readout warning:** in 1 condition(s) (fast) evals inside a clamp's window read the clamped" in intro
     assert "interpolated" in intro
     for fig in ("loss_curves", "times", "effects", "survival"):
         assert (out / "figures" / f"{fig}.png").is_file()
@@ -146,3 +155,27 @@ def test_a_window_scan_report_draws_the_effect_by_window_start(tmp_path):
     starts = [line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ") and
               line[2].isdigit()]
     assert starts == ["0", "500", "2e+03"] and (out / "figures" / "window_scan.png").is_file()
+
+
+def test_a_reference_seed_without_the_event_is_censored_not_averaged_into_a_speed_up(tmp_path):
+    """c9baccf: one `none` seed that never crossed turned a later condition into "ratio 0.635
+    [0, 1.27]" (the median of 1.27 and a censored 0), which read as a speed-up."""
+    out = tmp_path / "sweep"
+    runs = {}
+    for s, (ref, later) in enumerate([(1000.0, 1270.0), (None, 1900.0)]):
+        for cond, t in (("none", ref), ("later", later)):
+            rid = f"{cond}_s{s}"
+            runs[rid] = {"condition": cond, "point": {}, "seed": s, "group": cond}
+            _run(out, rid, t, s, [])
+    (out / "sweep.json").write_text(json.dumps({
+        "sweep": {"name": "censored", "reference": "none", "conditions": [{"name": "none"}, {"name": "later"}]},
+        "runs": runs}))
+    write_report(out)
+    cond = pd.read_csv(out / "conditions.csv").set_index("group").loc["later"]
+    assert np.isnan(cond.t05_ratio) and cond.t05_censored_reference == 1
+    # the reference's seed 1 is censored at its last eval (4,000): its ratio is at most 1,900 / 4,000
+    assert cond.t05_ratio_low == pytest.approx((1.27 + 0) / 2) and cond.t05_ratio_high == pytest.approx(
+        (1.27 + 1900 / 4000) / 2)
+    intro = (out / "report.md").read_text().split("## Per condition")[0]
+    assert "speeds up" not in intro and "'later': cannot say" in intro
+    assert "1 of them the reference's (seed(s) 1)" in intro

@@ -19,6 +19,8 @@ from optolab.experiments.stats import (
     unpaired_effect,
 )
 
+pytestmark = pytest.mark.numerics  # re-run under other CPU kernels (tests/kernel_choices.py)
+
 # --- crossing times ---------------------------------------------------------------------------
 
 XS = [0, 1000, 2000, 3000, 4000]
@@ -159,7 +161,7 @@ def test_censored_seeds_are_counted_not_dropped():
     assert not r["resolved"]
     # a majority of censored seeds puts the median itself on "never"
     r = paired_effect({s: None if s else 50.0 for s in range(7)}, ref)
-    assert r["effect"] is None and "censored" in r["warning"]
+    assert r["effect"] is None and r["effect_low"] > 1 and "condition never crossed in 6" in r["warning"]
 
 
 def test_a_reference_that_never_crosses_gives_zero_ratio_and_minus_inf_difference():
@@ -168,6 +170,28 @@ def test_a_reference_that_never_crosses_gives_zero_ratio_and_minus_inf_differenc
     d = paired_effect({0: 10.0, 1: 20.0}, {0: None, 1: 40.0}, kind="difference")
     assert d["per_seed"] == {0: -math.inf, 1: -20.0}
     assert d["effect"] is None and d["ci_low"] is None and d["ci_high"] == -20.0
+
+
+def test_a_reference_seed_that_never_crossed_bounds_the_ratio_instead_of_halving_it():
+    """c9baccf's report: one `none` seed without the event turned a later condition into "ratio
+    0.635 [0, 1.27]" (the median of 1.27 and a censored 0), which reads as a speed-up."""
+    # seed 0: the condition is later (1.27x); seed 1: the reference never crossed by 2e5
+    r = paired_effect({0: 127.0, 1: 190.0}, {0: 100.0, 1: None}, ref_censored_at={1: 200.0})
+    assert r["per_seed_bounds"] == {0: (1.27, 1.27), 1: (0.0, 0.95)}
+    assert r["effect"] is None  # cannot say: the middle of two seeds depends on the censored one
+    assert (r["effect_low"], r["effect_high"]) == pytest.approx((0.635, 1.11))
+    assert r["censored"] == {"condition": 0, "reference": 1}
+    assert "cannot say" in r["warning"] and "reference never crossed in 1 seed" in r["warning"]
+    assert r["ci_low"] == 0.0 and r["ci_high"] == 1.27 and not r["resolved"]
+    # with 7 seeds and one censored reference the median is still a number: it is said
+    cond = {s: 130.0 + s for s in range(7)}
+    ref = {s: 100.0 for s in range(6)} | {6: None}
+    r = paired_effect(cond, ref, ref_censored_at={6: 200.0})
+    assert r["effect"] == pytest.approx(1.32) and r["effect_low"] == r["effect_high"] == r["effect"]
+    assert r["resolved"] and r["ci_low"] > 1
+    # the censoring point decides the bound: a reference run that stopped at 100 says less
+    r = paired_effect({0: 150.0}, {0: None}, ref_censored_at={0: 100.0})
+    assert r["per_seed_bounds"] == {0: (0.0, 1.5)}
 
 
 def test_pairs_where_neither_crosses_are_excluded_and_counted():

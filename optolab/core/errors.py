@@ -193,7 +193,8 @@ def from_validation_error(exc: Any, *, source: str | Path | None = None, prefix:
     ``tags`` are discriminator values that pydantic puts into locations (``task.fewshot.dim``);
     they are dropped so the path is the one the user wrote (``task.dim``).
     """
-    errs = exc.errors(include_url=False)
+    # an unknown key first: a misspelt key is why the field it meant is "missing"
+    errs = sorted(exc.errors(include_url=False), key=lambda e: e.get("type") != "extra_forbidden")
     err = errs[0]
     raw = list(err.get("loc", ()))
     # a tag sits where a union was chosen: first, after 'task', or after a list index
@@ -214,10 +215,22 @@ def from_validation_error(exc: Any, *, source: str | Path | None = None, prefix:
     if err.get("type") not in {"missing", "extra_forbidden"} and not isinstance(got, (dict, list)):
         msg += f" (got {got!r})"
     if err.get("type") == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _not_ascii(str(raw[-1]) if raw else "")
     more = f" ({len(errs) - 1} more problem(s) after this one)" if len(errs) > 1 else ""
     e = OptolabError(msg + "." + more, field=field or None, fix=_fix_for(err, allowed) or None)
     return e.located(source, lines)
+
+
+def _not_ascii(key: str) -> str:
+    """Where ``key`` holds characters that look like ASCII but are not (a Cyrillic 'а' in
+    'trаin'), the words that name them; else ''."""
+    import unicodedata
+
+    odd = [c for c in dict.fromkeys(key) if not c.isascii()]
+    if not odd:
+        return ""
+    named = ", ".join(f"'{c}' U+{ord(c):04X} {unicodedata.name(c, 'UNNAMED CHARACTER')}" for c in odd[:3])
+    return f" '{key}': it holds {named}, not ASCII (retype the key)"
 
 
 def _allowed_keys(model: Any, loc: Sequence[Any]) -> list[str]:

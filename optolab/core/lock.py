@@ -59,8 +59,7 @@ class DirLock:
         try:
             f = open(path, "a+")  # noqa: SIM115 - kept open for the lock's life
         except OSError as e:
-            raise OptolabError(f"cannot write in '{self.directory}': {e.strerror}.", field="--out",
-                               fix="choose a folder you can write to.") from None
+            raise _cannot_open(path, e) from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -93,6 +92,21 @@ class DirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _cannot_open(path: Path, err: OSError) -> OptolabError:
+    """Why the lock file cannot be opened, naming what is at fault: the folder, or the file."""
+    folder = path.parent
+    if path.is_dir():
+        return OptolabError(f"'{path}' is a folder, not optolab's lock file.", field="--out",
+                            fix="move that folder out of the run directory, or choose another folder.")
+    if not os.path.lexists(path):  # the file could not be created: the folder is at fault
+        return OptolabError(f"cannot write in '{folder}': {err.strerror}.", field="--out",
+                            fix="choose a folder you can write to.")
+    return OptolabError(f"cannot open optolab's lock file '{path}' for writing: {err.strerror} (the folder "
+                        f"itself is {'' if os.access(folder, os.W_OK) else 'not '}writable).", field="--out",
+                        fix=f"make it writable (chmod u+w '{path}'), or delete it if no optolab process writes "
+                            "there; it holds only the last writer's pid.")
 
 
 def _describe(h: dict | None) -> str:

@@ -21,7 +21,12 @@ Rules:
   ``win_s<start>_l<length>`` (``2e4`` for 20000). A window that runs past the end of training is
   clipped to end there and named by what it covers; two windows that clip to the same one give
   one condition. A window that covers no training step is refused. (Windows relative to the
-  reference's detected plateau are not implemented.)
+  reference's detected plateau are not implemented.) A window's clamp acts on **training steps
+  only** (``apply_at: train``) unless the design's clamp sets ``apply_at`` itself: an eval inside
+  the window then reads the model the clamped training made, not the clamp's output, so a time
+  or a final value is never the clamp's direct effect on the readout (a window that covers the
+  reference's crossing would otherwise "delay" it by measurement alone). The report says which
+  model each condition's evals read (:func:`optolab.experiments.report.readout_lines`).
 - ``kind: dose``: the design's clamp (or list) with ``field`` (a field of the clamp, dotted for
   a nested one) set to each of ``values``; conditions ``dose_<value>``.
 - Every design may add ``reference: NAME``: a condition NAME with no extra clamps (the sweep's
@@ -402,8 +407,10 @@ class WindowScan(_ClampDesign):
         out = []
         for label, window in self._windows(shape, source, lines):
             name = f"{self.prefix}_{label}"
-            made = [_named({**c, "window": dict(window)}, name if len(clamps) == 1 else f"{name}.{k}")
-                    for k, c in enumerate(clamps)]
+            # apply_at: train unless the clamp says otherwise, so evals inside the window read
+            # the model training made, not the clamp's output (module rules)
+            made = [_named({"apply_at": "train", **c, "window": dict(window)},
+                           name if len(clamps) == 1 else f"{name}.{k}") for k, c in enumerate(clamps)]
             out.append(DesignCondition(name, made, origins, aliases))
         return out
 

@@ -161,16 +161,18 @@ def run_round(ctx: Ctx, file: Path, sweep_dir: Path) -> None:
                            fix="fix the cause and run the same command again: finished runs are kept.")
 
 
-def times(sweep_dir: Path, loss: float) -> dict[str, dict[int, float | None]]:
-    """``{condition: {seed: time}}`` of a stage's finished runs: the main loss's first crossing
-    of ``loss`` (interpolated; ``None`` = never, censored at its last eval)."""
+def crossings(sweep_dir: Path, loss: float) -> dict[str, dict[int, Any]]:
+    """``{condition: {seed: Crossing}}`` of a stage's finished runs: the main loss's first
+    crossing of ``loss`` (interpolated), or where a run that never crossed was censored."""
     import pandas as pd
 
     from optolab.experiments.stats import crossing_time
 
-    meta = json.loads((sweep_dir / "sweep.json").read_text())
-    out: dict[str, dict[int, float | None]] = {}
-    for rid, info in meta["runs"].items():
+    meta = sweep_dir / "sweep.json"
+    if not meta.is_file():
+        return {}
+    out: dict[str, dict[int, Any]] = {}
+    for rid, info in json.loads(meta.read_text())["runs"].items():
         summary = sweep_dir / rid / "summary.json"
         if not summary.is_file():
             continue
@@ -178,8 +180,18 @@ def times(sweep_dir: Path, loss: float) -> dict[str, dict[int, float | None]]:
         m = pd.read_parquet(sweep_dir / rid / "metrics.parquet")
         curve = m[(m.split == main) & (m.metric == "loss")].sort_values("step")
         out.setdefault(info["condition"], {})[info["seed"]] = crossing_time(
-            curve.sequences.to_numpy(), curve.value.to_numpy(), loss).time
+            curve.sequences.to_numpy(), curve.value.to_numpy(), loss)
     return out
+
+
+def times(sweep_dir: Path, loss: float) -> dict[str, dict[int, float | None]]:
+    """``{condition: {seed: time}}`` (``None`` = never crossed by its last eval)."""
+    return {c: {s: x.time for s, x in v.items()} for c, v in crossings(sweep_dir, loss).items()}
+
+
+def censored(sweep_dir: Path, loss: float) -> dict[str, dict[int, float | None]]:
+    """``{condition: {seed: last eval}}`` of runs that never crossed (stopped at the cap or the budget)."""
+    return {c: {s: x.censored_at for s, x in v.items() if x.time is None} for c, v in crossings(sweep_dir, loss).items()}
 
 
 def compute_s(sweep_dir: Path) -> float:
@@ -189,16 +201,23 @@ def compute_s(sweep_dir: Path) -> float:
     return sweep_cpu_s(sweep_dir)
 
 
-def judge(cond: dict, ref: dict, margin: float, level: float = 0.95) -> dict:
-    """One condition's paired ratio against the reference, its verdict and signed-rank p-value."""
+def judge(cond: dict, ref: dict, margin: float, level: float = 0.95, cond_censored: dict | None = None,
+          ref_censored: dict | None = None) -> dict:
+    """One condition's paired ratio against the reference (censored pairs bounded at the runs'
+    last evals: :func:`optolab.experiments.stats.paired_effect`), its verdict and signed-rank
+    p-value. ``direction``: from the median, or from its bounds when censoring reaches it."""
     from optolab.experiments import sequential, stats
 
-    e = stats.paired_effect(cond, ref, kind="ratio", level=level)
-    return {"ratio": e["effect"], "ci": [e["ci_low"], e["ci_high"]], "n_pairs": e["n_pairs"],
-            "n_censored": e["n_censored"], "verdict": sequential.verdict(e, margin),
+    e = stats.paired_effect(cond, ref, kind="ratio", level=level, cond_censored_at=cond_censored,
+                            ref_censored_at=ref_censored)
+    low, high = e.get("effect_low", e["effect"]), e.get("effect_high", e["effect"])
+    point = e["effect"]
+    if point is None:  # censoring reaches the median: judge by the bound nearer 1 (1 where it straddles 1)
+        point = low if low is not None and low > 1 else high if high is not None and high < 1 else 1.0
+    return {"ratio": e["effect"], "bounds": [low, high], "point": point, "ci": [e["ci_low"], e["ci_high"]],
+            "n_pairs": e["n_pairs"], "n_censored": e["n_censored"], "verdict": sequential.verdict(e, margin),
             "p": sequential.condition_p(e["per_seed"]),
-            "direction": None if e["effect"] is None and not e["n_pairs"] else
-            ("delay" if (e["effect"] is None or e["effect"] > 1) else "speedup")}
+            "direction": None if not e["n_pairs"] else ("delay" if point >= 1 else "speedup")}
 
 
 def sequential_stage(ctx: Ctx, k: int, stage: str, conds: dict[str, list[dict]], rule: SeedRule,
@@ -224,8 +243,9 @@ def sequential_stage(ctx: Ctx, k: int, stage: str, conds: dict[str, list[dict]],
         ctx.say(f"[discover] {stage} round {r}: {sum(map(len, seeds.values())) + len(ref_seeds)} runs "
                 f"({len(conds)} conditions)")
         run_round(ctx, file, sweep_dir)
-        t = times(sweep_dir, ctx.spec.question.loss)
-        verdicts = {n: judge(t.get(n, {}), t.get(REFERENCE, {}), ctx.spec.margin) for n in conds}
+        t, c = times(sweep_dir, ctx.spec.question.loss), censored(sweep_dir, ctx.spec.question.loss)
+        verdicts = {n: judge(t.get(n, {}), t.get(REFERENCE, {}), ctx.spec.margin, cond_censored=c.get(n),
+                             ref_censored=c.get(REFERENCE)) for n in conds}
         grown = {n: sequential.next_seeds(seeds[n], verdicts[n]["verdict"], rule.add, rule.max) for n in conds}
         if grown == seeds:
             break
@@ -313,13 +333,12 @@ def stage_confirm(ctx: Ctx) -> dict:
 def _confirmed(ctx: Ctx) -> list[tuple[str, dict]]:
     """Confirmed conditions, strongest (largest |log ratio|; a censored median counts as largest) first."""
     got = ctx.record["stages"].get("confirm", {}).get("verdicts", {})
-    strength = lambda v: math.inf if v["ratio"] is None else abs(math.log(v["ratio"]))  # noqa: E731
+    strength = lambda v: abs(math.log(v["point"])) if v.get("point") else math.inf  # noqa: E731
     return sorted(((n, v) for n, v in got.items() if v.get("confirmed")), key=lambda nv: -strength(nv[1]))
 
 
 def stage_windows(ctx: Ctx) -> dict:
     from optolab.experiments import window_search
-    from optolab.experiments.stats import median
 
     w = ctx.spec.windows
     picks = _confirmed(ctx)[: w.top] if w is not None else []
@@ -328,6 +347,7 @@ def stage_windows(ctx: Ctx) -> dict:
                 "compute_s": 0.0}
     confirm_dir = ctx.stage_dir(2, "confirm")
     ref = times(confirm_dir, ctx.spec.question.loss).get(REFERENCE, {})
+    ref_cens = censored(confirm_dir, ctx.spec.question.loss).get(REFERENCE, {})
     seeds = sorted(ref)[: w.seeds]
     t_event = _event_time(ctx, confirm_dir, w.relative_to, seeds)
     if t_event is None or t_event <= 0:
@@ -358,17 +378,17 @@ def stage_windows(ctx: Ctx) -> dict:
                 if all(c["name"] != cname for c in listed):
                     listed.append({"name": cname, "clamps": windowed, "seeds": seeds,
                                    "set": {"train.stop": _stop_rule(ctx, cap)}})
-            t = {}
+            t, cens = {}, {}
             if names:
                 file = ctx.out / f"3_windows.{name}.round{next(rounds)}.yaml"
                 write_sweep(ctx, file, listed, False)
                 ctx.say(f"[discover] windows {name}: probing "
                         f"{', '.join(f'{k} {a:.3g}-{b:.3g} T' for k, (a, b) in asks.items())}")
                 run_round(ctx, file, sweep_dir)
-                t = times(sweep_dir, ctx.spec.question.loss)
+                t, cens = times(sweep_dir, ctx.spec.question.loss), censored(sweep_dir, ctx.spec.question.loss)
             return {**{which: 1.0 for which in empty},
-                    **{which: judge(t.get(c, {}), {s: ref[s] for s in seeds}, ctx.spec.margin)["ratio"]
-                       if median(list(t.get(c, {}).values())) is not None else None for which, c in names.items()}}
+                    **{which: judge(t.get(c, {}), {s: ref[s] for s in seeds}, ctx.spec.margin, cond_censored=cens.get(c),
+                                    ref_censored=ref_cens)["point"] for which, c in names.items()}}
 
         searches[name] = window_search.search(probe, v["direction"], w.effect, hi, w.resolution)
     return {"searches": searches, "t_event": t_event, "relative_to": w.relative_to, "seeds": seeds,
@@ -394,8 +414,10 @@ def stage_dose(ctx: Ctx) -> dict:
     write_sweep(ctx, file, listed, False)
     ctx.say(f"[discover] dose of {pick}: {d.field} in {d.values}, {len(listed) * len(seeds)} runs")
     run_round(ctx, file, sweep_dir)
-    t = times(sweep_dir, ctx.spec.question.loss)
-    doses = {f"{v:g}": judge(t.get(c["name"], {}), {s: ref[s] for s in seeds}, ctx.spec.margin)
+    t, cens = times(sweep_dir, ctx.spec.question.loss), censored(sweep_dir, ctx.spec.question.loss)
+    ref_cens = censored(confirm_dir, ctx.spec.question.loss).get(REFERENCE, {})
+    doses = {f"{v:g}": judge(t.get(c["name"], {}), {s: ref[s] for s in seeds}, ctx.spec.margin,
+                             cond_censored=cens.get(c["name"]), ref_censored=ref_cens)
              for v, c in zip(d.values, listed)}
     return {"condition": pick, "field": d.field, "doses": doses, "runs": len(listed) * len(seeds),
             "compute_s": compute_s(sweep_dir),

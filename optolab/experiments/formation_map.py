@@ -25,8 +25,13 @@ def _num(v) -> str:
 
 
 def _ci(v: dict) -> str:
+    """``ratio [CI]``; a median that censoring reaches prints as the bounds it lies between."""
     lo, hi = v["ci"]
-    return f"{_num(v['ratio'])} [{'0' if lo is None and v['ratio'] is not None and v['ratio'] < 1 else _num(lo)}, {_num(hi)}]"
+    ci = f"[{'0' if lo is None else _num(lo)}, {_num(hi)}]"
+    if v["ratio"] is None:
+        b = v.get("bounds") or [None, None]
+        return f"cannot say (censored; median in [{'0' if b[0] is None else _num(b[0])}, {_num(b[1])}]) {ci}"
+    return f"{_num(v['ratio'])} {ci}"
 
 
 def _what_matters(stages: dict) -> list[str]:

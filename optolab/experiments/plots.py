@@ -27,6 +27,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
+from optolab.measures.measure import Curve
 from optolab.tasks import Task
 
 
@@ -44,15 +45,25 @@ def plot_loss(df: pd.DataFrame, task: Task, path: Path) -> Path:
     return path
 
 
+def _first_curve(df: pd.DataFrame, task: Task, role: str, layers) -> tuple[pd.DataFrame, Curve] | None:
+    """The rows of the first measure's ``role`` curve (:class:`Curve`) the run has, in run order."""
+    from optolab.measures import registry
+
+    for curve in registry.curves(role):
+        rows = df[(df.metric == curve.metric) & (df.split == (curve.split or task.main_split))
+                  & df["src_layer"].isna() & layers(df["layer"])]
+        if not rows.empty:
+            return rows, curve
+    return None
+
+
 def plot_head_scores(df: pd.DataFrame, task: Task, path: Path) -> Path | None:
     main = task.main_split
-    ind = df[(df.metric == "induction_strength") & (df.split == main) & (df.layer >= 1)]
-    title, ylabel = "Induction strength (query → correct − wrong label)", "induction strength"
-    if ind.empty:
-        ind = df[(df.metric == "prefix_matching") & (df.split == "probe_repeat")]
-        title, ylabel = "Prefix matching (Olsson probe)", "prefix-matching score"
-    if ind.empty:
+    found = _first_curve(df, task, "induction", lambda layer: layer >= 1)
+    if found is None:
         return None
+    ind, curve = found
+    title, ylabel = curve.title or curve.metric, curve.metric.replace("_", " ")
     ind = ind.assign(head_label=[f"L{layer}H{h}" for layer, h in zip(ind["layer"], ind["head"])])
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
@@ -68,9 +79,10 @@ def plot_head_scores(df: pd.DataFrame, task: Task, path: Path) -> Path | None:
 
 
 def plot_prev_token(df: pd.DataFrame, task: Task, path: Path) -> Path | None:
-    pt = df[(df.metric == "prev_token") & (df.split == task.main_split)]
-    if pt.empty:
+    found = _first_curve(df, task, "previous_token", lambda layer: layer.notna())
+    if found is None:
         return None
+    pt, curve = found
     pt = pt.assign(head_label=[f"L{layer}H{h}" for layer, h in zip(pt["layer"], pt["head"])])
     grid = pt.pivot_table(index="head_label", columns="sequences", values="value")
     grid = grid.reindex(sorted(grid.index, key=lambda s: (int(s[1:].split("H")[0]), int(s.split("H")[1]))))
@@ -79,7 +91,7 @@ def plot_prev_token(df: pd.DataFrame, task: Task, path: Path) -> Path | None:
     step = max(1, grid.shape[1] // 10)
     sns.heatmap(grid, ax=ax, cmap="viridis", vmin=0, vmax=1, xticklabels=step,
                 cbar_kws={"label": "attention i → i−1"})
-    ax.set(title="Previous-token score over training", xlabel="sequences seen", ylabel="head")
+    ax.set(title=f"{curve.title or curve.metric} over training", xlabel="sequences seen", ylabel="head")
     fig.savefig(path, dpi=120)
     return path
 

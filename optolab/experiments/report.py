@@ -91,7 +91,8 @@ def run_rows(sweep_dir: Path) -> tuple[dict, pd.DataFrame, list[str], dict[str, 
                      "plateau": pc.get("plateau"), "loss_below_0.5": t05.get("sequences"),
                      "t05": crossing.time, "t05_censored_at": crossing.censored_at,
                      "final_loss": final.get("loss"), "final_acc": final.get("acc"),
-                     **_score_rise(m, main)})
+                     "last": float(loss.sequences.max()) if len(loss) else None,
+                     "readout": (s.get("readout") or {}).get("model"), **_score_rise(m, main)})
     return meta, pd.DataFrame(rows), missing, metrics
 
 
@@ -111,9 +112,12 @@ def condition_table(meta: dict, df: pd.DataFrame) -> pd.DataFrame:
     for name in TIMES:
         if name not in df:
             continue
-        runs = [{"condition": r.condition, "group": r.group, "seed": r.seed, "t": r.t}
-                for r in df[["condition", "group", "seed", name]].rename(columns={name: "t"}).itertuples(index=False)]
-        for row in stats.effects_table(runs, reference, "t"):
+        # a run that never got there is censored at its last eval (the loss crossing's own, else the run's)
+        after = df["t05_censored_at"] if name == "t05" and "t05_censored_at" in df else df.get("last")
+        runs = [{"condition": r.condition, "group": r.group, "seed": r.seed, "t": r.t, "after": a}
+                for r, a in zip(df[["condition", "group", "seed", name]].rename(columns={name: "t"})
+                                .itertuples(index=False), [None] * len(df) if after is None else after)]
+        for row in stats.effects_table(runs, reference, "t", censored_key="after"):
             cell = out.setdefault(row["group"], {"group": row["group"], "condition": row["condition"],
                                                  "seeds": row["n_seeds"]})
             cell.update({f"{name}_found": row["n_crossed"], f"{name}_median": row["median"]})
@@ -124,6 +128,8 @@ def condition_table(meta: dict, df: pd.DataFrame) -> pd.DataFrame:
                              f"{name}_diff_ci_high": row["difference_ci_high"],
                              f"{name}_resolved": row["ratio_resolved"], f"{name}_pairs": row["n_pairs"],
                              f"{name}_censored": row["n_censored"],
+                             f"{name}_censored_reference": row["n_censored_reference"],
+                             f"{name}_ratio_low": row["ratio_low"], f"{name}_ratio_high": row["ratio_high"],
                              f"{name}_warning": row["warning"]})
     return pd.DataFrame(list(out.values()))
 
@@ -132,13 +138,15 @@ def clamp_words(sweep_dir: Path, df: pd.DataFrame, meta: dict | None = None) -> 
     """What each condition changes, in a few words: its own protocol file and ``set``
     overrides (from ``sweep.json``), and its clamps (from its first run's resolved protocol)."""
     conditions = {c["name"]: c for c in ((meta or {}).get("sweep", {}).get("conditions") or [])}
+    design = (meta or {}).get("sweep", {}).get("design") or {}
+    dosed = design.get("field") if design.get("kind") == "dose" else None  # a dose names its value
     clamps: dict[str, list[str]] = {}
     for condition, g in df.groupby("condition", sort=False):
         try:
             data = yaml.safe_load((sweep_dir / g.run.iloc[0] / "protocol.yaml").read_text())
         except (OSError, yaml.YAMLError):
             data = {}
-        clamps[condition] = [_clamp_text(c) for c in data.get("clamps") or []]
+        clamps[condition] = [_clamp_text(c, dosed) for c in data.get("clamps") or []]
     # clamps every condition has (a base protocol's) are said once, under the key "" (see opening)
     common = [c for c in next(iter(clamps.values()), []) if all(c in v for v in clamps.values())] \
         if len(clamps) > 1 else []
@@ -153,10 +161,15 @@ def clamp_words(sweep_dir: Path, df: pd.DataFrame, meta: dict | None = None) -> 
     return words
 
 
-def _clamp_text(c: dict) -> str:
+def _clamp_text(c: dict, field: str | None = None) -> str:
     where = c.get("site") or c.get("param") or (f"layer {c['layer']}" if "layer" in c else "")
     heads = f" heads {c['heads']}" if c.get("heads") is not None else ""
     what = f" to {c['to']}" if "to" in c else ""
+    value: object = c
+    for part in (field or "").split(".") if field else []:
+        value = value.get(part) if isinstance(value, dict) else None
+    if field and value is not None:
+        what += f", {field} = {value}"
     w = c.get("window") or {}
     when = "" if not w or (w.get("start", 0) == 0 and w.get("stop") is None) else \
         f" during [{w.get('start', 0):g}, {w['stop'] if w.get('stop') is not None else 'end'}) {w.get('unit', '')}"
@@ -176,18 +189,12 @@ def opening(meta: dict, df: pd.DataFrame, cond: pd.DataFrame, words: dict[str, s
     if words.get(""):
         lines += [f"Every condition has: {words['']}. Beyond that:", ""]
     lines += [f"- **{c}**: {words.get(c, '?')}" for c in cond.condition.unique()]
+    lines += ["", *readout_lines(df)]
     if reference and "t05_ratio" in cond:
-        eff = cond[cond.condition != reference].dropna(subset=["t05_ratio"])
-        eff = eff.assign(size=eff.t05_ratio.astype(float).map(lambda r: abs(math.log(r)) if r > 0 else math.inf))
-        lines.append("")
-        for row in eff.sort_values("size", ascending=False).head(5).itertuples(index=False):
-            verb = "delays" if row.t05_ratio > 1 else "speeds up"
-            ci = f"[{_num(row.t05_ratio_ci_low)}, {_num(row.t05_ratio_ci_high)}]"
-            never = f"; {int(row.t05_censored)} of them never got there" if row.t05_censored else ""
-            lines.append(f"- '{row.group}' {verb} the drop below loss 0.5 by a factor {row.t05_ratio:.3g} "
-                         f"(paired over {int(row.t05_pairs)} seeds{never}; 95 % CI {ci})"
-                         + ("." if row.t05_resolved else ", not resolved from no effect."))
-        warned = sorted({w for w in cond.get("t05_warning", pd.Series(dtype=object)).dropna()})
+        lines += ["", *effect_lines(cond[cond.condition != reference])]
+        lines += censoring_lines(df, reference)
+        warned = sorted({w for w in cond.get("t05_warning", pd.Series(dtype=object)).dropna()
+                         if "cannot say" not in w})
         if warned:
             lines += ["", "**Warning:** " + warned[0]]
     lines += ["", stats.INTERPOLATION_NOTE] + stopped_note(df)
@@ -206,6 +213,75 @@ def stopped_note(df: pd.DataFrame) -> list[str]:
             "at their stop, not at the budget."]
 
 
+def readout_lines(df: pd.DataFrame) -> list[str]:
+    """Which model the times and final values were read on (``summary.json``'s ``readout``), in
+    one sentence, with a warning where evals inside a window read the clamp's output."""
+    models = df.groupby("condition", sort=False)["readout"].first() if "readout" in df else pd.Series(dtype=object)
+    if models.empty or models.isna().any():
+        return ["**Readout:** not recorded for some runs (written by an older optolab): their evals may read "
+                "a clamped model; re-run them to know."]
+    windowed = [c for c, m in models.items() if m == "clamped inside windows"]
+    throughout = [c for c, m in models.items() if m == "clamped"]
+    if windowed:
+        return [f"**Readout warning:** in {len(windowed)} condition(s) ({', '.join(windowed[:6])}"
+                + (", …" if len(windowed) > 6 else "") + ") evals inside a clamp's window read the clamped model "
+                "(`apply_at: both` or `eval`), so their times and final values include the clamp's direct effect "
+                "on the readout, not only its effect on learning. Set `apply_at: train` to read the model "
+                "training made (window scans do by default)."]
+    return ["**Readout:** times and final values are read on the model training made (no eval reads a clamp "
+            "for part of the run)" + (f"; in {', '.join(throughout[:6])}" + (", …" if len(throughout) > 6 else "")
+                                      + " a clamp acts at every eval, so the condition is the clamped model."
+                                      if throughout else ".")]
+
+
+def effect_lines(eff: pd.DataFrame, top: int = 5) -> list[str]:
+    """The strongest paired effects on the time to loss 0.5 as sentences: a verb only for a
+    resolved effect; a null or unresolved one says so; a censored one says it cannot be said."""
+    said = []
+    for row in eff.itertuples(index=False):
+        pairs = int(row.t05_pairs) if not pd.isna(row.t05_pairs) else 0
+        ci = f"95 % CI [{_num(row.t05_ratio_ci_low)}, {_num(row.t05_ratio_ci_high)}]"
+        if pd.isna(row.t05_ratio):
+            low, high = getattr(row, "t05_ratio_low", None), getattr(row, "t05_ratio_high", None)
+            if not pairs:
+                continue
+            why = f"some seeds never got there (paired over {pairs} seeds, {int(row.t05_censored)} censored; {ci})"
+            near = low if low is not None and low > 1 else high if high is not None and high < 1 else 1.0
+            if row.t05_resolved:
+                verb = "delays" if near > 1 else "speeds up"
+                text = (f"- '{row.group}' {verb} the drop below loss 0.5 by a factor between {_num(low)} and "
+                        f"{_num(high)}: only bounds, because {why}.")
+            else:
+                text = (f"- '{row.group}': cannot say — the ratio of times to loss 0.5 is only bounded, between "
+                        f"{_num(low)} and {_num(high)}, because {why}.")
+            said.append((not row.t05_resolved, -abs(math.log(near)) if near > 0 else -math.inf, text))
+            continue
+        size = abs(math.log(row.t05_ratio)) if row.t05_ratio > 0 else math.inf
+        if row.t05_resolved:
+            verb = "delays" if row.t05_ratio > 1 else "speeds up"
+            text = f"- '{row.group}' {verb} the drop below loss 0.5 by a factor {row.t05_ratio:.3g} (paired over " \
+                   f"{pairs} seeds; {ci})."
+        else:
+            text = f"- '{row.group}': time to loss 0.5 × {row.t05_ratio:.3g} the reference's (paired over {pairs} " \
+                   f"seeds; {ci}), not resolved from no effect."
+        said.append((not row.t05_resolved, -size, text))
+    return [t for *_, t in sorted(said, key=lambda x: x[:2])[:top]]
+
+
+def censoring_lines(df: pd.DataFrame, reference: str) -> list[str]:
+    """How many runs never got to loss 0.5, the reference's said apart (they bound every ratio)."""
+    never = df[df["t05"].isna()]
+    if never.empty:
+        return []
+    ref = never[never.condition == reference]
+    return ["", f"**Censoring:** {len(never)} of {len(df)} runs never got below loss 0.5 by their last eval"
+            + (f", {len(ref)} of them the reference's (seed(s) {', '.join(map(str, sorted(ref.seed)))})" if len(ref)
+               else "")
+            + ". A pair with a side that never got there bounds its ratio instead of giving one (a run that "
+              "never crossed would have crossed after its last eval), so a median it reaches is reported as "
+              "bounds (or 'cannot say'), never as a number."]
+
+
 def compact(cond: pd.DataFrame) -> pd.DataFrame:
     """The per-condition table for reading: counts, medians and paired ratios with their CIs."""
     out = cond[["group", "seeds"]].copy()
@@ -215,10 +291,14 @@ def compact(cond: pd.DataFrame) -> pd.DataFrame:
         out[f"{name} found"] = cond[f"{name}_found"]
         out[f"{name} median"] = cond[f"{name}_median"]
         if f"{name}_ratio" in cond:
+            low = cond.get(f"{name}_ratio_low", pd.Series([None] * len(cond), index=cond.index))
+            high = cond.get(f"{name}_ratio_high", pd.Series([None] * len(cond), index=cond.index))
             out[f"{name} ratio [95 % CI]"] = [
-                "" if pd.isna(r) else f"{r:.3g} [{_num(lo)}, {_num(hi)}]" + ("" if ok is True else " (n.r.)")
-                for r, lo, hi, ok in zip(cond[f"{name}_ratio"], cond[f"{name}_ratio_ci_low"],
-                                         cond[f"{name}_ratio_ci_high"], cond[f"{name}_resolved"])]
+                ("" if pd.isna(pairs) or not pairs else f"cannot say: {_num(a)} to {_num(b)} [{_num(lo)}, {_num(hi)}]")
+                if pd.isna(r) else f"{r:.3g} [{_num(lo)}, {_num(hi)}]" + ("" if ok is True else " (n.r.)")
+                for r, lo, hi, ok, a, b, pairs in zip(
+                    cond[f"{name}_ratio"], cond[f"{name}_ratio_ci_low"], cond[f"{name}_ratio_ci_high"],
+                    cond[f"{name}_resolved"], low, high, cond[f"{name}_pairs"])]
     return out
 
 

@@ -7,9 +7,10 @@ Rules:
   seeds, with its bootstrap CI. Conditions are matched to design cells by name (a screen's
   ``<intervention>_L<layer>H<head>``, a dose's ``<prefix>_<value>``) or, for a window scan, by
   the clamp window its runs recorded.
-- ``screen``: a heatmap of the ratio per target × intervention (CIs in the cells; unresolved
-  effects greyed), beside the paired difference of the final induction-type score, and a ranked
-  table of what delays and what speeds up formation most.
+- ``screen``: a heatmap of the ratio per target × intervention (CIs in the cells; only resolved
+  effects coloured, the rest grey), beside the paired difference of the final induction-type
+  score, and a table ranked from the most delaying to the most speeding up. A censored cell
+  ("cannot say") ranks by the bound nearest no effect and shows its bounds.
 - ``window_scan``: the ratio against the window's start, one line per window length with its CI
   band; the reference's drop (median onset to end of its phase change) is shaded.
 - ``dose``: the ratio against the dose, with its CI band.
@@ -25,13 +26,14 @@ from pathlib import Path
 import pandas as pd
 
 from optolab.experiments import stats
+from optolab.experiments.report_figures import plain_log
 
 HEAD_CELL = re.compile(r"^(?P<what>.+)_L(?P<layer>\d+)H(?P<head>\d+)$")
 
 
 def _ci(lo, hi) -> str:
     def num(v) -> str:
-        return "∞" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2g}"
+        return "∞" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
     return f"[{num(lo)}, {num(hi)}]"
 
 
@@ -50,14 +52,44 @@ def _score_effects(df: pd.DataFrame, reference: str) -> dict[str, dict]:
     return out
 
 
+def _ratio_or_bounds(row) -> tuple[float | None, tuple | None]:
+    """A condition's paired ratio of the time to loss 0.5, or (censored: "cannot say") ``None``
+    with the bounds it lies in; ``(None, None)`` when it has no pairs."""
+    ratio = getattr(row, "t05_ratio", float("nan"))
+    if not pd.isna(ratio):
+        return float(ratio), (float(ratio), float(ratio))
+    low, high = getattr(row, "t05_ratio_low", None), getattr(row, "t05_ratio_high", None)
+    if low is None or pd.isna(low) and (high is None or pd.isna(high)):
+        return None, None
+    return None, (float(low), math.inf if high is None or pd.isna(high) else float(high))
+
+
+def _rank_value(ratio: float | None, bounds: tuple) -> float:
+    """What a cell ranks by: its ratio, or the bound nearest no effect (the least it can be)."""
+    if ratio is not None:
+        return ratio
+    low, high = bounds
+    return low if low > 1 else high if high < 1 else 1.0
+
+
+def _ratio_text(r) -> str:
+    if not pd.isna(r.ratio):
+        return f"{r.ratio:.3g} {_ci(r.lo, r.hi)}"
+    low, high = r.bounds
+    span = f"{low:.3g}–{'∞' if math.isinf(high) else f'{high:.3g}'}"
+    return (f"between {span} (censored)" if r.resolved else f"cannot say: {span} (censored)") + f" {_ci(r.lo, r.hi)}"
+
+
 def screen_view(figs: Path, meta: dict, df: pd.DataFrame, cond: pd.DataFrame) -> tuple[list[Path], list[str]]:
     reference = meta["sweep"].get("reference")
     cells = []
     for row in cond.itertuples(index=False):
         m = HEAD_CELL.match(str(row.condition))
-        if m and not pd.isna(getattr(row, "t05_ratio", float("nan"))):
+        ratio, bounds = _ratio_or_bounds(row)
+        if m and bounds is not None:
             cells.append({"what": m["what"], "target": f"L{m['layer']}H{m['head']}", "condition": row.condition,
-                          "ratio": row.t05_ratio, "lo": row.t05_ratio_ci_low, "hi": row.t05_ratio_ci_high,
+                          "ratio": ratio, "rank": _rank_value(ratio, bounds), "bounds": bounds,
+                          "lo": row.t05_ratio_ci_low, "hi": row.t05_ratio_ci_high,
                           "resolved": bool(row.t05_resolved)})
     if not cells:
         return [], []
@@ -73,19 +105,29 @@ def screen_view(figs: Path, meta: dict, df: pd.DataFrame, cond: pd.DataFrame) ->
     for ax, (col, title, cmap, centre) in zip(axes, [
             ("ratio", "time to loss < 0.5 ÷ reference (paired)", "RdBu_r", 0.0),
             ("score_diff", "final induction score − reference", "PuOr", 0.0)]):
-        grid = cells.pivot(index="target", columns="what", values=col).reindex(index=targets, columns=whats)
+        # only resolved effects get a colour (the legend's grey means "CI includes no effect")
+        shade = cells.assign(ratio=[r if ok else math.nan for r, ok in zip(cells["rank"], cells.resolved)]) \
+            if col == "ratio" else cells
+        grid = shade.pivot(index="target", columns="what", values=col).reindex(index=targets, columns=whats)
         values = grid.astype(float)
         shown = values.map(lambda v: math.log(v) if col == "ratio" and v and v > 0 else v)
         lim = max(float(shown.abs().max().max()), 1e-6) if shown.notna().any().any() else 1.0
-        ax.imshow(shown.to_numpy(), cmap=cmap, vmin=centre - lim, vmax=centre + lim, aspect="auto")
+        import matplotlib
+
+        colours = matplotlib.colormaps[cmap].with_extremes(bad="0.9")
+        ax.imshow(shown.to_numpy(), cmap=colours, vmin=centre - lim, vmax=centre + lim, aspect="auto")
         for i, t in enumerate(targets):
             for j, w in enumerate(whats):
                 c = cells[(cells.target == t) & (cells.what == w)]
-                if c.empty or pd.isna(c.iloc[0][col]):
+                if c.empty or (col != "ratio" and pd.isna(c.iloc[0][col])):
                     continue
                 r = c.iloc[0]
-                text = f"{r[col]:.2g}" + (f"\n{_ci(r.lo, r.hi)}" if col == "ratio" else "")
-                dark = abs(shown.loc[t, w]) > 0.55 * lim  # light text on dark cells
+                if col == "ratio":
+                    text = (f"{r.ratio:.2g}" if not pd.isna(r.ratio) else
+                            f"≥{r.bounds[0]:.2g}" if r.bounds[0] > 1 else f"≤{r.bounds[1]:.2g}") + f"\n{_ci(r.lo, r.hi)}"
+                else:
+                    text = f"{r[col]:.2g}"
+                dark = not pd.isna(shown.loc[t, w]) and abs(shown.loc[t, w]) > 0.55 * lim  # light text on dark
                 faint = col == "ratio" and not r.resolved
                 color = ("0.8" if faint else "white") if dark else ("0.45" if faint else "k")
                 ax.text(j, i, text, ha="center", va="center", fontsize=6, color=color)
@@ -95,14 +137,14 @@ def screen_view(figs: Path, meta: dict, df: pd.DataFrame, cond: pd.DataFrame) ->
     fig.suptitle("Screen: paired effects per target × intervention (grey: CI includes no effect)", fontsize=10)
     path = figs / "screen.png"
     fig.savefig(path, dpi=110)
-    ranked = cells.sort_values("ratio", ascending=False)
-    lines = ["## Screen", "", "What delays formation most (time to loss < 0.5 ÷ the reference's, paired by seed, "
-             "95 % CI; final induction-type score − the reference's):", "",
+    ranked = cells.sort_values("rank", ascending=False)
+    lines = ["## Screen", "", "Paired effects on the time to loss < 0.5 (÷ the reference's, paired by seed, 95 % "
+             "CI), from the most delaying to the most speeding up; 'resolved' says whether the CI excludes no "
+             "effect; final induction-type score − the reference's:", "",
              "| rank | condition | ratio [CI] | resolved | score difference |", "|---|---|---|---|---|"]
     for k, r in enumerate(ranked.itertuples(index=False), 1):
         diff = "" if r.score_diff is None or pd.isna(r.score_diff) else f"{r.score_diff:+.2f}"
-        lines.append(f"| {k} | {r.condition} | {r.ratio:.3g} {_ci(r.lo, r.hi)} | {'yes' if r.resolved else 'no'} "
-                     f"| {diff} |")
+        lines.append(f"| {k} | {r.condition} | {_ratio_text(r)} | {'yes' if r.resolved else 'no'} | {diff} |")
     return [path], lines + ["", f"![screen](figures/{path.name})"]
 
 
@@ -142,6 +184,7 @@ def window_view(figs: Path, meta: dict, df: pd.DataFrame, cond: pd.DataFrame,
     ax.axhline(1, color="k", lw=0.8, ls="--")
     ax.set(yscale="log", xlabel="window start (sequences)", ylabel="time to loss < 0.5 ÷ reference (paired)",
            title="Critical period: the clamp's effect by when it acts")
+    plain_log(ax)
     ax.legend(fontsize=7)
     path = figs / "window_scan.png"
     fig.savefig(path, dpi=110)
@@ -182,6 +225,7 @@ def dose_view(figs: Path, meta: dict, cond: pd.DataFrame) -> tuple[list[Path], l
     ax.axhline(1, color="k", lw=0.8, ls="--")
     ax.set(yscale="log", xlabel=design.get("field", "dose"), ylabel="time to loss < 0.5 ÷ reference (paired)",
            title="Dose–response")
+    plain_log(ax)
     path = figs / "dose.png"
     fig.savefig(path, dpi=110)
     lines = ["## Dose–response", "", f"| {design.get('field', 'dose')} | ratio [CI] | resolved |", "|---|---|---|"]

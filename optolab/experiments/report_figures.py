@@ -2,10 +2,11 @@
 
 - ``loss_curves.png``: main-split loss per condition, the median over seeds with the seeds'
   range as a band, phase-change onsets as ticks on the x axis.
-- ``head_scores.png``: head-score trajectories, one panel per head. Top row: the
-  induction-type score of the last layer (``induction_strength``, or ``prefix_matching`` for
-  token tasks); bottom row, where measured: layer 0's ``prev_token`` score. Lines are medians
-  over seeds per condition, bands the seeds' range.
+- ``head_scores.png``: head-score trajectories of the four heads with the highest final score
+  (median over runs) per row. Top row: the last layer's induction-type score (the first
+  measure's ``induction`` curve the runs have: ``induction_strength``, or ``prefix_matching``
+  for token tasks); bottom row, where measured: the first layer's previous-token-type score.
+  Lines are medians over seeds per condition, bands the seeds' range.
 - ``times.png``: the main loss's first crossing of 0.5 (interpolated between evals) per
   condition: seeds as dots, the ordinary median in red; seeds that never crossed as crosses at
   their last eval (censored).
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from optolab.training.summary import head_score
+from optolab.training.summary import head_score, previous_token_score
 
 
 def _loss_curves(metrics: dict, df: pd.DataFrame) -> pd.DataFrame:
@@ -40,12 +41,7 @@ def _score_curves(metrics: dict, df: pd.DataFrame) -> tuple[pd.DataFrame, list[s
     frames, rows = [], []
     for row in df.itertuples(index=False):
         main, m = metrics[row.run]
-        picks = []
-        found = head_score(m, main)
-        if found is not None:
-            picks.append((found[0], found[1]))
-        if not m[(m.split == main) & (m.metric == "prev_token")].empty:
-            picks.append(("prev_token", 0))
+        picks = [p for p in (head_score(m, main), previous_token_score(m, main)) if p is not None]
         for metric, layer in picks:
             label = f"{metric} L{layer}"
             if label not in rows:
@@ -55,6 +51,23 @@ def _score_curves(metrics: dict, df: pd.DataFrame) -> tuple[pd.DataFrame, list[s
     if not frames:
         return pd.DataFrame(), []
     return pd.concat(frames, ignore_index=True).astype({"head": int}), rows
+
+
+def plain_log(ax, axis: str = "y") -> None:
+    """Plain tick labels ("1.5", "0.8") on a log axis: matplotlib's default prints "1.5×10^0" on
+    the narrow ranges paired ratios have."""
+    from matplotlib.ticker import LogFormatter
+
+    which = ax.yaxis if axis == "y" else ax.xaxis
+    which.set_major_formatter(LogFormatter())
+    which.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def _strongest_heads(rows: pd.DataFrame, k: int = 4) -> list[int]:
+    """The ``k`` heads with the highest final score (median over every run): the heads worth a
+    panel; 16 panels × 6 conditions of flat lines were unreadable."""
+    last = rows[rows.sequences == rows.groupby(["group", "seed"]).sequences.transform("max")]
+    return [int(h) for h in last.groupby("head").value.median().nlargest(k).index]
 
 
 def _shade(ax, windows: dict, palette: dict) -> None:
@@ -91,31 +104,38 @@ def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame,
     _shade(ax, windows, palette)
     ax.set(yscale="log", ylabel="main-split loss (median over seeds; band: range)", xlabel="sequences seen",
            title="Loss per condition (ticks: phase-change onsets; shaded: clamp windows)")
+    plain_log(ax)
     ax.legend(fontsize=7, title="condition")
     paths.append(figs / "loss_curves.png")
     fig.savefig(paths[-1], dpi=110)
 
     scores, rows = _score_curves(metrics, df)
     if rows:
-        heads = sorted(scores["head"].unique())
-        fig = Figure(figsize=(1.9 * len(heads) + 1, 2.0 * len(rows) + 0.8), layout="constrained")
-        axes = fig.subplots(len(rows), len(heads), sharex=True, sharey="row", squeeze=False)
+        picked = {label: _strongest_heads(scores[scores.row == label]) for label in rows}
+        width = max(len(h) for h in picked.values())
+        fig = Figure(figsize=(2.6 * width + 1, 2.3 * len(rows) + 0.8), layout="constrained")
+        axes = fig.subplots(len(rows), width, sharex=True, sharey="row", squeeze=False)
         for r, label in enumerate(rows):
-            for c, head in enumerate(heads):
+            for c in range(width):
                 ax = axes[r][c]
+                if c >= len(picked[label]):
+                    ax.set_visible(False)
+                    continue
+                head = picked[label][c]
                 part = scores[(scores.row == label) & (scores["head"] == head)]
                 if not part.empty:
                     sns.lineplot(data=part, x="sequences", y="value", hue="group", palette=palette,
                                  estimator="median", errorbar=("pi", 100), ax=ax, lw=1, legend=(r == c == 0))
                     _shade(ax, windows, palette)
-                ax.set(title=f"{label} H{head}" if r == 0 or c == 0 else f"H{head}", xlabel="", ylabel="")
+                ax.set(title=f"{label} H{head}", xlabel="", ylabel="")
                 ax.title.set_fontsize(8)
                 ax.tick_params(labelsize=6)
                 ax.xaxis.set_major_locator(MaxNLocator(3))
                 ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         if axes[0][0].get_legend() is not None:
             axes[0][0].legend(fontsize=6, title=None)
-        fig.suptitle("Head-score trajectories (median over seeds; band: range)", fontsize=10)
+        fig.suptitle(f"Head-score trajectories of the {width} heads with the highest final score per row "
+                     "(median over seeds; band: range)", fontsize=10)
         fig.supxlabel("sequences seen", fontsize=8)
         paths.append(figs / "head_scores.png")
         fig.savefig(paths[-1], dpi=100)
@@ -151,6 +171,7 @@ def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame,
         ax.set_yticks(range(len(eff)), list(eff.group))
         ax.set(xscale="log", xlabel="time to loss < 0.5 ÷ the reference's, paired by seed (95 % CI; grey: "
                "not resolved)", title="Effect on learning time")
+        plain_log(ax, "x")
         paths.append(figs / "effects.png")
         fig.savefig(paths[-1], dpi=110)
 

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from optolab.core.errors import OptolabError
-from optolab.core.lock import DirLock
 from optolab.model.checkpoint import list_checkpoints, load_weights, stem
 from optolab.model.transformer import Transformer, build_model
 from optolab.protocol.loader import load_protocol, protocol_from_resolved
@@ -129,7 +128,8 @@ class Run:
         if self.protocol.train.track:  # the figures also go to the run's trackers
             from optolab.training.trackers import Trackers
 
-            trackers = Trackers(self.protocol.train.track, self.path, self.protocol.resolved())
+            trackers = Trackers(self.protocol.train.track, self.path, self.protocol.resolved(),
+                                after="the figures are written, but not sent to it")
             trackers.images(self.checkpoint_steps[-1] if self.checkpoint_steps else 0, written)
             trackers.close()
         return written
@@ -167,13 +167,6 @@ class Run:
         return f"Run({str(self.path)!r}, status={self.meta.get('status')!r})"
 
 
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except OSError:  # a name too long: the run's own checks say so in one line
-        return False
-
-
 def open_run(path: str | Path) -> Run:
     return Run(path)
 
@@ -187,23 +180,15 @@ def run(protocol: Protocol | str | Path, out: str | Path | None = None, *, seed:
     """Train a protocol (a loaded one or a path) into ``out`` and write its figures.
 
     An existing unfinished run of the same protocol in ``out`` is resumed from its last
-    checkpoint; ``overwrite`` discards whatever ``out`` holds first.
+    checkpoint; ``overwrite`` discards the run ``out`` holds first (only files optolab wrote:
+    anything else there refuses it, and nothing is deleted).
     """
     if not isinstance(protocol, Protocol):
         protocol = load_protocol(protocol, seed=seed)
     elif seed is not None:
         protocol = protocol.model_copy(update={"seeds": protocol.seeds.model_copy(update={"init": seed, "data": seed})})
     out = Path(out) if out is not None else default_out(protocol)
-    if overwrite and _exists(out):
-        RunDir(out).clearable()  # refuses a folder that is not only a run's before the lock writes anything
-        lock = DirLock(out)  # held from the deletion through training: no writer slips in between
-        try:
-            RunDir(out).clear()
-            train(protocol, out, progress=progress)
-        finally:
-            lock.release()
-    else:
-        train(protocol, out, progress=progress)
+    train(protocol, out, progress=progress, overwrite=overwrite)  # what --overwrite may delete: RunDir.clear
     result = Run(out, protocol)  # the protocol that trained: its clamps are planned already
     if plots:
         result.plot()

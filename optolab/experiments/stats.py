@@ -24,25 +24,37 @@ Rules:
   initialisation and data, so the effect is measured *per seed* — ``cond / ref``
   (``kind="ratio"``) or ``cond − ref`` (``kind="difference"``) — over the seeds present in both
   (the others are named in ``unpaired``), and summarised by the ordinary median of the per-seed
-  effects. A per-seed effect with a censored side:
+  effects.
+- **Censored pairs are bounded, never guessed.** A side that never crossed is *right-censored*:
+  its time is only known to lie after its censoring point — the run's last eval, given as
+  ``cond_censored_at`` / ``ref_censored_at`` (``seed -> x``); without one, the largest finite
+  time of the comparison (the assumption that every run had the same budget, so "never" is later
+  than every time observed). A pair's effect is then an interval:
 
-  ==================  ==================  ==================
-  cond                ref                 per-seed effect
-  ==================  ==================  ==================
-  never               finite              ``+inf`` (later than ever observed), both kinds
-  finite              never               ``0`` for a ratio, ``-inf`` for a difference
+  ==================  ==================  ==============================  ==============================
+  cond                ref                 ratio                           difference
+  ==================  ==================  ==============================  ==============================
+  finite c            finite r            c / r                           c − r
+  never (after C)     finite r            [C / r, +inf)                   [C − r, +inf)
+  finite c            never (after C)     (0, c / C]                      (−inf, c − C]
   never               never               undefined: excluded, counted in ``n_undefined``
-  ==================  ==================  ==================
+  ==================  ==================  ==============================  ==============================
 
-  The true effect of a censored pair is only bounded (e.g. a ratio ≥ censored_at / ref); the
-  infinite value is the bound's direction, which is all the report's per-run times (``None``
-  without the censoring x) allow, and the median and percentile CI need only the order. A ratio
-  with a reference time of 0 is ``+inf`` (cond > 0) or undefined (cond = 0).
+  The median is monotone, so the median effect lies between the median of the intervals' lower
+  ends and the median of their upper ends (``effect_low``, ``effect_high``). ``effect`` is the
+  median only when the two agree (censoring does not reach the middle); otherwise it is ``None``
+  and ``warning`` says the effect cannot be said, why (which side never crossed, in how many
+  seeds) and between which bounds it lies. ``per_seed`` keeps each pair's direction (``+inf``,
+  ``0`` for a ratio or ``-inf`` for a difference on a censored pair) and ``per_seed_bounds`` its
+  interval. A ratio with a reference time of 0 is ``+inf`` (cond > 0) or undefined (cond = 0).
+  (One seed of two whose reference never crossed once turned every condition into "ratio 0.635
+  [0, 1.27]", the mean of a real ratio and a censored 0, which reads as a speed-up.)
 - **Bootstrap**: percentile bootstrap over seeds. Each of ``n_boot`` resamples draws the
   ``n_pairs`` pairs with replacement — a seed's two times travel together, which is what makes it
   paired and removes the seed-to-seed spread both conditions share — and takes the ordinary
-  median of its per-seed effects. The CI is the ``(1 − level)/2`` and ``(1 + level)/2``
-  quantiles of those medians by the inverted CDF (each end is an actual resample median, so an
+  median of its per-seed effects' lower ends and of their upper ends (the same for uncensored
+  pairs). The CI is the ``(1 − level)/2`` quantile of the lower medians and the ``(1 + level)/2``
+  quantile of the upper medians by the inverted CDF (so censoring can only widen it) (each end is an actual resample median, so an
   infinite end stays infinite instead of turning NaN). An end at ±inf is reported as ``None``:
   unbounded. A resample whose median is undefined (its two middle effects are ``-inf`` and
   ``+inf``, possible only for a difference) counts as ``-inf`` for the lower end and ``+inf`` for
@@ -161,7 +173,8 @@ def min_pairs(level: float = 0.95) -> int:
 
 
 def _effect(c: float, r: float, kind: str) -> float:
-    """Per-seed effect of times ``c`` (condition) and ``r`` (reference), inf = never; NaN = undefined."""
+    """Per-seed effect of times ``c`` (condition) and ``r`` (reference), inf = never; NaN =
+    undefined; a censored pair gives its bound's direction (module rules)."""
     if math.isinf(c) and math.isinf(r):
         return math.nan
     if kind == "difference":
@@ -173,6 +186,19 @@ def _effect(c: float, r: float, kind: str) -> float:
     if r == 0:
         return math.inf if c > 0 else math.nan
     return c / r
+
+
+def _bounds(c: float, r: float, cc: float, rc: float, kind: str) -> tuple[float, float]:
+    """The interval a pair's effect lies in: ``c``/``r`` the times (inf = never), ``cc``/``rc``
+    the points after which a never-crossed side would cross (module rules); NaN: undefined."""
+    e = _effect(c, r, kind)
+    if math.isnan(e) or (math.isfinite(c) and math.isfinite(r)):
+        return e, e
+    if math.isinf(c):  # the condition crossed after cc, if ever
+        return (cc - r if kind == "difference" else (cc / r if r > 0 else math.inf)), math.inf
+    # the reference crossed after rc, if ever
+    return -math.inf if kind == "difference" else 0.0, (c - rc if kind == "difference" else
+                                                        (c / rc if rc > 0 else math.inf))
 
 
 def _null(kind: str) -> float:
@@ -202,19 +228,25 @@ def _check(kind: str, n_boot: int, level: float) -> None:
 
 def paired_effect(cond: Mapping[Any, float | None], ref: Mapping[Any, float | None], *,
                   kind: Literal["ratio", "difference"] = "ratio", n_boot: int = 2000, seed: int = 0,
-                  level: float = 0.95) -> dict:
+                  level: float = 0.95, cond_censored_at: Mapping[Any, float | None] | None = None,
+                  ref_censored_at: Mapping[Any, float | None] | None = None) -> dict:
     """The per-seed paired effect of ``cond`` against ``ref`` (both ``seed -> time``, ``None`` =
-    never), its ordinary median and percentile-bootstrap CI over seeds (module rules).
+    never), its ordinary median and percentile-bootstrap CI over seeds, censored pairs bounded
+    (module rules). ``cond_censored_at`` / ``ref_censored_at``: ``seed -> last eval`` of runs
+    that never crossed.
 
-    Returns ``{"kind", "level", "effect", "ci_low", "ci_high", "resolved", "n_pairs",
-    "n_censored", "n_undefined", "unpaired", "per_seed", "min_pairs", "warning"}``:
-    ``effect`` is ``None`` when the median per-seed effect is infinite or undefined; a CI end is
-    ``None`` when unbounded; ``resolved`` is true when the CI excludes no effect (1 for a ratio,
-    0 for a difference) and there are at least :func:`min_pairs` pairs; ``per_seed`` maps every
-    seed in both conditions to its effect (±inf or a ratio of 0 when censored, ``None`` when
-    undefined); ``n_pairs`` counts the pairs with an effect, ``n_censored`` those among them where
-    one condition never crossed, ``n_undefined`` the excluded ones;
-    ``unpaired`` lists the seeds in only one condition; ``warning`` is plain English, or ``None``.
+    Returns ``{"kind", "level", "effect", "effect_low", "effect_high", "ci_low", "ci_high",
+    "resolved", "n_pairs", "n_censored", "censored", "n_undefined", "unpaired", "per_seed",
+    "per_seed_bounds", "min_pairs", "warning"}``: ``effect`` is ``None`` when the median is
+    infinite, undefined or only bounded (``effect_low``/``effect_high``: the bounds, ``None``
+    when unbounded); a CI end is ``None`` when unbounded; ``resolved`` is true when the CI
+    excludes no effect (1 for a ratio, 0 for a difference) and there are at least
+    :func:`min_pairs` pairs; ``per_seed`` maps every seed in both conditions to its effect (±inf
+    or a ratio of 0 when censored, ``None`` when undefined), ``per_seed_bounds`` to its interval;
+    ``n_pairs`` counts the pairs with an effect, ``n_censored`` those among them where one
+    condition never crossed (``censored``: ``{"condition": n, "reference": n}``), ``n_undefined``
+    the excluded ones; ``unpaired`` lists the seeds in only one condition; ``warning`` is plain
+    English, or ``None``.
     """
     _check(kind, n_boot, level)
     common = [s for s in cond if s in ref]
@@ -225,14 +257,28 @@ def paired_effect(cond: Mapping[Any, float | None], ref: Mapping[Any, float | No
         unpaired = sorted(lone, key=repr)
     pairs = {s: (_never_as_inf(cond[s]), _never_as_inf(ref[s])) for s in common}
     per_seed = {s: _effect(c, r, kind) for s, (c, r) in pairs.items()}
-    # a ratio of 0 is censored too (the reference never crossed), so count from the times
-    n_censored = sum(math.isinf(c) != math.isinf(r) for c, r in pairs.values())
-    effects = np.array([e for e in per_seed.values() if not math.isnan(e)], dtype=float)
-    n = len(effects)
+    finite = [t for pair in pairs.values() for t in pair if math.isfinite(t)]
+    latest = max(finite, default=math.inf)  # "never" is later than every time seen (same budgets)
+
+    def after(given: Mapping | None, s: Any) -> float:
+        x = None if given is None else given.get(s)
+        return latest if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+    bounds = {s: _bounds(c, r, after(cond_censored_at, s), after(ref_censored_at, s), kind)
+              for s, (c, r) in pairs.items()}
+    censored = {"condition": sum(math.isinf(c) and not math.isinf(r) for c, r in pairs.values()),
+                "reference": sum(math.isinf(r) and not math.isinf(c) for c, r in pairs.values())}
+    kept = [s for s in pairs if not math.isnan(per_seed[s])]
+    lows = np.array([bounds[s][0] for s in kept], dtype=float)
+    highs = np.array([bounds[s][1] for s in kept], dtype=float)
+    n = len(kept)
     need = min_pairs(level)
-    out = {"kind": kind, "level": level, "effect": None, "ci_low": None, "ci_high": None, "resolved": False,
-           "n_pairs": n, "n_censored": n_censored, "n_undefined": len(common) - n,
-           "unpaired": unpaired, "per_seed": {s: None if math.isnan(e) else e for s, e in per_seed.items()},
+    out = {"kind": kind, "level": level, "effect": None, "effect_low": None, "effect_high": None,
+           "ci_low": None, "ci_high": None, "resolved": False, "n_pairs": n,
+           "n_censored": censored["condition"] + censored["reference"], "censored": censored,
+           "n_undefined": len(common) - n, "unpaired": unpaired,
+           "per_seed": {s: None if math.isnan(e) else e for s, e in per_seed.items()},
+           "per_seed_bounds": {s: (None, None) if math.isnan(b[0]) else b for s, b in bounds.items()},
            "min_pairs": need, "warning": None}
     notes = []
     if unpaired:
@@ -244,22 +290,33 @@ def paired_effect(cond: Mapping[Any, float | None], ref: Mapping[Any, float | No
         notes.append("no seed has an effect in both conditions, so there is nothing to estimate")
         out["warning"] = "; ".join(notes) + "."
         return out
-    point = float(_middle(np.sort(effects)))
+    low, high = float(_middle(np.sort(lows))), float(_middle(np.sort(highs)))
     rng = np.random.default_rng(seed)
-    boots = _middle(np.sort(effects[rng.integers(0, n, size=(n_boot, n))], axis=1))
-    lo, hi = _percentile_ci(boots, level)
+    draw = rng.integers(0, n, size=(n_boot, n))
+    lo, _ = _percentile_ci(_middle(np.sort(lows[draw], axis=1)), level)
+    _, hi = _percentile_ci(_middle(np.sort(highs[draw], axis=1)), level)
     null = _null(kind)
-    out.update(effect=_bounded(point), ci_low=_bounded(lo), ci_high=_bounded(hi),
-               resolved=bool(n >= need and (lo > null or hi < null)))
+    point = low if low == high else math.nan
+    out.update(effect=_bounded(point), effect_low=_bounded(low), effect_high=_bounded(high),
+               ci_low=_bounded(lo), ci_high=_bounded(hi), resolved=bool(n >= need and (lo > null or hi < null)))
     if n < need:
         notes.append(f"with {n} paired seed(s) the {level:.0%} CI cannot resolve effects: below {need} pairs a "
                      f"percentile bootstrap CI is the range of the per-seed effects, which excludes 'no effect' "
                      f"whenever every seed moves the same way, and with no effect at all that happens "
                      f"{2.0 ** (1 - n):.0%} of the time")
-    if not math.isfinite(point):
+    if low != high:
+        sides = [f"the {side} never crossed in {k} seed(s)" for side, k in
+                 (("reference", censored["reference"]), ("condition", censored["condition"])) if k]
+        notes.append("cannot say: " + " and ".join(sides) + f", so the median effect is only bounded: between "
+                     f"{_words(low)} and {_words(high)}")
+    elif not math.isfinite(point):
         notes.append("the median seed's effect is censored (a condition never crossed), so it has no finite value")
     out["warning"] = "; ".join(notes) + "." if notes else None
     return out
+
+
+def _words(v: float) -> str:
+    return f"{v:.3g}" if math.isfinite(v) else ("+inf" if v > 0 else "-inf")
 
 
 def unpaired_effect(cond: Sequence[float | None], ref: Sequence[float | None], *,
@@ -334,7 +391,7 @@ def _point_of(run: Mapping[str, Any]) -> str:
 
 
 def effects_table(runs: Sequence[Mapping[str, Any]], reference: str | None, time_key: str, *, n_boot: int = 2000,
-                  seed: int = 0, level: float = 0.95) -> list[dict]:
+                  seed: int = 0, level: float = 0.95, censored_key: str | None = None) -> list[dict]:
     """One row per condition × grid point: the ordinary median of ``time_key`` over seeds and,
     against ``reference`` at the same grid point, the paired ratio and difference with their CIs.
 
@@ -344,10 +401,13 @@ def effects_table(runs: Sequence[Mapping[str, Any]], reference: str | None, time
     ``n_crossed``, ``median``, and — for a condition other than the reference, at a point the
     reference has — ``ratio``, ``ratio_ci_low``, ``ratio_ci_high``, ``ratio_resolved``,
     ``difference``, ``difference_ci_low``, ``difference_ci_high``, ``difference_resolved``,
-    ``n_pairs``, ``n_censored``, ``n_undefined`` and ``warning`` (from the ratio; both kinds pair
-    the same seeds). Every row's values are plain Python (``None`` for blanks), ready for a
-    DataFrame."""
+    ``n_pairs``, ``n_censored``, ``n_censored_reference``, ``n_undefined``, ``ratio_low`` /
+    ``ratio_high`` (the bounds of a ratio that censoring leaves only bounded) and ``warning``
+    (from the ratio; both kinds pair the same seeds). ``censored_key``: each run's censoring point
+    (its last eval) where it never crossed; without it, "never" is later than every time seen.
+    Every row's values are plain Python (``None`` for blanks), ready for a DataFrame."""
     cells: dict[tuple[str, str], dict] = {}
+    after: dict[tuple[str, str], dict] = {}
     groups: dict[tuple[str, str], str] = {}
     for run in runs:
         key = (str(run["condition"]), _point_of(run))
@@ -355,6 +415,7 @@ def effects_table(runs: Sequence[Mapping[str, Any]], reference: str | None, time
         if run["seed"] in times:
             raise ValueError(f"seed {run['seed']} appears twice in {key[0]}{key[1]}: pairing by seed needs one each")
         times[run["seed"]] = run.get(time_key)
+        after.setdefault(key, {})[run["seed"]] = run.get(censored_key) if censored_key else None
         groups[key] = str(run.get("group", key[0] + key[1]))
     rows = []
     for (condition, point), times in cells.items():
@@ -363,13 +424,16 @@ def effects_table(runs: Sequence[Mapping[str, Any]], reference: str | None, time
                "n_crossed": sum(math.isfinite(v) for v in t), "median": median(t)}
         base = cells.get((reference, point)) if reference is not None and condition != reference else None
         if base is not None:
-            effects = {kind: paired_effect(times, base, kind=kind, n_boot=n_boot, seed=seed, level=level)
+            effects = {kind: paired_effect(times, base, kind=kind, n_boot=n_boot, seed=seed, level=level,
+                                           cond_censored_at=after[condition, point],
+                                           ref_censored_at=after[reference, point])
                        for kind in ("ratio", "difference")}
             for kind, e in effects.items():
                 row.update({kind: e["effect"], f"{kind}_ci_low": e["ci_low"], f"{kind}_ci_high": e["ci_high"],
                             f"{kind}_resolved": e["resolved"]})
             e = effects["ratio"]
-            row.update(n_pairs=e["n_pairs"], n_censored=e["n_censored"], n_undefined=e["n_undefined"],
-                       warning=e["warning"])
+            row.update(n_pairs=e["n_pairs"], n_censored=e["n_censored"],
+                       n_censored_reference=e["censored"]["reference"], n_undefined=e["n_undefined"],
+                       ratio_low=e["effect_low"], ratio_high=e["effect_high"], warning=e["warning"])
         rows.append(row)
     return rows

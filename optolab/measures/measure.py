@@ -7,9 +7,10 @@ by entry point (group ``optolab.measures``, :mod:`optolab.measures.registry`).
 
 Rules for a measure:
 - ``NAME`` is its switch in a protocol's ``measures:`` section (``measures.<NAME>: true``);
-  ``DEFAULT`` whether it is on when the protocol does not say. ``OPTIONS`` are further keys of
-  ``measures:`` it reads (``name -> (type, pydantic Field)``); names are shared by all measures,
-  so choose specific ones. A measure added later never stops an old run from resuming: a run's
+  ``DEFAULT`` whether it is on when the protocol does not say. ``OPTIONS`` are the settings it
+  reads (``name -> (type, pydantic Field)``), with :meth:`Measure.options`: an installed measure's
+  are namespaced under its name (``measures.<NAME>: {option: value}``), so they clash with no
+  other measure's; a built-in's are flat keys of ``measures:``. A measure added later never stops an old run from resuming: a run's
   recorded protocol is read with today's defaults (:mod:`optolab.training.runbook`).
 - ``SITES`` (per layer, e.g. ``blocks.{layer}.attn.hook_pattern``) are the hook sites it reads
   on every eval split; the evaluator saves them all in one call per split, through the run's
@@ -29,12 +30,20 @@ Rules for a measure:
   ``CONFIG.every``-th checkpoint step (and the last) with a fresh Forward of the run's clamps.
   It may use gradients and write its own files under ``RUN_DIR/measures/<NAME>/``; it never changes the
   model it is given.
+- What reads a run whole — ``summary.json``, its stages, the run's plots and a sweep's report —
+  asks the measures, never names one. ``METRICS`` lists the metric names a measure writes (what
+  ``optolab validate`` shows). ``CURVES`` offers its curves by *role* (:class:`Curve`):
+  ``induction`` (the last layer's per-head score whose rise is when the induction head forms:
+  the summary, stages, head-score plots and the report's ``score_midpoint`` take the first
+  measure, in run order, whose curve the run measured), ``previous_token`` (the first layer's
+  per-head score: stages and plots) and ``stage`` (a whole-model curve stages read both ways,
+  e.g. the LLC). :meth:`Measure.summary` adds the measure's own entries to ``summary.json``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor
 
@@ -82,6 +91,22 @@ class CheckpointData:
     folder: Any  # RUN_DIR/measures/<NAME>: where it may write its own files
 
 
+@dataclass(frozen=True)
+class Curve:
+    """A curve a measure offers to summaries, stages, plots and reports (see the module rules):
+    its ``metric``, ``role``, which layer (``first``/``last``; ``None`` for whole-model values),
+    the split it is on (``None``: the task's main split) and a title for plots."""
+
+    metric: str
+    role: Literal["induction", "previous_token", "stage"]
+    layer: Literal["first", "last"] | None = "last"
+    split: str | None = None
+    title: str = ""
+
+    def layer_index(self, n_layers: int) -> int | None:
+        return None if self.layer is None else 0 if self.layer == "first" else n_layers - 1
+
+
 def head_rows(split: str, metric: str, per_head: Tensor, layer: int) -> list[dict]:
     return [{"split": split, "metric": metric, "layer": layer, "head": h, "value": float(v)}
             for h, v in enumerate(per_head.tolist())]
@@ -100,9 +125,22 @@ class Measure:
     SITES: ClassVar[tuple[str, ...]] = ()
     DOC: ClassVar[str] = ""  # the switch's one-line description
     CONFIG: ClassVar[Any] = None  # a StrictModel for measures that run at checkpoints (see the rules)
+    METRICS: ClassVar[tuple[str, ...]] = ()  # the metric names it writes
+    CURVES: ClassVar[tuple[Curve, ...]] = ()  # what summaries, stages, plots and reports read (rules)
 
     def build(self, task, spec, seed: int, n_ctx: int) -> Any:
         return None
+
+    def options(self, spec) -> Any:
+        """This measure's ``OPTIONS`` in ``spec`` (a protocol's ``measures:``), by attribute:
+        ``self.options(d.spec).max_lag``. An installed measure's options are namespaced under its
+        ``NAME`` (:mod:`optolab.measures.registry`); a built-in's are flat in ``spec``."""
+        own = getattr(spec, self.NAME, None)
+        return spec if own is None or isinstance(own, bool) else own
+
+    def summary(self, task, seed: int) -> dict:
+        """Entries this measure adds to ``summary.json`` (``seed``: the run's eval seed)."""
+        return {}
 
     def on_split(self, d: SplitData) -> list[dict]:
         return []

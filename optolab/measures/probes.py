@@ -19,7 +19,7 @@ from torch import Tensor
 
 from optolab.model.transformer import Transformer
 from optolab.tasks.base import IGNORE, Batch, rng
-from optolab.tasks.repeat_tokens import repeat_induction_targets
+from optolab.tasks.tokens import repeat_induction_targets
 
 PROBE_REPEATS = 4
 

@@ -8,9 +8,15 @@ Rules:
   (``[project.entry-points."optolab.measures"] my_score = "mypkg.measures:MyScore"``); they are
   read once, when the protocol schema is built.
 - The ``measures:`` section is :class:`MeasuresBase` (schedule, eval set size) plus, per measure,
-  a switch ``<NAME>: bool`` (default ``DEFAULT``) and its ``OPTIONS``. A measure with a
-  ``CONFIG`` (one that runs at checkpoints) takes ``<NAME>: false | true | {its fields}`` instead,
-  resolved to ``null`` or the full mapping. Unknown keys are errors.
+  a switch ``<NAME>: bool`` (default ``DEFAULT``). A measure with a ``CONFIG`` (one that runs at
+  checkpoints) takes ``<NAME>: false | true | {its fields}`` instead, resolved to ``null`` or the
+  full mapping; so does an installed (entry-point) measure with ``OPTIONS``: its options are
+  **namespaced** under its own name (``measures.my_score: {max_lag: 4}``), so two packages, or a
+  package and optolab, may both have a ``max_lag`` (on c9baccf a plug-in option named like a
+  built-in's made every protocol fail to validate). A measure reads its options with
+  :meth:`~optolab.measures.measure.Measure.options`. Built-in measures' options keep their
+  flat names (``measures.max_lag``: every protocol written so far has them); a test keeps those
+  apart. Unknown keys are errors.
 - Measures run in the order of their modules' names, then entry points by name.
 """
 
@@ -26,7 +32,7 @@ from optolab.core.errors import OptolabError
 from optolab.core.plugins import builtins, entry_points, load_entry_point
 from optolab.core.schedule import Schedule
 from optolab.core.strict import StrictModel
-from optolab.measures.measure import Measure
+from optolab.measures.measure import Curve, Measure
 
 BUILTIN: dict[str, type[Measure]] = builtins("optolab.measures.builtin", Measure, "NAME")
 ENTRY_POINT_GROUP = "optolab.measures"
@@ -67,12 +73,21 @@ def measures_spec() -> type[MeasuresBase]:
             fields[name] = (Annotated[m.CONFIG | None, BeforeValidator(_switch)],
                             Field(m.CONFIG() if m.DEFAULT else None, description=m.DOC or None))
             continue
+        if m.OPTIONS and name not in BUILTIN:  # a plug-in's options live under its own name
+            options = create_model(f"{type(m()).__name__}Options", __base__=StrictModel, **m.OPTIONS)
+            fields[name] = (Annotated[options | None, BeforeValidator(_switch)],
+                            Field(options() if m.DEFAULT else None, description=m.DOC or None))
+            continue
         fields[name] = (bool, Field(m.DEFAULT, description=m.DOC or None))
         for option, (tp, info) in m.OPTIONS.items():
-            if option in fields:
+            if option in fields:  # built-ins only: a test keeps their flat names apart
                 raise OptolabError(f"measure '{name}' declares option '{option}', which another measure has.",
                                    field=f"measures.{option}", fix="give the option a name of its own.")
             fields[option] = (tp, info)
+    clash = sorted(set(fields) & set(MeasuresBase.model_fields))
+    if clash:
+        raise OptolabError(f"a measure or option is named '{clash[0]}', a field of measures: itself.",
+                           field=f"measures.{clash[0]}", fix="give the measure another NAME.")
     return create_model("MeasuresSpec", __base__=MeasuresBase, **fields)
 
 
@@ -84,6 +99,11 @@ def _switch(v: Any) -> Any:
     if v is False:
         return None
     return v
+
+
+def curves(role: str) -> list[Curve]:
+    """Every installed measure's curves of ``role``, in run order (:class:`Curve`)."""
+    return [c for m in measures().values() for c in m.CURVES if c.role == role]
 
 
 def at_checkpoints(spec) -> list[tuple[Measure, Any]]:

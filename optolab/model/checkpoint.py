@@ -69,47 +69,53 @@ def list_checkpoints(folder: Path) -> list[int]:
     return sorted(steps)
 
 
-def _read(path: Path, field: str) -> dict[str, torch.Tensor]:
+READ_FIX = "point at a step_*.safetensors written by optolab; pickled (.pt/.pth) checkpoints are never loaded."
+RESUME_FIX = "delete that checkpoint's three files to resume from the one before, or pass --overwrite to redo the run."
+
+
+def _read(path: Path, field: str, fix: str = READ_FIX) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors, or one clear error (a torn, foreign or pickled file)."""
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise OptolabError(f"'{Path(path).name}' is not a readable safetensors file ({e}).", field=field,
-                           source=str(path), fix="point at a step_*.safetensors written by optolab; pickled "
-                           "(.pt/.pth) checkpoints are never loaded.") from None
+        raise OptolabError(f"'{path}' is not a readable safetensors file (damaged, or not a checkpoint: {e}).",
+                           field=field, fix=fix) from None
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
+def load_weights(path: Path, model: nn.Module, field: str = "--checkpoint", *,
+                 mismatch_fix: str = "use the protocol that produced the checkpoint.",
+                 damaged_fix: str = READ_FIX) -> None:
+    """``path``'s weights into ``model``. Each refusal names the file: ``damaged_fix`` for one
+    that cannot be read, ``mismatch_fix`` for one of another model."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise OptolabError(f"'{path.name}' is not a safetensors file.", field="--checkpoint",
+        raise OptolabError(f"'{path.name}' is not a safetensors file.", field=field,
                            fix="point at a step_*.safetensors file; pickled checkpoints are refused.")
     if not path.is_file():
-        raise OptolabError(f"checkpoint '{path}' not found.", field="--checkpoint",
+        raise OptolabError(f"checkpoint '{path}' not found.", field=field,
                            fix="list RUN_DIR/checkpoints/ and pick a step_*.safetensors file.")
-    state = _read(path, "--checkpoint")
-    missing = set(model.state_dict()) - set(state)
-    unexpected = set(state) - set(model.state_dict())
+    state = _read(path, field, damaged_fix)
+    mine = model.state_dict()
+    missing = set(mine) - set(state)
+    unexpected = set(state) - set(mine)
     if missing or unexpected:
         raise OptolabError(
-            f"checkpoint '{path.name}' does not fit this model (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}).", field="model",
-            fix="use the protocol that produced the checkpoint.")
+            f"checkpoint '{path}' does not fit this model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}).", field=field, fix=mismatch_fix)
     for k, v in state.items():
-        if v.shape != model.state_dict()[k].shape:
-            raise OptolabError(f"checkpoint tensor '{k}' has shape {tuple(v.shape)}, the model expects "
-                               f"{tuple(model.state_dict()[k].shape)}.", field="model",
-                               fix="use the protocol that produced the checkpoint.")
+        if v.shape != mine[k].shape:
+            raise OptolabError(f"checkpoint '{path}' does not fit this model: its tensor '{k}' has shape "
+                               f"{tuple(v.shape)}, the model expects {tuple(mine[k].shape)}.", field=field,
+                               fix=mismatch_fix)
     model.load_state_dict(state)
 
 
 def load_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model and optimizer in place; return the sidecar."""
+    """Restore a run's own checkpoint (model and optimizer, in place) to resume it; return the sidecar."""
     base = folder / stem(step)
-    load_weights(base.with_suffix(".safetensors"), model)
-    load_optimizer_state(base.with_suffix(".safetensors"), model, optimizer, "--out")
-    return read_json_object(base.with_suffix(".json"),
-                            fix="delete that checkpoint's three files to resume from the one before, or --overwrite.")
+    load_weights(base.with_suffix(".safetensors"), model, "--out", mismatch_fix=RESUME_FIX, damaged_fix=RESUME_FIX)
+    load_optimizer_state(base.with_suffix(".safetensors"), model, optimizer, "--out", damaged_fix=RESUME_FIX)
+    return read_json_object(base.with_suffix(".json"), fix=RESUME_FIX)
 
 
 def prune(folder: Path, keep: int | None, protect: set[int] = frozenset()) -> None:
@@ -132,6 +138,11 @@ def find_checkpoint(source: str | Path, step: int | None, field: str,
     clamps' ``source``, ``init_from`` and ``optolab evaluate --checkpoint``."""
     step_field = step_field or field
     p = Path(source).expanduser()
+    try:
+        where = p.resolve()
+    except (RuntimeError, OSError):  # RuntimeError: a symbolic link loop, as Python 3.11 reports one
+        raise OptolabError(f"'{source}' cannot be followed: a symbolic link on the way loops.", field=field,
+                           fix="give the run directory or the checkpoint file itself (or repair the link).") from None
     if p.is_dir():
         steps = list_checkpoints(p / "checkpoints")
         if not steps:
@@ -144,7 +155,7 @@ def find_checkpoint(source: str | Path, step: int | None, field: str,
                                fix=f"use one of its steps: {steps[:8]}{' …' if len(steps) > 8 else ''}.")
         return p / "checkpoints" / f"{stem(step)}.safetensors", p
     if not p.is_file():
-        raise OptolabError(f"'{source}' does not exist (looked for {p.resolve()}).", field=field,
+        raise OptolabError(f"'{source}' does not exist (looked for {where}).", field=field,
                            fix="give a run directory or a checkpoint .safetensors file; relative paths start at the "
                                "protocol's folder.")
     if p.suffix != ".safetensors" or p.name.endswith(".optim.safetensors"):
@@ -157,18 +168,25 @@ def find_checkpoint(source: str | Path, step: int | None, field: str,
     return p, run_dir if (run_dir / "protocol.yaml").is_file() else None
 
 
-def load_optimizer_state(weights: Path, model: nn.Module, optimizer: torch.optim.Optimizer, field: str) -> None:
-    """The Adam state saved beside ``weights`` into ``optimizer`` (as :func:`load_checkpoint`)."""
+def load_optimizer_state(weights: Path, model: nn.Module, optimizer: torch.optim.Optimizer, field: str, *,
+                         damaged_fix: str = READ_FIX) -> None:
+    """The Adam state saved beside ``weights`` into ``optimizer`` (as :func:`load_checkpoint`);
+    a file that does not fit the model is refused naming it, before anything is loaded."""
     path = weights.with_name(weights.name.replace(".safetensors", ".optim.safetensors"))
     if not path.is_file():
         raise OptolabError(f"'{path.name}' is missing: the checkpoint has no optimizer state.", field=field,
                            fix="set optimizer: false, or point at a checkpoint written by `optolab run`.")
-    state = _read(path, field)
+    state = _read(path, field, damaged_fix)
     params = dict(model.named_parameters())
-    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    entries = []
     for key, value in state.items():
-        name, entry = key.split("::")
-        p = params[name]
+        name, _, entry = key.partition("::")
+        p = params.get(name)
+        if p is None or (entry in ("exp_avg", "exp_avg_sq") and value.shape != p.shape):
+            raise OptolabError(f"'{path}' does not fit this model (its entry '{key}' has shape "
+                               f"{tuple(value.shape)}).", field=field, fix=damaged_fix)
+        entries.append((p, entry, value))
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    for p, entry, value in entries:
         device = p.device if entry != "step" or on_device else torch.device("cpu")
         optimizer.state[p][entry] = value.to(device, copy=True)
-

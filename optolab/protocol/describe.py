@@ -50,7 +50,9 @@ def describe_protocol(p: Protocol) -> list[str]:
         f"Checkpoints: {_schedule(t.checkpoints.schedule, t.batch_size, len(p.checkpoint_steps()))}"
         + (f", keeping the newest {t.checkpoints.keep}." if t.checkpoints.keep else "."),
     ]
-    on = [m.NAME for m in active(p.measures)]
+    # the metric names too: the switch previous_token writes prev_token, which is what a reader looks for
+    on = [m.NAME + (f" ({', '.join(m.METRICS)})" if m.METRICS and tuple(m.METRICS) != (m.NAME,) else "")
+          for m in active(p.measures)]
     lines.append(f"Measures: {', '.join(on) or 'loss and accuracy only'} (where the task supports them).")
     for m, config in at_checkpoints(p.measures):
         every = "every checkpoint" if config.every == 1 else f"every {config.every}th checkpoint and the last"

@@ -6,12 +6,16 @@ Rules:
   :data:`MAX_DEPTH` deep, at most :data:`MAX_VALUES` values once aliases are expanded (an alias
   bomb is refused in milliseconds), no alias that contains itself.
 - Relative paths inside a protocol are resolved against the protocol file's folder.
+- A protocol without ``name:`` is named after its file, made a valid name
+  (:func:`name_from_file`).
 - Every failure is an :class:`~optolab.core.errors.OptolabError` naming the file, the field path, the
   line where YAML gives one, and the fix.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +96,20 @@ def _bounded(text: str, path, what: str) -> None:
         stack.extend((c, depth + 1, False) for c in children if id(c) not in size)
 
 
+def _absolute(path: Path) -> Path:
+    """``path`` with its links resolved, or only made absolute where a link loops (the file's
+    reader then says so in one line)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # RuntimeError: a symbolic link loop, as Python 3.11 reports one
+        return Path(os.path.abspath(path))
+
+
 def read_yaml(path: str | Path, what: str = "file") -> tuple[dict, dict[tuple, int]]:
     """``(mapping, line map)`` of a YAML file, or an OptolabError saying what is wrong."""
     p = Path(path)
     if not p.is_file():
-        raise OptolabError(f"{what} not found (looked for {p.resolve()}).", source=path,
+        raise OptolabError(f"{what} not found (looked for {_absolute(p)}).", source=path,
                            fix="check the path; relative paths start from the current folder.")
     if p.stat().st_size > MAX_FILE_BYTES:
         raise OptolabError(f"the {what} is {p.stat().st_size / 2**20:,.1f} MiB; optolab reads files of at most "
@@ -144,7 +157,7 @@ def _resolve_task(raw: Any, base: Path, source: str, protocol_lines: dict, field
                            fix="write e.g. spec: ../tasks/fewshot_singh2024.yaml")
     path = (base / ref) if not Path(ref).is_absolute() else Path(ref)
     if not path.is_file():
-        raise OptolabError(f"task file '{ref}' not found (looked for {path.resolve()}).", field=field,
+        raise OptolabError(f"task file '{ref}' not found (looked for {_absolute(path)}).", field=field,
                            source=source, fix="give a path relative to the protocol file, e.g. ../tasks/repeat_tokens.yaml")
     spec, lines = read_yaml(path, "task spec")
     overrides = {k: v for k, v in raw.items() if k != "spec"}
@@ -173,9 +186,18 @@ def _resolve_clamp_paths(clamps: Any, base: Path) -> Any:
             c = dict(c)
             for key in ("source", "file"):
                 if isinstance(c.get(key), str) and not Path(c[key]).expanduser().is_absolute():
-                    c[key] = str((base / c[key]).resolve())
+                    c[key] = str(_absolute(base / c[key]))
         out.append(c)
     return out
+
+
+def name_from_file(path: str | Path) -> str:
+    """A protocol's default name: its file's, made a valid name (``my protocol é v2.yaml`` ->
+    ``my_protocol_e_v2``): accents dropped, every run of other characters one ``_``."""
+    import unicodedata
+
+    ascii_stem = unicodedata.normalize("NFKD", Path(path).stem).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", ascii_stem).strip("_") or "protocol"
 
 
 def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None = None,
@@ -185,7 +207,7 @@ def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None
     data, lines = read_yaml(path, "protocol")
     source = str(path)
     data = dict(data)
-    data.setdefault("name", Path(path).stem)
+    data.setdefault("name", name_from_file(path))
     if name is not None:
         data["name"] = name
     if data.get("kind") == "toy_tensor":
@@ -201,7 +223,7 @@ def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None
     data["clamps"] = _resolve_clamp_paths(data.get("clamps"), Path(path).parent)
     init = data.get("init_from")
     if isinstance(init, dict) and isinstance(init.get("run"), str) and not Path(init["run"]).expanduser().is_absolute():
-        data["init_from"] = {**init, "run": str((Path(path).parent / init["run"]).resolve())}
+        data["init_from"] = {**init, "run": str(_absolute(Path(path).parent / init["run"]))}
     if isinstance(data.get("conditions"), dict):
         data["conditions"] = {k: _resolve_clamp_paths(v, Path(path).parent) for k, v in data["conditions"].items()}
     if seed is not None:
@@ -237,6 +259,8 @@ def validate_protocol(data: dict, *, source: str | None = None, lines: dict | No
         raise from_validation_error(e, source=source, lines=lines, model=Protocol) from None
     except OptolabError as e:
         raise e.located(source, lines) from None
+    if source is not None:
+        protocol._source = (source, lines)  # for what only a run can check (init_from's checkpoint)
     return protocol
 
 

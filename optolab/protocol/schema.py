@@ -29,7 +29,7 @@ from optolab.clamps.plan import Plan, plan_clamps
 from optolab.clamps.registry import validate_clamps
 from optolab.core.counts import Count, PosCount, Seed
 from optolab.core.device import DEVICE_PATTERN
-from optolab.core.errors import SpecError
+from optolab.core.errors import OptolabError, SpecError
 from optolab.core.schedule import Schedule
 from optolab.core.strict import StrictModel
 from optolab.measures.registry import measures_spec
@@ -186,6 +186,7 @@ class Protocol(StrictModel):
     conditions: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+$")], list[SerializeAsAny[ClampSpec]]] = Field(
         default_factory=dict, description="post-hoc conditions for `optolab evaluate` (base clamps + these)")
     _plan: tuple | None = PrivateAttr(default=None)
+    _source: tuple | None = PrivateAttr(default=None)  # (file, line map) it was read from, if any
 
     @model_validator(mode="before")
     @classmethod
@@ -200,6 +201,11 @@ class Protocol(StrictModel):
         if isinstance(data.get("conditions"), dict):
             data["conditions"] = {k: validate_clamps(v, f"conditions.{k}") for k, v in data["conditions"].items()}
         return data  # (what it depends on, the clamp plan)
+
+    def locate(self, err: OptolabError) -> OptolabError:
+        """``err`` (about one of this protocol's fields, found at run time) with the protocol's
+        file and the field's line, where the protocol was read from a file."""
+        return err.located(*self._source) if self._source is not None else err
 
     def clamp_plan(self, task: Task, cfg: ModelConfig) -> Plan:
         """The clamps checked against the model and task (:func:`optolab.clamps.plan.plan_clamps`),

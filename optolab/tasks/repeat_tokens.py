@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 
 from optolab.core.errors import SpecError
 from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
+from optolab.tasks.tokens import induction_targets
 
 
 class RepeatTokensSpec(TaskSpec):
@@ -120,18 +121,3 @@ class RepeatTokensTask(Task):
         targets[:, :-1] = torch.where(keep, body, IGNORE)
         return Batch(inputs=(tokens,), targets=targets, tokens=tokens,
                      induction_targets=induction_targets(L, s.n_repeats, n + 1, prefix=1))
-
-
-def induction_targets(L: torch.Tensor, n_repeats: int, n_ctx: int, prefix: int) -> torch.Tensor:
-    """``[b, q, k]``: key ``k`` is the token after an earlier copy of query ``q``'s segment
-    position, for segments of length ``L[b]`` repeated ``n_repeats`` times after ``prefix``."""
-    q = torch.arange(n_ctx)[None, :, None] - prefix  # segment coordinates
-    k = torch.arange(n_ctx)[None, None, :] - prefix
-    L = L.reshape(-1, 1, 1)
-    gap = q - k + 1  # = m·L for the m-th earlier copy
-    return (q >= L) & (q < L * n_repeats) & (k >= 1) & (gap >= L) & (gap % L == 0)
-
-
-def repeat_induction_targets(seq_len: int, n_repeats: int, prefix: int) -> torch.Tensor:
-    """``[1, pos, pos]`` induction targets of a fixed-length repeat (see :func:`induction_targets`)."""
-    return induction_targets(torch.tensor([seq_len]), n_repeats, prefix + seq_len * n_repeats, prefix)

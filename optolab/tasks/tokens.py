@@ -12,6 +12,8 @@ Rules:
   for Dirichlet rows.
 - :func:`induction_targets_from_tokens` marks, for each query ``q`` in ``query_mask``, every key
   ``k ≤ q`` whose previous token equals token ``q``: the keys an induction head attends to.
+  :func:`induction_targets` gives them for a segment repeated after a prefix (the repeat task
+  and Olsson's repeated-random-tokens probe, :mod:`optolab.measures.probes`).
 """
 
 from __future__ import annotations
@@ -132,3 +134,18 @@ def iid_excluding(probs: Float[Tensor, "n"], draws: Int[Tensor, "batch m"], excl
         draws[bad] = fresh
         bad = draws == exclude[:, None]
     raise RuntimeError("could not draw ids apart from the excluded one; its probability is ~1")
+
+
+def induction_targets(L: torch.Tensor, n_repeats: int, n_ctx: int, prefix: int) -> torch.Tensor:
+    """``[b, q, k]``: key ``k`` is the token after an earlier copy of query ``q``'s segment
+    position, for segments of length ``L[b]`` repeated ``n_repeats`` times after ``prefix``."""
+    q = torch.arange(n_ctx)[None, :, None] - prefix  # segment coordinates
+    k = torch.arange(n_ctx)[None, None, :] - prefix
+    L = L.reshape(-1, 1, 1)
+    gap = q - k + 1  # = m·L for the m-th earlier copy
+    return (q >= L) & (q < L * n_repeats) & (k >= 1) & (gap >= L) & (gap % L == 0)
+
+
+def repeat_induction_targets(seq_len: int, n_repeats: int, prefix: int) -> torch.Tensor:
+    """``[1, pos, pos]`` induction targets of a fixed-length repeat (see :func:`induction_targets`)."""
+    return induction_targets(torch.tensor([seq_len]), n_repeats, prefix + seq_len * n_repeats, prefix)

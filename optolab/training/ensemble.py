@@ -283,6 +283,8 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     shared = build_model(cfg, p0.seeds.init).to(device)  # evaluated with each member's weights in turn
     optimizers = [make_optimizer(p, m) for p, m in zip(protocols, models)]
     try:
+        for b, m, o in zip(books, models, optimizers):
+            b.load(m, o)  # every member's refusals before any member's directory is written
         starts = {b.start(m, o) for b, m, o in zip(books, models, optimizers)}
     except BaseException:
         for b in books:

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from optolab.core.files import read_jsonl_rows
+
 FOLDER = "per_example"
 
 
@@ -44,15 +46,14 @@ def append(run_dir: Path, step: int, sequences: int, losses: dict[str, torch.Ten
 
 
 def _index(folder: Path) -> list[dict]:
-    rows = []
-    path = folder / "index.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line: what follows it was never written
-    return rows
+    # a torn line ends the index: what follows it was never written
+    return read_jsonl_rows(folder / "index.jsonl", stop_at_torn=True, fix="delete that line (evals after the "
+                           "last checkpoint are recomputed on resume), or pass --overwrite to redo the run.")
+
+
+def check(run_dir: Path) -> None:
+    """Refuse (one line) an index a resume could not cut."""
+    _index(_folder(run_dir))
 
 
 def truncate(run_dir: Path, last_step: int) -> None:

@@ -60,25 +60,26 @@ from optolab.training.trackers import require as require_trackers
 
 class RunBook:
     def __init__(self, protocol: Protocol, out: str | Path, task: Task, cfg, forward: Forward,
-                 device: torch.device = torch.device("cpu"), data=None) -> None:
+                 device: torch.device = torch.device("cpu"), data=None, *, overwrite: bool = False) -> None:
         """``data``: what the training loop draws its batches from (the task, or the protocol's
         data schedule: :func:`~optolab.protocol.data_schedule.train_data`; default: the task).
-        Measures that run at checkpoints sample from it."""
+        Measures that run at checkpoints sample from it. ``overwrite``: discard what ``out``
+        holds (only a run's own files: :meth:`RunDir.clear`) when the run starts. Nothing is
+        written here (the module rules)."""
         self.protocol, self.task, self.forward, self.device = protocol, task, forward, device
         self.run = RunDir(out)
+        self.overwrite = overwrite
+        self.lock: DirLock | None = None
         resolved = protocol.resolved()
-        _refuse_foreign(self.run)  # before the lock: nothing is written into a folder that is not a run
+        if overwrite and _is_dir(self.run.path):
+            self.run.clearable()  # a folder that is not only a run's is refused, whole
+        else:
+            _refuse_foreign(self.run)  # nothing is written into a folder that is not a run
+            _check_same_protocol(self.run, resolved)  # again under the lock, when the run starts
         require_trackers(protocol.train.track)  # a missing library is refused before anything is written
         self.at_ckpt = at_checkpoints(protocol.measures)  # measures that run at checkpoints (the LLC)
         for m, config in self.at_ckpt:
             m.check(config, cfg)  # as is a config this model or installation cannot run
-        self.lock = DirLock(self.run.path)
-        try:
-            _check_same_protocol(self.run, resolved)  # under the lock: no other writer changes it now
-            self.run.write_protocol(resolved)
-        except BaseException:
-            self.lock.release()
-            raise
         self.cfg = cfg
         self.data = task if data is None else data
         self.evals = EvalSet.build(task, protocol.measures, protocol.seeds.eval, cfg.n_ctx, device)
@@ -86,8 +87,8 @@ class RunBook:
         self.bs = protocol.train.batch_size
         self.eval_steps = set(protocol.eval_steps())
         self.ckpt_steps = set(protocol.checkpoint_steps())
-        self.meta = self.run.read_json(self.run.meta) or {**environment(), "seeds": protocol.seeds.model_dump(),
-                                                          "wall_time_s": 0.0, "segments": []}
+        old = {} if overwrite else self.run.read_json(self.run.meta)
+        self.meta = old or {**environment(), "seeds": protocol.seeds.model_dump(), "wall_time_s": 0.0, "segments": []}
         self.meta.update(model_config=cfg.to_dict())
         self.start_step = 0
         self.resumed = False
@@ -99,29 +100,61 @@ class RunBook:
         self.trackers: Trackers | None = None
         self.stop = StopRule(protocol.train.stop, task.main_split) if protocol.train.stop is not None else None
         self.stop_reason: str | None = None
+        self._loaded: list[int] | None = None  # the checkpoints :meth:`load` saw
 
     # --- the loop's calls, in order ------------------------------------------------------
 
-    def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-        if was_stopped(self.run):  # allowed by _check_same_protocol only under another stop rule
-            reopen(self.run)
-        done = list_checkpoints(self.run.checkpoints)
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Load the run's last checkpoint (or ``init_from``'s) into ``model`` and ``optimizer``,
+        and check the logs a resume would cut; refuses (one line) before anything is written.
+        :meth:`start` calls it where the caller has not (an ensemble loads every member first)."""
+        done = [] if self.overwrite else list_checkpoints(self.run.checkpoints)
+        self.start_step, self.resumed = 0, False
         if done:
             self.start_step, self.resumed = done[-1], True
             sidecar = load_checkpoint(self.run.checkpoints, self.start_step, model, optimizer)
-            self.run.truncate_metrics(self.start_step)
-            per_example.truncate(self.run.path, self.start_step)
-            self._forget_after(self.start_step)
+            self.run.metric_rows()  # a damaged log is refused now, not halfway through the truncation
+            per_example.check(self.run.path)
             self.loss_sum = torch.tensor(sidecar.get("train_loss_sum", 0.0), device=self.device)
             self.loss_n = sidecar.get("train_loss_n", 0)
-            if self.stop is not None:
-                self.stop.replay(self.run.metrics().to_dict("records"))
-        else:
-            self.run.truncate_metrics(-1)  # a run that died before its first checkpoint starts clean
-            per_example.truncate(self.run.path, -1)
-            self._forget_after(-1)
-            if self.protocol.init_from is not None:
+        elif self.protocol.init_from is not None:
+            try:
                 self.meta["init_from"] = init_from(self.protocol.init_from, model, optimizer)
+            except OptolabError as e:
+                raise self.protocol.locate(e) from None
+        self._loaded = done
+
+    def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """Take the run directory (its lock), write the protocol and ``meta.json``, cut the logs
+        back to the checkpoint resumed from; returns the first step."""
+        if self._loaded is None:
+            self.load(model, optimizer)
+        self.lock = DirLock(self.run.path)
+        try:
+            self._take(model, optimizer)
+        except BaseException:
+            self.release()
+            raise
+        self._t0 = time.perf_counter()
+        return self.start_step
+
+    def _take(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """:meth:`start`'s writes, under the lock (which another writer may have left just now:
+        what :meth:`load` saw is checked again)."""
+        if self.overwrite:
+            self.run.clear()
+        else:
+            _check_same_protocol(self.run, self._resolved)
+            if list_checkpoints(self.run.checkpoints) != self._loaded:
+                self.load(model, optimizer)
+        if was_stopped(self.run):  # allowed by _check_same_protocol only under another stop rule
+            reopen(self.run)
+        self.run.write_protocol(self._resolved)
+        self.run.truncate_metrics(self.start_step if self.resumed else -1)  # a run that died before its
+        per_example.truncate(self.run.path, self.start_step if self.resumed else -1)  # first checkpoint starts clean
+        self._forget_after(self.start_step if self.resumed else -1)
+        if self.stop is not None and self.resumed:
+            self.stop.replay(self.run.metric_rows())
         self.meta.update(status="running", n_params=sum(p.numel() for p in model.parameters()))
         t = self.protocol.train
         self.meta["segments"].append({"resumed_from_step": self.start_step,
@@ -129,11 +162,11 @@ class RunBook:
                                       **describe_device(self.device), "precision": t.precision,
                                       "deterministic": t.deterministic,
                                       "compiled": decide_compile(t, self.device)})
+        if t.track:  # a tracker that cannot start is dropped, and meta.json says so
+            self.trackers = Trackers(t.track, self.run.path, self._resolved)
+            if self.trackers.failures:
+                self.meta["tracker_failures"] = list(self.trackers.failures)
         self.run.write_json(self.run.meta, self.meta)
-        if self.protocol.train.track:
-            self.trackers = Trackers(self.protocol.train.track, self.run.path, self._resolved)
-        self._t0 = time.perf_counter()
-        return self.start_step
 
     def busy(self, step: int) -> bool:
         """Whether ``at_step`` has anything to do at ``step`` (an ensemble syncs members only then)."""
@@ -257,7 +290,8 @@ class RunBook:
                 except OSError:
                     pass  # a full disk: the run's own message says so
             self.trackers = None
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     def interrupted(self, step: int) -> None:
         self.meta["status"] = "interrupted"
@@ -308,18 +342,19 @@ def eager_forward(protocol: Protocol, task: Task, cfg, device: torch.device) -> 
                         seeds=(protocol.seeds.init, protocol.seeds.data))
 
 
+INIT_FROM_DAMAGED = ("point init_from at another checkpoint (another init_from.step, or another "
+                     "step_*.safetensors file) written by `optolab run`.")
+
+
 def init_from(spec, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load ``init_from``'s checkpoint into a fresh run's model (and Adam state); what meta.json
     records of it."""
-    weights, _ = find_checkpoint(spec.run, spec.step, "init_from.run")
-    try:
-        load_weights(weights, model)
-    except OptolabError as e:
-        raise OptolabError(e.message, field="init_from.run", source=e.source,
-                           fix="init_from needs a run of the same model (layers, heads, widths, input and output sizes)."
-                           ) from None
+    weights, _ = find_checkpoint(spec.run, spec.step, "init_from.run", "init_from.step")
+    load_weights(weights, model, "init_from.run", damaged_fix=INIT_FROM_DAMAGED,
+                 mismatch_fix="init_from needs a run of the same model (layers, heads, widths, input and output sizes).")
     if spec.optimizer:
-        load_optimizer_state(weights, model, optimizer, "init_from.optimizer")
+        load_optimizer_state(weights, model, optimizer, "init_from.optimizer",
+                             damaged_fix="set init_from.optimizer: false, or " + INIT_FROM_DAMAGED)
     return {"checkpoint": str(weights), "optimizer": spec.optimizer}
 
 
@@ -331,6 +366,13 @@ def _as_now(recorded: dict) -> dict:
         return Protocol.model_validate(recorded).resolved()
     except (ValidationError, OptolabError):
         return recorded
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long, …: _refuse_foreign says so in one line
+        return False
 
 
 def _refuse_foreign(run: RunDir) -> None:

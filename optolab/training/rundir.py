@@ -14,10 +14,16 @@ Layout::
 
 Rules:
 - One writer at a time: a run holds ``.optolab.lock`` for its life (:mod:`optolab.core.lock`).
-- ``--overwrite`` removes exactly the entries of :data:`OWNED` (and ``*.tmp`` leftovers of an
-  interrupted write), and only from a folder that holds a run (``protocol.yaml`` or
-  ``meta.json``) and nothing else: a file of the user's in it refuses the overwrite, and nothing
-  is deleted (:meth:`RunDir.clear`).
+- ``--overwrite`` removes only files optolab wrote: those whose path in the run directory
+  matches :data:`OWNED` (names optolab gives: ``checkpoints/step_*``, ``figures/loss.png``,
+  ``tensorboard/events.out.tfevents.*``, everything inside wandb's own run folder
+  ``wandb/offline-run-…-optolab-<id>/``, and a ``.tmp`` leftover of any of them), and those
+  recorded in ``.optolab.files`` when written (:func:`record`: files whose names the user
+  chooses, as ``optolab evaluate``'s CSVs). Anything else anywhere in the folder — a file, a
+  folder, a symbolic link, in ``checkpoints/``, ``figures/`` or any subfolder — refuses the
+  overwrite naming it, and nothing is deleted (:meth:`RunDir.clearable`). A folder that holds no
+  run (no ``protocol.yaml`` or ``meta.json``) is refused likewise. Files are then deleted one by
+  one and emptied folders removed: a file that appears meanwhile is kept.
 - ``metrics.jsonl`` is append-only during a run; on resume, rows after the checkpoint's step are
   dropped (they will be recomputed identically). A finished run keeps its rows in
   ``metrics.parquet`` and the log gzipped (``metrics.jsonl.gz``, :meth:`RunDir.finish_log`), so a
@@ -30,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -41,14 +48,51 @@ import pandas as pd
 import yaml
 
 from optolab.core.errors import OptolabError
-from optolab.core.files import read_json_object
+from optolab.core.files import read_json_object, read_jsonl_rows
 from optolab.core.lock import LOCK_NAME
 
 COLUMNS = ["step", "sequences", "split", "metric", "layer", "head", "src_layer", "src_head", "value"]
 
 
-OWNED = ("protocol.yaml", "meta.json", "metrics.jsonl", "metrics.parquet", "summary.json", "checkpoints",
-         "figures", "posthoc", "tensorboard", "wandb", "per_example", "metrics.jsonl.gz", "measures")  # what a run writes (plus the lock, which --overwrite keeps while it works)
+# What a run writes (see the module rules), as paths relative to the run directory; each may
+# also be left as NAME.tmp by an interrupted atomic write. Runs written before the record
+# existed are recognised by these alone.
+OWNED = (
+    r"protocol\.yaml", r"meta\.json", r"metrics\.jsonl(\.gz)?", r"metrics\.parquet", r"summary\.json",
+    r"\.optolab\.files",
+    r"checkpoints/step_\d+(\.optim)?\.safetensors", r"checkpoints/step_\d+\.json",
+    r"figures/(loss|head_scores|prev_token|attention|loss_by_position|trajectory|llc)\.png",
+    r"per_example/index\.jsonl", r"per_example/[\w.+-]+\.f16",
+    r"measures/llc/estimates\.jsonl", r"measures/llc/traces_\d+\.npz",
+    r"measures/llc/posthoc_[0-9a-f]+/(config\.json|estimates\.jsonl|traces_\d+\.npz|llc\.png)",
+    r"measures/llc/calibration_\d+/(calibration\.csv|traces\.png)",
+    r"tensorboard/events\.out\.tfevents\.[^/]+",
+    r"wandb/debug(-internal)?\.log", r"wandb/latest-run",  # wandb's link to its newest run folder
+    r"wandb/(offline-)?run-\d{8}_\d{6}-optolab-[0-9a-f]{16}(/.+)?",  # wandb's own folder of this run's W&B run
+)
+_OWNED = re.compile("(" + "|".join(OWNED) + r")(\.tmp)?")
+_OWNED_FOLDERS = re.compile(r"checkpoints|figures|per_example|tensorboard|wandb|measures|measures/llc"
+                            r"|measures/llc/(posthoc_[0-9a-f]+|calibration_\d+)"
+                            r"|wandb/(offline-)?run-\d{8}_\d{6}-optolab-[0-9a-f]{16}(/.+)?")
+DAMAGED_LOG_FIX = ("delete that line (rows after the last checkpoint are recomputed on resume), or pass "
+                   "--overwrite to redo the run.")
+RECORD = ".optolab.files"  # paths of files optolab wrote under names it does not choose (one a line)
+
+
+def record(run_dir: str | Path, path: str | Path) -> None:
+    """Note that optolab wrote ``path`` (inside ``run_dir``), so ``--overwrite`` may delete it."""
+    rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(run_dir)).as_posix()
+    if rel in _recorded(Path(run_dir)):
+        return
+    with (Path(run_dir) / RECORD).open("a") as f:
+        f.write(rel + "\n")
+
+
+def _recorded(run_dir: Path) -> set[str]:
+    try:
+        return set((run_dir / RECORD).read_text().splitlines())
+    except (OSError, UnicodeDecodeError):
+        return set()
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -94,27 +138,30 @@ class RunDir:
     def clear(self) -> None:
         """Delete what a run wrote here (see the module rules); refuse, deleting nothing, when the
         folder is not a run or holds anything else. The caller holds the folder's lock."""
-        for p in self.clearable():
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+        files, folders = self.clearable()
+        files.sort(key=lambda p: p.name == RECORD)  # the record last: an interrupted clear leaves no orphan
+        for p in files:
+            p.unlink(missing_ok=True)
+        for d in sorted(folders, key=lambda q: len(q.parts), reverse=True):  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # not empty: something appeared since the check, and it stays
 
-    def clearable(self) -> list[Path]:
-        """What :meth:`clear` would delete; raises (one line) where it would refuse."""
+    def clearable(self) -> tuple[list[Path], list[Path]]:
+        """``(files, folders)`` :meth:`clear` would delete; raises (one line) where it would refuse."""
         if not self.path.is_dir():
             raise OptolabError(f"'{self.path}' is not a folder.", field="--out", fix="choose a run directory.")
-        entries = [p for p in self.path.iterdir() if p.name != LOCK_NAME]
-        if entries and not (self.protocol.is_file() or self.meta.is_file()):
+        files, folders, foreign = _walk(self.path, _recorded(self.path))
+        if (files or folders or foreign) and not (self.protocol.is_file() or self.meta.is_file()):
             raise OptolabError(f"refusing to overwrite '{self.path}': it is not an optolab run directory.",
                                field="--out", fix="choose another folder.")
-        foreign = sorted(p.name for p in entries if p.name not in OWNED and not p.name.endswith(".tmp"))
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise OptolabError(f"refusing to overwrite '{self.path}': it holds files optolab did not write "
                                f"({shown}); --overwrite deletes only a run's own files.", field="--out",
                                fix="move those files out, or choose another --out.")
-        return entries
+        return files, folders
 
     def write_protocol(self, resolved: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -139,15 +186,12 @@ class RunDir:
         """Keep only rows with ``step <= last_step`` (and drop a torn last line)."""
         if not self.metrics_jsonl.is_file():
             return
-        kept = []
-        for line in self.metrics_jsonl.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row["step"] <= last_step:
-                kept.append(line)
-        write_atomic(self.metrics_jsonl, "".join(line + "\n" for line in kept))
+        kept = [row for row in self.metric_rows() if row["step"] <= last_step]
+        write_atomic(self.metrics_jsonl, "".join(json.dumps(row) + "\n" for row in kept))
+
+    def metric_rows(self) -> list[dict]:
+        """The rows of ``metrics.jsonl``; a damaged line is one error naming it."""
+        return read_jsonl_rows(self.metrics_jsonl, fix=DAMAGED_LOG_FIX)
 
     # reading
     def metrics(self) -> pd.DataFrame:
@@ -175,14 +219,54 @@ class RunDir:
         os.replace(tmp, self.metrics_parquet)
 
 
-def metrics_frame(jsonl: Path) -> pd.DataFrame:
-    rows = []
-    if jsonl.is_file():
-        for line in jsonl.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+def _walk(root: Path, recorded: set[str]) -> tuple[list[Path], list[Path], list[str]]:
+    """Every entry under ``root`` but the lock: ``(owned files, owned folders, foreign paths)``.
+    A folder is owned when a run makes it (or a recorded file is in it) and all it holds is
+    owned; links are never followed (and are foreign, but for wandb's own)."""
+    parents = {Path(r).parent.as_posix() for r in recorded}
+    folders_of_record = {q for r in parents for q in _ancestors(r)}
+    files: list[Path] = []
+    folders: list[Path] = []
+    foreign: list[str] = []
+
+    def visit(folder: Path) -> bool:  # whether everything in ``folder`` is the run's
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as e:
+            raise OptolabError(f"cannot read '{folder}': {e.strerror}.", field="--out",
+                               fix="make it readable, or choose another --out.") from None
+        clean = True
+        for p in entries:
+            rel = p.relative_to(root).as_posix()
+            if rel == LOCK_NAME:
                 continue
+            ours = rel in recorded or _OWNED.fullmatch(rel) is not None
+            if p.is_dir() and not p.is_symlink():
+                if not (_OWNED_FOLDERS.fullmatch(rel) or rel in folders_of_record):
+                    foreign.append(rel + "/")
+                    clean = False
+                elif visit(p):
+                    folders.append(p)
+                else:
+                    clean = False
+            elif ours and (not p.is_symlink() or rel == "wandb/latest-run"):
+                files.append(p)
+            else:
+                foreign.append(rel)
+                clean = False
+        return clean
+
+    visit(root)
+    return files, folders, foreign
+
+
+def _ancestors(rel: str) -> list[str]:
+    parts = [] if rel in ("", ".") else rel.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def metrics_frame(jsonl: Path) -> pd.DataFrame:
+    rows = read_jsonl_rows(jsonl, fix=DAMAGED_LOG_FIX)
     df = pd.DataFrame(rows, columns=COLUMNS)
     for col in ("layer", "head", "src_layer", "src_head"):
         df[col] = df[col].astype("Int64")

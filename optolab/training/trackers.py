@@ -14,13 +14,16 @@ Rules:
 - What: each eval's rows as scalars at the eval's step, tagged ``split/metric`` for whole-model
   values and ``split/metric/L<layer>H<head>`` (``…/L<l>H<h>->L<l'>H<h'>`` between two heads) per
   head; the run's figures as images when they are written. The run's own files stay the record.
-- A tracker that fails while a run trains (a full disk, a lost connection) is closed and the
-  run goes on: tracking must never cost a result.
+- A tracker that fails — when it starts (``RUN_DIR/tensorboard`` is a file, a library that
+  fails at import) or while a run trains (a full disk, a lost connection) — is dropped (closed
+  where it was open) and the run goes on: tracking must never cost a result. Each failure is
+  one warning line on stderr and one line of ``tracker_failures`` in ``meta.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -124,22 +127,36 @@ def require(names: Sequence[str]) -> None:
 class Trackers:
     """The run's trackers; each call goes to every tracker still open (see the module rules)."""
 
-    def __init__(self, names: Sequence[str], run_dir: Path, resolved: dict) -> None:
+    def __init__(self, names: Sequence[str], run_dir: Path, resolved: dict,
+                 after: str = "the run goes on (meta.json lists it under tracker_failures)") -> None:
+        """``after``: what the warning of a dropped tracker says happens next."""
         require(names)
-        self.open: list[Tracker] = [KINDS[n][0](run_dir, resolved) for n in names]
+        self.after = after
+        self.open: list[Tracker] = []
         self.failures: list[str] = []
+        for n in names:
+            try:
+                self.open.append(KINDS[n][0](run_dir, resolved))
+            except Exception as e:  # noqa: BLE001 - a tracker must never cost a result
+                self._drop(n, e)
+
+    def _drop(self, name: str, err: Exception, tracker: Tracker | None = None) -> None:
+        why = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        self.failures.append(f"{name}: {why}")
+        logging.getLogger("optolab").warning("optolab: warning: tracker %s dropped (%s); %s.", name, why, self.after)
+        if tracker is not None:
+            self.open.remove(tracker)
+            try:
+                tracker.close()
+            except Exception:  # noqa: BLE001 - already failing; the run goes on
+                pass
 
     def _each(self, fn) -> None:
         for t in list(self.open):
             try:
                 fn(t)
             except Exception as e:  # noqa: BLE001 - a tracker must never cost a result
-                self.failures.append(f"{t.name}: {type(e).__name__}: {e}")
-                self.open.remove(t)
-                try:
-                    t.close()
-                except Exception:  # noqa: BLE001 - already failing; the run goes on
-                    pass
+                self._drop(t.name, e, t)
 
     def scalars(self, step: int, rows: list[dict]) -> None:
         self._each(lambda t: t.scalars(step, rows))

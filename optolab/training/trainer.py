@@ -102,8 +102,11 @@ def make_update(protocol: Protocol, forward: Forward, model: Transformer,
 
 
 def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None,
-          progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Train (or resume) ``protocol`` into run directory ``out``, on ``train.device``.
+          progress: bool = True, stop_after: int | None = None, overwrite: bool = False) -> TrainResult:
+    """Train (or resume) ``protocol`` into run directory ``out``, on ``train.device``;
+    ``overwrite`` first discards the run ``out`` holds (only a run's own files:
+    :meth:`~optolab.training.rundir.RunDir.clear`). Every check that can refuse the run is made
+    before ``out`` is created or changed (:class:`~optolab.training.runbook.RunBook`).
 
     ``stop_after`` ends the loop early after that step's checkpoint/eval, as a kill would
     (used by tests of resumption); the run is then left unfinished.
@@ -117,7 +120,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     if isinstance(forward, CompiledForward):
         fresh_caches()
     source = train_data(protocol, task)  # the task itself, or the data schedule's batches
-    book = RunBook(protocol, out, task, cfg, forward, device, data=source)
+    book = RunBook(protocol, out, task, cfg, forward, device, data=source, overwrite=overwrite)
     model = build_model(cfg, protocol.seeds.init).to(device)  # initialised on the CPU: the same weights everywhere
     optimizer = make_optimizer(protocol, model)
     total, bs = book.total, book.bs

@@ -11,6 +11,7 @@ from optolab.measures.measure import Measure, ModelData
 
 class Composition(Measure):
     NAME: ClassVar[str] = "composition"
+    METRICS: ClassVar[tuple[str, ...]] = ("comp_q", "comp_k", "comp_v")
     DOC: ClassVar[str] = "Q/K/V composition between heads of different layers, from the weights"
 
     def on_model(self, d: ModelData) -> list[dict]:

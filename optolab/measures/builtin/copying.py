@@ -13,6 +13,7 @@ from optolab.measures.probes import copying_scores
 
 class Copying(Measure):
     NAME: ClassVar[str] = "copying"
+    METRICS: ClassVar[tuple[str, ...]] = ("copying",)
     DOC: ClassVar[str] = "each head's direct-path copying score, from the weights"
 
     def build(self, task, spec, seed: int, n_ctx: int):

@@ -92,6 +92,7 @@ def icl_copying_scores(model, normalized: list[torch.Tensor], patterns: list[tor
 
 class ICLCopying(Measure):
     NAME: ClassVar[str] = "icl_copying"
+    METRICS: ClassVar[tuple[str, ...]] = ("icl_copying",)
     SITES: ClassVar[tuple[str, ...]] = (RESID_PRE, PATTERN)
     DOC: ClassVar[str] = "each head's copying of the label it attends to, on the residual it reads (exemplar-label tasks)"
 

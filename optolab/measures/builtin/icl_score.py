@@ -20,6 +20,7 @@ def icl_score_positions(batch) -> tuple[int, int] | None:
 
 class ICLScore(Measure):
     NAME: ClassVar[str] = "icl_score"
+    METRICS: ClassVar[tuple[str, ...]] = ("icl_score",)
     DOC: ClassVar[str] = "Olsson's in-context learning score (token tasks)"
 
     def on_split(self, d: SplitData) -> list[dict]:
@@ -32,3 +33,8 @@ class ICLScore(Measure):
         early, late = chosen
         per_pos = F.cross_entropy(d.logits.transpose(1, 2), batch.targets.clamp_min(0), reduction="none")
         return [model_row(d.split, "icl_score", (per_pos[:, late].mean() - per_pos[:, early].mean()).item())]
+
+    def summary(self, task, seed: int) -> dict:
+        # the positions the score compares, so a reader knows which "late − early" it is
+        probe = task.eval_batch(task.main_split, seed, 1)
+        return {"icl_positions": icl_score_positions(probe)} if probe.tokens is not None else {}

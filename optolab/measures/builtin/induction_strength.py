@@ -6,13 +6,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 from optolab.measures.attention import induction_strength
-from optolab.measures.measure import Measure, SplitData, head_rows
+from optolab.measures.measure import Curve, Measure, SplitData, head_rows
 
 PATTERN = "blocks.{layer}.attn.hook_pattern"
 
 
 class InductionStrength(Measure):
     NAME: ClassVar[str] = "induction_strength"
+    METRICS: ClassVar[tuple[str, ...]] = ("induction_strength",)
+    CURVES: ClassVar[tuple[Curve, ...]] = (
+        Curve("induction_strength", "induction", title="Induction strength (query → correct − wrong label)"),)
     SITES: ClassVar[tuple[str, ...]] = (PATTERN,)
     DOC: ClassVar[str] = "attention on the matching label minus the others, at the query (labelled tasks)"
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 from typing import ClassVar
 
 from optolab.measures import llc
-from optolab.measures.measure import CheckpointData, Measure
+from optolab.measures.measure import CheckpointData, Curve, Measure
 
 
 class LLC(Measure):
     NAME: ClassVar[str] = "llc"
+    METRICS: ClassVar[tuple[str, ...]] = ("llc", "llc_head")
+    CURVES: ClassVar[tuple[Curve, ...]] = (Curve("llc", "stage", layer=None, split="llc", title="LLC"),)
     DEFAULT: ClassVar[bool] = False
     CONFIG: ClassVar[type] = llc.LLCSpec
     DOC: ClassVar[str] = "local learning coefficient by SGLD (devinterp; docs/measures.md#llc)"

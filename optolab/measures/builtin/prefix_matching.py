@@ -11,7 +11,7 @@ from pydantic import Field
 
 from optolab.core.counts import PosCount
 from optolab.measures.attention import lagged_prefix_matching, prefix_matching
-from optolab.measures.measure import Measure, ModelData, SplitData, head_rows
+from optolab.measures.measure import Curve, Measure, ModelData, SplitData, head_rows
 from optolab.measures.probes import repeat_probe
 
 PATTERN = "blocks.{layer}.attn.hook_pattern"
@@ -19,6 +19,10 @@ PATTERN = "blocks.{layer}.attn.hook_pattern"
 
 class PrefixMatching(Measure):
     NAME: ClassVar[str] = "prefix_matching"
+    METRICS: ClassVar[tuple[str, ...]] = ("prefix_matching", "prefix_matching_lagged", "prefix_matching_lag")
+    CURVES: ClassVar[tuple[Curve, ...]] = (
+        Curve("prefix_matching", "induction", title="Prefix matching (the task's repeats)"),
+        Curve("prefix_matching", "induction", split="probe_repeat", title="Prefix matching (Olsson probe)"))
     SITES: ClassVar[tuple[str, ...]] = (PATTERN,)
     DOC: ClassVar[str] = "Olsson's prefix-matching score, on the task's repeats and on a repeated-tokens probe"
     OPTIONS: ClassVar[dict] = {
@@ -30,7 +34,9 @@ class PrefixMatching(Measure):
 
     def build(self, task, spec, seed: int, n_ctx: int):
         vocab = task.token_probe_vocab()
-        return None if vocab is None else repeat_probe(vocab[0], vocab[1], n_ctx, spec.probe_sequences, seed)
+        if vocab is None:
+            return None
+        return repeat_probe(vocab[0], vocab[1], n_ctx, self.options(spec).probe_sequences, seed)
 
     def on_split(self, d: SplitData) -> list[dict]:
         targets = d.batch.induction_targets
@@ -40,8 +46,8 @@ class PrefixMatching(Measure):
         for layer in range(d.n_layers):
             pattern = d.saved[PATTERN.format(layer=layer)]
             rows += head_rows(d.split, "prefix_matching", prefix_matching(pattern, targets), layer)
-            if d.spec.lagged_prefix_matching:
-                best, lag = lagged_prefix_matching(pattern, targets, d.spec.max_lag)
+            if self.options(d.spec).lagged_prefix_matching:
+                best, lag = lagged_prefix_matching(pattern, targets, self.options(d.spec).max_lag)
                 rows += head_rows(d.split, "prefix_matching_lagged", best, layer)
                 rows += head_rows(d.split, "prefix_matching_lag", lag, layer)
         return rows

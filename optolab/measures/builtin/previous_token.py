@@ -6,13 +6,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 from optolab.measures.attention import previous_token
-from optolab.measures.measure import Measure, SplitData, head_rows
+from optolab.measures.measure import Curve, Measure, SplitData, head_rows
 
 PATTERN = "blocks.{layer}.attn.hook_pattern"
 
 
 class PreviousToken(Measure):
     NAME: ClassVar[str] = "previous_token"
+    METRICS: ClassVar[tuple[str, ...]] = ("prev_token", "prev_token_corrected")
+    CURVES: ClassVar[tuple[Curve, ...]] = (
+        Curve("prev_token", "previous_token", layer="first", title="Previous-token score"),)
     SITES: ClassVar[tuple[str, ...]] = (PATTERN,)
     DOC: ClassVar[str] = "attention to the previous position (raw and baseline-corrected)"
 
