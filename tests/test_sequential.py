@@ -109,3 +109,15 @@ def test_bisection_speedup_direction():
                                "speedup", 0.2, 2.0, 0.05)
     # 1 / (1 + cover) <= 1 / 1.2  <=>  cover >= 0.2  <=>  overlap >= 0.06 T
     assert abs(got["latest_start"]["value"] - 0.44) <= 0.05 and abs(got["earliest_stop"]["value"] - 0.26) <= 0.05
+
+
+def test_the_exact_test_gates_an_effect_verdict():
+    """A CI that excludes 1 is an effect only when the signed-rank p is within alpha per look:
+    6 pairs all one way give p = 1/32, above 0.05 / 3 looks."""
+    cond = {s: 1.2 + 0.01 * s for s in range(6)}
+    e = paired_effect(cond, {s: 1.0 for s in range(6)}, n_boot=500)
+    p = sequential.condition_p(e["per_seed"])
+    assert e["resolved"] and p == pytest.approx(1 / 32)
+    assert sequential.verdict(e, 0.1, p, sequential.alpha_per_look(0.05, 6, 2, 10)) == "open"
+    assert sequential.looks(6, 2, 10) == 3 and sequential.looks(7, 2, 11) == 3 and sequential.looks(6, 2, 6) == 1
+    assert sequential.verdict(e, 0.1, p, sequential.alpha_per_look(0.05, 6, 2, 6)) == "effect"

@@ -49,9 +49,9 @@ REFERENCE = "reference"
 
 
 class SeedRule(StrictModel):
-    start: PosCount = Field(6, description="seeds per condition in the first round")
+    start: PosCount = Field(7, description="seeds per condition in the first round (2·2^-start <= alpha / looks)")
     add: PosCount = Field(2, description="seeds added to an open condition per round")
-    max: PosCount = Field(10, description="the most seeds a condition gets")
+    max: PosCount = Field(11, description="the most seeds a condition gets")
 
 
 class ConfirmSpec(SeedRule):
@@ -84,7 +84,8 @@ class DiscoverSpec(StrictModel):
     question: StopAtAnswerSpec = Field(default_factory=StopAtAnswerSpec)
     seeds: SeedRule = Field(default_factory=SeedRule)
     margin: float = Field(0.1, gt=0, description="a null: the ratio's CI within [1/(1+margin), 1+margin]")
-    alpha: float = Field(0.05, gt=0, lt=1, description="family-wise error rate of the screen (Holm)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="each comparison's error rate over its rounds (the signed-rank "
+                                                         "test at alpha / looks), and the screen's Holm level")
     confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
     windows: WindowSpec | None = Field(default_factory=WindowSpec)
     dose: dict[str, DoseSpec] = Field(default_factory=dict, description="intervention name -> the field and values")
@@ -202,7 +203,7 @@ def compute_s(sweep_dir: Path) -> float:
 
 
 def judge(cond: dict, ref: dict, margin: float, level: float = 0.95, cond_censored: dict | None = None,
-          ref_censored: dict | None = None) -> dict:
+          ref_censored: dict | None = None, alpha_look: float | None = None) -> dict:
     """One condition's paired ratio against the reference (censored pairs bounded at the runs'
     last evals: :func:`optolab.experiments.stats.paired_effect`), its verdict and signed-rank
     p-value. ``direction``: from the median, or from its bounds when censoring reaches it."""
@@ -214,9 +215,10 @@ def judge(cond: dict, ref: dict, margin: float, level: float = 0.95, cond_censor
     point = e["effect"]
     if point is None:  # censoring reaches the median: judge by the bound nearer 1 (1 where it straddles 1)
         point = low if low is not None and low > 1 else high if high is not None and high < 1 else 1.0
+    p = sequential.condition_p(e["per_seed"])
     return {"ratio": e["effect"], "bounds": [low, high], "point": point, "ci": [e["ci_low"], e["ci_high"]],
-            "n_pairs": e["n_pairs"], "n_censored": e["n_censored"], "verdict": sequential.verdict(e, margin),
-            "p": sequential.condition_p(e["per_seed"]),
+            "n_pairs": e["n_pairs"], "n_censored": e["n_censored"], "verdict": sequential.verdict(e, margin, p, alpha_look),
+            "p": p,
             "direction": None if not e["n_pairs"] else ("delay" if point >= 1 else "speedup")}
 
 
@@ -229,6 +231,7 @@ def sequential_stage(ctx: Ctx, k: int, stage: str, conds: dict[str, list[dict]],
     seeds = {n: list(range(first_seed, first_seed + rule.start)) for n in conds}
     verdicts: dict[str, dict] = {}
     budget_reached = False
+    alpha_look = sequential.alpha_per_look(ctx.spec.alpha, rule.start, rule.add, rule.max)
     for r in range(1, 1 + math.ceil((rule.max - rule.start) / rule.add) + 1):
         ref_seeds = sorted({s for v in seeds.values() for s in v})
         listed = [{"name": REFERENCE, "seeds": ref_seeds}] + [
@@ -245,7 +248,7 @@ def sequential_stage(ctx: Ctx, k: int, stage: str, conds: dict[str, list[dict]],
         run_round(ctx, file, sweep_dir)
         t, c = times(sweep_dir, ctx.spec.question.loss), censored(sweep_dir, ctx.spec.question.loss)
         verdicts = {n: judge(t.get(n, {}), t.get(REFERENCE, {}), ctx.spec.margin, cond_censored=c.get(n),
-                             ref_censored=c.get(REFERENCE)) for n in conds}
+                             ref_censored=c.get(REFERENCE), alpha_look=alpha_look) for n in conds}
         grown = {n: sequential.next_seeds(seeds[n], verdicts[n]["verdict"], rule.add, rule.max) for n in conds}
         if grown == seeds:
             break
@@ -253,10 +256,11 @@ def sequential_stage(ctx: Ctx, k: int, stage: str, conds: dict[str, list[dict]],
             budget_reached = True
             break
         seeds = grown
-    survives = sequential.holm({n: v["p"] for n, v in verdicts.items()}, ctx.spec.alpha)
+    looks = sequential.looks(rule.start, rule.add, rule.max)  # Holm on Bonferroni-over-looks p-values
+    survives = sequential.holm({n: min(1.0, looks * v["p"]) for n, v in verdicts.items()}, ctx.spec.alpha)
     for n, v in verdicts.items():
         v.update(holm=survives[n], seeds=len(seeds[n]), at_cap=v["verdict"] == "open" and len(seeds[n]) >= rule.max)
-    return {"verdicts": verdicts, "rounds": r, "runs": _stage_runs(seeds), "budget_reached": budget_reached,
+    return {"verdicts": verdicts, "rounds": r, "alpha_look": alpha_look, "runs": _stage_runs(seeds), "budget_reached": budget_reached,
             "reference_times": {str(s): x for s, x in
                                                                    times(sweep_dir, ctx.spec.question.loss)
                                                                    .get(REFERENCE, {}).items()},
