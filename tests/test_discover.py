@@ -173,3 +173,32 @@ def test_shipped_discover_files_load():
     for f in files:
         spec = discover.load(f)
         assert len(discover.screen_conditions(spec, str((f.parent / spec.protocol).resolve()))) == 16
+
+
+def test_live_progress_counts_runs_and_steps(tmp_path):
+    """progress.json from the runs' own files: a finished run, a run stopped at its answer (its
+    unrun steps leave the total), one training, one waiting."""
+    from optolab.experiments.progress import LiveProgress
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "summary.json").write_text(json.dumps({"final_step": 100}))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "summary.json").write_text(json.dumps({"final_step": 30, "stopped": {"step": 30}}))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.jsonl").write_text('{"step": 0}\n{"step": 40}\n{"step": 50, "torn')
+    lines = []
+
+    class Stream:
+        def write(self, text):
+            lines.append(text)
+
+        def flush(self):
+            pass
+
+    with LiveProgress(tmp_path, {"a": 100, "b": 100, "c": 100, "d": 100}, True, interval=0.01, print_every=0.0,
+                      stream=Stream()) as live:
+        view = live.poll()
+    assert view["runs"] == {"total": 4, "finished": 2, "running": 1, "waiting": 1}
+    assert view["steps"] == {"done": 100 + 30 + 40, "total": 100 + 30 + 100 + 100}
+    assert json.loads((tmp_path / "progress.json").read_text())["runs"]["finished"] == 2
+    assert view["eta_is_upper_bound"]

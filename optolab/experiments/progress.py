@@ -25,7 +25,7 @@ from optolab.training.rundir import write_atomic
 
 
 def _last_step(run_dir: Path) -> tuple[int, bool, int | None]:
-    """``(step of the last eval, finished, the step it stopped at)``."""
+    """``(step of the last eval (-1: none yet), finished, the step it stopped at)``."""
     summary = run_dir / "summary.json"
     if summary.is_file():
         try:
@@ -46,7 +46,7 @@ def _last_step(run_dir: Path) -> tuple[int, bool, int | None]:
                 continue
     except OSError:
         pass
-    return 0, False, None
+    return -1, False, None
 
 
 class LiveProgress:
@@ -71,8 +71,8 @@ class LiveProgress:
                 done += step if stopped is not None else budget
             else:
                 total += budget
-                done += step
-                running += step > 0
+                done += max(step, 0)
+                running += step >= 0  # its first eval (step 0) is written: it is training
         elapsed = time.monotonic() - self.t0
         rate = (done - getattr(self, "first", done)) / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else None
