@@ -178,69 +178,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  [batch, {', '.join(map(str, shape[1:]))}]")
         return 0
     if args.command == "evaluate":
-        from pathlib import Path
-
-        import pandas as pd
-
-        from optolab.core.lock import DirLock
-        from optolab.experiments.posthoc import accuracy_table, default_out, evaluate_checkpoint, resolve_checkpoint
-
-        torch.set_num_threads(1)
-        protocol = load_protocol(args.protocol)
-        weights, run_dir, _ = resolve_checkpoint(args.checkpoint)
-        out = Path(args.out) if args.out else default_out(run_dir, protocol, weights)
-        if out.is_dir():
-            raise OptolabError(f"'{out}' is a folder; --out names the CSV file to write.", field="--out",
-                               fix=f"pass a file name, e.g. {out / 'posthoc.csv'}.")
-        # writing into a run directory: not while a run writes there
-        inside = run_dir is not None and out.resolve().is_relative_to(run_dir.resolve())
-        lock = DirLock(run_dir) if inside else None
-        try:
-            df = evaluate_checkpoint(protocol, args.checkpoint)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            df.to_csv(out, index=False)
-            if inside:  # optolab wrote it: --overwrite may delete it (optolab.training.rundir)
-                from optolab.training.rundir import record
-
-                record(run_dir, out)
-        finally:
-            if lock is not None:
-                lock.release()
-        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
-            print(accuracy_table(df))
-        print(f"all measures written to {out}")
-        return 0
+        return _evaluate(args)
     if args.command == "llc":
         return _llc(args)
     if args.command == "tasks":
         return _tasks(args)
     if args.command == "sweep":
-        from optolab.experiments.sweep import run_sweep
-
-        if args.dry_run:
-            return _sweep_dry_run(args)
-        status = run_sweep(args.sweep, args.out, workers=args.workers, executor=args.executor,
-                           address=args.address, pack=args.pack, max_pack=args.max_pack,
-                           max_runs=args.max_runs, device=args.device)
-        done = sum(v == "done" for v in status.values())
-        skipped = sum(v == "skipped" for v in status.values())
-        failed = {rid: v for rid, v in status.items() if v.startswith("failed")}
-        print(f"{done} runs trained, {skipped} already finished, {len(failed)} failed; written to {args.out}")
-        for rid, v in failed.items():
-            print(f"  {rid}: {v}", file=sys.stderr)
-        if failed:
-            print("Re-run the same command to retry interrupted runs (finished and diverged ones are skipped).",
-                  file=sys.stderr)
-        return 1 if failed else 0
+        return _sweep(args)
     if args.command == "discover":
-        from optolab.experiments import discover
-
-        if args.dry_run:
-            print("\n".join(discover.plan(args.file, workers=args.workers)))
-            return 0
-        discover.run_discover(args.file, args.out, workers=args.workers)
-        print(f"formation map written to {args.out}/formation_map.md")
-        return 0
+        return _discover(args)
     if args.command == "report":
         from optolab.experiments.report import write_report
 
@@ -254,6 +200,77 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(path)
         return 0
     raise AssertionError(args.command)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """``optolab evaluate``: a protocol's clamps on a saved model, its measures to a CSV."""
+    from pathlib import Path
+
+    import pandas as pd
+    import torch
+
+    from optolab.core.lock import DirLock
+    from optolab.experiments.posthoc import accuracy_table, default_out, evaluate_checkpoint, resolve_checkpoint
+    from optolab.protocol.loader import load_protocol
+
+    torch.set_num_threads(1)
+    protocol = load_protocol(args.protocol)
+    weights, run_dir, _ = resolve_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else default_out(run_dir, protocol, weights)
+    if out.is_dir():
+        raise OptolabError(f"'{out}' is a folder; --out names the CSV file to write.", field="--out",
+                           fix=f"pass a file name, e.g. {out / 'posthoc.csv'}.")
+    # writing into a run directory: not while a run writes there
+    inside = run_dir is not None and out.resolve().is_relative_to(run_dir.resolve())
+    lock = DirLock(run_dir) if inside else None
+    try:
+        df = evaluate_checkpoint(protocol, args.checkpoint)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False)
+        if inside:  # optolab wrote it: --overwrite may delete it (optolab.training.rundir)
+            from optolab.training.rundir import record
+
+            record(run_dir, out)
+    finally:
+        if lock is not None:
+            lock.release()
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
+        print(accuracy_table(df))
+    print(f"all measures written to {out}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """``optolab sweep``: train what is unfinished (or, with ``--dry-run``, print the plan)."""
+    from optolab.experiments.sweep import run_sweep
+
+    if args.dry_run:
+        return _sweep_dry_run(args)
+    status = run_sweep(args.sweep, args.out, workers=args.workers, executor=args.executor,
+                       address=args.address, pack=args.pack, max_pack=args.max_pack,
+                       max_runs=args.max_runs, device=args.device)
+    done = sum(v == "done" for v in status.values())
+    skipped = sum(v == "skipped" for v in status.values())
+    failed = {rid: v for rid, v in status.items() if v.startswith("failed")}
+    print(f"{done} runs trained, {skipped} already finished, {len(failed)} failed; written to {args.out}")
+    for rid, v in failed.items():
+        print(f"  {rid}: {v}", file=sys.stderr)
+    if failed:
+        print("Re-run the same command to retry interrupted runs (finished and diverged ones are skipped).",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _discover(args: argparse.Namespace) -> int:
+    """``optolab discover``: the stages and the formation map (or, with ``--dry-run``, the plan)."""
+    from optolab.experiments import discover
+
+    if args.dry_run:
+        print("\n".join(discover.plan(args.file, workers=args.workers)))
+        return 0
+    discover.run_discover(args.file, args.out, workers=args.workers)
+    print(f"formation map written to {args.out}/formation_map.md")
+    return 0
 
 
 def _sweep_dry_run(args: argparse.Namespace) -> int:
