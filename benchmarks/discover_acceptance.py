@@ -34,7 +34,7 @@ FILE = ROOT / "protocols" / "discover" / "quickstart_layer0.yaml"
 
 def fixed_sweep(out: Path, spec, stop: bool, seeds: int) -> Path:
     data = {"name": "fixed8", "protocol": str((FILE.parent / spec.protocol).resolve()), "seeds": list(range(seeds)),
-            "set": spec.set, "stop_at_answer": stop and spec.question.model_dump(),
+            "set": spec.set, "stop_at_answer": stop and spec.question.model_dump(), "run_figures": False,
             "design": {"kind": "screen", "reference": "reference",
                        "targets": spec.targets.model_dump(exclude_none=True), "interventions": spec.interventions}}
     path = out / "fixed8.yaml"
