@@ -1,4 +1,5 @@
-"""``optolab`` command line: run, validate, sites, evaluate, llc, plot, sweep, export, report, tasks show|check|list.
+"""``optolab`` command line: run, validate, sites, evaluate, llc, plot, sweep, discover, export, report, tasks
+show|check|list.
 
 Every user error prints one line (``optolab: error: <where>: <what> Fix: <how>``) and exits
 with code 2; no traceback. Interrupting a run leaves its last checkpoint; the same command
@@ -106,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the last)")
     p.add_argument("--out", help="weights file (default: RUN_DIR_tl_step<N>.safetensors beside the run)")
 
+    p = sub.add_parser("discover", help="screen -> confirmation -> critical windows -> dose, and a formation map")
+    p.add_argument("file")
+    p.add_argument("--out", required=True, help="folder of the stages' sweep directories and formation_map.md")
+    p.add_argument("--workers", type=int, help="processes (default: the file's, else the CPU count)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the estimated CPU-minutes only")
+
     p = sub.add_parser("report", help="summary.csv, conditions.csv and report.md of a sweep directory")
     p.add_argument("sweep_dir")
 
@@ -178,71 +185,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  [batch, {', '.join(map(str, shape[1:]))}]")
         return 0
     if args.command == "evaluate":
-        from pathlib import Path
-
-        import pandas as pd
-
-        from optolab.core.lock import DirLock
-        from optolab.experiments.posthoc import accuracy_table, default_out, evaluate_checkpoint, resolve_checkpoint
-
-        torch.set_num_threads(1)
-        protocol = load_protocol(args.protocol)
-        weights, run_dir, _ = resolve_checkpoint(args.checkpoint)
-        out = Path(args.out) if args.out else default_out(run_dir, protocol, weights)
-        if out.is_dir():
-            raise OptolabError(f"'{out}' is a folder; --out names the CSV file to write.", field="--out",
-                               fix=f"pass a file name, e.g. {out / 'posthoc.csv'}.")
-        # writing into a run directory: not while a run writes there
-        inside = run_dir is not None and out.resolve().is_relative_to(run_dir.resolve())
-        lock = DirLock(run_dir) if inside else None
-        try:
-            df = evaluate_checkpoint(protocol, args.checkpoint)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            df.to_csv(out, index=False)
-            if inside:  # optolab wrote it: --overwrite may delete it (optolab.training.rundir)
-                from optolab.training.rundir import record
-
-                record(run_dir, out)
-        finally:
-            if lock is not None:
-                lock.release()
-        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
-            print(accuracy_table(df))
-        print(f"all measures written to {out}")
-        return 0
+        return _evaluate(args)
     if args.command == "llc":
         return _llc(args)
     if args.command == "tasks":
         return _tasks(args)
     if args.command == "sweep":
-        from optolab.experiments.sweep import plan_sweep, run_sweep
-
-        if args.dry_run:
-            _, runs, status, jobs, workers = plan_sweep(args.sweep, args.out, workers=args.workers, pack=args.pack,
-                                                        max_runs=args.max_runs,
-                                                        max_pack=args.max_pack)
-            for rid in runs:
-                print(rid + ("  (finished)" if rid in status else ""))
-            print(f"trains as {len(jobs)} job(s) on {workers} worker(s) (--pack {args.pack}):")
-            for job in jobs:
-                print("  " + " + ".join(job))
-            later = [rid for rid in runs if rid not in status and not any(rid in job for job in jobs)]
-            if later:
-                print(f"then {len(later)} run(s) with dense evals around the reference's loss drop, once it has finished")
-            return 0
-        status = run_sweep(args.sweep, args.out, workers=args.workers, executor=args.executor,
-                           address=args.address, pack=args.pack, max_pack=args.max_pack,
-                           max_runs=args.max_runs, device=args.device)
-        done = sum(v == "done" for v in status.values())
-        skipped = sum(v == "skipped" for v in status.values())
-        failed = {rid: v for rid, v in status.items() if v.startswith("failed")}
-        print(f"{done} runs trained, {skipped} already finished, {len(failed)} failed; written to {args.out}")
-        for rid, v in failed.items():
-            print(f"  {rid}: {v}", file=sys.stderr)
-        if failed:
-            print("Re-run the same command to retry interrupted runs (finished and diverged ones are skipped).",
-                  file=sys.stderr)
-        return 1 if failed else 0
+        return _sweep(args)
+    if args.command == "discover":
+        return _discover(args)
     if args.command == "export":
         return _export(args)
     if args.command == "report":
@@ -272,6 +223,102 @@ def _export(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run.path.parent / f"{run.path.name}_tl_step{step}.safetensors"
     save(model, out)
     print(f"{out} (+ .json): load with optolab.model.export.load(PATH), a TransformerLens HookedTransformer")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """``optolab evaluate``: a protocol's clamps on a saved model, its measures to a CSV."""
+    from pathlib import Path
+
+    import pandas as pd
+    import torch
+
+    from optolab.core.lock import DirLock
+    from optolab.experiments.posthoc import accuracy_table, default_out, evaluate_checkpoint, resolve_checkpoint
+    from optolab.protocol.loader import load_protocol
+
+    torch.set_num_threads(1)
+    protocol = load_protocol(args.protocol)
+    weights, run_dir, _ = resolve_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else default_out(run_dir, protocol, weights)
+    if out.is_dir():
+        raise OptolabError(f"'{out}' is a folder; --out names the CSV file to write.", field="--out",
+                           fix=f"pass a file name, e.g. {out / 'posthoc.csv'}.")
+    # writing into a run directory: not while a run writes there
+    inside = run_dir is not None and out.resolve().is_relative_to(run_dir.resolve())
+    lock = DirLock(run_dir) if inside else None
+    try:
+        df = evaluate_checkpoint(protocol, args.checkpoint)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False)
+        if inside:  # optolab wrote it: --overwrite may delete it (optolab.training.rundir)
+            from optolab.training.rundir import record
+
+            record(run_dir, out)
+    finally:
+        if lock is not None:
+            lock.release()
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
+        print(accuracy_table(df))
+    print(f"all measures written to {out}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """``optolab sweep``: train what is unfinished (or, with ``--dry-run``, print the plan)."""
+    from optolab.experiments.sweep import run_sweep
+
+    if args.dry_run:
+        return _sweep_dry_run(args)
+    status = run_sweep(args.sweep, args.out, workers=args.workers, executor=args.executor,
+                       address=args.address, pack=args.pack, max_pack=args.max_pack,
+                       max_runs=args.max_runs, device=args.device)
+    done = sum(v == "done" for v in status.values())
+    skipped = sum(v == "skipped" for v in status.values())
+    failed = {rid: v for rid, v in status.items() if v.startswith("failed")}
+    print(f"{done} runs trained, {skipped} already finished, {len(failed)} failed; written to {args.out}")
+    for rid, v in failed.items():
+        print(f"  {rid}: {v}", file=sys.stderr)
+    if failed:
+        print("Re-run the same command to retry interrupted runs (finished and diverged ones are skipped).",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _discover(args: argparse.Namespace) -> int:
+    """``optolab discover``: the stages and the formation map (or, with ``--dry-run``, the plan)."""
+    from optolab.experiments import discover
+
+    if args.dry_run:
+        print("\n".join(discover.plan(args.file, workers=args.workers)))
+        return 0
+    discover.run_discover(args.file, args.out, workers=args.workers)
+    print(f"formation map written to {args.out}/formation_map.md")
+    return 0
+
+
+def _sweep_dry_run(args: argparse.Namespace) -> int:
+    """``optolab sweep --dry-run``: the runs, how they pack, and each job's estimated CPU-minutes."""
+    from optolab.experiments.cost import estimate, makespan
+    from optolab.experiments.sweep import plan_sweep
+
+    spec, runs, status, jobs, workers = plan_sweep(args.sweep, args.out, workers=args.workers, pack=args.pack,
+                                                max_runs=args.max_runs, max_pack=args.max_pack)
+    for rid in runs:
+        print(rid + ("  (finished)" if rid in status else ""))
+    seconds, _ = estimate(runs, jobs)
+    print(f"trains as {len(jobs)} job(s) on {workers} worker(s) (--pack {args.pack}):")
+    for job, sec in zip(jobs, seconds):
+        print("  " + " + ".join(job) + f"  (about {sec / 60:.1f} CPU-min)")
+    bound = any(runs[r].protocol.train.stop for job in jobs for r in job)
+    print(f"estimated total (cost model calibrated just now, optolab.experiments.cost): about {sum(seconds) / 60:.1f} "
+          f"CPU-min, about {makespan(seconds, workers) / 60:.1f} min wall on {workers} worker(s)"
+          + (" (an upper bound: runs stop at their answer)" if bound else ""))
+    later = [rid for rid in runs if rid not in status and not any(rid in job for job in jobs)]
+    if later:
+        why = "with dense evals around the reference's loss drop" if spec.dense_evals is not None else \
+            "capped at a multiple of the reference's crossing (stop_at_answer)"
+        print(f"then {len(later)} run(s) {why}, once it has finished")
     return 0
 
 

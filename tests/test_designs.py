@@ -62,8 +62,13 @@ def test_a_screen_crosses_every_head_of_the_listed_layers_with_every_interventio
     (prev,) = _clamps(runs["prev_token_L0H2_s0"])
     assert (prev["site"], prev["heads"], prev["to"]) == ("blocks.0.attn.hook_pattern", [2], "previous_token")
     # downstream is unchanged: the runs pack into jobs like any conditions'
-    _, runs2, _, jobs, _ = plan_sweep(_sweep(tmp_path, SCREEN), tmp_path / "out", workers=2, pack="auto", max_pack=8)
+    _, runs2, _, jobs, _ = plan_sweep(_sweep(tmp_path, SCREEN, stop_at_answer=False), tmp_path / "out", workers=2,
+                                      pack="auto", max_pack=8)
     assert sorted(r for job in jobs for r in job) == sorted(runs2) and len(runs2) == 17
+    assert all(runs2[r].protocol.train.stop is None for r in runs2)
+    # stop-at-answer is on by default for designs: the reference trains first, its crossing caps the others
+    _, runs3, _, jobs, _ = plan_sweep(_sweep(tmp_path, SCREEN), tmp_path / "out", workers=2, pack="auto", max_pack=8)
+    assert [r for job in jobs for r in job] == ["none_s0"] and runs3["none_s0"].protocol.train.stop.threshold == 0.5
 
 
 def test_screen_targets_heads_lists_other_heads_params_and_the_base_clamps(tmp_path):

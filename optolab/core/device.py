@@ -155,11 +155,12 @@ def has_compiler(device: torch.device) -> bool:
 AUTO_COMPILE_STEPS = 10_000
 
 
-def decide_compile(train, device: torch.device) -> bool:
+def decide_compile(train, device: torch.device, members: int = 1) -> bool:
     """Whether a run with these ``train`` settings compiles on ``device``: ``true``/``false`` as
-    written; ``auto`` compiles when torch.compile can build kernels there and the run has at least
+    written; ``auto`` compiles when torch.compile can build kernels there and the job's work —
+    steps × ``members`` (an ensemble's step costs about one solo step per member) — is at least
     :data:`AUTO_COMPILE_STEPS` steps, where the steps it saves repay the compile (a compile costs
     about as much as a few thousand eager steps; below that, and in tests, eager is faster)."""
     if train.compile != "auto":
         return bool(train.compile)
-    return train.total_steps >= AUTO_COMPILE_STEPS and has_compiler(device)
+    return train.total_steps * members >= AUTO_COMPILE_STEPS and has_compiler(device)

@@ -50,7 +50,7 @@ WATCH_PARENT_S = 1.0
 RUNS_PER_GPU = 4  # a GPU job asks Ray for a quarter of a GPU: tiny models leave a GPU mostly idle
 
 
-def train_one(protocol_data: dict, out: str) -> str:
+def train_one(protocol_data: dict, out: str, figures: bool = True) -> str:
     """One run, one torch thread. Takes plain data so it pickles under any start method."""
     import torch
 
@@ -58,13 +58,14 @@ def train_one(protocol_data: dict, out: str) -> str:
     from optolab.protocol.loader import validate_protocol
 
     torch.set_num_threads(1)
-    run(validate_protocol(protocol_data), out, progress=False)
+    run(validate_protocol(protocol_data), out, progress=False, plots=figures)
     return out
 
 
-def train_job(members: list[tuple[dict, str]]) -> dict[str, str]:
+def train_job(members: list[tuple[dict, str]], figures: bool = True) -> dict[str, str]:
     """One job: a single run, or several packed into an ensemble (:mod:`optolab.training.ensemble`).
-    ``{out: "done" | "failed: …"}``; a single run's failure raises instead, like ``train_one``."""
+    ``{out: "done" | "failed: …"}``; a single run's failure raises instead, like ``train_one``.
+    ``figures``: write each run's figures (a sweep's ``run_figures``; they cost seconds per run)."""
     import torch
 
     from optolab.core.errors import RunFailed
@@ -73,11 +74,11 @@ def train_job(members: list[tuple[dict, str]]) -> dict[str, str]:
     from optolab.training.ensemble import train_ensemble
 
     if len(members) == 1:
-        return {train_one(*members[0]): "done"}
+        return {train_one(*members[0], figures): "done"}
     torch.set_num_threads(1)
     results = train_ensemble([validate_protocol(d) for d, _ in members], [o for _, o in members])
     for (_, o), r in zip(members, results):
-        if not isinstance(r, RunFailed):
+        if figures and not isinstance(r, RunFailed):
             open_run(o).plot()  # as optolab.experiments.runs.run does for a run trained alone
     return {o: ("failed: " + _one_line(r) if isinstance(r, RunFailed) else "done")
             for (_, o), r in zip(members, results)}
@@ -177,7 +178,7 @@ def start_worker(parent: int, slots=None) -> None:
     die_with_parent(parent)
 
 
-def run_local(jobs: list[Job], out: Path, workers: int) -> dict[str, str]:
+def run_local(jobs: list[Job], out: Path, workers: int, figures: bool = True) -> dict[str, str]:
     status: dict[str, str] = {}
     if workers > 1 and may_use_gpus(jobs):  # spawned, even where no GPU turns up: the query poisons fork
         import multiprocessing
@@ -191,26 +192,26 @@ def run_local(jobs: list[Job], out: Path, workers: int) -> dict[str, str]:
                 slots.put(w % n_gpus)
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=start_worker,
                                    initargs=(os.getpid(), slots))
-        return _drain(pool, jobs, out, status, workers)
+        return _drain(pool, jobs, out, status, workers, figures)
     if workers == 1:
         progress = Progress(jobs, 1)
         for job in jobs:
             try:
-                got = _collect(job, out, train_job(_members(job, out)), None)
+                got = _collect(job, out, train_job(_members(job, out), figures), None)
             except Exception as e:  # noqa: BLE001 - one broken run must not stop the sweep
                 got = _collect(job, out, None, e)
             status.update(got)
             progress.ended(got)
         return status
     pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
-    return _drain(pool, jobs, out, status, workers)
+    return _drain(pool, jobs, out, status, workers, figures)
 
 
 def _drain(pool: ProcessPoolExecutor, jobs: list[Job], out: Path, status: dict[str, str],
-           workers: int) -> dict[str, str]:
+           workers: int, figures: bool = True) -> dict[str, str]:
     progress = Progress(jobs, workers)
     with pool:
-        futures = {pool.submit(train_job, _members(job, out)): job for job in jobs}
+        futures = {pool.submit(train_job, _members(job, out), figures): job for job in jobs}
         for fut in as_completed(futures):
             job = futures[fut]
             try:
@@ -338,11 +339,11 @@ def ray_gpus(jobs: list[Job], cluster_gpus: float, runs_per_gpu: int = RUNS_PER_
     return 1.0 / runs_per_gpu if gpu_jobs(jobs, int(cluster_gpus)) else 0.0
 
 
-def run_ray(jobs: list[Job], out: Path, ray, max_retries: int = 3) -> dict[str, str]:
+def run_ray(jobs: list[Job], out: Path, ray, max_retries: int = 3, figures: bool = True) -> dict[str, str]:
     gpus = ray_gpus(jobs, ray.cluster_resources().get("GPU", 0))
     remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=max_retries)(train_job)
     resolved = out.resolve()
-    refs = {remote.remote(_members(job, resolved)): job for job in jobs}
+    refs = {remote.remote(_members(job, resolved), figures): job for job in jobs}
     status: dict[str, str] = {}
     progress = Progress(jobs, len(jobs))
     pending = list(refs)

@@ -86,7 +86,7 @@ def run_rows(sweep_dir: Path) -> tuple[dict, pd.DataFrame, list[str], dict[str, 
         crossing = stats.crossing_time(loss.sequences.to_numpy(), loss.value.to_numpy(), THRESHOLDS["0.5"])
         rows.append({"run": rid, "condition": info["condition"], "group": info["group"],
                      **{f"grid.{k}": v for k, v in info["point"].items()}, "seed": info["seed"],
-                     "status": s.get("status", "finished"),
+                     "status": s.get("status", "finished"), "stopped": (s.get("stopped") or {}).get("reason"),
                      "onset": pc.get("onset"), "midpoint": pc.get("midpoint"), "end": pc.get("end"),
                      "plateau": pc.get("plateau"), "loss_below_0.5": t05.get("sequences"),
                      "t05": crossing.time, "t05_censored_at": crossing.censored_at,
@@ -197,8 +197,20 @@ def opening(meta: dict, df: pd.DataFrame, cond: pd.DataFrame, words: dict[str, s
                          if "cannot say" not in w})
         if warned:
             lines += ["", "**Warning:** " + warned[0]]
-    lines += ["", stats.INTERPOLATION_NOTE]
+    lines += ["", stats.INTERPOLATION_NOTE] + stopped_note(df)
     return lines
+
+
+def stopped_note(df: pd.DataFrame) -> list[str]:
+    """A sentence on runs stopped at their answer (optolab.training.stopping), if any."""
+    reasons = df["stopped"].dropna() if "stopped" in df else pd.Series(dtype=object)
+    if reasons.empty:
+        return []
+    answered, capped = int((reasons == "answered").sum()), int((reasons == "cap").sum())
+    return [f"{answered + capped} of {len(df)} runs stopped before their budget: {answered} once their question was "
+            f"answered (the crossing and a margin of evals seen), {capped} at the cap without crossing — those are "
+            "censored at their last eval (later than every time), never dropped. Final values of stopped runs are "
+            "at their stop, not at the budget."]
 
 
 def readout_lines(df: pd.DataFrame) -> list[str]:

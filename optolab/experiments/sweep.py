@@ -52,6 +52,8 @@ from optolab.core.device import check_device
 from optolab.core.errors import OptolabError, SpecError, from_validation_error, lookup_line
 from optolab.core.lock import DirLock
 from optolab.core.strict import StrictModel
+from optolab.experiments.answering import StopAtAnswerField
+from optolab.experiments.progress import LiveProgress
 from optolab.protocol.schema import Protocol
 from optolab.training.rundir import write_atomic
 
@@ -63,6 +65,9 @@ class Condition(StrictModel):
     clamps: list[dict[str, Any]] = Field(default_factory=list,
                                          description="clamps appended to the base protocol's (before any set)")
     set: dict[str, Any] = Field(default_factory=dict, description="dotted field -> value overrides")
+    seeds: list[Seed] | None = Field(None, min_length=1, description="this condition's seeds (default: the "
+                                                                     "sweep's; sequential rounds give open "
+                                                                     "conditions more)")
 
 
 class DenseEvals(StrictModel):
@@ -97,6 +102,10 @@ class SweepSpec(StrictModel):
                                                             "conditions (optolab.experiments.designs)")
     reference: str | None = None
     dense_evals: DenseEvals | None = Field(None, description="extra evals around the reference's loss drop")
+    run_figures: bool = Field(True, description="write each run's figures (seconds per run; the report draws its own)")
+    stop_at_answer: StopAtAnswerField = Field(
+        None, description="stop runs once their loss crossing is seen, or censored at a cap (default: on for "
+                          "design sweeps; optolab.experiments.answering)")
 
     @field_validator("conditions")
     @classmethod
@@ -282,7 +291,7 @@ def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: di
     if origins is None:
         spec, origins = apply_design(spec, base_dir, source, lines, max_runs)
     fields = list(spec.grid)
-    n_runs = len(spec.conditions) * math.prod(len(v) for v in spec.grid.values()) * len(spec.seeds)
+    n_runs = sum(len(c.seeds or spec.seeds) for c in spec.conditions) * math.prod(len(v) for v in spec.grid.values())
     if n_runs > max_runs:
         raise OptolabError(f"this sweep expands to {n_runs:,} runs (conditions × grid × seeds), more than "
                            f"{max_runs:,}.", field="grid" if spec.grid else "seeds",
@@ -309,7 +318,7 @@ def expand(spec: SweepSpec, base_dir: Path, source: str | None = None, lines: di
         used.update(here)
         for values in itertools.product(*(spec.grid[f] for f in here)):
             point = dict(zip(here, values))
-            for seed in spec.seeds:
+            for seed in cond.seeds or spec.seeds:
                 data = copy.deepcopy(prepared)
                 for dotted, value in point.items():
                     _override(data, "grid", dotted, value, cond.name, source, lines)
@@ -443,6 +452,36 @@ def with_dense_evals(spec: SweepSpec, runs: dict[str, SweepRun], out: Path) -> t
     return runs, waiting
 
 
+def with_stop(spec: SweepSpec, runs: dict[str, SweepRun], out: Path) -> tuple[dict[str, SweepRun], list[str]]:
+    """``(runs, waiting)``: every run with the sweep's stop-at-answer rule as its ``train.stop``
+    (:mod:`optolab.experiments.answering`); with a cap, runs of other conditions get it once the
+    reference's runs at their grid point have finished, and wait until then."""
+    from optolab.experiments import answering
+
+    rule = answering.resolve(spec.stop_at_answer, spec.design is not None)
+    if rule is None:
+        return runs, []
+    ref = spec.reference if rule.cap is not None else None
+    by_point: dict[str, list[str]] = {}
+    for rid, r in runs.items():
+        by_point.setdefault(json.dumps(r.point, sort_keys=True, default=str), []).append(rid)
+    waiting: list[str] = []
+    for ids in by_point.values():
+        refs = [rid for rid in ids if runs[rid].condition == ref]
+        cap = None
+        if refs and all(finished(out / rid) for rid in refs):
+            cap = answering.cap_sequences(rule, [_crossing(out / rid, rule.loss) for rid in refs])
+        for rid in ids:
+            r = runs[rid]
+            if refs and r.condition != ref and not all(finished(out / x) for x in refs):
+                waiting.append(rid)
+                continue
+            data = r.protocol.resolved()
+            data["train"]["stop"] = answering.rule(rule, None if r.condition == ref else cap)
+            runs[rid] = SweepRun(rid, _validate(data, rid, {}, None, None), r.condition, r.point, r.seed)
+    return runs, waiting
+
+
 def finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file()
 
@@ -453,6 +492,20 @@ def _previous(run_dir: Path) -> str:
     if summary.get("status") == "failed":
         return f"failed: diverged earlier ({summary.get('failure', {}).get('what', '?')}); not retried"
     return "skipped"
+
+
+def _resumes(run_dir: Path, run: SweepRun) -> bool:
+    """A run stopped at its answer that this sweep asks to train on (no stop rule now)."""
+    from optolab.training.rundir import RunDir
+    from optolab.training.stopping import was_stopped
+
+    return run.protocol.train.stop is None and was_stopped(RunDir(run_dir))
+
+
+def _last_checkpoint(run_dir: Path) -> int:
+    from optolab.model.checkpoint import list_checkpoints
+
+    return (list_checkpoints(run_dir / "checkpoints") or [-1])[-1]
 
 
 def _cost(protocol: Protocol) -> int:
@@ -492,10 +545,13 @@ def plan_jobs(runs: dict[str, SweepRun], todo: list[str], out: Path, *, pack: st
         group.sort(key=lambda rid, order=order: order.index(condition_key(runs[rid].protocol)))
     jobs = list(singles)
     packable = sum(len(g) for g in groups.values()) or 1
+    for key in list(groups):  # runs resume together only from one checkpoint step: split by it, keep packing
+        if not resumable_together([out / rid for rid in groups[key]]):
+            by_step: dict = {}
+            for rid in groups.pop(key):
+                by_step.setdefault(_last_checkpoint(out / rid), []).append(rid)
+            groups.update({(*key, step): ids for step, ids in by_step.items()})
     for group in groups.values():
-        if not resumable_together([out / rid for rid in group]):
-            jobs += [[rid] for rid in group]
-            continue
         n_chunks = min(len(group), max(math.ceil(len(group) / max_pack), round(workers * len(group) / packable)))
         size = math.ceil(len(group) / n_chunks)
         jobs += [group[i: i + size] for i in range(0, len(group), size)]
@@ -514,7 +570,9 @@ def plan_sweep(path: str | Path, out: str | Path, *, workers: int | None, pack: 
     spec, runs = load_sweep(path, max_runs)
     out = Path(out)
     runs, waiting = with_dense_evals(spec, runs, out)
-    status = {rid: _previous(out / rid) for rid in runs if finished(out / rid)}
+    runs, also = with_stop(spec, runs, out)
+    waiting = sorted(set(waiting) | set(also))
+    status = {rid: _previous(out / rid) for rid in runs if finished(out / rid) and not _resumes(out / rid, runs[rid])}
     todo = [rid for rid in runs if rid not in status and rid not in waiting]
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     jobs = plan_jobs(runs, todo, out, pack=pack, max_pack=max_pack, workers=workers)
@@ -580,11 +638,13 @@ def _train_jobs(spec: SweepSpec, runs: dict[str, SweepRun], jobs: list[list[str]
                      for rid, r in runs.items()},
             "invocations": invocations}, indent=2, default=str))
         payload = [[(rid, on_device(runs[rid].protocol.resolved(), device)) for rid in job] for job in jobs]
-        if ray is not None:
-            executors.check_shared_storage(ray, out)
-            status.update(executors.run_ray(payload, out, ray))
-        else:
-            status.update(executors.run_local(payload, out, workers))
+        totals = {rid: runs[rid].protocol.train.total_steps for job in jobs for rid in job}
+        with LiveProgress(out, totals, any(runs[rid].protocol.train.stop for rid in totals)):
+            if ray is not None:
+                executors.check_shared_storage(ray, out)
+                status.update(executors.run_ray(payload, out, ray, figures=spec.run_figures))
+            else:
+                status.update(executors.run_local(payload, out, workers, figures=spec.run_figures))
     finally:
         if started:
             ray.shutdown()

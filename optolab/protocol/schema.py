@@ -80,6 +80,19 @@ class Checkpoints(StrictModel):
     keep: int | None = Field(None, ge=1, description="keep only the newest N (default: all)")
 
 
+class StopAtAnswer(StrictModel):
+    """Stop a run once its question is answered (:mod:`optolab.training.stopping`)."""
+
+    metric: str = Field("loss", description="the metric whose crossing is the question (on `split`)")
+    split: str | None = Field(None, description="default: the task's main split")
+    threshold: float = Field(0.5, description="the crossing: at or below it (direction down), at or above (up)")
+    direction: Literal["down", "up"] = "down"
+    layer: int | None = Field(None, ge=0, description="a per-head score: the best head of this layer (default: of any)")
+    margin_evals: Count = Field(3, description="evals to keep training after the crossing (for curves and detectors)")
+    cap_sequences: PosCount | None = Field(None, description="stop uncrossed at the first eval at or past this many "
+                                                             "sequences: the run is censored there")
+
+
 class TrainSpec(StrictModel):
     lr: float = Field(1e-5, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -110,6 +123,9 @@ class TrainSpec(StrictModel):
                                           "Biases (offline unless WANDB_MODE=online; optolab.training.trackers); "
                                           "not part of the run's identity")
     checkpoints: Checkpoints = Field(default_factory=Checkpoints)
+    stop: StopAtAnswer | None = Field(None, description="stop once a crossing is seen (plus a margin) or at a cap; "
+                                                        "not part of the run's identity: a stopped run resumes to "
+                                                        "its full budget without it")
 
     @field_validator("device")
     @classmethod

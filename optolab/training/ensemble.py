@@ -76,12 +76,13 @@ from optolab.training.trainer import make_forward, make_optimizer
 
 def pack_key(protocol: Protocol) -> str:
     """Runs with equal keys can share an ensemble: everything but the name, description, init and
-    data seeds and clamps agrees (the eval seed too: a different eval set is a different
+    data seeds, clamps and stop rule (``train.stop``) agrees (the eval seed too: a different eval set is a different
     measurement)."""
     data = protocol.resolved()
     for field in ("name", "description", "clamps"):
         data.pop(field, None)
     data["seeds"] = {k: v for k, v in data["seeds"].items() if k not in ("init", "data")}
+    data["train"] = {k: v for k, v in data["train"].items() if k != "stop"}  # each member's own RunBook stops it
     return json.dumps(data, sort_keys=True, default=str)
 
 
@@ -257,12 +258,13 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     cfg = p0.model_config_for(task)
     t0 = p0.train
     device = resolve_device(t0.device)
-    compiled = decide_compile(t0, device)
+    compiled = decide_compile(t0, device, members=len(protocols))  # on the packed job's work
     source = train_data(p0, task)  # members share the schedule (pack_key): each draws with its data seed
     index: dict[str, int] = {}
     of_member = [index.setdefault(condition_key(p), len(index)) for p in protocols]
     # one Forward per condition: its clamp plan, and its members' evals
-    forwards = [make_forward(protocols[of_member.index(k)], task, cfg, device) for k in range(len(index))]
+    forwards = [make_forward(protocols[of_member.index(k)], task, cfg, device, compiled=compiled)
+                for k in range(len(index))]
     conditions = Conditions([f.inner if isinstance(f, CompiledForward) else f for f in forwards], of_member, device)
     evals = [_MemberEval(forwards[k], (p.seeds.init, p.seeds.data)) for p, k in zip(protocols, of_member)]
     if compiled and len(forwards) > 1:  # one compiled eval graph for all conditions
@@ -309,6 +311,7 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
 
     alive = [True] * S
     failed: dict[int, RunFailed] = {}
+    ended: dict[int, dict] = {}  # members stopped at their answer (train.stop): finished at their own step
 
     def guard(i: int, fn, *args) -> None:
         """Run a member's bookkeeping; a member that diverges stops, the others go on."""
@@ -330,6 +333,8 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
                                 for mine, theirs in zip(shared.parameters(), m.parameters()):
                                     mine.copy_(theirs)
                             guard(i, b.at_step, step, m, o, shared)
+                            if alive[i] and b.stop_reason is not None and step < total:
+                                alive[i], ended[i] = False, b.finish(step)
                 if step >= total or (stop_after is not None and step >= stop_after) or not any(alive):
                     break
                 batches = draw(step)
@@ -382,7 +387,7 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
         raise
     finally:
         bar.close()
-    return [failed[i] if i in failed else b.finish(step) for i, b in enumerate(books)]
+    return [failed[i] if i in failed else ended[i] if i in ended else b.finish(step) for i, b in enumerate(books)]
 
 
 def _adam(optimizer: torch.optim.Optimizer, params: dict[str, Tensor], grads: list[Tensor | None],

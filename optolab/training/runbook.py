@@ -13,6 +13,10 @@ Rules:
 - The training loops (:mod:`optolab.training.trainer` for one run, :mod:`optolab.training.ensemble` for several
   packed into one batched model) call these in the same order, so a run's files do not depend
   on how it was trained.
+- ``train.stop`` (:mod:`optolab.training.stopping`): after each eval the stop rule is fed the
+  eval's rows; once it says stop, ``stop_reason`` is set, a checkpoint is saved at that step
+  and the loop ends; ``finish`` then writes ``summary.json`` with ``status: stopped``. A stopped
+  run opened again without the rule resumes from that checkpoint (:func:`~optolab.training.stopping.reopen`).
 - A non-finite eval loss or parameter stops the run (:meth:`diverged`): metrics so far and the
   last good checkpoint are kept, ``summary.json`` and ``meta.json`` say ``failed``, and
   :class:`~optolab.core.errors.RunFailed` is raised. A broken model is never checkpointed.
@@ -52,6 +56,7 @@ from optolab.protocol.schema import Protocol
 from optolab.tasks import Task
 from optolab.training import per_example
 from optolab.training.rundir import RunDir, environment
+from optolab.training.stopping import StopRule, reopen, stopped_summary, was_stopped
 from optolab.training.summary import summarize
 from optolab.training.trackers import Trackers
 from optolab.training.trackers import require as require_trackers
@@ -99,6 +104,8 @@ class RunBook:
         self._t0 = 0.0
         self._resolved = resolved
         self.trackers: Trackers | None = None
+        self.stop = StopRule(protocol.train.stop, task.main_split) if protocol.train.stop is not None else None
+        self.stop_reason: str | None = None
         self._loaded: list[int] | None = None  # the checkpoints :meth:`load` saw
 
     # --- the loop's calls, in order ------------------------------------------------------
@@ -146,10 +153,14 @@ class RunBook:
             _check_same_protocol(self.run, self._resolved)
             if list_checkpoints(self.run.checkpoints) != self._loaded:
                 self.load(model, optimizer)
+        if was_stopped(self.run):  # allowed by _check_same_protocol only under another stop rule
+            reopen(self.run)
         self.run.write_protocol(self._resolved)
         self.run.truncate_metrics(self.start_step if self.resumed else -1)  # a run that died before its
         per_example.truncate(self.run.path, self.start_step if self.resumed else -1)  # first checkpoint starts clean
         self._forget_after(self.start_step if self.resumed else -1)
+        if self.stop is not None and self.resumed:
+            self.stop.replay(self.run.metric_rows())
         self.meta.update(status="running", n_params=sum(p.numel() for p in model.parameters()))
         t = self.protocol.train
         self.meta["segments"].append({"resumed_from_step": self.start_step,
@@ -167,6 +178,10 @@ class RunBook:
         """Whether ``at_step`` has anything to do at ``step`` (an ensemble syncs members only then)."""
         fresh = not (step == self.start_step and self.resumed)
         return fresh and (step in self.eval_steps or step in self.ckpt_steps)
+
+    def done(self, step: int) -> bool:
+        """Whether the loop ends after ``step``: the budget is spent or the stop rule said so."""
+        return step >= self.total or self.stop_reason is not None
 
     def at_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 eval_model: torch.nn.Module | None = None) -> bool:
@@ -196,7 +211,9 @@ class RunBook:
             self.last_loss = next(r["value"] for r in rows if r["split"] == main and r["metric"] == "loss")
             if not math.isfinite(self.last_loss):
                 self.diverged(step, f"the {main} eval loss is {self.last_loss}")
-        if step in self.ckpt_steps:
+            if self.stop is not None and step < self.total:
+                self.stop_reason = self.stop.update(step, step * self.bs, rows)
+        if step in self.ckpt_steps or self.stop_reason is not None:
             bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
             if bad is not None:  # never checkpoint a broken model: the last good one stays the last
                 self.diverged(step, f"parameter {bad} is not finite")
@@ -245,12 +262,14 @@ class RunBook:
         self.meta["wall_time_s"] = self.meta.get("wall_time_s", 0.0) + wall
         self.meta["segments"][-1].update(wall_time_s=wall, eval_time_s=self.eval_time, ended_at_step=step)
         summary: dict = {}
-        if step >= self.total:
+        if step >= self.total or self.stop_reason is not None:
             self.run.write_parquet()
             self.run.finish_log()
             summary = summarize(self.run.metrics(), self.task, self.protocol, self._speed())
+            if self.stop_reason is not None and step < self.total:
+                summary.update(status="stopped", stopped=stopped_summary(self.stop_reason, step, self.bs, self.total))
             self.run.write_json(self.run.summary, summary)
-            self.meta["status"] = "finished"
+            self.meta["status"] = summary["status"]
         else:
             self.meta["status"] = "stopped"
         self.run.write_json(self.run.meta, self.meta)
@@ -378,7 +397,7 @@ def _refuse_foreign(run: RunDir) -> None:
                            fix="choose an empty or new folder.")
 
 
-NOT_IDENTITY = ("device", "compile", "track", "checkpoints")
+NOT_IDENTITY = ("device", "compile", "track", "checkpoints", "stop")
 
 
 def _identity(resolved: dict) -> dict:
@@ -405,6 +424,8 @@ def _check_same_protocol(run: RunDir, resolved: dict) -> None:
     if not isinstance(existing, dict):
         raise OptolabError(f"'{run.protocol}' is damaged (not a readable protocol).", field="--out",
                            fix="pass --overwrite to redo the run, or another --out.")
+    rules = [(d.get("train") or {}).get("stop") if isinstance(d.get("train"), dict) else None
+             for d in (existing, resolved)]
     existing, resolved = _identity(existing), _identity(resolved)
     if existing != resolved:
         changed = sorted(k for k in set(existing) | set(resolved) if existing.get(k) != resolved.get(k))
@@ -412,7 +433,10 @@ def _check_same_protocol(run: RunDir, resolved: dict) -> None:
             f"'{run.path}' holds a run of a different protocol (sections differ: {', '.join(changed)}).",
             field="--out", fix="pass another --out, or --overwrite to discard that run.")
     if (run.path / "summary.json").is_file():
-        if json.loads((run.path / "summary.json").read_text()).get("status") == "failed":
+        recorded = json.loads((run.path / "summary.json").read_text())
+        if recorded.get("status") == "stopped" and rules[0] != rules[1]:
+            return  # stopped at its answer; under another stop rule (or none) it resumes (RunBook.start)
+        if recorded.get("status") == "failed":
             raise OptolabError(f"'{run.path}' holds a run of this protocol that diverged (see its summary.json).",
                                field="--out", fix="change train.lr or train.grad_clip and use another --out, "
                                "or pass --overwrite to redo it.")

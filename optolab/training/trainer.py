@@ -141,7 +141,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
             while True:
                 if book.at_step(step, model, optimizer):
                     bar.set_postfix({f"{task.main_split} loss": f"{book.last_loss:.3f}"}, refresh=False)
-                if step >= total or (stop_after is not None and step >= stop_after):
+                if book.done(step) or (stop_after is not None and step >= stop_after):
                     break
                 batch = draw(step)[0].to_device(device)
                 with cast:
