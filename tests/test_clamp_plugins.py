@@ -170,12 +170,14 @@ def test_a_kind_that_draws_is_the_same_on_nnsight_hooks_compiled_and_resumed(myc
     assert _max_diff(tmp_path / "nn", tmp_path / "plain") > 1e-3  # the jitter acts
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_each_condition_of_an_ensemble_draws_its_own_stream(myclamps, tmp_path, compiled):
-    # the same jitter at index 0 in one condition and 1 in another: shared, one condition would
-    # draw the other's numbers; a third condition has no clamps
-    conditions = [[JITTER], [OTHER, JITTER], [JITTER], []]
-    protocols = [_seeded(c, seed=i, compile=compiled) for i, c in enumerate(conditions)]
+def test_each_condition_of_an_ensemble_draws_its_own_stream(myclamps, tmp_path):
+    # the same jitter at index 0 in one condition and 1 in another (every condition has it, so a
+    # union could act it once for all): shared, one condition would draw the other's numbers (max
+    # metric difference 0.21 against its solo run when the probe's answer is ignored).
+    # Eager: which ops a union shares does not depend on the path, and compiled ensembles draw as
+    # eager ones (tests/test_noise.py)
+    conditions = [[JITTER], [OTHER, JITTER], [JITTER]]
+    protocols = [_seeded(c, seed=i) for i, c in enumerate(conditions)]
     outs = [tmp_path / f"member{i}" for i in range(len(protocols))]
     train_ensemble(protocols, outs)
     for i, c in enumerate(conditions):

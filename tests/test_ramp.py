@@ -132,9 +132,15 @@ def test_compiled_ramp_equals_nnsight_and_compiles_once_for_every_step(tmp_path)
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_ensemble_members_ramp_as_their_solo_runs(tmp_path, compiled):
-    # two seeds of the ramp condition and one member without clamps: a union of conditions
+    # two seeds of the ramps, and the ramps after an ablation: a union of two conditions that acts
+    # the ramps once for both (they draw nothing, at sites the ablation leaves alone)
+    other = [{"kind": "ablate", "site": "v1", "heads": [3]}, *RAMP]
     protocols = [_protocol(seed=0, compile=compiled), _protocol(seed=1, compile=compiled),
-                 _protocol(clamps=[], seed=2, compile=compiled)]
+                 _protocol(clamps=other, seed=2, compile=compiled)]
+    from optolab.clamps.union import _common
+
+    plans = [protocols[0].clamp_plan(*_task_cfg(protocols[0])), protocols[2].clamp_plan(*_task_cfg(protocols[2]))]
+    assert len(_common(plans, [plans[0].clamps, plans[1].clamps])[0]) == 2
     outs = [tmp_path / f"member{i}" for i in range(3)]
     train_ensemble(protocols, outs)
     for i, p in enumerate(protocols):

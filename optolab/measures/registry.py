@@ -69,8 +69,9 @@ def measures_spec() -> type[MeasuresBase]:
             continue
         fields[name] = (bool, Field(m.DEFAULT, description=m.DOC or None))
         for option, (tp, info) in m.OPTIONS.items():
-            if option in fields:
-                raise OptolabError(f"measure '{name}' declares option '{option}', which another measure has.",
+            if option in fields or option in MeasuresBase.model_fields:
+                owner = "the measures: section" if option in MeasuresBase.model_fields else "another measure"
+                raise OptolabError(f"measure '{name}' declares option '{option}', which {owner} has.",
                                    field=f"measures.{option}", fix="give the option a name of its own.")
             fields[option] = (tp, info)
     return create_model("MeasuresSpec", __base__=MeasuresBase, **fields)

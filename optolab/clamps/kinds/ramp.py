@@ -12,7 +12,8 @@ unchanged and ``1 - s`` of the gradient passes). Where the activation or the val
 the fraction elapsed ``f = (step - start) / (stop - start)``; ``shape: steps`` in ``levels``
 (default 4) equal parts of the window, part ``j = floor(levels (step - start) / (stop - start))`` (integer
 arithmetic) at ``begin + (end - begin) j / (levels - 1)``. An evaluation at step ``s`` sees the
-strength of step ``s``; the final evaluation of a window that runs to the end sees ``end``.
+strength of step ``s``; the final evaluation of a window that runs to the end sees ``end``, and
+so does a post-hoc evaluation (``optolab evaluate``: windows are ignored there).
 The step reaches the op as a tensor (:meth:`PassContext.clock
 <optolab.clamps.values.PassContext.clock>`), so the compiled path builds one graph for every
 step, and all four paths (nnsight, hooks, compiled, ensembles) give the same numbers.
