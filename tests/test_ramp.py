@@ -86,6 +86,17 @@ def test_ramped_scores_keep_their_masked_keys():
     torch.testing.assert_close(y[torch.isfinite(x)], 1.3 * x[torch.isfinite(x)])
 
 
+def test_a_ramped_stop_gradient_passes_the_rest_of_the_gradient():
+    p = _protocol([{"kind": "ramp", "begin": 0.25, "end": 0.25, "clamp": {"kind": "stop_gradient", "site": "v0"}}])
+    plan = p.clamp_plan(*_task_cfg(p))
+    c = plan.clamps[0]
+    x = torch.randn(2, 5, 4, 4, requires_grad=True)
+    y = c.spec.op(c, plan.exemplar_label)(x, PassContext(None, **call_inputs(call_key(0, 0, 3, True), 3)))
+    y.sum().backward()
+    assert torch.equal(y, x.detach())
+    torch.testing.assert_close(x.grad, torch.full_like(x, 0.75))
+
+
 def test_a_ramp_changes_training_and_reruns_repeat_exactly(tmp_path):
     train(_protocol(), tmp_path / "a", progress=False)
     train(_protocol(), tmp_path / "b", progress=False)

@@ -34,8 +34,6 @@ from torch import Tensor
 from optolab.clamps.kind import ClampSpec, Op, Parts, PlanContext, Planned, SiteClamp, When
 from optolab.core.errors import OptolabError, SpecError
 
-Strength = Field(ge=0.0, le=1.0)
-
 
 class Ramp(ClampSpec):
     """A site clamp whose strength follows a schedule over the ramp's window."""
