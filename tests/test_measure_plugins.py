@@ -16,14 +16,18 @@ from .conftest import ROOT, fewshot_protocol, write_protocol
 
 
 def _install(site):
-    """``mymeasures`` and a dist-info whose entry point registers it, on a path of its own."""
+    """``mymeasures`` and ``mysink`` (the page's examples) and a dist-info whose entry points
+    register them, on a path of its own."""
     section = (ROOT / "docs" / "measures.md").read_text().split("## Writing your own measure", 1)[1]
     (site / "mymeasures.py").write_text(section.split("```python", 1)[1].split("```", 1)[0])
+    sink = [b.split("```", 1)[0] for b in section.split("```python\n")[1:] if b.startswith("# mysink.py\n")]
+    assert len(sink) == 1
+    (site / "mysink.py").write_text(sink[0])
     info = site / "mymeasures-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mymeasures\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
-        "[optolab.measures]\nattention_entropy = mymeasures:AttentionEntropy\n")
+        "[optolab.measures]\nattention_entropy = mymeasures:AttentionEntropy\nattention_sink = mysink:AttentionSink\n")
 
 
 def _train(protocol, out, *, site=None, stop_after=None) -> subprocess.CompletedProcess:
@@ -108,3 +112,28 @@ def test_a_plug_in_option_named_like_a_built_in_one_lives_under_its_measure(tmp_
     data["measures"]["lag_probe"] = {"max_lag": "many"}
     bad = _train(write_protocol(tmp_path, data, "bad.yaml"), tmp_path / "bad", site=site)
     assert bad.returncode != 0 and "measures.lag_probe.max_lag" in bad.stderr
+
+
+def test_an_installed_measure_reads_its_option_and_reaches_the_summary(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    _install(site)
+    runs = {}
+    for keys in (1, 3):
+        data = fewshot_protocol(steps=10)
+        data["measures"].update(attention_sink={"attention_sink_keys": keys})
+        runs[keys] = tmp_path / f"k{keys}"
+        result = _train(write_protocol(tmp_path, data, f"k{keys}.yaml"), runs[keys], site=site)
+        assert result.returncode == 0, result.stderr
+        assert yaml.safe_load((runs[keys] / "protocol.yaml").read_text())["measures"]["attention_sink"] == {
+            "attention_sink_keys": keys}
+    one, three = (pd.read_parquet(runs[k] / "metrics.parquet") for k in (1, 3))
+    one, three = (df[df.metric == "attention_sink"].value.to_numpy() for df in (one, three))
+    assert len(one) == len(three) > 0 and (one <= 1 + 1e-6).all()
+    assert (three >= one - 1e-6).all() and (three > one + 1e-3).any()  # more keys hold more attention
+    final = json.loads((runs[1] / "summary.json").read_text())["final"]
+    assert any("attention_sink" in metrics for metrics in final.values())
+    data = fewshot_protocol(steps=10)
+    data["measures"].update(attention_sink={"attention_sink_keys": 0})
+    bad = _train(write_protocol(tmp_path, data, "bad.yaml"), tmp_path / "bad", site=site)
+    assert bad.returncode != 0 and "measures.attention_sink.attention_sink_keys" in bad.stderr

@@ -1,8 +1,9 @@
 """The clamp engine: runs a :class:`~optolab.clamps.plan.Plan` on every forward.
 
 Rules:
-- A call's *program* holds the passes the active clamps need (:mod:`optolab.clamps.kind`:
-  ``clean``, ``shifted``, ``main``, in that order), each a list of (site, ops) in forward order;
+- A call's *program* holds the passes the active clamps need, by their declared positions
+  (:mod:`optolab.clamps.kind`: ``clean``, a layer clamp's ``shifted``, ``main``, …), each a list
+  of (site, ops) in forward order;
   the kinds contribute the ops, the engine names no kind. One nnsight trace per pass (the
   authors' three-pass layer clamp takes two traces here: the embedding it needs is read at the
   start of each pass).
@@ -14,7 +15,8 @@ Rules:
 - Which clamps act is decided per call from the step and the phase (training or evaluation);
   the program for each distinct set of active clamps is built once and cached.
 - Each call gets a random key from the run's seeds, the step and the phase
-  (:mod:`optolab.clamps.rng`); ops that draw random numbers read it from the pass context.
+  (:mod:`optolab.clamps.rng`) and its step as a tensor (:func:`~optolab.clamps.values.call_inputs`);
+  ops that draw random numbers or follow a schedule read them from the pass context.
 - ``backend="hooks"`` runs the very same ops through the model's site hooks
   (:class:`~optolab.model.hooks.SiteHooks`) instead of nnsight (a fast path; tests prove it gives
   bit-identical parameters for every kind). nnsight is the default.
@@ -30,10 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from optolab.clamps.kind import PASS_ORDER, ClampSpec, Op, Parts, Planned
+from optolab.clamps.kind import ClampSpec, Op, Parts, Planned
 from optolab.clamps.plan import Plan
 from optolab.clamps.rng import call_key
-from optolab.clamps.values import PassContext
+from optolab.clamps.values import PassContext, call_inputs
 from optolab.model.forward import Forward, PlainForward
 from optolab.model.hooks import SiteHooks
 from optolab.tasks.base import Batch
@@ -70,12 +72,7 @@ def program_parts(plan: Plan, active: list[Planned],
     """The passes of the program for ``active`` as ranked op lists, in run order, and its copy
     output. ``rank`` orders the ops at one site (:mod:`optolab.clamps.kind`), so every record and
     save sees the value the model goes on with."""
-    needed = set().union(*(c.spec.needs for c in active))
-    if not any(c.spec.excludes_main() for c in active):
-        needed.add("main")
-    parts = Parts([p for p in PASS_ORDER if p in needed], plan.exemplar_label)
-    for c in active:  # protocol order
-        c.spec.contribute(c, parts)
+    parts = Parts.of(active, plan.exemplar_label)
     names = list(parts.ops)
     parts.ops[names[-1]] += [(s, 5, save_op(s)) for s in save]
     return list(parts.ops.items()), parts.output
@@ -173,7 +170,7 @@ class ClampForward(Forward):
                 save: Sequence[str] = (), seeds: tuple[int, int] | None = None) -> tuple[Program | None, dict]:
         """Everything before the passes: parameter clamps' sources applied, the program of the
         clamps active at ``step`` (None when none is), and the call's inputs to the pass context:
-        what clamps prepare outside the passes, and the random key."""
+        what clamps prepare outside the passes, the random key and the step."""
         self._apply_sources(model, step)
         active = self.active(step, training)
         if not active:
@@ -184,7 +181,7 @@ class ClampForward(Forward):
             program = self._programs[key] = build_program(self.plan, active, save)
         init, data = self.seeds if seeds is None else seeds
         return program, {"prepared": {c.index: c.spec.prepare(c, batch) for c in program.prepared},
-                         "key": call_key(init, data, step, training, batch.targets.device)}
+                         **call_inputs(call_key(init, data, step, training, batch.targets.device), step)}
 
     # --- one pass ------------------------------------------------------------------------
 

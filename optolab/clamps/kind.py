@@ -14,31 +14,42 @@ Rules for a kind:
 - **Plan** (:meth:`ClampSpec.plan`): check the clamp against the dry run (sites, shapes, heads,
   the task) and return a :class:`Planned`; raise ``OptolabError`` naming ``clamps.<i>.<field>``
   for anything a user can get wrong. Files it reads are loaded here, once, into ``data``.
-- **Passes.** A program runs the passes in :data:`PASS_ORDER`: ``clean`` (no clamps: a
-  reference), ``shifted`` (the layer clamp's), ``ablated`` (a path ablation's), ``main``. :attr:`ClampSpec.needs` adds passes;
-  ``main`` runs unless an active clamp :meth:`~ClampSpec.excludes_main` (it defines the logits
-  from another pass).
+- **Passes.** A program runs the passes its active clamps need, by position: ``clean`` (0, no
+  clamps: a reference) and ``main`` (100) are known to all; a kind that needs another pass
+  declares it with its position in :attr:`ClampSpec.needs` (``{"shifted": 10}``, a mapping;
+  a set names known passes only), so a new pass is one module. Passes of equal position run by
+  name; one name has one position in a protocol (the planner checks). ``main`` runs unless an
+  active clamp :meth:`~ClampSpec.excludes_main` (it defines the logits from another pass).
 - **Ops** (:meth:`ClampSpec.contribute`): add ``op(out, ctx) -> Tensor`` at ``(pass, site,
   rank)``. Ranks order the ops at one site: 0 read the input, 1 preserve, 2 clamps, 3 recipe
   writes, 4 records, 5 saves. An op never writes in place into ``out`` (autograd saved it, and
   nnsight assigns the result back): it returns a new tensor (``torch.where`` on the selection).
 - **What an op may read**: the activation ``out`` (as earlier ops left it), the pass context
   (:class:`~optolab.clamps.values.PassContext`): the batch, what earlier ops recorded, what
-  :meth:`ClampSpec.prepare` computed outside the passes, and random numbers from
-  :meth:`PassContext.normal <optolab.clamps.values.PassContext.normal>` — never global RNG
-  state, the step counter, or anything that differs between eager, compiled and vmapped calls.
-  Caches keyed by shape are allowed (the compiled path warms them with one eager call).
+  :meth:`ClampSpec.prepare` computed outside the passes, the call's step as tensors
+  (:meth:`PassContext.clock <optolab.clamps.values.PassContext.clock>`: step, the window's
+  start and stop, the fraction elapsed), and random numbers from :meth:`PassContext.normal
+  <optolab.clamps.values.PassContext.normal>` / ``normal_like`` (stream ``c.index``) — never
+  global RNG state, a Python number made from a tensor (``float(clock.fraction)``: the compiled
+  path would need a graph per step), or anything that differs between eager, compiled and
+  vmapped calls. Caches keyed by shape are allowed (the compiled path warms them with one eager
+  call).
+- **Randomness.** The planner runs every forward clamp once on its dry run and records whether
+  its ops draw (``Planned.draws``); a kind may declare it instead (``stochastic``). A clamp that
+  draws is never shared across the conditions of an ensemble: each condition draws with its own
+  clamp index, as its solo run does.
 - **Updates.** A kind that acts on parameters rather than activations sets
   ``acts_on_forward = False`` and implements :meth:`ClampSpec.after_backward` and
   :meth:`ClampSpec.after_update` (as ``freeze``).
 - **Packing.** ``unpackable`` (a reason) keeps runs using the kind out of ensembles; ``shareable``
-  says a clamp every condition of a union has may act once ungated; :meth:`pack_constraint`
-  returns what members of one ensemble must agree on.
+  says a clamp every condition of a union has may act once ungated (never where it draws random
+  numbers: :attr:`Planned.shareable`); :meth:`pack_constraint` returns what members of one
+  ensemble must agree on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -52,7 +63,7 @@ from optolab.core.errors import OptolabError, SpecError
 from optolab.core.schedule import Window
 from optolab.core.strict import StrictModel
 
-PASS_ORDER = ("clean", "shifted", "ablated", "main")
+CLEAN, MAIN = 0, 100  # the positions of the passes every program knows (see the module rules)
 Op = Callable[[Tensor, PassContext], Tensor]
 TRUE = torch.ones((), dtype=torch.bool)
 
@@ -98,10 +109,17 @@ class Planned:
     heads: tuple[int, ...] | None = None
     positions: object = "all"  # as written; resolved per sequence length at run time
     data: Any = None
+    draws: bool = False  # its ops draw random numbers (found by the planner's probe, or declared)
 
     @property
     def kind(self) -> str:
         return self.spec.kind
+
+    @property
+    def shareable(self) -> bool:
+        """It may act once, ungated, for every condition of a union that has it: its kind says so
+        and it draws no random numbers (each condition draws with its own clamp index)."""
+        return self.spec.shareable and not self.draws
 
     def always(self, total: int) -> Planned:
         """This clamp acting at every evaluation and no training step (post-hoc evaluation)."""
@@ -142,6 +160,27 @@ class PlanContext:
         return tuple(sorted(set(heads)))
 
 
+def pass_positions(specs: Iterable[ClampSpec]) -> dict[str, int]:
+    """Each pass ``specs`` may need, and ``clean`` and ``main``, with its position (see the module
+    rules). Raises ValueError for a pass named without a position, or given two."""
+    positions = {"clean": CLEAN, "main": MAIN}
+    for spec in specs:
+        if isinstance(spec.needs, Mapping):
+            for name, at in spec.needs.items():
+                if positions.setdefault(name, at) != at:
+                    raise ValueError(f"the pass '{name}' is at position {positions[name]} for one clamp and {at} "
+                                     f"for a '{spec.kind}' clamp")
+        for name in spec.needs:
+            if name not in positions:
+                raise ValueError(f"a '{spec.kind}' clamp needs the pass '{name}' without a position; declare "
+                                 f"needs = {{'{name}': <0..100>}}")
+    return positions
+
+
+def pass_order(names: Iterable[str], positions: Mapping[str, int]) -> list[str]:
+    return sorted(set(names), key=lambda n: (positions[n], n))
+
+
 class Parts:
     """A program being built: ranked ops per pass (see the module rules), and its output."""
 
@@ -159,6 +198,18 @@ class Parts:
         if pass_ in self.ops:
             self.ops[pass_].append((site, rank, op))
 
+    @classmethod
+    def of(cls, active: list[Planned], exemplar_label: bool) -> Parts:
+        """The passes ``active`` need, in order (``main`` unless one excludes it), with their ops."""
+        specs = [c.spec for c in active]
+        needed = set().union(*(set(s.needs) for s in specs))
+        if not any(s.excludes_main() for s in specs):
+            needed.add("main")
+        parts = cls(pass_order(needed, pass_positions(specs)), exemplar_label)
+        for c in active:  # protocol order
+            c.spec.contribute(c, parts)
+        return parts
+
 
 def record(key: tuple[str, str]) -> Op:
     """An op that keeps the activation (with its gradient) as ``ctx.recorded[key]`` for a later op
@@ -173,10 +224,12 @@ class ClampSpec(StrictModel):
     """Fields every clamp has, and the engine's questions (see the module rules)."""
 
     KIND: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset()  # passes it adds while it acts
+    # passes it adds while it acts: {name: position} declares a new one (0 < position < 100)
+    needs: ClassVar[Mapping[str, int] | frozenset[str]] = frozenset()
     acts_on_forward: ClassVar[bool] = True
     unpackable: ClassVar[str | None] = None  # why runs with it cannot train in an ensemble
     shareable: ClassVar[bool] = False  # may act once, ungated, for every condition of a union
+    stochastic: ClassVar[bool | None] = None  # draws random numbers; None: the planner's probe finds out
     defines_output: ClassVar[bool] = False
 
     kind: str
@@ -283,9 +336,10 @@ class SiteClamp(ClampSpec):
         """``fn(out, ctx)``: the value of the selected entries (broadcastable to ``out``)."""
         raise NotImplementedError
 
-    def op(self, c: Planned, exemplar_label: bool) -> Op:
-        """``where(selection, value(out), out)``; the selection mask is cached per shape."""
-        value = self.fill(c)
+    def op(self, c: Planned, exemplar_label: bool, value: Callable[[Tensor, PassContext], Tensor] | None = None) -> Op:
+        """``where(selection, value(out), out)`` (``value``: :meth:`fill`'s, unless given); the
+        selection mask is cached per shape."""
+        value = self.fill(c) if value is None else value
         info, heads, positions = c.site, c.heads, c.positions
         masks: dict[Any, Tensor | None] = {}  # per activation shape (lengths can vary per batch) and device
 

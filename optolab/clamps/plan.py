@@ -15,6 +15,10 @@ Rules:
   convert as ``ceil(seq / batch)``. An evaluation at step ``s`` (the model after ``s`` updates)
   uses the clamps whose window holds ``s``; a window that runs to the end of training also
   covers the final evaluation.
+- Every forward clamp runs once on the dry run, alone (:func:`probe_draws`), to find whether its
+  ops draw random numbers (``Planned.draws``; a kind's ``stochastic`` declaration stands in for
+  the probe): a clamp that draws is never shared across an ensemble's conditions
+  (:mod:`optolab.clamps.union`). The passes the clamps need have one position each.
 - At most one clamp defines the model's output (``perfect_copy``, ``layer_clamp`` with
   ``copy_head``).
 - A run plans once: the protocol keeps its plan (:meth:`~optolab.protocol.schema.Protocol.clamp_plan`).
@@ -31,11 +35,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from optolab.clamps.kind import PlanContext, Planned, When
+from optolab.clamps.kind import Parts, PlanContext, Planned, When, pass_positions
+from optolab.clamps.rng import call_key
 from optolab.clamps.sites import resolve_positions, site_info
+from optolab.clamps.values import PassContext, call_inputs
 from optolab.core.device import to_device
 from optolab.core.errors import OptolabError
-from optolab.model.hooks import dry_run
+from optolab.model.hooks import SiteHooks, dry_run
 from optolab.model.transformer import build_model
 from optolab.tasks.base import Task
 
@@ -111,6 +117,8 @@ def plan_clamps(protocol, task: Task, cfg) -> Plan:
         start, stop = _window(i, spec, bs, total)
         when = When(start, stop, spec.apply_at in ("train", "both"), spec.apply_at in ("eval", "both"))
         c = spec.plan(i, ctx, when)
+        _check_passes(i, ctx.planned + [c])
+        c.draws = probe_draws(c, ctx, plan.site_order)
         if spec.defines_output:
             outputs.append(i)
         ctx.planned.append(c)
@@ -120,6 +128,38 @@ def plan_clamps(protocol, task: Task, cfg) -> Plan:
     plan.clamps = ctx.planned
     _check_conflicts(plan, shapes)
     return plan
+
+
+def _check_passes(i: int, planned: list[Planned]) -> None:
+    try:
+        pass_positions(c.spec for c in planned)
+    except ValueError as e:
+        raise _err(i, "kind", f"{e}.", "give each pass one position (0 < position < 100) in the kind's needs, "
+                   "or rename the pass.") from None
+
+
+def probe_draws(c: Planned, ctx: PlanContext, site_order: dict[str, int]) -> bool:
+    """Whether clamp ``c``'s ops draw random numbers (``ctx.normal``): its program alone, run once
+    on the dry run's model and batch through site hooks, with a context that records draws. A
+    kind's ``stochastic`` declaration, when set, is the answer instead."""
+    spec = c.spec
+    if spec.stochastic is not None or not spec.acts_on_forward:
+        return bool(spec.stochastic)
+    parts = Parts.of([c], ctx.exemplar_label)
+    pc = PassContext(ctx.batch, prepared={c.index: spec.prepare(c, ctx.batch)}, draws=set(),
+                     **call_inputs(call_key(0, 0, c.when.start, True), c.when.start))
+    hooks = SiteHooks(ctx.model)
+    try:
+        for ops in parts.ops.values():
+            by_site: dict[str, list] = {}
+            for site, _rank, op in sorted(ops, key=lambda t: (site_order[t[0]], t[1])):
+                by_site.setdefault(site, []).append(op)
+            hooks.cover(by_site)
+            with torch.no_grad(), hooks.acting(by_site, pc):
+                ctx.model(*ctx.batch.inputs)
+    finally:
+        hooks.close()
+    return bool(pc.draws)
 
 
 def _check_conflicts(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -4,8 +4,9 @@ Rules:
 - A call's key is made outside any trace or compiled graph from ``(seeds.init, seeds.data,
   step, phase)`` (:func:`call_key`): an int64 tensor ``[2]`` of two 32-bit words. An ensemble
   stacks its members' keys (``[member, 2]``), so under ``vmap`` each member gets its own run's.
-- An op draws with :func:`normal` (``ctx.normal(shape, stream)``; ``stream`` is the clamp's
-  index in its protocol): the numbers are a counter-based function of (key, stream, element
+- An op draws with :func:`normal` (``ctx.normal(shape, stream)`` or ``ctx.normal_like(x,
+  stream)``; ``stream`` is the clamp's index in its protocol, ``c.index``), on the key's device
+  (the batch's) or the tensor's it fills: the numbers are a counter-based function of (key, stream, element
   index) — integer hashing, then Box–Muller — built from plain tensor ops. No generator state
   exists, so the same call gives the same numbers eagerly, through nnsight, compiled (the key is
   a graph input: no recompiles) and vmapped, and a resumed run draws exactly what the
@@ -56,9 +57,10 @@ def _uniform(key: Tensor, stream: int, counter: Tensor) -> Tensor:
 
 
 def normal(key: Tensor, stream: int, shape: tuple[int, ...], device=None) -> Tensor:
-    """Standard normal numbers of ``shape`` for ``(key, stream)`` (see the module rules)."""
+    """Standard normal numbers of ``shape`` for ``(key, stream)`` (see the module rules), on
+    ``device`` (default: the key's)."""
     n = math.prod(shape)
-    counter = torch.arange(2 * n, dtype=torch.int64, device=device)
+    counter = torch.arange(2 * n, dtype=torch.int64, device=key.device if device is None else device)
     u = _uniform(key, stream, counter)
     u1, u2 = u[..., :n], u[..., n:]
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)

@@ -3,7 +3,7 @@
 Rules:
 - A *condition* is one clamp list; the members of a condition share its plan. At each step the
   union holds every pass that any condition's program has at that step, in the engine's order
-  (clean, shifted, main), and at each site every condition's ops, ordered as the engine orders
+  (by the passes' declared positions: clean, shifted, ablated, main), and at each site every condition's ops, ordered as the engine orders
   one program's: site order, then rank, then condition, then the condition's own order. A
   member's own ops therefore run in the order of its solo program.
 - Ops that write (ranks 1-3: preserve, clamps, the layer clamp's recipe writes) are gated per
@@ -14,8 +14,9 @@ Rules:
 - A clamp of a shareable kind (:attr:`~optolab.clamps.kind.ClampSpec.shareable`) that every
   condition has (same spec but the name, same window), at a site no other op of any condition
   touches, acts once, ungated, in every pass but the clean one (T4's single-head ablation in all
-  six conditions). Kinds that prepare inputs, record, or draw random numbers per clamp index are
-  not shareable.
+  six conditions). Kinds that prepare inputs or record are not shareable, and no clamp that draws
+  random numbers is (:attr:`~optolab.clamps.kind.Planned.shareable`: the planner's probe finds
+  them), since each condition draws with its own clamp index.
 - Records and saves are not gated. A record's key names its pass and site, and it sits after
   every write at its site, so two conditions' records of one key hold the same value.
 - A pass that a member's own program lacks still runs for it, and nothing reads it: that is the
@@ -39,9 +40,10 @@ import torch
 from torch import Tensor
 
 from optolab.clamps.engine import ClampForward, Program, assemble, build_program, program_parts, saving
-from optolab.clamps.kind import PASS_ORDER, Op, Planned
+from optolab.clamps.kind import Op, Planned, pass_order, pass_positions
 from optolab.clamps.plan import Plan
 from optolab.clamps.rng import call_key
+from optolab.clamps.values import call_inputs
 from optolab.model.forward import Forward
 
 WRITES = (1, 2, 3)  # ranks of ops that change the activation (engine.program_parts)
@@ -49,10 +51,10 @@ WRITES = (1, 2, 3)  # ranks of ops that change the activation (engine.program_pa
 
 def pass_signature(clamps: Sequence) -> tuple[str, ...]:
     """The passes a protocol's clamps (specs) can need, over its whole run."""
-    passes = set().union(*(c.needs for c in clamps if c.acts_on_forward))
+    passes = set().union(*(set(c.needs) for c in clamps if c.acts_on_forward))
     if not any(c.always_excludes_main() for c in clamps):
         passes.add("main")
-    return tuple(p for p in PASS_ORDER if p in passes)
+    return tuple(pass_order(passes, pass_positions(clamps)))
 
 
 def gated(op: Op, k: int) -> Op:
@@ -98,8 +100,9 @@ def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Planned]]
         outputs.append(output if output is not None else (last, None, None))
     plan = plans[live[0]]
     shared = [(c.site.name, c.spec.site_rank, c.spec.op(c, plan.exemplar_label)) for c in common]
+    positions = pass_positions(c.spec for active in actives for c in active)
     passes = [assemble(plan, name, by_pass[name] + (shared if name != "clean" else []))
-              for name in PASS_ORDER if name in by_pass]
+              for name in pass_order(by_pass, positions)]
     return Program(passes, None, [], outputs)
 
 
@@ -111,7 +114,7 @@ def _common(plans: Sequence[Plan | None], actives: Sequence[list[Planned]]):
     def key(c: Planned) -> str:
         return json.dumps(c.spec.model_dump(mode="json", exclude={"name"}), sort_keys=True) + repr(c.when)
 
-    keyed = [{key(c): c for c in active if c.spec.shareable} for active in actives]
+    keyed = [{key(c): c for c in active if c.shareable} for active in actives]
     shared = set(keyed[0]).intersection(*keyed[1:])
     candidates = [keyed[0][k] for k in shared]
     sites = [c.site.name for c in candidates]
@@ -172,8 +175,8 @@ class Conditions:
     def prepare(self, model, batch, step: int, training: bool, save: Sequence[str] = (),
                 seeds: tuple[int, int] | None = None) -> tuple[Program, dict]:
         """As :meth:`ClampForward.prepare <optolab.clamps.engine.ClampForward.prepare>`: the union
-        program of this call (nothing is prepared: grafts are never packed) and the random key
-        of the member whose ``seeds`` these are."""
+        program of this call (nothing is prepared: grafts are never packed), the random key of
+        the member whose ``seeds`` these are, and the step."""
         init, data = seeds if seeds is not None else (0, 0)
-        return self.program(step, training, save), {"prepared": {},
-                                                    "key": call_key(init, data, step, training, batch.targets.device)}
+        return self.program(step, training, save), {
+            "prepared": {}, **call_inputs(call_key(init, data, step, training, batch.targets.device), step)}

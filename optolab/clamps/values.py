@@ -8,6 +8,9 @@ Rules:
 - Values that stand for "another input" (mean, resample, graft, preserve) are detached unless
   the recipe needs their gradient (preserved and recorded activations keep theirs: gradients
   reach the clean pass, as in the authors' two-pass clamps).
+- A call's step and random key reach the ops as tensors made outside every trace or compiled
+  graph (:func:`call_inputs`), like the batch: an op that reads them (:meth:`PassContext.clock`,
+  :meth:`PassContext.normal`) is one graph for every step, and equal on every path.
 - Built-in patterns (ANCHORS §2), for a row ``i`` of ``[query_pos, key_pos]``:
   previous_token(s): ``P[i, i-1] = s, P[i, i] = 1 - s`` (i ≥ 1), ``P[0, 0] = 1``;
   perfect_match(s), query row only: ``s`` spread evenly over the label tokens that carry the
@@ -26,6 +29,20 @@ from optolab.clamps.rng import normal
 from optolab.tasks.base import Batch
 
 
+@dataclass(frozen=True)
+class Clock:
+    """Where a call stands in a clamp's window, as tensors on the batch's device: ``step`` (the
+    call's step; an evaluation at ``s`` sees the model after ``s`` updates), the window's
+    ``start`` and ``stop`` (steps, ``[start, stop)``), and ``fraction`` elapsed,
+    ``(step - start) / (stop - start)`` in [0, 1] (float32; 1 at the final evaluation of a window
+    that runs to the end)."""
+
+    step: Tensor
+    start: Tensor
+    stop: Tensor
+    fraction: Tensor
+
+
 @dataclass
 class PassContext:
     """What a clamp op may read besides the activation (rules: :mod:`optolab.clamps.kind`)."""
@@ -36,12 +53,37 @@ class PassContext:
     saved: dict[str, Tensor] = field(default_factory=dict)  # what the caller asked to save
     gate: Tensor | None = None  # in a union program: the member's condition, one-hot [condition]
     key: Tensor | None = None  # the call's random key (optolab.clamps.rng), [2] int64
+    step: Tensor | None = None  # the call's step, an int64 scalar made outside every graph
+    draws: set[int] | None = None  # set by the planner's probe: the streams drawn from (optolab.clamps.plan)
 
     def normal(self, shape: tuple[int, ...], stream: int, device=None) -> Tensor:
-        """Standard normal numbers for this call, ``stream`` (a clamp's index) and ``shape``."""
+        """Standard normal numbers for this call, ``stream`` (a clamp's index: ``c.index``) and
+        ``shape``, on the key's device (the batch's) unless ``device`` says otherwise."""
         if self.key is None:
             raise RuntimeError("this forward call has no random key (a stochastic clamp needs one)")
-        return normal(self.key, stream, shape, device)
+        if self.draws is not None:
+            self.draws.add(stream)
+        return normal(self.key, stream, shape, self.key.device if device is None else device)
+
+    def normal_like(self, x: Tensor, stream: int) -> Tensor:
+        """Standard normal numbers of ``x``'s shape, dtype and device, for ``stream``."""
+        return self.normal(tuple(x.shape), stream, x.device).to(x.dtype)
+
+    def clock(self, c) -> Clock:
+        """Where this call stands in clamp ``c``'s window (a :class:`~optolab.clamps.kind.Planned`;
+        see :class:`Clock`). Tensors, so an op that reads them compiles once for every step."""
+        if self.step is None:
+            raise RuntimeError("this forward call has no step (a step-aware clamp needs one)")
+        start, stop = c.when.start, c.when.stop
+        step = self.step
+        fraction = ((step - start).to(torch.float32) / (stop - start)).clamp(0.0, 1.0)
+        return Clock(step, step.new_full((), start), step.new_full((), stop), fraction)
+
+
+def call_inputs(key: Tensor, step: int) -> dict[str, Tensor]:
+    """A call's pass-context inputs made outside every graph: its random key and its step (on
+    the key's device)."""
+    return {"key": key, "step": torch.tensor(step, dtype=torch.int64, device=key.device)}
 
 
 def previous_token_pattern(n_q: int, n_k: int, strength: float) -> Tensor:

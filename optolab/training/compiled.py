@@ -8,7 +8,9 @@ Rules:
   nothing until a program call sets the ops of the pass being run; the whole program (every
   pass, plus the copy head's logits) is one compiled graph. Per-head attention results are
   computed only in layers whose ``hook_result`` a clamp touches.
-- The call's random key (:mod:`optolab.clamps.rng`) is an input of the graph, made outside it.
+- The call's random key (:mod:`optolab.clamps.rng`) and its step are inputs of the graph, made
+  outside it (:func:`~optolab.clamps.values.call_inputs`): a step-aware or stochastic op compiles
+  once for every step (``tests/test_ramp.py`` counts the graphs).
 - What is compiled: every forward of the run. Evaluations call :class:`CompiledForward` (which
   saves the activations measures read through the same dispatch, ``save`` ops last at their
   site, as the engine orders them); a training step compiles its forward, loss and backward as

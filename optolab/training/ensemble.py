@@ -48,6 +48,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from optolab.clamps.engine import Program
 from optolab.clamps.rng import call_key
+from optolab.clamps.values import call_inputs
 from optolab.clamps.union import Conditions
 from optolab.core.device import autocast, decide_compile, numerics, resolve_device, to_device
 from optolab.core.errors import RunFailed
@@ -167,20 +168,22 @@ class _Step:
         """``keys``: each member's random key for this step (``[member, 2]``, :mod:`optolab.clamps.rng`)."""
         program = self.conditions.program(step)
         gates = self.conditions.gates
+        # the step reaches the ops as a tensor (optolab.clamps.values.call_inputs): one graph for every step
+        at = call_inputs(keys, step)["step"]
         if not self.compiled:  # autograd: eager, torch.func's grad transform costs ~10 % per op
             self.dispatch.cover(program)
             token = PLAIN_KERNELS.set(True)
             try:
                 for p in params.values():
                     p.grad = None
-                losses = _member_losses(self._logits(program, params, buffers, tensors, gates, keys, rest,
+                losses = _member_losses(self._logits(program, params, buffers, tensors, gates, keys, at, rest,
                                                      n_inputs), tensors["targets"])
                 torch.where(alive, losses, losses.new_zeros(())).sum().backward()
             finally:
                 PLAIN_KERNELS.reset(token)
             return [params[n].grad for n in self.names], losses.detach()
         params = {n: p.detach() for n, p in params.items()}
-        args = (program, params, buffers, tensors, gates, keys, rest, n_inputs)
+        args = (program, params, buffers, tensors, gates, keys, at, rest, n_inputs)
         self.dispatch.warm(program, tuple(t.shape for t in tensors.values()), lambda: self._logits(*args))
         with self.keys.guards(program, tensors, rest, n_inputs):
             return self.fn(*args, alive)
@@ -202,7 +205,7 @@ class _Step:
                 own = {n: b[m] for n, b in buffers.items()}
                 batch = _unstack_batch({n: t[m] for n, t in tensors.items()}, rest, n_inputs)
 
-                inputs = {"prepared": {}, "key": keys[m]}
+                inputs = {"prepared": {}, **call_inputs(keys[m], step)}
 
                 def loss(p: dict, program=program, own=own, batch=batch, inputs=inputs) -> Tensor:
                     logits = run(program, batch, inputs, lambda *x: functional_call(skeleton, (p, own), x))[0]
@@ -213,26 +216,26 @@ class _Step:
                 n: members for n in params if (members := [i for i, k in enumerate(of_member) if n in by_condition[k]])}
         return found
 
-    def _logits(self, program: Program, params, buffers, tensors, gates: Tensor, keys: Tensor, rest: dict,
-                n_inputs: int) -> Tensor:
+    def _logits(self, program: Program, params, buffers, tensors, gates: Tensor, keys: Tensor, at: Tensor,
+                rest: dict, n_inputs: int) -> Tensor:
         skeleton, run = self.dispatch.model, self.dispatch.run
 
         def member(p: dict, b: dict, t: dict, g: Tensor, k: Tensor) -> Tensor:
-            return run(program, _unstack_batch(t, rest, n_inputs), {"prepared": {}, "key": k},
+            return run(program, _unstack_batch(t, rest, n_inputs), {"prepared": {}, "key": k, "step": at},
                        lambda *inputs: functional_call(skeleton, (p, b), inputs), g)[0]
 
         return vmap(member)(params, buffers, tensors, gates, keys)  # [member, batch, pos, d_out]
 
-    def _loss(self, params, program: Program, buffers, tensors, gates: Tensor, keys: Tensor, rest: dict,
+    def _loss(self, params, program: Program, buffers, tensors, gates: Tensor, keys: Tensor, at: Tensor, rest: dict,
               n_inputs: int, alive: Tensor):
-        losses = _member_losses(self._logits(program, params, buffers, tensors, gates, keys, rest, n_inputs),
+        losses = _member_losses(self._logits(program, params, buffers, tensors, gates, keys, at, rest, n_inputs),
                                 tensors["targets"])
         return torch.where(alive, losses, losses.new_zeros(())).sum(), losses
 
-    def _grads(self, program: Program, params, buffers, tensors, gates: Tensor, keys: Tensor, rest: dict,
-               n_inputs: int, alive: Tensor):
+    def _grads(self, program: Program, params, buffers, tensors, gates: Tensor, keys: Tensor, at: Tensor,
+               rest: dict, n_inputs: int, alive: Tensor):
         grads, (_, losses) = grad_and_value(self._loss, has_aux=True)(params, program, buffers, tensors, gates,
-                                                                      keys, rest, n_inputs, alive)
+                                                                      keys, at, rest, n_inputs, alive)
         return [grads[n] for n in self.names], losses
 
 

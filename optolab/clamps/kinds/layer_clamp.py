@@ -18,7 +18,7 @@ class LayerClamp(ClampSpec):
     ``copy_head``, the logits come from that next-layer head's scores in pass b instead."""
 
     KIND: ClassVar[str] = "layer_clamp"
-    needs: ClassVar[frozenset[str]] = frozenset({"shifted"})
+    needs: ClassVar[dict[str, int]] = {"shifted": 10}  # after the clean reference, before main
     shareable: ClassVar[bool] = False
 
     recipe: Literal["perfect_prev_token_input"] = "perfect_prev_token_input"

@@ -22,7 +22,7 @@ class Noise(SiteClamp):
     """Add ``sigma`` × standard normal noise (× the activation's RMS with ``relative``)."""
 
     KIND: ClassVar[str] = "noise"
-    shareable: ClassVar[bool] = False  # each condition draws with its own clamp index
+    shareable: ClassVar[bool] = False  # each condition draws with its own clamp index (the planner finds it too)
 
     sigma: float = Field(gt=0, description="the noise's standard deviation")
     relative: Annotated[bool, Field(strict=True)] = Field(
@@ -33,7 +33,7 @@ class Noise(SiteClamp):
         scores = c.site.is_scores
 
         def noisy(out, ctx):
-            z = ctx.normal(tuple(out.shape), stream, out.device).to(out.dtype)
+            z = ctx.normal_like(out, stream)
             scale = sigma
             if relative:
                 x = out.detach()

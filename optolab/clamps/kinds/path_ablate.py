@@ -26,7 +26,7 @@ class PathAblate(SiteClamp):
     forced in the main pass: only the path through ``site`` loses it."""
 
     KIND: ClassVar[str] = "path_ablate"
-    needs: ClassVar[frozenset[str]] = frozenset({"ablated"})
+    needs: ClassVar[dict[str, int]] = {"ablated": 20}  # after a layer clamp's shifted pass, before main
     shareable: ClassVar[bool] = False
 
     without: str
