@@ -181,25 +181,42 @@ def plot_llc(est: pd.DataFrame, metrics: pd.DataFrame, main_split: str, path: Pa
     return path
 
 
-def plot_llc_calibration(traces: dict, table: pd.DataFrame, path: Path) -> Path:
-    """Every chain's loss trace for each step size (rows) × nβ (columns) of a calibration, with
-    the checkpoint's own loss (dashed) and the cell's LLC and verdict in its title."""
+def plot_llc_calibration(traces: dict, table: pd.DataFrame, path: Path, tolerance: float | None = None) -> Path:
+    """Every chain's loss trace for each step size (rows) × nβ (columns) of a calibration, all
+    panels on one y-scale (a climb away from the checkpoint must show beside a flat trace), with
+    the checkpoint's own loss (dashed), the band a healthy chain stays in (``tolerance`` nats
+    above it, shaded) and the cell's LLC and verdict in its title; the recommended cell's title
+    is bold."""
     sizes = sorted({k[0] for k in traces})
     betas = sorted({k[1] for k in traces})
+    finite = np.concatenate([np.ravel(tr)[np.isfinite(np.ravel(tr))] for tr, _ in traces.values()] + [np.zeros(0)])
+    inits = np.concatenate([np.ravel(i) for _, i in traces.values()])
+    lo = float(min(finite.min(initial=np.inf), np.nanmin(inits)))
+    # the top from the 99.5th percentile: one chain running off to 1e6 before it diverges must not
+    # flatten every other panel
+    hi = float(np.percentile(finite, 99.5)) if finite.size else lo + 1.0
+    hi = max(hi, float(np.nanmax(inits)) + (tolerance or 0.0))
+    pad = 0.05 * (hi - lo or 1.0)
     fig = Figure(figsize=(3.2 * len(betas), 2.4 * len(sizes)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(sizes), len(betas), squeeze=False))
+    axes = np.atleast_2d(fig.subplots(len(sizes), len(betas), squeeze=False, sharey=True))
     for i, eps in enumerate(sizes):
         for j, nb in enumerate(betas):
             ax = axes[i, j]
             tr, init = traces[(eps, nb)]
             for c in range(tr.shape[0]):
                 ax.plot(tr[c], lw=0.6, color=f"C{c % 10}")
-            ax.axhline(float(np.mean(init)), color="k", ls="--", lw=0.8)
+            level = float(np.mean(init))
+            ax.axhline(level, color="k", ls="--", lw=0.8)
+            if tolerance is not None:
+                ax.axhspan(level, level + tolerance, color="0.85", zorder=0)
             row = table[(table.step_size == eps) & (table.nbeta == nb)].iloc[0]
-            ax.set_title(f"ε {eps:.0e}, nβ {nb:.3g}: {row.llc:.3g} ({row.verdict})", fontsize=8)
+            bold = bool(row.get("recommended", False))
+            ax.set_title(f"ε {eps:.0e}, nβ {nb:.4g}: {row.llc:.3g} ({row.verdict})" + (" ← recommended" if bold else ""),
+                         fontsize=8, fontweight="bold" if bold else "normal")
+            ax.set_ylim(lo - pad, hi + pad)
             ax.tick_params(labelsize=7)
             if j == 0:
-                ax.set_ylabel("loss", fontsize=8)
+                ax.set_ylabel("loss (one scale)", fontsize=8)
             if i == len(sizes) - 1:
                 ax.set_xlabel("SGLD step", fontsize=8)
     fig.savefig(path, dpi=100)
