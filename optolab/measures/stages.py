@@ -15,11 +15,19 @@ Method:
    loss's median eval interval) are one boundary, at their median, listing every signal that
    marks it.
 3. Stages are the spans between consecutive boundaries (and the run's start and end). A stage's
-   kind comes from the main loss over it: ``loss falls`` where it drops by more than
-   ``flat`` (default 10 %) of the run's total drop; otherwise ``loss flat``, and ``loss flat
-   while structure forms`` where a score rises by more than ``flat`` of its range over the
-   stage (the stage Hoogland et al. find first). Each stage lists the signals that rose or fell.
-4. Nothing is guessed: a run whose signals show no event is one stage.
+   kind comes from the main loss over it, judged against the loss's *local* change, not the
+   run's: ``loss falls`` where at least half the stage lies inside one of the loss's own abrupt
+   events (onset to end: where the detector says the loss is falling, 10 % to 90 % of that fall),
+   or where the loss drops by more than ``flat`` (10 %) of its range over the run (a large slow
+   decline). Otherwise ``loss flat``, and ``loss flat while structure forms`` where another
+   signal moved (the same two tests, on that signal). Each stage lists the signals that moved.
+   (The old rule, 10 % of the run's total drop alone, called the tail of the main run's drop
+   ``loss flat``: 0.21 → 0.07 is a third of the loss but under 10 % of the fall from 1.6; a
+   stage inside the detector's own drop is falling, whatever its size.)
+4. Adjacent stages of the same kind are one stage: a boundary between two spans that read the
+   same (a head-score event inside the drop, say) is listed in the merged stage's
+   ``inner_boundaries``, not as a stage of its own.
+5. Nothing is guessed: a run whose signals show no event is one stage.
 """
 
 from __future__ import annotations
@@ -39,16 +47,24 @@ class Signal:
     direction: str  # "down" or "up": where its structure moves
 
 
-def boundaries(signals: Mapping[str, Signal], spacing: float, merge: float = 2.0) -> list[dict]:
+def abrupt_events(signals: Mapping[str, Signal]) -> dict[str, list[tuple[float, float]]]:
+    """Each signal's abrupt events as ``(onset, end)`` spans (see the module method)."""
+    return {name: [(float(e.onset), float(e.end)) for e in
+                   detect(s.xs, s.ys, direction=s.direction, require_plateau=False).events if e.abrupt]
+            for name, s in signals.items()}
+
+
+def boundaries(signals: Mapping[str, Signal], spacing: float, merge: float = 2.0,
+               events: Mapping[str, list[tuple[float, float]]] | None = None) -> list[dict]:
     """Candidate boundaries merged (see the module method): ``[{"at", "signals"}]`` in order;
     ``spacing`` is the eval interval ``merge`` counts in."""
+    events = abrupt_events(signals) if events is None else events
     found = []
     lo = min(float(np.nanmin(s.xs)) for s in signals.values())
     hi = max(float(np.nanmax(s.xs)) for s in signals.values())
-    for name, s in signals.items():
-        for e in detect(s.xs, s.ys, direction=s.direction, require_plateau=False).events:
-            if e.abrupt:
-                found += [(float(e.onset), f"{name} onset"), (float(e.end), f"{name} end")]
+    for name in signals:
+        for onset, end in events[name]:
+            found += [(onset, f"{name} onset"), (end, f"{name} end")]
     found.sort()
     out: list[list[tuple[float, str]]] = []
     for x, name in found:
@@ -58,6 +74,11 @@ def boundaries(signals: Mapping[str, Signal], spacing: float, merge: float = 2.0
             out.append([(x, name)])
     return [{"at": float(np.median([x for x, _ in group])), "signals": [n for _, n in group]} for group in out
             if lo < float(np.median([x for x, _ in group])) < hi]
+
+
+def _inside(spans: list[tuple[float, float]], a: float, b: float) -> float:
+    """The share of ``[a, b]`` that lies inside the spans (which do not overlap: one curve's events)."""
+    return sum(max(0.0, min(b, e) - max(a, o)) for o, e in spans) / (b - a) if b > a else 0.0
 
 
 def _change(s: Signal, a: float, b: float) -> float:
@@ -71,21 +92,30 @@ def _change(s: Signal, a: float, b: float) -> float:
 
 def stages(signals: Mapping[str, Signal], loss: str = "loss", merge: float = 2.0, flat: float = 0.1) -> list[dict]:
     """The run's stages (see the module method): ``[{"start", "end", "kind", "boundary_signals",
-    "moved"}]`` where ``boundary_signals`` mark the stage's start and ``moved`` lists the signals
-    that moved by more than ``flat`` of their range during it."""
+    "moved", "inner_boundaries"}]`` where ``boundary_signals`` mark the stage's start, ``moved``
+    lists the signals that moved during it and ``inner_boundaries`` the boundaries merged away
+    (``[{"at", "signals"}]``)."""
     base = signals[loss]
     lo, hi = float(np.nanmin(base.xs)), float(np.nanmax(base.xs))
-    marks = boundaries(signals, float(np.median(np.diff(np.sort(base.xs)))), merge)
+    events = abrupt_events(signals)
+    marks = boundaries(signals, float(np.median(np.diff(np.sort(base.xs)))), merge, events)
     edges = [lo] + [m["at"] for m in marks] + [hi]
     starts = [[]] + [m["signals"] for m in marks]
-    out = []
+    out: list[dict] = []
     for (a, b), why in zip(zip(edges[:-1], edges[1:]), starts):
-        moved = [name for name, s in signals.items() if _change(s, a, b) > flat]
+        moved = [name for name, s in signals.items() if _inside(events[name], a, b) >= 0.5 or _change(s, a, b) > flat]
         if loss in moved:
             kind = "loss falls"
-        elif any(name != loss for name in moved):
+        elif moved:
             kind = "loss flat while structure forms"
         else:
             kind = "loss flat"
-        out.append({"start": a, "end": b, "kind": kind, "boundary_signals": why, "moved": moved})
+        if out and out[-1]["kind"] == kind:  # the same reading on both sides: one stage
+            prev = out[-1]
+            prev["inner_boundaries"].append({"at": a, "signals": why})
+            prev["end"] = b
+            prev["moved"] += [m for m in moved if m not in prev["moved"]]
+            continue
+        out.append({"start": a, "end": b, "kind": kind, "boundary_signals": why, "moved": moved,
+                    "inner_boundaries": []})
     return out
