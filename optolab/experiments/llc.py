@@ -48,6 +48,8 @@ FLAGS = {"every": "--every", "chains": "--chains", "draws": "--draws", "burn_in"
          "step_size": "--step-size", "nbeta": "--nbeta", "localization": "--localization",
          "batch_size": "--batch-size", "heads": "--heads", "clamps": "--no-clamps", "seed": "--seed"}
 GRID_FLAGS = {**FLAGS, "step_size": "--step-sizes", "nbeta": "--nbetas"}
+STEP_SIZES = [1e-5, 3e-5, 1e-4]  # a calibration's default grid: 12 cells around the defaults
+NBETAS = [300.0, 1000.0, 3000.0, 10000.0]
 
 
 def validated(data: dict, flags: dict = FLAGS) -> llc.LLCSpec:

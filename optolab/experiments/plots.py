@@ -10,7 +10,10 @@
   position at every checkpoint, against the task's per-position reference estimators.
 - ``llc.png`` (runs with ``measures.llc``; post-hoc curves in their own folder): the local
   learning coefficient over training with the loss, and the per-head restricted LLCs.
-- ``traces.png`` of an LLC calibration: the sampler's loss traces per step size × nβ.
+- ``traces.png`` of an LLC calibration: the sampler's loss traces per step size × nβ, one y-scale.
+- ``stages.png``: the main loss (top) and the signals the stages are read from (bottom: each on
+  its own range, 0 to 1), with ``summary.json``'s stages shaded by kind, their boundaries solid
+  and the boundaries merged inside a stage dotted.
 
 No pyplot: figures are built with ``matplotlib.figure.Figure`` so nothing global (backends,
 state) is touched and plotting works headless.
@@ -220,4 +223,37 @@ def plot_llc_calibration(traces: dict, table: pd.DataFrame, path: Path, toleranc
             if i == len(sizes) - 1:
                 ax.set_xlabel("SGLD step", fontsize=8)
     fig.savefig(path, dpi=100)
+    return path
+
+
+STAGE_COLOURS = {"loss falls": "#f4a582", "loss flat": "#d9d9d9", "loss flat while structure forms": "#92c5de"}
+
+
+def plot_stages(signals: dict, found: list[dict], path: Path, loss: str = "loss") -> Path | None:
+    """``signals``: name -> :class:`optolab.measures.stages.Signal`; ``found``: the stages."""
+    if not found or loss not in signals:
+        return None
+    fig = Figure(figsize=(8, 5.2), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1.2, 1])
+    for ax in (top, bottom):
+        seen = set()
+        for st in found:
+            label = st["kind"] if st["kind"] not in seen and ax is top else None
+            seen.add(st["kind"])
+            ax.axvspan(st["start"], st["end"], color=STAGE_COLOURS.get(st["kind"], "0.9"), alpha=0.7, lw=0, label=label)
+            ax.axvline(st["start"], color="0.3", lw=0.6)
+            for inner in st.get("inner_boundaries", []):
+                ax.axvline(inner["at"], color="0.3", lw=0.6, ls=":")
+    s = signals[loss]
+    top.plot(s.xs, s.ys, color="k", lw=1.2, label="main loss")
+    top.set(ylabel="loss (nats)", ylim=(0, None), title="Stages (summary.json), shaded by kind")
+    top.legend(fontsize=7, loc="upper right")
+    for i, (name, sig) in enumerate((n, g) for n, g in signals.items() if n != loss):
+        ys = np.asarray(sig.ys, float)
+        lo, hi = np.nanmin(ys), np.nanmax(ys)
+        bottom.plot(sig.xs, (ys - lo) / ((hi - lo) or 1.0), lw=1, color=f"C{i}", label=f"{name} ({lo:.2g}–{hi:.2g})")
+    bottom.set(xlabel="sequences seen", ylabel="signal (own range)")
+    bottom.legend(fontsize=7, loc="center right")
+    bottom.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    fig.savefig(path, dpi=110)
     return path

@@ -39,6 +39,8 @@ import numpy as np
 
 from optolab.measures.phase import detect
 
+PACE = 1 / 3  # inside an event, a stage moves when it keeps a third of the event's mean pace
+
 
 @dataclass(frozen=True)
 class Signal:
@@ -47,15 +49,22 @@ class Signal:
     direction: str  # "down" or "up": where its structure moves
 
 
-def abrupt_events(signals: Mapping[str, Signal]) -> dict[str, list[tuple[float, float]]]:
-    """Each signal's abrupt events as ``(onset, end)`` spans (see the module method)."""
-    return {name: [(float(e.onset), float(e.end)) for e in
-                   detect(s.xs, s.ys, direction=s.direction, require_plateau=False).events if e.abrupt]
-            for name, s in signals.items()}
+def abrupt_events(signals: Mapping[str, Signal], flat: float = 0.1) -> dict[str, list[tuple[float, float, float]]]:
+    """Each signal's abrupt events of at least ``flat`` of its range, as ``(onset, end, pace)``
+    with ``pace`` the event's mean move per sequence from onset to end, as a fraction of the
+    signal's range (see the module method)."""
+    out = {}
+    for name, s in signals.items():
+        keep = np.isfinite(s.ys)
+        span = float(np.ptp(s.ys[keep])) if keep.any() else 0.0
+        out[name] = [(float(e.onset), float(e.end), 0.8 * e.size / span / max(e.end - e.onset, 1e-12))
+                     for e in detect(s.xs, s.ys, direction=s.direction, require_plateau=False).events
+                     if e.abrupt and span > 0 and e.size >= flat * span]
+    return out
 
 
 def boundaries(signals: Mapping[str, Signal], spacing: float, merge: float = 2.0,
-               events: Mapping[str, list[tuple[float, float]]] | None = None) -> list[dict]:
+               events: Mapping[str, list[tuple[float, float, float]]] | None = None) -> list[dict]:
     """Candidate boundaries merged (see the module method): ``[{"at", "signals"}]`` in order;
     ``spacing`` is the eval interval ``merge`` counts in."""
     events = abrupt_events(signals) if events is None else events
@@ -63,7 +72,7 @@ def boundaries(signals: Mapping[str, Signal], spacing: float, merge: float = 2.0
     lo = min(float(np.nanmin(s.xs)) for s in signals.values())
     hi = max(float(np.nanmax(s.xs)) for s in signals.values())
     for name in signals:
-        for onset, end in events[name]:
+        for onset, end, _ in events[name]:
             found += [(onset, f"{name} onset"), (end, f"{name} end")]
     found.sort()
     out: list[list[tuple[float, str]]] = []
@@ -76,9 +85,18 @@ def boundaries(signals: Mapping[str, Signal], spacing: float, merge: float = 2.0
             if lo < float(np.median([x for x, _ in group])) < hi]
 
 
-def _inside(spans: list[tuple[float, float]], a: float, b: float) -> float:
-    """The share of ``[a, b]`` that lies inside the spans (which do not overlap: one curve's events)."""
-    return sum(max(0.0, min(b, e) - max(a, o)) for o, e in spans) / (b - a) if b > a else 0.0
+def _moved(s: Signal, spans: list[tuple[float, float, float]], a: float, b: float, flat: float) -> bool:
+    """Whether the signal moved over ``[a, b]`` (see the module method): by more than ``flat`` of
+    its range, or at least half of ``[a, b]`` inside one of its events while moving at a third
+    of that event's pace or more."""
+    change = _change(s, a, b)
+    if change > flat:
+        return True
+    for onset, end, pace in spans:
+        inside = max(0.0, min(b, end) - max(a, onset))
+        if b > a and inside >= 0.5 * (b - a) and change / (b - a) >= PACE * pace:
+            return True
+    return False
 
 
 def _change(s: Signal, a: float, b: float) -> float:
@@ -97,13 +115,13 @@ def stages(signals: Mapping[str, Signal], loss: str = "loss", merge: float = 2.0
     (``[{"at", "signals"}]``)."""
     base = signals[loss]
     lo, hi = float(np.nanmin(base.xs)), float(np.nanmax(base.xs))
-    events = abrupt_events(signals)
+    events = abrupt_events(signals, flat)
     marks = boundaries(signals, float(np.median(np.diff(np.sort(base.xs)))), merge, events)
     edges = [lo] + [m["at"] for m in marks] + [hi]
     starts = [[]] + [m["signals"] for m in marks]
     out: list[dict] = []
     for (a, b), why in zip(zip(edges[:-1], edges[1:]), starts):
-        moved = [name for name, s in signals.items() if _inside(events[name], a, b) >= 0.5 or _change(s, a, b) > flat]
+        moved = [name for name, s in signals.items() if _moved(s, events[name], a, b, flat)]
         if loss in moved:
             kind = "loss falls"
         elif moved:
