@@ -27,20 +27,20 @@ Method (what :func:`estimate` computes):
 - A *restricted* LLC (``heads``, e.g. ``L1H3``) moves only that head's slices of ``W_Q``,
   ``W_K``, ``W_V``, ``W_O`` (and its biases), through devinterp's parameter masks; everything
   else stays at ``w*``.
-- Defaults (``step_size`` 3e-5, ``nbeta`` 3000, ``localization`` 100, 50 burn-in steps, 200
-  draws, 4 chains) come from calibrating the Singh et al. task's main run (docs/measures.md#llc):
-  a chain must sample the checkpoint's neighbourhood, so its mean loss over the draws may sit at
-  most ``EXCESS_TOL`` (0.1 nats) above the checkpoint's (:func:`health`). The LLC is nβ times
-  that excess, so nβ must exceed the LLC / 0.1: on the main run at 4e5 sequences (loss 0.05) the
-  former default nβ 300 sampled 0.70 nats above the checkpoint (a plateau-level model, so the
-  curve compared plateau posteriors), nβ 1000 0.24, nβ 3000 0.09. devinterp's own default
-  ``nβ = m / ln m`` (9.2 for a batch of 32 sequences) is hotter still (the sampled loss climbs
-  from 0.003 to ~2, a model that has forgotten the task); ``nbeta: null`` still picks it. At
-  nβ 3000 a step of 1e-4 overshoots (LLC 541 ± 89, 0.2 nats up); 1e-5 and 3e-5 agree (253, 278).
-  Step size, nβ and localization are calibrated once per model and task on one
-  checkpoint (:func:`optolab.experiments.llc.calibrate`, ``optolab llc RUN_DIR --calibrate``) and
-  then held fixed: an LLC curve compares checkpoints, so its hyperparameters must not change
-  along it.
+- Defaults (``step_size`` 1e-5, ``nbeta`` 3000, ``localization`` 100, 50 burn-in steps, 200
+  draws, 4 chains) come from calibrating the Singh et al. task (docs/measures.md#llc): a chain
+  must sample the checkpoint's neighbourhood, so its mean loss over the draws may sit at most
+  ``EXCESS_TOL`` (0.1 nats) above the checkpoint's (:func:`health`). The LLC is nβ times that
+  excess, so nβ must exceed the LLC / 0.1. On the main run at 4e5 sequences (loss 0.05) the
+  former default (nβ 300, ε 1e-4) sampled 0.70 nats above the checkpoint (a plateau-level model:
+  the curve compared plateau posteriors), nβ 1000 0.19–0.24, nβ 3000 0.09. At nβ 3000 a step of
+  1e-4 overshoots (LLC 541 ± 89, 0.2 nats up) and 3e-5 leaves the quickstart's final basin
+  (0.10 nats up, 274 ± 46); 1e-5 stays in both (0.086 and 0.066 nats up). devinterp's own
+  default ``nβ = m / ln m`` (9.2 for a batch of 32 sequences) is hotter still (the sampled loss
+  climbs from 0.003 to ~2, a model that has forgotten the task); ``nbeta: null`` still picks it.
+  Step size, nβ and localization are calibrated once per model and task on one checkpoint
+  (:func:`optolab.experiments.llc.calibrate`, ``optolab llc RUN_DIR --calibrate``) and then held
+  fixed: an LLC curve compares checkpoints, so its hyperparameters must not change along it.
 - The model passed in is never changed: chains run on a copy.
 
 Why devinterp's optimizer and not its ``llc()``/``sample()``: devinterp 2.x's high-level sampler
@@ -78,7 +78,7 @@ class LLCSpec(StrictModel):
     chains: PosCount = Field(4, description="SGLD chains")
     draws: PosCount = Field(200, description="SGLD steps per chain that count (after burn_in)")
     burn_in: int = Field(50, ge=0, description="SGLD steps per chain before the draws")
-    step_size: float = Field(3e-5, gt=0, description="SGLD step size ε")
+    step_size: float = Field(1e-5, gt=0, description="SGLD step size ε")
     nbeta: float | None = Field(3000.0, gt=0, description="inverse temperature nβ (null: devinterp's m / ln m, m = batch_size)")
     localization: float = Field(100.0, ge=0, description="γ: pull towards the checkpoint's weights")
     batch_size: PosCount | None = Field(None, description="sequences per SGLD batch (default: train.batch_size)")
