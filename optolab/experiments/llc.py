@@ -149,9 +149,12 @@ def recommend(table: pd.DataFrame) -> tuple[pd.Series | None, str]:
     """The recommended cell of a calibration table and the rule, or None and why (module rules)."""
     ok = table[table.verdict == "ok"]
     if ok.empty:
-        worst = table.verdict.value_counts().index[0] if len(table) else "none"
-        return None, (f"no cell is ok (most are '{worst}'): try larger nβ and smaller step sizes "
-                      "(--nbetas, --step-sizes).")
+        most = table.verdict.value_counts().index[0] if len(table) else "none"
+        advice = {"negative": "the checkpoint is no minimum at these settings (SGLD finds lower loss): calibrate "
+                              "on a later checkpoint (--step), where training has settled.",
+                  "drifting": "the chains have not settled: more --burn-in and --draws, or larger step sizes."}
+        return None, f"no cell is ok (most are '{most}'): " + advice.get(
+            most, "try larger nβ and smaller step sizes (--nbetas, --step-sizes).")
     nb = ok.nbeta.min()
     row = ok[ok.nbeta == nb].sort_values("step_size").iloc[-1]
     return row, (f"step size {row.step_size:.3g}, nβ {row.nbeta:.4g}: the smallest nβ whose chains stay within "

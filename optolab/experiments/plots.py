@@ -246,7 +246,7 @@ def plot_stages(signals: dict, found: list[dict], path: Path, loss: str = "loss"
                 ax.axvline(inner["at"], color="0.3", lw=0.6, ls=":")
     s = signals[loss]
     top.plot(s.xs, s.ys, color="k", lw=1.2, label="main loss")
-    top.set(ylabel="loss (nats)", ylim=(0, None), title="Stages (summary.json), shaded by kind")
+    top.set(ylabel="loss (nats)", ylim=(0, None), title="Stages, shaded by kind (dotted: boundaries merged inside a stage)")
     top.legend(fontsize=7, loc="upper right")
     for i, (name, sig) in enumerate((n, g) for n, g in signals.items() if n != loss):
         ys = np.asarray(sig.ys, float)
