@@ -17,13 +17,16 @@ Method:
 3. Stages are the spans between consecutive boundaries (and the run's start and end). A stage's
    kind comes from the main loss over it, judged against the loss's *local* change, not the
    run's: ``loss falls`` where at least half the stage lies inside one of the loss's own abrupt
-   events (onset to end: where the detector says the loss is falling, 10 % to 90 % of that fall),
-   or where the loss drops by more than ``flat`` (10 %) of its range over the run (a large slow
-   decline). Otherwise ``loss flat``, and ``loss flat while structure forms`` where another
-   signal moved (the same two tests, on that signal). Each stage lists the signals that moved.
-   (The old rule, 10 % of the run's total drop alone, called the tail of the main run's drop
-   ``loss flat``: 0.21 → 0.07 is a third of the loss but under 10 % of the fall from 1.6; a
-   stage inside the detector's own drop is falling, whatever its size.)
+   events (onset to end: where the detector says the loss is falling, 10 % to 90 % of that fall)
+   and the loss keeps at least a third of that event's mean pace there (``PACE``: an event's
+   slow tail is not a fall; a first event that begins within its own width of the run's start is
+   the fall from initialisation and reaches back to the start). Otherwise ``loss flat`` (a plateau's slow creep included), and
+   ``loss flat while structure forms`` where another signal moved: by the same test on its own
+   events, or by more than ``flat`` (10 %) of its range over the stage (a score that forms slowly
+   on a plateau, Hoogland et al.'s first stage). Each stage lists the signals that moved.
+   (The old rule, a loss move of 10 % of the run's total drop, called the tail of the main run's
+   drop ``loss flat``: 0.21 → 0.07 is two thirds of the loss there but under 10 % of the fall
+   from 1.6; and a plateau creeping 0.95 → 0.65 ``loss falls``.)
 4. Adjacent stages of the same kind are one stage: a boundary between two spans that read the
    same (a head-score event inside the drop, say) is listed in the merged stage's
    ``inner_boundaries``, not as a stage of its own.
@@ -85,12 +88,12 @@ def boundaries(signals: Mapping[str, Signal], spacing: float, merge: float = 2.0
             if lo < float(np.median([x for x, _ in group])) < hi]
 
 
-def _moved(s: Signal, spans: list[tuple[float, float, float]], a: float, b: float, flat: float) -> bool:
-    """Whether the signal moved over ``[a, b]`` (see the module method): by more than ``flat`` of
-    its range, or at least half of ``[a, b]`` inside one of its events while moving at a third
-    of that event's pace or more."""
+def _moved(s: Signal, spans: list[tuple[float, float, float]], a: float, b: float, flat: float | None) -> bool:
+    """Whether the signal moved over ``[a, b]`` (see the module method): at least half of
+    ``[a, b]`` inside one of its events while moving at a third of that event's pace or more,
+    or (``flat`` not None) by more than ``flat`` of its range."""
     change = _change(s, a, b)
-    if change > flat:
+    if flat is not None and change > flat:
         return True
     for onset, end, pace in spans:
         inside = max(0.0, min(b, end) - max(a, onset))
@@ -119,9 +122,14 @@ def stages(signals: Mapping[str, Signal], loss: str = "loss", merge: float = 2.0
     marks = boundaries(signals, float(np.median(np.diff(np.sort(base.xs)))), merge, events)
     edges = [lo] + [m["at"] for m in marks] + [hi]
     starts = [[]] + [m["signals"] for m in marks]
+    # a first event that begins within its own width of the run's start is the fall (or rise)
+    # from initialisation: the evals before its onset belong to it (no plateau precedes it)
+    spans = {name: [(lo if i == 0 and onset - lo <= end - onset else onset, end, pace)
+                    for i, (onset, end, pace) in enumerate(evs)] for name, evs in events.items()}
     out: list[dict] = []
     for (a, b), why in zip(zip(edges[:-1], edges[1:]), starts):
-        moved = [name for name, s in signals.items() if _moved(s, events[name], a, b, flat)]
+        # the loss by its own events only: its slow creep on a plateau is not a fall
+        moved = [name for name, s in signals.items() if _moved(s, spans[name], a, b, None if name == loss else flat)]
         if loss in moved:
             kind = "loss falls"
         elif moved:
