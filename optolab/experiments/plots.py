@@ -9,7 +9,8 @@
 - ``loss_by_position.png`` (tasks with reference curves, e.g. ``markov_icl``): the loss at each
   position at every checkpoint, against the task's per-position reference estimators.
 - ``llc.png`` (runs with ``measures.llc``; post-hoc curves in their own folder): the local
-  learning coefficient over training with the loss, and the per-head restricted LLCs.
+  learning coefficient over training with the loss (estimates whose chain-health verdict is not
+  ``ok`` ringed in red), and the per-head restricted LLCs.
 - ``traces.png`` of an LLC calibration: the sampler's loss traces per step size × nβ, one y-scale.
 - ``stages.png``: the main loss (top) and the signals the stages are read from (bottom: each on
   its own range, 0 to 1), with ``summary.json``'s stages shaded by kind, their boundaries solid
@@ -164,6 +165,11 @@ def plot_llc(est: pd.DataFrame, metrics: pd.DataFrame, main_split: str, path: Pa
     whole = est[est.target == "model"].sort_values("sequences")
     ax.errorbar(whole.sequences, whole.llc, yerr=whole.llc_std, color="C0", marker="o", ms=3, capsize=2,
                 label="LLC (whole model)")
+    if "health" in whole:  # estimates whose chains are not healthy: ringed in red, with the verdict
+        bad = whole[[isinstance(h, dict) and h.get("verdict") != "ok" for h in whole.health]]
+        if not bad.empty:
+            ax.scatter(bad.sequences, bad.llc, s=60, facecolors="none", edgecolors="red", zorder=3,
+                       label="chains not ok: " + ", ".join(sorted({h["verdict"] for h in bad.health})))
     ax.set(xlabel="sequences seen", ylabel="LLC", title="Local learning coefficient")
     loss = metrics[(metrics.split == main_split) & (metrics.metric == "loss") & metrics.layer.isna()]
     if not loss.empty:
