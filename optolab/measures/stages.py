@@ -20,10 +20,10 @@ Method:
    events (onset to end: where the detector says the loss is falling, 10 % to 90 % of that fall)
    and the loss keeps at least a third of that event's mean pace there (``PACE``: an event's
    slow tail is not a fall; a first event that begins within its own width of the run's start is
-   the fall from initialisation and reaches back to the start). Otherwise ``loss flat`` (a plateau's slow creep included), and
-   ``loss flat while structure forms`` where another signal moved: by the same test on its own
-   events, or by more than ``flat`` (10 %) of its range over the stage (a score that forms slowly
-   on a plateau, Hoogland et al.'s first stage). Each stage lists the signals that moved.
+   the fall from initialisation and reaches back to the start). Otherwise ``loss flat`` (a
+   plateau's slow creep included), and ``loss flat while structure forms`` where another signal
+   moved: by the same test on its own events, or by more than ``flat`` (10 %) of its range over
+   the stage (a score that forms slowly on a plateau, Hoogland et al.'s first stage). Each stage lists the signals that moved.
    (The old rule, a loss move of 10 % of the run's total drop, called the tail of the main run's
    drop ``loss flat``: 0.21 → 0.07 is two thirds of the loss there but under 10 % of the fall
    from 1.6; and a plateau creeping 0.95 → 0.65 ``loss falls``.)
