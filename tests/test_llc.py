@@ -168,7 +168,10 @@ def test_the_llc_runs_at_checkpoints_and_resumes_bit_identically(tmp_path):
     with np.load(full.run_dir.path / "measures" / "llc" / "traces_000000040.npz") as z:
         assert z["model_traces"].shape == (2, 20) and z["L1H0_init"].shape == (20,)
     summary = json.loads((full.run_dir.path / "summary.json").read_text())
-    assert summary["final"]["llc"]["llc"] > 0 and "L1H0" in summary["final"]["llc"]["llc_head"]
+    # 40 steps in, the loss is still falling: at the default nβ 3000 the chains find lower loss
+    # (a negative LLC, flagged in the chain health), so only finiteness is asserted here
+    assert math.isfinite(summary["final"]["llc"]["llc"]) and "L1H0" in summary["final"]["llc"]["llc_head"]
+    assert all(h["verdict"] in llc.VERDICTS for h in est.health)
     assert any(p.name == "llc.png" for p in optolab.open_run(full.run_dir.path).plot())
 
     part = train(p, tmp_path / "part", progress=False, stop_after=25)
