@@ -73,15 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int)
     p.add_argument("--burn-in", type=int)
     p.add_argument("--step-size", type=float, help="SGLD step size ε")
-    p.add_argument("--nbeta", type=float, help="inverse temperature nβ (default: the run's measures.llc, else 300)")
+    p.add_argument("--nbeta", type=float, help="inverse temperature nβ (default: the run's measures.llc, else 3000)")
     p.add_argument("--localization", type=float, help="γ: pull towards the checkpoint's weights")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--no-clamps", action="store_true", help="sample the bare model, not under the run's clamps")
     p.add_argument("--calibrate", action="store_true",
                    help="sweep --step-sizes × --nbetas on one checkpoint (--step, default the last) and plot the traces")
     p.add_argument("--step", type=int, help="the checkpoint a calibration uses")
-    p.add_argument("--step-sizes", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3])
-    p.add_argument("--nbetas", type=float, nargs="+", help="default: m / ln m (devinterp's), 100, 300, 1000")
+    p.add_argument("--step-sizes", type=float, nargs="+", help="default: 1e-5 3e-5 1e-4")
+    p.add_argument("--nbetas", type=float, nargs="+", help="default: 300 1000 3000 10000")
 
     p = sub.add_parser("plot", help="(re)write the figures of a run directory")
     p.add_argument("run_dir")
@@ -327,7 +327,6 @@ def _llc(args: argparse.Namespace) -> int:
 
     from optolab.experiments import llc as posthoc
     from optolab.experiments.runs import open_run
-    from optolab.measures.llc import nbeta_of
 
     torch.set_num_threads(1)
     run = open_run(args.run_dir)
@@ -337,9 +336,8 @@ def _llc(args: argparse.Namespace) -> int:
         "localization": args.localization, "batch_size": args.batch_size,
         "clamps": False if args.no_clamps else None})
     if args.calibrate:
-        m = spec.batch_size or run.protocol.train.batch_size
-        nbetas = args.nbetas or [round(nbeta_of(spec.model_copy(update={"nbeta": None}), m), 3), 100.0, 300.0, 1000.0]
-        df, folder = posthoc.calibrate(run.path, spec, args.step, args.step_sizes, nbetas)
+        df, folder = posthoc.calibrate(run.path, spec, args.step, args.step_sizes or posthoc.STEP_SIZES,
+                                       args.nbetas or posthoc.NBETAS)
         print(df.to_string(index=False))
         print(f"calibration written to {folder} (calibration.csv, traces.png)")
         return 0

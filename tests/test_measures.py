@@ -242,3 +242,65 @@ def test_in_context_copying_logits_equal_the_direct_computation(final_ln):
     W_O = model.blocks[1].attn.W_O
     direct = model.ln_final(torch.einsum("bnhe,hed->bnhd", v, W_O)) @ model.W_U
     torch.testing.assert_close(head_logits(model, W_O, v), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_icl_copying_of_a_head_with_no_role_is_chance_not_zero():
+    """Random OV circuits reading residuals that carry nothing about the label: every head scores
+    2/N − 1 (the own label gets 1/N of the share on average), −0.6 for 5 labels, not 0."""
+    from types import SimpleNamespace
+
+    from optolab.measures.builtin.icl_copying import chance, icl_copying_scores
+
+    torch.manual_seed(0)
+    d, n_lab, b, heads, n_out = 16, 2, 4000, 4, 5
+    block = SimpleNamespace(attn=SimpleNamespace(W_V=torch.randn(d, heads, 4), W_O=torch.randn(heads, 4, d)))
+    model = SimpleNamespace(cfg=SimpleNamespace(n_heads=heads), blocks=[block], ln_final=torch.nn.Identity(),
+                            W_U=torch.randn(d, n_out))
+    labels = torch.randint(0, n_out, (b, n_lab))
+    x = torch.randn(b, 2 * n_lab + 1, d)  # independent of the labels
+    pattern = torch.softmax(torch.randn(b, heads, 2 * n_lab + 1, 2 * n_lab + 1), -1)
+    scores = icl_copying_scores(model, [x], [pattern], labels)[0]
+    assert chance(5) == pytest.approx(-0.6)
+    # each head's score is a mean of b bounded terms in [-1, 1]: its standard error is below 1/sqrt(b)
+    assert (scores - chance(n_out)).abs().max() < 4 / b**0.5, scores
+    assert (scores < -0.4).all()  # far from 0, where a reader would put "no copying"
+
+
+def test_most_recent_prefix_matching_is_stricter_and_both_have_a_uniform_baseline():
+    from optolab.measures.attention import most_recent, uniform_prefix_matching
+
+    L, R = 3, 3
+    targets = repeat_induction_targets(L, R, prefix=1)[0]
+    n = targets.shape[0]
+    recent = most_recent(targets[None])[0]
+    rows = targets.any(-1)
+    assert torch.equal(recent.any(-1), rows) and (recent.sum(-1) <= 1).all()
+    assert torch.equal(recent[rows].float().argmax(-1), (targets[rows] * torch.arange(n)).argmax(-1))
+    p = torch.zeros(1, 3, n, n)
+    p[0, 0, rows] = targets[rows].float() / targets[rows].sum(-1, keepdim=True)  # spread over every occurrence
+    p[0, 1, rows] = recent[rows].float()  # the most recent occurrence's successor only
+    p[0, 2] = torch.ones(n, n).tril() / torch.arange(1, n + 1)[:, None]  # a head with no role: uniform
+    olsson, strict = prefix_matching(p, targets[None]), prefix_matching(p, recent[None])
+    torch.testing.assert_close(olsson[:2], torch.tensor([1.0, 1.0]))
+    # copy k's queries have k − 1 earlier occurrences: the spreading head gets 1/(k−1) of it
+    torch.testing.assert_close(strict[:2], torch.tensor([(1 + 1 / 2) / 2, 1.0]))
+    assert olsson[2].item() == pytest.approx(uniform_prefix_matching(targets[None]), abs=1e-6)
+    assert strict[2].item() == pytest.approx(uniform_prefix_matching(recent[None]), abs=1e-6)
+    assert 0 < uniform_prefix_matching(recent[None]) < uniform_prefix_matching(targets[None]) < 0.5
+
+
+def test_the_recent_prefix_matching_option_adds_its_rows(tmp_path):
+    from optolab.protocol.loader import validate_protocol
+    from optolab.training.trainer import train
+
+    from .conftest import repeat_protocol
+
+    data = repeat_protocol(steps=10)
+    data["measures"] = {**data.get("measures", {}), "recent_prefix_matching": True}
+    df = train(validate_protocol(data), tmp_path / "r", progress=False).run_dir.metrics()
+    both = df[df.metric.isin(["prefix_matching", "prefix_matching_recent"])]
+    wide = both.pivot_table(index=["step", "split", "layer", "head"], columns="metric", values="value")
+    assert len(wide) and {"probe_repeat"} <= set(wide.index.get_level_values("split"))
+    assert (wide.prefix_matching_recent <= wide.prefix_matching + 1e-6).all()  # a subset of the targets
+    off = train(validate_protocol(repeat_protocol(steps=10)), tmp_path / "o", progress=False).run_dir.metrics()
+    assert not (off.metric == "prefix_matching_recent").any()  # off by default

@@ -141,3 +141,40 @@ def test_stages_from_several_signals_find_a_flat_loss_stage_where_a_score_rises(
     drop = got[5]
     assert any(n.startswith("induction") for n in drop["boundary_signals"]) and "induction" in drop["moved"]
     assert "prev_token" in got[3]["moved"] and "loss" not in got[3]["moved"]
+
+
+def test_stages_inside_the_loss_drop_are_falling_and_same_kinds_merge():
+    """The main run at seed 5 (issue 30): events of other signals split the loss's own drop, and
+    the spans between them (the drop's tail, 0.20 → 0.08) were labelled ``loss flat``: under 10 %
+    of the run's total fall from 1.6, although the loss falls by 60 % there. Every stage inside
+    the detector's drop must read ``loss falls``, and no two adjacent stages read alike."""
+    import numpy as np
+
+    from optolab.measures.phase import detect
+    from optolab.measures.stages import Signal, stages
+
+    rng = np.random.default_rng(0)
+    xs = np.arange(0, 1_000_001, 5000, dtype=float)
+
+    def ramp(a, b, lo, hi):
+        return lo + (hi - lo) * np.clip((xs - a) / (b - a), 0, 1)
+
+    # the main run's shape: a first fall, a creeping plateau, the drop to 0.01 around 2.15e5
+    first, plateau = 0.85 * np.exp(-xs / 15_000), 0.78 - 0.08 * np.clip((xs - 40_000) / 140_000, 0, 1)
+    drop = 1 / (1 + np.exp(-(xs - 215_000) / 30_000))
+    loss = (first + plateau) * (1 - drop) + (0.07 * np.exp(-(xs - 260_000).clip(0) / 150_000) + 0.01) * drop
+    loss = loss * np.exp(rng.normal(0, 0.01, len(xs)))
+    signals = {"loss": Signal(xs, loss, "down"),
+               "prev_token L0": Signal(xs, ramp(10_000, 45_000, 0.1, 0.6) + ramp(60_000, 150_000, 0, 0.2)
+                                       + rng.normal(0, 0.005, len(xs)), "up"),
+               "induction L1": Signal(xs, ramp(150_000, 200_000, 0.0, 0.8) + rng.normal(0, 0.005, len(xs)), "up"),
+               "trajectory speed": Signal(xs, ramp(250_000, 330_000, 0, 1.0) + rng.normal(0, 0.02, len(xs)), "up")}
+    ev = detect(xs, loss).event
+    got = stages(signals)
+    inside = [s for s in got if min(s["end"], ev.end) - max(s["start"], ev.onset) >= 0.5 * (s["end"] - s["start"])]
+    assert inside and all(s["kind"] == "loss falls" for s in inside), [(s["start"], s["end"], s["kind"]) for s in got]
+    assert all(a["kind"] != b["kind"] for a, b in zip(got, got[1:]))
+    assert [s["kind"] for s in got][:3] == ["loss falls", "loss flat while structure forms", "loss falls"]
+    drop_stage = got[2]
+    assert abs(drop_stage["end"] - ev.end) <= 10_000 and "trajectory speed onset" in str(drop_stage["inner_boundaries"])
+    assert "prev_token L0" in got[1]["moved"] and "loss" not in got[1]["moved"]

@@ -63,7 +63,7 @@ def test_run_directory_is_tidy_and_self_describing(tmp_path):
     with gzip.open(d / "metrics.jsonl.gz", "rt") as f:  # the finished log, gzipped, holds the parquet's rows
         assert sum(1 for _ in f) == len(pd.read_parquet(d / "metrics.parquet"))
     assert sorted(p.name for p in (d / "figures").iterdir()) == [
-        "attention.png", "head_scores.png", "loss.png", "prev_token.png", "trajectory.png"]
+        "attention.png", "head_scores.png", "loss.png", "prev_token.png", "stages.png", "trajectory.png"]
     assert run.checkpoint_steps == [0, 10, 20, 30]
     assert (d / "checkpoints" / "step_00000030.optim.safetensors").is_file()
     # the resolved protocol has every default and reloads to the same protocol

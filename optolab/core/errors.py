@@ -187,12 +187,18 @@ def _fix_for(err: Mapping[str, Any], allowed: Sequence[str]) -> str:
 
 def from_validation_error(exc: Any, *, source: str | Path | None = None, prefix: str = "",
                           lines: Mapping[tuple, int] | None = None, model: Any = None,
-                          tags: frozenset[str] = frozenset()) -> OptolabError:
+                          tags: frozenset[str] = frozenset(),
+                          flags: Mapping[str, str] | None = None) -> OptolabError:
     """Turn the first pydantic error into an :class:`OptolabError` (one line, one fix).
 
     ``tags`` are discriminator values that pydantic puts into locations (``task.fewshot.dim``);
-    they are dropped so the path is the one the user wrote (``task.dim``).
+    they are dropped so the path is the one the user wrote (``task.dim``). ``flags`` names the
+    command-line flag a field came from (``{"step_size": "--step-size"}``): settings given on the
+    command line are blamed on the flag the user typed, not on the schema's field.
     """
+    if flags is not None:
+        e = from_validation_error(exc, model=model, tags=tags)
+        return OptolabError(e.message, field=flags.get(e.field or "", e.field), fix=e.fix, source=source)
     # an unknown key first: a misspelt key is why the field it meant is "missing"
     errs = sorted(exc.errors(include_url=False), key=lambda e: e.get("type") != "extra_forbidden")
     err = errs[0]

@@ -7,15 +7,20 @@ Rules:
   ``estimates.jsonl``, the sampler's traces per checkpoint, ``llc.png``), one folder per
   distinct configuration: another step size never overwrites a curve, and the same command run
   again skips the checkpoints it has (estimates are deterministic), so it resumes.
-- A calibration writes ``RUN_DIR/measures/llc/calibration_<step>/``: ``calibration.csv`` (one
-  row per step size × nβ: LLC mean and spread, and the diagnostics below) and ``traces.png``
-  (every chain's loss trace, one panel per cell), as devinterp's calibration guidance shows them.
-  A cell is ``ok`` when its chains stay finite, its LLC is positive, and the traces have
-  settled: the mean of the last quarter of draws (after burn-in) is within three standard
-  errors of the third quarter's, the errors taken from the draws' own scatter with neighbouring
-  draws counted as correlated (``TAU``). Otherwise it says which test failed: ``diverged``,
-  ``negative``, ``drifting``. Look at ``traces.png`` too: choose a step size whose traces are
-  flat after the burn-in at the nβ you keep, and keep both for the whole curve.
+- Settings are validated before anything is written (each flag, and each cell of a
+  calibration's grid), through the one error translation (:mod:`optolab.core.errors`): a bad
+  ``--step-sizes`` or ``--nbetas`` is one line naming the flag, and leaves no folder behind.
+- Every estimate carries its chain health (:func:`optolab.measures.llc.health`: the sampled loss
+  against the checkpoint's, the trend over the draws, divergence) in ``estimates.jsonl``; a curve
+  prints one warning line per estimate whose verdict is not ``ok`` (negative LLCs included).
+- A calibration writes ``RUN_DIR/measures/llc/calibration_<step>/`` once every cell has run:
+  ``calibration.csv`` (one row per step size × nβ: LLC mean and spread, the chains' largest
+  excess loss and trend, the verdict, and which cell is recommended) and ``traces.png`` (every
+  chain's loss trace, one panel per cell, all panels on one y-scale so a climb shows beside a
+  flat trace, with the checkpoint's loss and the allowed band). The recommendation
+  (:func:`recommend`): among the ``ok`` cells, the smallest nβ (the widest posterior that still
+  stays within ``EXCESS_TOL`` of the checkpoint's loss), and at that nβ the largest step size
+  (the fastest-mixing chain). No ``ok`` cell: no recommendation, and the reason.
 - The run's directory is locked while writing (one writer per run directory); the run's own
   files are never touched.
 """
@@ -30,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from optolab.core.errors import OptolabError
+from optolab.core.errors import OptolabError, from_validation_error
 from optolab.core.lock import DirLock
 from optolab.experiments.runs import open_run
 from optolab.measures import llc
@@ -39,7 +44,22 @@ from optolab.protocol.data_schedule import train_data
 from optolab.training.trainer import make_forward
 
 CPU = torch.device("cpu")
-TAU = 5.0  # draws per independent draw assumed by the drift test (SGLD traces are autocorrelated)
+FLAGS = {"every": "--every", "chains": "--chains", "draws": "--draws", "burn_in": "--burn-in",
+         "step_size": "--step-size", "nbeta": "--nbeta", "localization": "--localization",
+         "batch_size": "--batch-size", "heads": "--heads", "clamps": "--no-clamps", "seed": "--seed"}
+GRID_FLAGS = {**FLAGS, "step_size": "--step-sizes", "nbeta": "--nbetas"}
+STEP_SIZES = [1e-5, 3e-5, 1e-4]  # a calibration's default grid: 12 cells around the defaults
+NBETAS = [300.0, 1000.0, 3000.0, 10000.0]
+
+
+def validated(data: dict, flags: dict = FLAGS) -> llc.LLCSpec:
+    """``data`` as an LLCSpec, or one line blaming the flag it came from."""
+    from pydantic import ValidationError
+
+    try:
+        return llc.LLCSpec.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e, model=llc.LLCSpec, flags=flags) from None
 
 
 def base_spec(run, overrides: dict) -> llc.LLCSpec:
@@ -47,11 +67,14 @@ def base_spec(run, overrides: dict) -> llc.LLCSpec:
     own = getattr(run.protocol.measures, "llc", None)
     data = own.model_dump() if own is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return llc.LLCSpec.model_validate(data)
-    except Exception as e:  # pydantic's message, as one line
-        raise OptolabError(f"bad LLC setting: {e}".replace("\n", " "), field="optolab llc",
-                           fix="see optolab llc --help.") from None
+    return validated(data)
+
+
+def grid(spec: llc.LLCSpec, step_sizes: list[float], nbetas: list[float]) -> list[llc.LLCSpec]:
+    """A calibration's cells, each validated (a bad step size or nβ names its flag)."""
+    base = spec.model_dump()
+    return [validated({**base, "step_size": eps, "nbeta": nb, "heads": []}, GRID_FLAGS)
+            for eps in step_sizes for nb in nbetas]
 
 
 def _forward(run, spec: llc.LLCSpec, model):
@@ -109,7 +132,10 @@ def curve(run_dir: str | Path, spec: llc.LLCSpec, steps: list[int] | None = None
             llc.save(folder, step, step * bs, found, source="posthoc")
             if progress:
                 print(f"step {step:>9,} ({i + 1}/{len(steps)}): " + ", ".join(
-                    f"{e.target} {e.mean:.3g} ± {e.std:.2g}" for e in found), flush=True)
+                    f"{e.target} {e.mean:.3g} ± {e.std:.2g} ({e.health().verdict})" for e in found), flush=True)
+                for e in found:
+                    if e.health().warning():
+                        print(f"  warning: step {step:,}, {e.target}: {e.health().warning()}", flush=True)
         df = llc.load(folder)
         from optolab.experiments.plots import plot_llc
 
@@ -119,28 +145,26 @@ def curve(run_dir: str | Path, spec: llc.LLCSpec, steps: list[int] | None = None
     return df, folder
 
 
-def verdict(traces: np.ndarray, per_chain: np.ndarray, burn_in: int) -> str:
-    """``ok``, or which calibration test failed (see the module rules)."""
-    if not np.isfinite(traces).all() or not np.isfinite(per_chain).all():
-        return "diverged"
-    if per_chain.mean() <= 0:
-        return "negative"
-    draws = traces[:, burn_in:]
-    q = draws.shape[1] // 4
-    if q >= 4:
-        third, last = draws[:, 2 * q:3 * q], draws[:, 3 * q:]
-        # the standard error of the two quarters' difference, from the draws' own scatter,
-        # allowing neighbouring draws to be correlated (an effective sample of q / TAU per chain)
-        scatter = float(np.sqrt((third.var(axis=1, ddof=1).mean() + last.var(axis=1, ddof=1).mean()) / 2))
-        se = scatter * np.sqrt(2 * TAU / (q * draws.shape[0]))
-        if abs(last.mean() - third.mean()) > 3 * se:
-            return "drifting"
-    return "ok"
+def recommend(table: pd.DataFrame) -> tuple[pd.Series | None, str]:
+    """The recommended cell of a calibration table and the rule, or None and why (module rules)."""
+    ok = table[table.verdict == "ok"]
+    if ok.empty:
+        most = table.verdict.value_counts().index[0] if len(table) else "none"
+        advice = {"negative": "the checkpoint is no minimum at these settings (SGLD finds lower loss): calibrate "
+                              "on a later checkpoint (--step), where training has settled.",
+                  "drifting": "the chains have not settled: more --burn-in and --draws, or larger step sizes."}
+        return None, f"no cell is ok (most are '{most}'): " + advice.get(
+            most, "try larger nβ and smaller step sizes (--nbetas, --step-sizes).")
+    nb = ok.nbeta.min()
+    row = ok[ok.nbeta == nb].sort_values("step_size").iloc[-1]
+    return row, (f"step size {row.step_size:.3g}, nβ {row.nbeta:.4g}: the smallest nβ whose chains stay within "
+                 f"{llc.EXCESS_TOL} nats of the checkpoint's loss, settled and finite, at its largest such step size.")
 
 
 def calibrate(run_dir: str | Path, spec: llc.LLCSpec, step: int | None, step_sizes: list[float],
               nbetas: list[float], progress: bool = True) -> tuple[pd.DataFrame, Path]:
     """Sweep step size × nβ on one checkpoint (default: the last); see the module rules."""
+    cells = grid(spec, step_sizes, nbetas)  # before anything is read or written
     llc.require()
     run = open_run(run_dir)
     have = run.checkpoint_steps
@@ -156,22 +180,30 @@ def calibrate(run_dir: str | Path, spec: llc.LLCSpec, step: int | None, step_siz
     rows, traces = [], {}
     lock = DirLock(run.path)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for eps in step_sizes:
-            for nb in nbetas:
-                cell = spec.model_copy(update={"step_size": eps, "nbeta": nb, "heads": []})
-                (e,) = _estimates(run, data, cell, model, step)
-                v = verdict(e.traces, e.llc_per_chain, cell.burn_in)
-                rows.append({"step": step, "step_size": eps, "nbeta": nb, "llc": e.mean, "llc_std": e.std,
-                             "init_loss": float(e.init_losses.mean()), "verdict": v})
-                traces[(eps, nb)] = (e.traces, e.init_losses)
-                if progress:
-                    print(f"step size {eps:.1e}, nβ {nb:.3g}: LLC {e.mean:.3g} ± {e.std:.2g} ({v})", flush=True)
+        for cell in cells:
+            (e,) = _estimates(run, data, cell, model, step)
+            h = e.health()
+            rows.append({"step": step, "step_size": cell.step_size, "nbeta": cell.nbeta, "llc": e.mean,
+                         "llc_std": e.std, "init_loss": h.checkpoint_loss,
+                         "max_excess": float(np.nanmax(h.excess)) if np.isfinite(h.excess).any() else float("nan"),
+                         "max_trend": float(np.nanmax(np.abs(h.trend))) if np.isfinite(h.trend).any() else float("nan"),
+                         "verdict": h.verdict})
+            traces[(cell.step_size, cell.nbeta)] = (e.traces, e.init_losses)
+            if progress:
+                print(f"step size {cell.step_size:.1e}, nβ {cell.nbeta:.4g}: LLC {e.mean:.3g} ± {e.std:.2g}, "
+                      f"excess loss ≤ {rows[-1]['max_excess']:.3g} ({h.verdict})", flush=True)
         df = pd.DataFrame(rows)
+        best, why = recommend(df)
+        df["recommended"] = False
+        if best is not None:
+            df.loc[best.name, "recommended"] = True
+        folder.mkdir(parents=True, exist_ok=True)  # only now: an interrupted sweep leaves nothing
         df.to_csv(folder / "calibration.csv", index=False)
         from optolab.experiments.plots import plot_llc_calibration
 
-        plot_llc_calibration(traces, df, folder / "traces.png")
+        plot_llc_calibration(traces, df, folder / "traces.png", llc.EXCESS_TOL)
+        if progress:
+            print(("recommended: " if best is not None else "no recommendation: ") + why, flush=True)
     finally:
         lock.release()
     return df, folder

@@ -9,8 +9,12 @@
 - ``loss_by_position.png`` (tasks with reference curves, e.g. ``markov_icl``): the loss at each
   position at every checkpoint, against the task's per-position reference estimators.
 - ``llc.png`` (runs with ``measures.llc``; post-hoc curves in their own folder): the local
-  learning coefficient over training with the loss, and the per-head restricted LLCs.
-- ``traces.png`` of an LLC calibration: the sampler's loss traces per step size × nβ.
+  learning coefficient over training with the loss (estimates whose chain-health verdict is not
+  ``ok`` ringed in red), and the per-head restricted LLCs.
+- ``traces.png`` of an LLC calibration: the sampler's loss traces per step size × nβ, one y-scale.
+- ``stages.png``: the main loss (top) and the signals the stages are read from (bottom: each on
+  its own range, 0 to 1), with ``summary.json``'s stages shaded by kind, their boundaries solid
+  and the boundaries merged inside a stage dotted.
 
 No pyplot: figures are built with ``matplotlib.figure.Figure`` so nothing global (backends,
 state) is touched and plotting works headless.
@@ -173,6 +177,11 @@ def plot_llc(est: pd.DataFrame, metrics: pd.DataFrame, main_split: str, path: Pa
     whole = est[est.target == "model"].sort_values("sequences")
     ax.errorbar(whole.sequences, whole.llc, yerr=whole.llc_std, color="C0", marker="o", ms=3, capsize=2,
                 label="LLC (whole model)")
+    if "health" in whole:  # estimates whose chains are not healthy: ringed in red, with the verdict
+        bad = whole[[isinstance(h, dict) and h.get("verdict") != "ok" for h in whole.health]]
+        if not bad.empty:
+            ax.scatter(bad.sequences, bad.llc, s=60, facecolors="none", edgecolors="red", zorder=3,
+                       label="chains not ok: " + ", ".join(sorted({h["verdict"] for h in bad.health})))
     ax.set(xlabel="sequences seen", ylabel="LLC", title="Local learning coefficient")
     loss = metrics[(metrics.split == main_split) & (metrics.metric == "loss") & metrics.layer.isna()]
     if not loss.empty:
@@ -193,26 +202,76 @@ def plot_llc(est: pd.DataFrame, metrics: pd.DataFrame, main_split: str, path: Pa
     return path
 
 
-def plot_llc_calibration(traces: dict, table: pd.DataFrame, path: Path) -> Path:
-    """Every chain's loss trace for each step size (rows) × nβ (columns) of a calibration, with
-    the checkpoint's own loss (dashed) and the cell's LLC and verdict in its title."""
+def plot_llc_calibration(traces: dict, table: pd.DataFrame, path: Path, tolerance: float | None = None) -> Path:
+    """Every chain's loss trace for each step size (rows) × nβ (columns) of a calibration, all
+    panels on one y-scale (a climb away from the checkpoint must show beside a flat trace), with
+    the checkpoint's own loss (dashed), the band a healthy chain stays in (``tolerance`` nats
+    above it, shaded) and the cell's LLC and verdict in its title; the recommended cell's title
+    is bold."""
     sizes = sorted({k[0] for k in traces})
     betas = sorted({k[1] for k in traces})
+    finite = np.concatenate([np.ravel(tr)[np.isfinite(np.ravel(tr))] for tr, _ in traces.values()] + [np.zeros(0)])
+    inits = np.concatenate([np.ravel(i) for _, i in traces.values()])
+    lo = float(min(finite.min(initial=np.inf), np.nanmin(inits)))
+    # the top from the 99.5th percentile: one chain running off to 1e6 before it diverges must not
+    # flatten every other panel
+    hi = float(np.percentile(finite, 99.5)) if finite.size else lo + 1.0
+    hi = max(hi, float(np.nanmax(inits)) + (tolerance or 0.0))
+    pad = 0.05 * (hi - lo or 1.0)
     fig = Figure(figsize=(3.2 * len(betas), 2.4 * len(sizes)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(sizes), len(betas), squeeze=False))
+    axes = np.atleast_2d(fig.subplots(len(sizes), len(betas), squeeze=False, sharey=True))
     for i, eps in enumerate(sizes):
         for j, nb in enumerate(betas):
             ax = axes[i, j]
             tr, init = traces[(eps, nb)]
             for c in range(tr.shape[0]):
                 ax.plot(tr[c], lw=0.6, color=f"C{c % 10}")
-            ax.axhline(float(np.mean(init)), color="k", ls="--", lw=0.8)
+            level = float(np.mean(init))
+            ax.axhline(level, color="k", ls="--", lw=0.8)
+            if tolerance is not None:
+                ax.axhspan(level, level + tolerance, color="0.85", zorder=0)
             row = table[(table.step_size == eps) & (table.nbeta == nb)].iloc[0]
-            ax.set_title(f"ε {eps:.0e}, nβ {nb:.3g}: {row.llc:.3g} ({row.verdict})", fontsize=8)
+            bold = bool(row.get("recommended", False))
+            ax.set_title(f"ε {eps:.0e}, nβ {nb:.4g}: {row.llc:.3g} ({row.verdict})" + (" ← recommended" if bold else ""),
+                         fontsize=8, fontweight="bold" if bold else "normal")
+            ax.set_ylim(lo - pad, hi + pad)
             ax.tick_params(labelsize=7)
             if j == 0:
-                ax.set_ylabel("loss", fontsize=8)
+                ax.set_ylabel("loss (one scale)", fontsize=8)
             if i == len(sizes) - 1:
                 ax.set_xlabel("SGLD step", fontsize=8)
     fig.savefig(path, dpi=100)
+    return path
+
+
+STAGE_COLOURS = {"loss falls": "#f4a582", "loss flat": "#d9d9d9", "loss flat while structure forms": "#92c5de"}
+
+
+def plot_stages(signals: dict, found: list[dict], path: Path, loss: str = "loss") -> Path | None:
+    """``signals``: name -> :class:`optolab.measures.stages.Signal`; ``found``: the stages."""
+    if not found or loss not in signals:
+        return None
+    fig = Figure(figsize=(8, 5.2), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1.2, 1])
+    for ax in (top, bottom):
+        seen = set()
+        for st in found:
+            label = st["kind"] if st["kind"] not in seen and ax is top else None
+            seen.add(st["kind"])
+            ax.axvspan(st["start"], st["end"], color=STAGE_COLOURS.get(st["kind"], "0.9"), alpha=0.7, lw=0, label=label)
+            ax.axvline(st["start"], color="0.3", lw=0.6)
+            for inner in st.get("inner_boundaries", []):
+                ax.axvline(inner["at"], color="0.3", lw=0.6, ls=":")
+    s = signals[loss]
+    top.plot(s.xs, s.ys, color="k", lw=1.2, label="main loss")
+    top.set(ylabel="loss (nats)", ylim=(0, None), title="Stages, shaded by kind (dotted: boundaries merged inside a stage)")
+    top.legend(fontsize=7, loc="upper right")
+    for i, (name, sig) in enumerate((n, g) for n, g in signals.items() if n != loss):
+        ys = np.asarray(sig.ys, float)
+        lo, hi = np.nanmin(ys), np.nanmax(ys)
+        bottom.plot(sig.xs, (ys - lo) / ((hi - lo) or 1.0), lw=1, color=f"C{i}", label=f"{name} ({lo:.2g}–{hi:.2g})")
+    bottom.set(xlabel="sequences seen", ylabel="signal (own range)")
+    bottom.legend(fontsize=7, loc="center right")
+    bottom.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    fig.savefig(path, dpi=110)
     return path

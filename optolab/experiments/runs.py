@@ -148,6 +148,14 @@ class Run:
             pc = self.summary.get("phase_change") or {}
             events = {k: pc[k] for k in ("onset", "end") if pc.get(k) is not None}
             written.append(plot_trajectory(traj, self.task.main_split, events, figs / "trajectory.png"))
+        if self.summary.get("stages"):
+            from optolab.experiments.plots import plot_stages
+            from optolab.measures.trajectory import speed as path_speed
+            from optolab.training.summary import stage_signals
+
+            speed = (traj.xs[1:], path_speed(traj)) if traj is not None and len(traj.xs) >= 4 else None
+            written.append(plot_stages(stage_signals(df, self.task.main_split, speed), self.summary["stages"],
+                                       figs / "stages.png"))
         est_dir = self.path / "measures" / "llc"
         if (est_dir / "estimates.jsonl").is_file():
             from optolab.experiments.plots import plot_llc

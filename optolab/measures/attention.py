@@ -13,6 +13,17 @@ and return ``[head]``; none needs a tokenizer, only the task's position metadata
   repeats a two-layer model can copy through a previous-token head that looks ``d + 1`` back
   (key side) and one that looks ``d`` back (value side): it then attends ``d`` past Olsson's
   target and its strict score stays near 0 although it copies perfectly. Lag 0 is Olsson's.
+- most-recent prefix matching (stricter): the same with only the key after the query token's
+  *most recent* earlier occurrence as the target (:func:`most_recent`). Olsson's score sums the
+  attention over the keys after *every* earlier occurrence, so a head spreading its attention
+  over all of them scores as high as one that picks the latest; this one does not.
+- Baselines (a head with no role): a head attending uniformly over its causal prefix scores
+  :func:`uniform_prefix_matching` (per query, the number of targets over the ``q + 1`` visible
+  keys, averaged as the score is), not 0: about 1/L on Olsson's probe of L-token segments
+  (0.074 all-occurrences / 0.043 most-recent at L = 10); 0.070 / 0.022 on the recurring-segments
+  task's ``val`` split, where a query's token has occurred 4 times before on average (so a head
+  spreading its attention evenly over the keys after all of them scores 1 on Olsson's score and
+  about 0.25 on the most-recent one).
 """
 
 from __future__ import annotations
@@ -60,3 +71,21 @@ def lagged_prefix_matching(pattern: Pattern, targets: Bool[Tensor, "batch_or_1 q
     table = torch.stack(scores)  # [lag, head]
     best, lag = table.max(0)
     return best, lag.to(best.dtype)
+
+
+def most_recent(targets: Bool[Tensor, "batch_or_1 q_pos k_pos"]) -> Bool[Tensor, "batch_or_1 q_pos k_pos"]:
+    """Only the last (largest-position) target key of each query: the key after the most recent
+    earlier occurrence of its token."""
+    n = targets.shape[-1]
+    last = (targets * torch.arange(1, n + 1, device=targets.device)).argmax(-1, keepdim=True)
+    out = torch.zeros_like(targets).scatter_(-1, last, True)
+    return out & targets.any(-1, keepdim=True)
+
+
+def uniform_prefix_matching(targets: Bool[Tensor, "batch_or_1 q_pos k_pos"]) -> float:
+    """The prefix-matching score of a head with no role: uniform attention over the causal prefix
+    (what :func:`prefix_matching` gives that pattern, without building it)."""
+    n = targets.shape[-1]
+    rows = targets.any(-1)
+    share = targets.sum(-1) / torch.arange(1, n + 1, device=targets.device)  # targets over q + 1 keys
+    return float((share * rows).sum() / rows.sum().clamp_min(1))

@@ -27,14 +27,20 @@ Method (what :func:`estimate` computes):
 - A *restricted* LLC (``heads``, e.g. ``L1H3``) moves only that head's slices of ``W_Q``,
   ``W_K``, ``W_V``, ``W_O`` (and its biases), through devinterp's parameter masks; everything
   else stays at ``w*``.
-- Defaults (``step_size`` 1e-4, ``nbeta`` 300, ``localization`` 100, 50 burn-in steps, 200
-  draws, 4 chains) come from calibrating the Singh et al. task's model (docs/measures.md#llc):
-  devinterp's own default ``nβ = m / ln m`` (9.2 for a batch of 32 sequences, each scored at a
-  few positions) is so hot that chains leave the basin (the sampled loss climbs from 0.003 to
-  ~2, a model that has forgotten the task) and never settle; ``nbeta: null`` still picks it.
-  Step size, nβ and localization are calibrated once per model and task on one
-  checkpoint (:func:`calibrate`, ``optolab llc RUN_DIR --calibrate``) and then held fixed: an
-  LLC curve compares checkpoints, so its hyperparameters must not change along it.
+- Defaults (``step_size`` 1e-5, ``nbeta`` 3000, ``localization`` 100, 50 burn-in steps, 200
+  draws, 4 chains) come from calibrating the Singh et al. task (docs/measures.md#llc): a chain
+  must sample the checkpoint's neighbourhood, so its mean loss over the draws may sit at most
+  ``EXCESS_TOL`` (0.1 nats) above the checkpoint's (:func:`health`). The LLC is nβ times that
+  excess, so nβ must exceed the LLC / 0.1. On the main run at 4e5 sequences (loss 0.05) the
+  former default (nβ 300, ε 1e-4) sampled 0.70 nats above the checkpoint (a plateau-level model:
+  the curve compared plateau posteriors), nβ 1000 0.19–0.24, nβ 3000 0.09. At nβ 3000 a step of
+  1e-4 overshoots (LLC 541 ± 89, 0.2 nats up) and 3e-5 leaves the quickstart's final basin
+  (0.10 nats up, 274 ± 46); 1e-5 stays in both (0.086 and 0.066 nats up). devinterp's own
+  default ``nβ = m / ln m`` (9.2 for a batch of 32 sequences) is hotter still (the sampled loss
+  climbs from 0.003 to ~2, a model that has forgotten the task); ``nbeta: null`` still picks it.
+  Step size, nβ and localization are calibrated once per model and task on one checkpoint
+  (:func:`optolab.experiments.llc.calibrate`, ``optolab llc RUN_DIR --calibrate``) and then held
+  fixed: an LLC curve compares checkpoints, so its hyperparameters must not change along it.
 - The model passed in is never changed: chains run on a copy.
 
 Why devinterp's optimizer and not its ``llc()``/``sample()``: devinterp 2.x's high-level sampler
@@ -72,8 +78,8 @@ class LLCSpec(StrictModel):
     chains: PosCount = Field(4, description="SGLD chains")
     draws: PosCount = Field(200, description="SGLD steps per chain that count (after burn_in)")
     burn_in: int = Field(50, ge=0, description="SGLD steps per chain before the draws")
-    step_size: float = Field(1e-4, gt=0, description="SGLD step size ε")
-    nbeta: float | None = Field(300.0, gt=0, description="inverse temperature nβ (null: devinterp's m / ln m, m = batch_size)")
+    step_size: float = Field(1e-5, gt=0, description="SGLD step size ε")
+    nbeta: float | None = Field(3000.0, gt=0, description="inverse temperature nβ (null: devinterp's m / ln m, m = batch_size)")
     localization: float = Field(100.0, ge=0, description="γ: pull towards the checkpoint's weights")
     batch_size: PosCount | None = Field(None, description="sequences per SGLD batch (default: train.batch_size)")
     heads: list[str] = Field(default_factory=list, description="also the restricted LLC of these heads, e.g. [L1H3]")
@@ -169,6 +175,91 @@ class Estimate:
     @property
     def finite(self) -> bool:
         return bool(np.isfinite(self.traces).all())
+
+    def health(self) -> Health:
+        return health(self.traces, self.init_losses, self.llc_per_chain, self.config["burn_in"])
+
+
+# --- chain health -------------------------------------------------------------------------------
+
+EXCESS_TOL = 0.1  # nats: how far above the checkpoint's loss a chain may sample and still be "near" it
+TAU = 5.0  # draws per independent draw assumed by the drift test (SGLD traces are autocorrelated)
+VERDICTS = ("ok", "negative", "drifting", "left basin", "diverged")  # from good to worst
+
+
+@dataclass(frozen=True)
+class Health:
+    """Whether an estimate's chains sampled the checkpoint's basin (see :func:`health`)."""
+
+    verdict: str  # the worst of the chains' verdicts (VERDICTS)
+    chain_verdicts: list[str]
+    excess: list[float]  # per chain: mean sampled loss over the draws − the checkpoint's (nats)
+    trend: list[float]  # per chain: mean of the draws' last quarter − their first quarter (nats)
+    checkpoint_loss: float  # the checkpoint's mean loss over the draws' batches
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "chain_verdicts": self.chain_verdicts, "excess": self.excess,
+                "trend": self.trend, "checkpoint_loss": self.checkpoint_loss}
+
+    def warning(self) -> str | None:
+        """One line for anything but ``ok`` (what went wrong, what to do), else None."""
+        worst = max(self.excess) if self.excess else float("nan")
+        return {
+            "diverged": "a chain diverged (its loss is not finite): lower the step size.",
+            "left basin": (f"the chains sample {worst:.3g} nats above the checkpoint's loss "
+                           f"({self.checkpoint_loss:.3g}; allowed {EXCESS_TOL}): they left its basin, so this is "
+                           "not the checkpoint's LLC. Raise nβ (or lower the step size); optolab llc --calibrate."),
+            "drifting": "the chains' loss still moves at the end of the draws: more burn-in or a larger step size.",
+            "negative": ("negative LLC: SGLD found lower loss than the checkpoint's (it is not a local minimum, "
+                         "e.g. early in training); the estimate means nothing here."),
+        }.get(self.verdict)
+
+
+def chain_verdict(trace: np.ndarray, init: np.ndarray, burn_in: int) -> tuple[str, float, float]:
+    """``(verdict, excess, trend)`` of one chain (see :func:`health`)."""
+    if not np.isfinite(trace).all():
+        return "diverged", float("nan"), float("nan")
+    draws, ref = trace[burn_in:], init[burn_in:]
+    excess = float(draws.mean() - ref.mean())
+    q = len(draws) // 4
+    trend = float(draws[-q:].mean() - draws[:q].mean()) if q >= 1 else 0.0
+    if excess > EXCESS_TOL:
+        return "left basin", excess, trend
+    if q >= 4:
+        # the third and last quarters of the draws differ by more than 3 standard errors, the
+        # errors from the draws' own scatter with neighbouring draws correlated (q / TAU
+        # independent draws per quarter)
+        third, last = draws[2 * q:3 * q], draws[3 * q:]
+        se = float(np.sqrt((third.var(ddof=1) + last.var(ddof=1)) * TAU / q))
+        if abs(last.mean() - third.mean()) > 3 * se:
+            return "drifting", excess, trend
+    if excess < 0:
+        return "negative", excess, trend
+    return "ok", excess, trend
+
+
+def health(traces: np.ndarray, init_losses: np.ndarray, per_chain: np.ndarray, burn_in: int) -> Health:
+    """Chain-health diagnostics of one estimate. Per chain, in this order:
+
+    - ``diverged``: its loss trace is not finite.
+    - ``left basin``: its mean sampled loss over the draws exceeds the checkpoint's loss on the same
+      batches by more than ``EXCESS_TOL`` (0.1 nats). The LLC is nβ × this excess, so an excess
+      that large means the posterior sampled is not the checkpoint's neighbourhood: on the Singh
+      task the plateau's loss (ln 2) is 0.7 nats above a solved checkpoint's, and chains 0.7 nats
+      up have forgotten the task.
+    - ``drifting``: the mean of the draws' last quarter differs from the third quarter's by more
+      than three standard errors (neighbouring draws counted as correlated: ``TAU``).
+    - ``negative``: the excess is negative (SGLD found lower loss: the checkpoint is no minimum).
+    - ``ok`` otherwise.
+
+    The estimate's verdict is its worst chain's; ``negative`` also when the mean LLC is negative."""
+    found = [chain_verdict(traces[c], init_losses, burn_in) for c in range(traces.shape[0])]
+    verdicts = [v for v, _, _ in found]
+    if np.isfinite(per_chain).all() and per_chain.mean() < 0:
+        verdicts.append("negative")
+    worst = max(verdicts, key=VERDICTS.index) if verdicts else "ok"
+    return Health(worst, [v for v, _, _ in found], [e for _, e, _ in found], [t for _, _, t in found],
+                  float(np.mean(init_losses[burn_in:])))
 
 
 def llc_from_traces(traces: np.ndarray, init_losses: np.ndarray, nbeta: float, burn_in: int) -> np.ndarray:
@@ -278,7 +369,8 @@ def save(folder, step: int, sequences: int, found: list[Estimate], source: str) 
             f.write(json.dumps({"step": step, "sequences": sequences, "target": e.target, "llc": e.mean,
                                 "llc_std": e.std, "llc_per_chain": [float(x) for x in e.llc_per_chain],
                                 "init_loss": float(e.init_losses[e.config["burn_in"]:].mean()),
-                                "nbeta": e.nbeta, "finite": e.finite, "source": source, "config": e.config}) + "\n")
+                                "nbeta": e.nbeta, "finite": e.finite, "health": e.health().to_dict(), "source": source,
+                                "config": e.config}) + "\n")
             arrays[f"{e.target}_traces"] = e.traces.astype(np.float32)
             arrays[f"{e.target}_init"] = e.init_losses.astype(np.float32)
     np.savez_compressed(folder / f"traces_{step:09d}.npz", **arrays)

@@ -61,7 +61,7 @@ OWNED = (
     r"protocol\.yaml", r"meta\.json", r"metrics\.jsonl(\.gz)?", r"metrics\.parquet", r"summary\.json",
     r"\.optolab\.files",
     r"checkpoints/step_\d+(\.optim)?\.safetensors", r"checkpoints/step_\d+\.json",
-    r"figures/(loss|head_scores|prev_token|attention|loss_by_position|trajectory|llc)\.png",
+    r"figures/(loss|head_scores|prev_token|attention|loss_by_position|trajectory|llc|stages)\.png",
     r"per_example/index\.jsonl", r"per_example/[\w.+-]+\.f16",
     r"measures/llc/estimates\.jsonl", r"measures/llc/traces_\d+\.npz",
     r"measures/llc/posthoc_[0-9a-f]+/(config\.json|estimates\.jsonl|traces_\d+\.npz|llc\.png)",
