@@ -228,10 +228,15 @@ def readout_lines(df: pd.DataFrame) -> list[str]:
                 "(`apply_at: both` or `eval`), so their times and final values include the clamp's direct effect "
                 "on the readout, not only its effect on learning. Set `apply_at: train` to read the model "
                 "training made (window scans do by default)."]
+    if throughout and len(throughout) == len(models):
+        where = "; in every condition a clamp acts at every eval (the clamped model is the condition's model)"
+    elif throughout:
+        where = (f"; in {', '.join(throughout[:6])}" + (", …" if len(throughout) > 6 else "")
+                 + " a clamp acts at every eval, so the condition is the clamped model")
+    else:
+        where = ""
     return ["**Readout:** times and final values are read on the model training made (no eval reads a clamp "
-            "for part of the run)" + (f"; in {', '.join(throughout[:6])}" + (", …" if len(throughout) > 6 else "")
-                                      + " a clamp acts at every eval, so the condition is the clamped model."
-                                      if throughout else ".")]
+            "for part of the run)" + where + "."]
 
 
 def effect_lines(eff: pd.DataFrame, top: int = 5) -> list[str]:
