@@ -59,7 +59,7 @@ def _ratio_or_bounds(row) -> tuple[float | None, tuple | None]:
     if not pd.isna(ratio):
         return float(ratio), (float(ratio), float(ratio))
     low, high = getattr(row, "t05_ratio_low", None), getattr(row, "t05_ratio_high", None)
-    if low is None or pd.isna(low) and (high is None or pd.isna(high)):
+    if low is None or pd.isna(low):  # no pairs: nothing to bound (a ratio's lower bound is never -inf)
         return None, None
     return None, (float(low), math.inf if high is None or pd.isna(high) else float(high))
 
