@@ -22,9 +22,12 @@ demo: $(STAMP)
 
 # The suite, then its numerically sensitive tests again under other CPU kernel choices
 # (OpenBLAS SkylakeX / Haswell, torch avx2): a tolerance must hold on every CPU, not this one.
+# One pytest worker per core (pytest-xdist; every test trains on one thread), a test file's tests
+# on one worker so its module fixtures (trained runs) are built once.
+XDIST   ?= -n auto --dist loadfile
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
-	$(BIN)/python tests/kernel_choices.py
+	$(BIN)/python -m pytest -q $(XDIST) tests
+	$(BIN)/python tests/kernel_choices.py $(XDIST)
 
 # Everything but the soak (1e5 steps, ~10 min on its own): a few minutes on one core.
 bench: bench-train bench-clamps bench-ensemble bench-generators

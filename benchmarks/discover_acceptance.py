@@ -11,11 +11,21 @@ separate what sequential seeds save from what stopping saves). Its verdicts use 
 not confirmed", null, or open (seed cap). Agreement counts a confirmed effect against a fixed
 effect in the same direction, and a null or open against a fixed null or open.
 
+``--reuse-screen`` (for a machine that cannot spare the fixed design's own hours): the fixed
+design's runs of seeds 0-7 are taken from the discovery's screen where it ran them (the same
+protocol, seed and stop rule give the same run: determinism, up to the float summation order of
+another ensemble packing) and only the missing (condition, seed) pairs are trained, in
+``OUT/fixed_rest`` with the screen's cap. Its compute is then each run's share of its job's
+wall time (a job of k members: wall / k), summed over the 8 × 17 runs; the full-budget compute
+is extrapolated from each run's steps trained to its budget (evals and compiles scaled with it,
+an overestimate of the compile's share).
+
 Both are resumable (re-running skips finished runs). Run it where nothing else competes for the
 CPUs (timings are wall-clock):
 
   python benchmarks/discover_acceptance.py --out results/acceptance            # ~15 min + the fixed design
   python benchmarks/discover_acceptance.py --out results/acceptance --fixed-stop
+  python benchmarks/discover_acceptance.py --out results/acceptance --reuse-screen
 """
 
 from __future__ import annotations
@@ -43,6 +53,82 @@ def fixed_sweep(out: Path, spec, stop: bool, seeds: int) -> Path:
     return path
 
 
+def run_shares(sweep_dir: Path) -> dict[str, tuple[float, int, int]]:
+    """``{run id: (CPU-seconds share, steps trained, budget steps)}``: each job's wall time
+    (its longest member's) split evenly over its members; a run's last job only."""
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    jobs = [job for inv in meta.get("invocations", []) for job in inv.get("jobs", [])]
+    out = {}
+    for job in jobs:
+        metas = {}
+        for rid in job:
+            f = sweep_dir / rid / "meta.json"
+            if f.is_file():
+                metas[rid] = json.loads(f.read_text())
+        wall = max((float(m.get("wall_time_s", 0.0)) for m in metas.values()), default=0.0)
+        for rid, m in metas.items():
+            steps = int(m["segments"][-1]["ended_at_step"])
+            train = yaml.safe_load((sweep_dir / rid / "protocol.yaml").read_text())["train"]
+            budget = train["steps"] or -(-int(train["sequences"]) // int(train["batch_size"]))
+            out[rid] = (wall / len(job), steps, budget)
+    return out
+
+
+def reuse_screen(out: Path, spec, record: dict, seeds: int, workers) -> tuple[dict, dict, float, float, float]:
+    """The fixed design from the screen's runs plus the missing pairs (module docstring)."""
+    from optolab.experiments import discover
+    from optolab.experiments.sweep import run_sweep
+
+    screen = Path(record["stages"]["screen"]["dir"])
+    loss = spec.question.loss
+    have = discover.times(screen, loss)
+    ref = discover.REFERENCE
+    wanted = range(seeds)
+    from optolab.experiments.answering import cap_sequences
+
+    cap = cap_sequences(spec.question, list(record["stages"]["screen"]["reference_times"].values()))
+    q = spec.question
+    rule = lambda c: {"metric": "loss", "threshold": q.loss, "direction": "down",  # noqa: E731
+                      "margin_evals": q.margin_evals, "cap_sequences": c}
+    clamps = {n: c for n, c, _ in discover.screen_conditions(spec, str((FILE.parent / spec.protocol).resolve()))}
+    listed = []
+    for n in [ref, *clamps]:
+        missing = [s for s in wanted if s not in have.get(n, {})]
+        if missing:
+            c = {"name": n, "seeds": missing, "set": {"train.stop": rule(None if n == ref else cap)}}
+            if n != ref:
+                c["clamps"] = clamps[n]
+            listed.append(c)
+    rest = out / "fixed_rest"
+    t1 = time.monotonic()
+    if listed:
+        data = {"name": "fixed_rest", "protocol": str((FILE.parent / spec.protocol).resolve()), "seeds": [0],
+                "set": spec.set, "conditions": listed, "stop_at_answer": False, "run_figures": False}
+        if not any(c["name"] == ref for c in listed):
+            data["conditions"].insert(0, {"name": ref, "seeds": [], "set": {"train.stop": rule(None)}})
+        data["reference"] = ref
+        (out / "fixed_rest.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        run_sweep(out / "fixed_rest.yaml", rest, workers=workers, max_runs=10_000)
+    wall = time.monotonic() - t1
+    t, c = {}, {}
+    for d in (screen, rest):
+        if (d / "sweep.json").is_file():
+            for n, v in discover.times(d, loss).items():
+                t.setdefault(n, {}).update({s: x for s, x in v.items() if s in wanted})
+            for n, v in discover.censored(d, loss).items():
+                c.setdefault(n, {}).update({s: x for s, x in v.items() if s in wanted})
+    cpu = full = 0.0
+    for d in (screen, rest):
+        if not (d / "sweep.json").is_file():
+            continue
+        info = json.loads((d / "sweep.json").read_text())["runs"]
+        for rid, (share, steps, budget) in run_shares(d).items():
+            if info[rid]["seed"] in wanted:
+                cpu += share
+                full += share * budget / max(steps, 1)
+    return t, c, cpu, full, wall
+
+
 def main() -> int:
     import torch
 
@@ -56,6 +142,7 @@ def main() -> int:
     ap.add_argument("--fixed-stop", action="store_true", help="the fixed design stops at the answer too")
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--skip-fixed", action="store_true")
+    ap.add_argument("--reuse-screen", action="store_true", help="the fixed design's seeds from the screen (docstring)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -69,12 +156,17 @@ def main() -> int:
           f"{cpu_discover / 60:.1f} CPU-min over its runs")
     if args.skip_fixed:
         return 0
-    t1 = time.monotonic()
-    fixed_dir = out / "fixed8"
-    run_sweep(fixed_sweep(out, spec, args.fixed_stop, args.seeds), fixed_dir, workers=args.workers, max_runs=10_000)
-    fixed_wall = time.monotonic() - t1
-    cpu_fixed = sweep_cpu_s(fixed_dir)
-    t, c = discover.times(fixed_dir, spec.question.loss), discover.censored(fixed_dir, spec.question.loss)
+    cpu_full = None
+    if args.reuse_screen:
+        t, c, cpu_fixed, cpu_full, fixed_wall = reuse_screen(out, spec, record, args.seeds, args.workers)
+    else:
+        t1 = time.monotonic()
+        fixed_dir = out / "fixed8"
+        run_sweep(fixed_sweep(out, spec, args.fixed_stop, args.seeds), fixed_dir, workers=args.workers,
+                  max_runs=10_000)
+        fixed_wall = time.monotonic() - t1
+        cpu_fixed = sweep_cpu_s(fixed_dir)
+        t, c = discover.times(fixed_dir, spec.question.loss), discover.censored(fixed_dir, spec.question.loss)
     fixed = {n: discover.judge(t.get(n, {}), t.get("reference", {}), spec.margin, cond_censored=c.get(n),
                                ref_censored=c.get("reference")) for n in t if n != "reference"}
 
@@ -103,8 +195,12 @@ def main() -> int:
     print(f"agreement: {agree}/{len(screen)}; compute: discover {cpu_discover / 60:.1f} CPU-min, fixed "
           f"{cpu_fixed / 60:.1f} CPU-min (ratio {cpu_fixed / max(cpu_discover, 1e-9):.2f}x); fixed wall this invocation "
           f"{fixed_wall / 60:.1f} min")
+    if cpu_full is not None:
+        print(f"fixed design at full budgets (extrapolated from steps trained): {cpu_full / 60:.1f} CPU-min "
+              f"(ratio {cpu_full / max(cpu_discover, 1e-9):.2f}x)")
     (out / "acceptance.json").write_text(json.dumps({"discover_cpu_s": cpu_discover, "fixed_cpu_s": cpu_fixed,
-                                                     "agree": agree, "n": len(screen), "discover_wall_s": wall}))
+                                                     "fixed_full_cpu_s": cpu_full, "agree": agree, "n": len(screen),
+                                                     "discover_wall_s": wall}))
     return 0
 
 

@@ -5,10 +5,15 @@ Rules:
 - A job of ``k`` packed runs costs ``steps × step_s(k) + evals × k × eval_s`` (+ ``COMPILE_S``
   per clamp program when it compiles), where ``step_s(k) = a + b·k`` (an ensemble's step grows
   linearly with its members: ``vmap`` batches every op) and ``eval_s`` is one member's eval.
-- Calibration (:func:`calibrate`): one eager solo run and one eager ensemble of
-  ``CALIBRATION_MEMBERS`` of the job's protocol, ``CALIBRATION_STEPS`` steps each with an eval
-  at both ends, in a temporary folder; ``a``, ``b`` from their per-step times, ``eval_s`` from
-  their eval times. Once per distinct :func:`~optolab.training.ensemble.pack_key`.
+- Calibration (:func:`calibrate`): eager solo runs and eager ensembles of
+  ``CALIBRATION_MEMBERS`` of the job's protocol, each at two lengths (``CALIBRATION_STEPS``),
+  with an eval at both ends, in a temporary folder. Per-step times come from the *difference*
+  of the two lengths' wall times: what a run pays once (building the task and model, the first
+  pass's lazy set-up, checkpoints, files) cancels, where a single short run counted it as steps
+  (at 24 steps that made the first key's estimate several times too high). Times are this
+  process's CPU time, not wall time: a calibration on a busy machine measures the job, not the
+  other processes (the eval times, recorded as wall time, are scaled by the run's CPU/wall).
+  ``eval_s`` from the eval times. Once per distinct :func:`~optolab.training.ensemble.pack_key`.
 - A compiled job's steps are taken as :data:`COMPILED_SPEEDUP` times faster than eager, its
   compile as :data:`COMPILE_S` seconds per program (the middle of what ``docs/speed.md``
   measured); these two are the model's assumptions, not calibrated here.
@@ -25,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CALIBRATION_STEPS = 24
+CALIBRATION_STEPS = (8, 32)
 CALIBRATION_MEMBERS = 4
 COMPILED_SPEEDUP = 3.0
 COMPILE_S = 40.0
@@ -64,22 +69,31 @@ def calibrate(protocol) -> CostModel:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    short, long = CALIBRATION_STEPS
+    k = CALIBRATION_MEMBERS
+    packable = why_not_packable(protocol) is None
+
+    def timed(n: int, members: int, tmp: Path) -> tuple[float, float]:
+        """Wall seconds of ``n`` steps (evals taken out) and seconds per member-eval."""
+        outs = [tmp / f"n{n}_k{members}_{i}" for i in range(members)]
+        t1, c1 = time.perf_counter(), time.process_time()
+        if members == 1:
+            train(_short(protocol, n, f"cal{n}", 0), outs[0], progress=False)
+        else:
+            train_ensemble([_short(protocol, n, f"cal{n}_{members}_{i}", i) for i in range(members)], outs)
+        wall, cpu = time.perf_counter() - t1, time.process_time() - c1
+        segs = [json.loads((o / "meta.json").read_text())["segments"][-1] for o in outs]
+        evals = sum(s["eval_time_s"] for s in segs) * min(1.0, cpu / max(wall, 1e-9))  # wall -> this process's CPU
+        return cpu - evals, evals / (2 * members)
+
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            train(_short(protocol, CALIBRATION_STEPS, "cal1", 0), Path(tmp) / "solo", progress=False)
-            solo = json.loads((Path(tmp) / "solo" / "meta.json").read_text())["segments"][-1]
-            eval_s = solo["eval_time_s"] / 2
-            step1 = max(solo["wall_time_s"] - solo["eval_time_s"], 1e-6) / CALIBRATION_STEPS
-            k = CALIBRATION_MEMBERS
-            if why_not_packable(protocol) is not None:
+            (w_short, _), (w_long, eval_s) = timed(short, 1, Path(tmp)), timed(long, 1, Path(tmp))
+            step1 = max(w_long - w_short, 1e-6) / (long - short)
+            if not packable:
                 return CostModel(0.0, step1, eval_s)
-            members = [_short(protocol, CALIBRATION_STEPS, f"cal{k}_{i}", i) for i in range(k)]
-            t1 = time.perf_counter()
-            train_ensemble(members, [Path(tmp) / f"m{i}" for i in range(k)])
-            wall = time.perf_counter() - t1
-            evals = sum(json.loads((Path(tmp) / f"m{i}" / "meta.json").read_text())["segments"][-1]["eval_time_s"]
-                        for i in range(k))
-            stepk = max(wall - evals, 1e-6) / CALIBRATION_STEPS
+            (k_short, _), (k_long, _) = timed(short, k, Path(tmp)), timed(long, k, Path(tmp))
+            stepk = max(k_long - k_short, 1e-6) / (long - short)
     finally:
         torch.set_num_threads(threads)
     b = max((stepk - step1) / (k - 1), 1e-6)
