@@ -10,7 +10,8 @@ Rules:
   :class:`~optolab.training.runbook.RunBook`, exactly as if it had run alone.
 - Training: each member trains on the solo run's batch for its data seed
   (``task.train_batch(seeds.data, step, …)``, or the shared ``data`` schedule's), drawn once per
-  distinct data seed and a few steps ahead (:mod:`optolab.training.batches`); the forward pass is
+  distinct data seed and a few steps ahead (:mod:`optolab.training.batches`; on the counter stream,
+  every member's at once on the run's device); the forward pass is
   ``torch.func.vmap`` over members of the model's own ``forward`` with the member's parameters
   (``functional_call``), so every op runs once for all members. Clamps act through site hooks on
   a shared skeleton (:class:`~optolab.training.compiled.SiteDispatch`) running one program per step: a condition's own program when all members share it, else the
@@ -118,6 +119,14 @@ def _stack_batches(batches: list[Batch]) -> tuple[dict[str, Tensor], dict, int]:
     fields = [_batch_fields(b)[0] for b in batches]
     return {k: torch.stack([f[k] for f in fields]) for k in fields[0]}, _batch_fields(batches[0])[1], \
         len(batches[0].inputs)
+
+
+def _stacked_fields(batch: Batch) -> tuple[dict[str, Tensor], dict, int]:
+    """:func:`_stack_batches`' result for a batch already stacked on a member axis (``extra`` is
+    the first member's, as there: the step reads no ``extra``)."""
+    tensors, rest = _batch_fields(batch)
+    rest["extra"] = {k: v[0] if isinstance(v, Tensor) else v for k, v in rest.get("extra", {}).items()}
+    return tensors, rest, len(batch.inputs)
 
 
 def _unstack_batch(tensors: dict[str, Tensor], rest: dict, n_inputs: int) -> Batch:
@@ -310,7 +319,7 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     if compiled:
         fresh_caches()
     S = len(protocols)
-    draw = Batches(source, [p.seeds.data for p in protocols], bs, total)
+    draw = Batches(source, [p.seeds.data for p in protocols], bs, total, device=device)
 
     alive = [True] * S
     failed: dict[int, RunFailed] = {}
@@ -340,8 +349,10 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
                                 alive[i], ended[i] = False, b.finish(step)
                 if step >= total or (stop_after is not None and step >= stop_after) or not any(alive):
                     break
-                batches = draw(step)
-                tensors, rest, n_inputs = to_device(_stack_batches(batches), device)  # one move per step
+                if draw.device is not None:  # the counter stream: drawn stacked, on the device
+                    tensors, rest, n_inputs = _stacked_fields(draw.stacked(step))
+                else:
+                    tensors, rest, n_inputs = to_device(_stack_batches(draw(step)), device)  # one move per step
 
                 keys = torch.stack([call_key(p.seeds.init, p.seeds.data, step, True) for p in protocols]).to(device)
                 with cast:
