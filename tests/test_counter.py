@@ -180,19 +180,24 @@ def test_every_members_batches_at_once_equal_each_seed_alone(spec):
 
 
 def test_the_fewshot_stream_is_the_counter_definition():
-    """The task's use of the stream is pinned too: the query's class is the class with the
-    largest sort key, the exemplar index is ``below`` of purpose 4 (so a change of the layout of
-    draws is a deliberate change of every counter run's data)."""
+    """The task's use of the stream is pinned too: one draw per batch, its parts in a fixed order;
+    the query's class is the class with the largest sort key, the exemplar index ``below`` of its
+    words (so a change of the layout of draws is a deliberate change of every counter run's data)."""
     spec = validate_task_spec({"kind": "fewshot", "dim": 4, "n_train_classes": 9, "n_test_classes": 4,
                                "n_exemplars": 3, "train_exemplars": 2, "data_stream": "counter"})
     batch = make_task(spec).train_batch(17, 4, 3)
     key = ref_key(17, 101, 4)
-    for row in range(3):
-        sort_keys = [ref_bits(key, 0, row * 9 + j) * 9 + j for j in range(9)]
+    b, N, k = 3, spec.context_pairs, spec.n_distinct
+    start_ex = b * 9 + b * N + b + b * k  # after class keys, context order, label set, label order
+
+    def word(i: int) -> int:
+        return ref_mix(ref_mix(key ^ i) ^ 0x9E3779B9)
+
+    for row in range(b):
+        sort_keys = [word(row * 9 + j) * 9 + j for j in range(9)]
         assert int(batch.extra["classes"][row, -1]) == max(range(9), key=sort_keys.__getitem__)
-        N1 = spec.context_pairs + 1
         assert batch.extra["exemplar_ids"][row].tolist() == \
-            [(ref_bits(key, 4, row * N1 + j) * 2) >> 32 for j in range(N1)]
+            [(word(start_ex + row * (N + 1) + j) * 2) >> 32 for j in range(N + 1)]
 
 
 def test_the_counter_stream_is_a_different_stream_and_eval_sets_are_unchanged():

@@ -1,7 +1,7 @@
 """The counter stream: random numbers as a pure function of integers, the same on every device.
 
 Rules:
-- A draw is a hash of ``(seed, stream, step, purpose, index)``: no generator state, so the numbers
+- A draw is a hash of ``(seed, stream, step, index)``: no generator state, so the numbers
   do not depend on the device, on the order of calls, or on how many members are drawn at once.
   ``torch.Generator`` cannot give that: CUDA's Philox stream differs from the CPU's MT19937, so a
   task drawing from it on a GPU would see other data than on the CPU. This stream is therefore a
@@ -14,8 +14,10 @@ Rules:
   could disagree), only ops every device computes exactly (integer ``*``, ``^``, ``>>``, ``&``).
 - A key chains the hash over its words: ``h = mix(C ^ seed_lo)``, ``h = mix(h ^ seed_hi)``, then
   ``h = mix(h ^ w_lo)``, ``h = mix(h ^ w_hi)`` for every further word (seeds and words are taken
-  mod 2^64, Python's two's complement for negatives). Element ``i`` of a draw under key ``h`` is
-  ``mix(mix(h ^ i) ^ C)``, ``i`` the flat index (below 2^32).
+  mod 2^64, Python's two's complement for negatives); keys are hashed on the host in numpy's
+  uint64, exact because every product stays below 2^64, then moved. Element ``i`` of a draw under key ``h`` is
+  ``mix(mix(h ^ i) ^ C)``, ``i`` the flat index (below 2^32). A task draws a batch as one draw
+  (:func:`draws`): its parts take consecutive indices in the order the task lists them.
 - From 32-bit words: a uniform is ``((w >> 9) + ½) · 2^-23`` (23 bits, so float32 holds it exactly,
   in (0, 1)); an integer below ``n`` is ``(w · n) >> 32`` (exact; bias at most ``n / 2^32``); a
   normal is Box–Muller of two words taken as ``(w + ½) · 2^-32`` in float64, then float32. An ordering (a random permutation, ``k``
@@ -27,8 +29,10 @@ Rules:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +40,7 @@ M32 = 0xFFFFFFFF
 M64 = 0xFFFFFFFFFFFFFFFF
 C = 0x9E3779B9  # the golden ratio's 32 bits: keeps a zero key away from the hash's fixed point 0
 _A, _B = 0x7FEB352D, 0x846CA68B
+_A64, _B64, _M32U = np.uint64(_A), np.uint64(_B), np.uint64(M32)
 
 
 def _mul(x: Tensor, c: int) -> Tensor:
@@ -53,22 +58,28 @@ def mix(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _words(values: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
-    v = [int(s) & M64 for s in values]
-    return (torch.tensor([s & M32 for s in v], dtype=torch.int64, device=device),
-            torch.tensor([s >> 32 for s in v], dtype=torch.int64, device=device))
+def _mix_np(x: np.ndarray) -> np.ndarray:
+    """:func:`mix` on uint64 words below 2^32 (products stay below 2^64: numpy's unsigned
+    arithmetic is exact there)."""
+    s16, s15 = np.uint64(16), np.uint64(15)
+    x = x ^ (x >> s16)
+    x = (x * _A64) & _M32U
+    x = x ^ (x >> s15)
+    x = (x * _B64) & _M32U
+    return x ^ (x >> s16)
 
 
 def keys(seeds: Sequence[int], *words: int, device: torch.device | str = "cpu") -> Tensor:
-    """One key per seed (``[S]``, int64 words): the hash chained over the seed and ``words``."""
-    lo, hi = _words(seeds, torch.device(device))
-    h = mix(lo ^ C)
-    h = mix(h ^ hi)
+    """One key per seed (``[S]``, int64 words on ``device``): the hash chained over the seed and
+    ``words``. Computed on the host (a few vector ops for any number of seeds), then moved."""
+    v = np.array([int(s) & M64 for s in seeds], dtype=np.uint64)
+    h = _mix_np((v & np.uint64(M32)) ^ np.uint64(C))
+    h = _mix_np(h ^ (v >> np.uint64(32)))
     for w in words:
         w = int(w) & M64
-        h = mix(h ^ (w & M32))
-        h = mix(h ^ (w >> 32))
-    return h
+        h = _mix_np(h ^ np.uint64(w & M32))
+        h = _mix_np(h ^ np.uint64(w >> 32))
+    return torch.from_numpy(h.astype(np.int64)).to(device)
 
 
 def sub(key: Tensor, purpose: int) -> Tensor:
@@ -85,6 +96,15 @@ def bits(key: Tensor, shape: tuple[int, ...]) -> Tensor:
         raise ValueError(f"a counter draw holds at most 2^32 numbers per key (asked for {n})")
     i = torch.arange(n, dtype=torch.int64, device=key.device)
     return mix(mix(key[..., None] ^ i) ^ C).reshape(*key.shape, *shape)
+
+
+def draws(key: Tensor, shapes: Sequence[tuple[int, ...]]) -> list[Tensor]:
+    """Several draws of one batch as one: the words of :func:`bits` over the total size, split in
+    the order given (the first shape takes indices ``0..``, the next the following ones, …), each
+    ``[*key.shape, *shape]``. One hash pass for the whole batch keeps a draw a few dozen ops."""
+    sizes = [math.prod(s) for s in shapes]
+    flat = bits(key, (sum(sizes),))
+    return [part.reshape(*key.shape, *shape) for part, shape in zip(flat.split(sizes, dim=-1), shapes)]
 
 
 def uniform(w: Tensor) -> Tensor:

@@ -212,12 +212,15 @@ class FewshotTask(ExemplarLabelTask):
         device = torch.device(device)
         key = counter.keys(seeds, 101, step, device=device)  # [S]
         S = len(key)
-        cls = counter.order(counter.bits(counter.sub(key, 0), (b, s.n_train_classes))).topk(k, dim=-1).indices
-        perm = counter.order(counter.bits(counter.sub(key, 1), (b, N))).argsort(dim=-1)
+        # one draw, in this order: class keys, context order, label set, label order, exemplars
+        w_cls, w_perm, w_set, w_lab, w_ex = counter.draws(key, [(b, s.n_train_classes), (b, N), (b,), (b, k),
+                                                                (b, N + 1)])
+        cls = counter.order(w_cls).topk(k, dim=-1).indices  # [S, b, k], distinct; slot 0 the query's
+        perm = counter.order(w_perm).argsort(dim=-1)
         sets = self._on(device)["train"]
-        chosen = sets[counter.below(counter.bits(counter.sub(key, 2), (b,)), len(sets))]  # [S, b, k]
-        label_order = counter.order(counter.bits(counter.sub(key, 3), (b, k))).argsort(dim=-1)
-        ex = counter.below(counter.bits(counter.sub(key, 4), (b, N + 1)), s.train_exemplars)
+        chosen = sets[counter.below(w_set, len(sets))]  # [S, b, k]
+        label_order = counter.order(w_lab).argsort(dim=-1)
+        ex = counter.below(w_ex, s.train_exemplars)
         flat = self._assemble(cls.reshape(S * b, k), perm.reshape(S * b, N), chosen.reshape(S * b, k),
                               label_order.reshape(S * b, k), ex.reshape(S * b, N + 1), self._on(device)["bank"])
         return stacked(flat, S)

@@ -128,12 +128,14 @@ class RepeatTokensTask(Task):
         s, b = self.spec, batch_size
         key = counter.keys(seeds, 101, step, device=device)  # [S]
         S = len(key)
-        segment = counter.below(counter.bits(counter.sub(key, 0), (b, s.seq_len)), s.n_tokens)
+        # one draw, in this order: the segment, its length, the filler
+        w_seg, w_len, w_fill = counter.draws(key, [(b, s.seq_len), (b, 1), (b, self.n_ctx - 1)])
+        segment = counter.below(w_seg, s.n_tokens)
         L = None
         if s.seq_len_min is not None:
             span = s.seq_len - s.seq_len_min + 1
-            L = (s.seq_len_min + counter.below(counter.bits(counter.sub(key, 1), (b, 1)), span)).reshape(S * b, 1)
-        filler = counter.below(counter.bits(counter.sub(key, 2), (b, self.n_ctx - 1)), s.n_tokens)
+            L = (s.seq_len_min + counter.below(w_len, span)).reshape(S * b, 1)
+        filler = counter.below(w_fill, s.n_tokens)
         return stacked(self._assemble(segment.reshape(S * b, -1), L, filler.reshape(S * b, -1)), S)
 
     def eval_batch(self, split: str, seed: int, n: int) -> Batch:

@@ -165,10 +165,15 @@ class _Step:
     parameters' gradients and each member's loss."""
 
     def __init__(self, skeleton: nn.Module, conditions: Conditions, names: list[str], compiled: bool,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), options: dict | None = None) -> None:
+        """``options``: the compiler's (default :func:`step_options`); ``benchmarks/gpu_check.py``
+        adds ``triton.cudagraphs`` to capture the step once on a GPU. Training runs do not yet: it
+        is untested on a GPU, and a captured graph's outputs are overwritten by its next replay, so
+        every use of a step's gradients and losses must end before the next step."""
         self.conditions, self.names, self.compiled = conditions, names, compiled
         self.dispatch = SiteDispatch(skeleton)
-        self.fn = compile_fn(self._grads, step_options(device)) if compiled else self._grads
+        self.fn = compile_fn(self._grads, step_options(device) if options is None else options) if compiled \
+            else self._grads
         self.keys = CallKeys()
         self._unused: dict[tuple, dict[str, list[int]]] = {}
 
