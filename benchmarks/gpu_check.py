@@ -363,7 +363,7 @@ def main() -> None:
     ap.add_argument("--ensemble-modes", nargs="+", default=["eager", "captured", "compiled"],
                     choices=["eager", "captured", "compiled"])
     ap.add_argument("--ensemble-precisions", nargs="+", default=["fp32"], choices=["fp32", "tf32"])
-    ap.add_argument("--ensemble-share", type=float, default=0.3, help="share of the budget for ensembles")
+    ap.add_argument("--ensemble-share", type=float, default=0.2, help="share of the budget for ensembles")
     ap.add_argument("--peak-tflops", type=float, nargs="+", default=None, metavar="TFLOPS",
                     help="the GPU's float32 and TF32 peak (TFLOP/s) when its name is not in the table")
     ap.add_argument("--workers", type=int, default=6, help="sweep workers per device (T4) and pytest workers")

@@ -15,14 +15,15 @@ Rules:
 - A key chains the hash over its words: ``h = mix(C ^ seed_lo)``, ``h = mix(h ^ seed_hi)``, then
   ``h = mix(h ^ w_lo)``, ``h = mix(h ^ w_hi)`` for every further word (seeds and words are taken
   mod 2^64, Python's two's complement for negatives); keys are hashed on the host in numpy's
-  uint64, exact because every product stays below 2^64, then moved. Element ``i`` of a draw under key ``h`` is
-  ``mix(mix(h ^ i) ^ C)``, ``i`` the flat index (below 2^32). A task draws a batch as one draw
-  (:func:`draws`): its parts take consecutive indices in the order the task lists them.
-- From 32-bit words: a uniform is ``((w >> 9) + ½) · 2^-23`` (23 bits, so float32 holds it exactly,
-  in (0, 1)); an integer below ``n`` is ``(w · n) >> 32`` (exact; bias at most ``n / 2^32``); a
-  normal is Box–Muller of two words taken as ``(w + ½) · 2^-32`` in float64, then float32. An ordering (a random permutation, ``k``
-  distinct items) sorts the unique integers ``w · n + j``: ties cannot occur, so every device
-  sorts them alike.
+  uint64, exact because every product stays below 2^64, then moved. Element ``i`` of a draw
+  under key ``h`` is ``mix(mix(h ^ i) ^ C)``, ``i`` the flat index (below 2^32). A task draws a
+  batch as one draw (:func:`draws`): its parts take consecutive indices in the order the task
+  lists them.
+- From 32-bit words: a uniform is ``((w >> 9) + ½) · 2^-23`` (23 bits, so float32 holds it
+  exactly, in (0, 1)); an integer below ``n`` is ``(w · n) >> 32`` (exact; bias at most
+  ``n / 2^32``); a normal is Box–Muller of two words taken as ``(w + ½) · 2^-32`` in float64,
+  then float32. An ordering (a random permutation, ``k`` distinct items) sorts the unique
+  integers ``w · n + j``: ties cannot occur, so every device sorts them alike.
 - ``tests/test_counter.py`` pins the hash to a pure-Python transcription of this definition and
   checks the moments of what it draws.
 """
