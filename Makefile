@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Pinned so pip takes the CPU wheel; pyproject keeps an open range for users elsewhere.
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test bench bench-train bench-clamps bench-generators bench-ensemble bench-soak bench-t4 bench-speed bench-eval bench-compile gpu-check install clean
+.PHONY: demo test bench bench-train bench-clamps bench-generators bench-ensemble bench-soak bench-t4 bench-speed bench-eval bench-compile gpu-check gpu-check-ensembles install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,7 @@ bench-clamps: $(STAMP)
 
 bench-generators: $(STAMP)
 	$(BIN)/python benchmarks/generators.py
+	$(BIN)/python benchmarks/counter_stream.py
 
 bench-soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py
@@ -70,6 +71,11 @@ bench-compile: $(STAMP)
 # On a machine with a CUDA GPU: the GPU check (about 7 minutes; docs/speed.md#devices).
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --out results/gpu_check
+
+# the ensembles stage alone, with the whole budget: S = 1 ... 4096, eager / captured / compiled, fp32 and tf32
+gpu-check-ensembles: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out results/gpu_check_ensembles --stages ensembles --budget 420 \
+		--ensemble-share 1 --ensemble-precisions fp32 tf32
 
 clean:
 	rm -rf $(VENV) build *.egg-info

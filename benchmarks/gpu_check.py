@@ -10,8 +10,11 @@ Stages, in order (``--stages`` picks some):
   with ``--device cuda`` and, at the same time, with ``--device cpu``: wall times, and every
   run's time to loss 0.5 on both.
 - ``ensembles``: model-steps/s of the ensemble training step (vmapped forward, loss, gradient,
-  fused Adam) for S = 1 ... 1024 members on one fixed stacked batch, eager and compiled, plus
-  the CPU cost of generating one member's batch (what bounds an end-to-end run at large S).
+  fused Adam) for S = 1 ... 4096 members, every step's batches drawn on the GPU from the counter
+  stream (``task.data_stream: counter``) inside the timed loop; eager, captured (compiled and
+  replayed as a CUDA graph) and compiled; with the fraction of the chip's float32 and TF32 peak
+  that the model's FLOPs (:func:`model_flops`) reach (peaks: :data:`PEAK_TFLOPS` by GPU name, or
+  ``--peak-tflops FP32 TF32``). Also the CPU cost of the torch stream's batch per member-step.
 - ``resume``: a run trained 120 steps on ``cuda``, then resumed and finished on the CPU, against
   the same run on the CPU alone (checkpoints are device-free).
 - ``determinism``: a short clamped run twice, with and without ``train.deterministic``.
@@ -20,6 +23,7 @@ Stages, in order (``--stages`` picks some):
 Writes ``OUT/gpu_check.json`` (and logs) and prints a summary. Needs a CUDA GPU.
 
     python benchmarks/gpu_check.py --out /tmp/gpu [--budget 420] [--stages main t4 ensembles resume pytest]
+    python benchmarks/gpu_check.py --stages ensembles --budget 300 --ensemble-share 1 --ensemble-precisions fp32 tf32
     make gpu-check
 """
 
@@ -118,23 +122,79 @@ def stage_runs(out: Path, deadline: float, device: str, workers: int, which: lis
     return res
 
 
-def _ensemble_rate(S: int, compiled: bool, steps: int, device: str) -> float:
-    """Model-steps/s of the ensemble step for ``S`` seeds of T4's ``fig5b_prev_token`` (an
-    ablation and a pattern clamp) on one fixed batch per member."""
+# Peak dense rates (TFLOP/s) from NVIDIA's datasheets: (float32 on the CUDA cores, TF32 on the
+# tensor cores without sparsity; the datasheets' TF32 figures are with sparsity, twice these).
+# The first name that is a part of torch.cuda.get_device_name wins; --peak-tflops overrides.
+PEAK_TFLOPS = {
+    "H200": (67.0, 494.7),
+    "H100 PCIe": (51.0, 378.0),
+    "H100 NVL": (60.0, 417.5),
+    "H100": (67.0, 494.7),  # SXM ("NVIDIA H100 80GB HBM3")
+    "A100": (19.5, 156.0),
+    "L40S": (91.6, 183.0),
+}
+
+
+def peak_tflops(name: str | None, override: list[float] | None = None) -> tuple[float, float] | None:
+    """``(float32, tf32)`` peak TFLOP/s of the GPU called ``name``, or None when unknown."""
+    if override:
+        return float(override[0]), float(override[-1])
+    for key, rates in PEAK_TFLOPS.items():
+        if name and key in name:
+            return rates
+    return None
+
+
+def model_flops(cfg, batch_size: int) -> dict[str, int]:
+    """Matrix-product FLOPs of one training step of one model (2 per multiply-add), counted from
+    the model's shape: what the model needs, not what a kernel spends (the short-context kernels
+    of optolab/model/kernels.py trade extra arithmetic for fewer ops; the count ignores that).
+
+    Per sequence of ``n = n_ctx`` positions, forward: the exemplar map ``2·n_ex·d_input·d``
+    (exemplar inputs; a token embedding is a lookup), per layer Q, K, V and O ``4 · 2·n·d·h·e``,
+    scores and mixing ``2 · 2·h·n²·e`` (the full square, as computed), the MLP ``2 · 2·n·d·d_mlp``,
+    and the unembedding ``2·n·d·d_out``. Training is three forwards (the backward takes the
+    gradients of inputs and weights, two products per product), less the exemplar map's input
+    gradient (its input is data). Norms, softmax, the loss and Adam are not counted."""
+    n, d, h, e = cfg.n_ctx, cfg.d_model, cfg.n_heads, cfg.d_head
+    embed = 2 * ((n + 1) // 2) * cfg.d_input * d if cfg.input_mode == "exemplar_label" else 0
+    layer = 4 * 2 * n * d * h * e + 2 * 2 * h * n * n * e
+    if not cfg.attn_only:
+        layer += 2 * 2 * n * d * cfg.d_mlp
+    forward = embed + cfg.n_layers * layer + 2 * n * d * cfg.d_out
+    return {"forward": batch_size * forward, "train": batch_size * (3 * forward - embed)}
+
+
+def _counter_protocol():
+    """T4's ``fig5b_prev_token`` (an ablation and a pattern clamp) on the counter stream."""
+    from optolab.protocol.loader import load_protocol, validate_protocol
+
+    data = load_protocol(ROOT / "protocols" / "singh2024" / "fig5b_prev_token.yaml").resolved()
+    data["task"]["data_stream"] = "counter"
+    return validate_protocol(data)
+
+
+def _ensemble_rate(S: int, mode: str, steps: int, device: str, precision: str = "fp32") -> dict:
+    """Model-steps/s of the ensemble training step for ``S`` seeds of ``fig5b_prev_token`` with
+    every step's batches drawn on the device (the counter stream), timed together. ``mode``:
+    ``eager``; ``compiled`` (torch.compile, one graph); ``captured`` (compiled and, on cuda,
+    replayed as one CUDA graph: inductor's ``triton.cudagraphs``, what mode="reduce-overhead" sets)."""
     import copy
 
     import torch
 
     from optolab.clamps.rng import call_key
     from optolab.clamps.union import Conditions
+    from optolab.core.device import numerics
     from optolab.model.transformer import build_model
-    from optolab.protocol.loader import load_protocol
     from optolab.tasks import make_task
     from optolab.training import ensemble as E
+    from optolab.training.batches import Batches
+    from optolab.training.compiled import step_options
     from optolab.training.trainer import make_forward, make_optimizer
 
     dev = torch.device(device)
-    p = load_protocol(ROOT / "protocols" / "singh2024" / "fig5b_prev_token.yaml")
+    p = _counter_protocol()
     task = make_task(p.task)
     cfg = p.model_config_for(task)
     forward = make_forward(p, task, cfg, dev, compiled=False)
@@ -144,29 +204,41 @@ def _ensemble_rate(S: int, compiled: bool, steps: int, device: str) -> float:
     params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_(True)
               for n in names}
     buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in models]) for n, _ in models[0].named_buffers()}
+    del models
     optimizer = make_optimizer(p, E._Params(params))
     E.ensure_state(optimizer)
-    skeleton = copy.deepcopy(models[0]).to("meta")
-    step_fn = E._Step(skeleton, conditions, names, compiled, dev)
-    batches = [task.train_batch(s, 0, p.train.batch_size) for s in range(S)]
-    tensors, rest, n_inputs = E.to_device(E._stack_batches(batches), dev)
+    skeleton = copy.deepcopy(build_model(cfg, 0)).to("meta")
+    captured = mode == "captured" and dev.type == "cuda"
+    options = {**step_options(dev), "triton.cudagraphs": True} if captured else None
+    step_fn = E._Step(skeleton, conditions, names, mode != "eager", dev, options=options)
+    draw = Batches(task, list(range(S)), p.train.batch_size, 10**9, device=dev)
     keys = torch.stack([call_key(s, s, 0, True) for s in range(S)]).to(dev)
     alive = torch.ones(S, dtype=torch.bool, device=dev)
     plain = E.plain_adam(p)
 
-    def one() -> None:
-        grads, _losses = step_fn(0, params, buffers, tensors, keys, rest, n_inputs, alive)
-        skip = step_fn.unused(0, params, buffers, tensors, keys, rest, n_inputs)
+    def one(i: int) -> None:
+        tensors, rest, n_inputs = E._stacked_fields(draw.stacked(i))
+        if captured:  # the previous replay's outputs are consumed: the next may overwrite them
+            torch.compiler.cudagraph_mark_step_begin()
+        grads, _losses = step_fn(i, params, buffers, tensors, keys, rest, n_inputs, alive)
+        skip = step_fn.unused(i, params, buffers, tensors, keys, rest, n_inputs)
         E._adam(optimizer, params, grads, skip, plain)
 
-    for _ in range(3):  # compiles (compiled) and warms the allocator
-        one()
-    _sync(dev)
-    t = time.perf_counter()
-    for _ in range(steps):
-        one()
-    _sync(dev)
-    return S * steps / (time.perf_counter() - t)
+    with numerics(dev, precision):
+        for i in range(3):  # compiles (compiled), captures (captured) and warms the allocator
+            one(i)
+        _sync(dev)
+        t = time.perf_counter()
+        for i in range(steps):
+            one(3 + i)
+        _sync(dev)
+        rate = S * steps / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for i in range(steps):
+            draw.stacked(3 + i)
+        _sync(dev)
+        generation = (time.perf_counter() - t) / steps
+    return {"model_steps_per_s": round(rate, 1), "generation_ms_per_step": round(generation * 1e3, 3)}
 
 
 def _sync(dev) -> None:
@@ -176,27 +248,45 @@ def _sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
-def stage_ensemble_rates(deadline: float, sizes: list[int], steps: int, device: str) -> dict:
+def stage_ensemble_rates(deadline: float, sizes: list[int], steps: int, device: str,
+                         modes: list[str] = ("eager", "captured", "compiled"), precisions: list[str] = ("fp32",),
+                         peak_override: list[float] | None = None) -> dict:
+    """Model-steps/s for every mode, precision and size (smallest first, until the deadline),
+    with the fraction of the chip's float32 and TF32 peak the model's FLOPs reach at that rate."""
     import torch
 
-    from optolab.protocol.loader import load_protocol
     from optolab.tasks import make_task
 
-    res: dict = {"eager": {}, "compiled": {}}
-    for compiled in (False, True):
-        for S in sizes:
-            if time.perf_counter() > deadline - (40 if compiled else 5):
-                break
-            try:
-                res["compiled" if compiled else "eager"][S] = round(_ensemble_rate(S, compiled, steps, device), 1)
-            except Exception as e:  # noqa: BLE001 - a size that does not fit is reported, not fatal
-                res["compiled" if compiled else "eager"][S] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-    p = load_protocol(ROOT / "protocols" / "singh2024" / "fig5b_prev_token.yaml")
+    p = _counter_protocol()
     task = make_task(p.task)
+    flops = model_flops(p.model_config_for(task), p.train.batch_size)["train"]
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    peak = peak_tflops(name, peak_override)
+    res: dict = {"data_stream": "counter (drawn on the device, inside the timed step)", "gpu": name,
+                 "model_flops_per_step": flops, "peak_tflops_fp32_tf32": peak, "rates": {}}
+    for precision in precisions:
+        for mode in modes:
+            got = res["rates"].setdefault(f"{mode}_{precision}", {})
+            for S in sizes:
+                if time.perf_counter() > deadline - (5 if mode == "eager" else 40):
+                    got[S] = "skipped: out of time"
+                    break
+                try:
+                    r = _ensemble_rate(S, mode, steps, device, precision)
+                except Exception as e:  # noqa: BLE001 - a size that does not fit is reported, not fatal
+                    got[S] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+                    continue
+                if peak is not None:
+                    tflops = r["model_steps_per_s"] * flops / 1e12
+                    r["fraction_of_fp32_peak"] = float(f"{tflops / peak[0]:.4g}")
+                    r["fraction_of_tf32_peak"] = float(f"{tflops / peak[1]:.4g}")
+                got[S] = r
+                print(f"ensembles {mode} {precision} S={S}: {r}", flush=True)
+    legacy = make_task(p.task.model_copy(update={"data_stream": "torch"}))
     t = time.perf_counter()
     for i in range(200):
-        task.train_batch(0, i, p.train.batch_size)
-    res["batch_generation_ms_per_member_step"] = round((time.perf_counter() - t) / 200 * 1e3, 3)
+        legacy.train_batch(0, i, p.train.batch_size)
+    res["torch_stream_cpu_ms_per_member_step"] = round((time.perf_counter() - t) / 200 * 1e3, 3)
     res["torch_threads"] = torch.get_num_threads()
     return res
 
@@ -269,7 +359,13 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole check")
     ap.add_argument("--stages", nargs="+", default=["main", "t4", "ensembles", "resume", "determinism", "pytest"])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024, 4096])
+    ap.add_argument("--ensemble-modes", nargs="+", default=["eager", "captured", "compiled"],
+                    choices=["eager", "captured", "compiled"])
+    ap.add_argument("--ensemble-precisions", nargs="+", default=["fp32"], choices=["fp32", "tf32"])
+    ap.add_argument("--ensemble-share", type=float, default=0.2, help="share of the budget for ensembles")
+    ap.add_argument("--peak-tflops", type=float, nargs="+", default=None, metavar="TFLOPS",
+                    help="the GPU's float32 and TF32 peak (TFLOP/s) when its name is not in the table")
     ap.add_argument("--workers", type=int, default=6, help="sweep workers per device (T4) and pytest workers")
     ap.add_argument("--runs-share", type=float, default=0.55, help="share of the budget for main and t4")
     ap.add_argument("--together", action="store_true", help="run the pytest stage alongside the others")
@@ -310,7 +406,8 @@ def main() -> None:
             if stage == "runs":
                 got = stage_runs(out, min(end, ts + args.runs_share * args.budget), args.device, args.workers, args.stages)
             elif stage == "ensembles":
-                got = stage_ensemble_rates(min(end, ts + 0.2 * args.budget), args.sizes, 50, args.device)
+                got = stage_ensemble_rates(min(end, ts + args.ensemble_share * args.budget), args.sizes, 50,
+                                           args.device, args.ensemble_modes, args.ensemble_precisions, args.peak_tflops)
             elif stage == "resume":
                 got = stage_resume(out, args.device)
             elif stage == "determinism":

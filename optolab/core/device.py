@@ -8,7 +8,10 @@ Rules:
 - Everything random is drawn on the CPU and then moved: the model is initialised on the CPU from
   ``seeds.init`` and moved once; batches, eval sets and clamp constants are made on the CPU and
   moved to the run's device. So a run's initial weights and data are the same on every device,
-  and two devices differ only in the arithmetic (float rounding and kernel choice).
+  and two devices differ only in the arithmetic (float rounding and kernel choice). The one
+  exception keeps that promise: a task on the counter stream (``task.data_stream: counter``,
+  :mod:`optolab.tasks.counter`) draws training batches on the device from integer hashes that
+  every device computes exactly.
 - Files are device-free: checkpoints hold CPU tensors and load onto any device, so a run
   trained on a GPU resumes and evaluates on a CPU (:mod:`optolab.model.checkpoint`).
 - ``precision``: ``fp32`` (the default: float32 arithmetic everywhere); ``tf32`` (float32

@@ -25,21 +25,29 @@ Rules:
   ``Spec()``) and ``spec_strategy()`` a hypothesis strategy of small valid specs for the contract
   tests (default None: :mod:`optolab.testing` derives one from ``Spec``'s fields). A built-in is
   any module of :mod:`optolab.tasks` defining a class with ``kind`` (found, not listed).
+- ``data_stream`` says where training batches' randomness comes from: ``torch`` (the default, a
+  ``torch.Generator`` per batch, :func:`rng`) or ``counter`` (:mod:`optolab.tasks.counter`, the
+  same numbers on every device; a separate stream). A spec lists the streams its task has in
+  ``DATA_STREAMS``; any other is refused in one line. The default is left out of dumps, so specs
+  and resolved protocols written before the field existed are unchanged. A task with the counter
+  stream also has ``train_batches(seeds, step, batch_size, device)``: every seed's batch at once,
+  stacked on a leading member axis and drawn on ``device`` (equal to ``train_batch`` per seed).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Int
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 from torch import Tensor
 
 from optolab.core.device import to_device
+from optolab.core.errors import SpecError
 from optolab.core.strict import StrictModel
 
 IGNORE = -100
@@ -56,6 +64,28 @@ class TaskSpec(StrictModel):
     generator: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
                                   description="package.module:TaskClass of a user generator")
     task_seed: int = Field(0, description="seeds what defines the task itself (prototypes, splits)")
+    data_stream: Literal["torch", "counter"] = Field(
+        "torch", description="training batches' randomness: torch (default) or counter (same on every device)")
+
+    # the data streams this spec's task has (see the module rules)
+    DATA_STREAMS: ClassVar[tuple[str, ...]] = ("torch",)
+
+    @model_validator(mode="after")
+    def _stream(self) -> TaskSpec:
+        if self.data_stream not in self.DATA_STREAMS:
+            having = sorted({c.model_fields["kind"].default for c in _spec_classes()
+                             if "counter" in c.DATA_STREAMS and isinstance(c.model_fields["kind"].default, str)})
+            raise SpecError("data_stream", f"task kind '{self.kind}' has no {self.data_stream} data stream "
+                            f"(it has: {', '.join(self.DATA_STREAMS)}; the counter stream is built for "
+                            f"{', '.join(having) or 'no task'}).", "remove data_stream (or set it to torch).")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
+        out = handler(self)
+        if isinstance(out, dict) and out.get("data_stream") == "torch":
+            out.pop("data_stream")  # the default: dumps stay as they were before the field
+        return out
 
     def static_bytes(self) -> int:
         """Memory the task allocates up front (exemplar banks, tables): checked by
@@ -115,6 +145,39 @@ class Batch:
             return self
         moved = {k: to_device(v, device) for k, v in vars(self).items()}
         return Batch(**moved)
+
+
+def _split(t: Any, S: int) -> Any:
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t.reshape(S, t.shape[0] // S, *t.shape[1:]) if t.shape[0] % S == 0 and t.shape[0] >= S else \
+        t.expand(S, *t.shape)  # a field shared by every row (``batch_or_1``)
+
+
+def stacked(flat: Batch, S: int) -> Batch:
+    """``flat`` (``S · b`` rows, member-major) as ``S`` batches stacked on a leading member axis."""
+    fields = {k: _split(v, S) for k, v in vars(flat).items() if k not in ("inputs", "extra")}
+    return Batch(inputs=tuple(_split(t, S) for t in flat.inputs), **fields,
+                 extra={k: _split(v, S) for k, v in flat.extra.items()})
+
+
+def unstacked(batch: Batch, i: int) -> Batch:
+    """Member ``i`` of a stacked batch (see :func:`stacked`)."""
+    def one(t: Any) -> Any:
+        return t[i] if isinstance(t, torch.Tensor) else t
+
+    fields = {k: one(v) for k, v in vars(batch).items() if k not in ("inputs", "extra")}
+    return Batch(inputs=tuple(one(t) for t in batch.inputs), **fields,
+                 extra={k: one(v) for k, v in batch.extra.items()})
+
+
+def _spec_classes() -> list[type[TaskSpec]]:
+    todo, seen = [TaskSpec], []
+    while todo:
+        cls = todo.pop()
+        seen.append(cls)
+        todo.extend(cls.__subclasses__())
+    return seen
 
 
 def rng(*keys: int) -> torch.Generator:

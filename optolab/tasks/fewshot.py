@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from optolab.core.errors import SpecError
-from optolab.tasks.base import IGNORE, Batch, Holdout, TaskSpec, rng
+import optolab.tasks.counter as counter
+from optolab.tasks.base import IGNORE, Batch, Holdout, TaskSpec, rng, stacked, unstacked
 from optolab.tasks.exemplars import Design, ExemplarLabelTask, default_scale, exemplar_bank
 
 SPLITS = ("fsl_train", "fsl_val_rl", "fsl_train_valex", "fsl_test_class")
@@ -59,6 +61,8 @@ class FewshotSpec(TaskSpec):
     n_labels: int = Field(5, ge=2, description="labels re-drawn per sequence (fs_relabel)")
     heldout_label_frac: float = Field(0.2, ge=0, lt=1, description="label sets held out of training")
     task_seed: int = Field(20, description="seeds prototypes and the label-set split")
+
+    DATA_STREAMS: ClassVar[tuple[str, ...]] = ("torch", "counter")
 
     def static_bytes(self) -> int:
         bank = (self.n_train_classes + self.n_test_classes) * self.n_exemplars * max(self.dim, self.latent_dim)
@@ -123,7 +127,8 @@ class FewshotTask(ExemplarLabelTask):
                 n_exemplars=n_exemplars, train_exemplars=draw(st.integers(1, n_exemplars - 1)),
                 dim=draw(st.integers(2, 24)), design=draw(st.sampled_from(["relu_lowrank", "lowrank", "relu", "isotropic"])),
                 latent_dim=draw(st.integers(1, 6)), noise=draw(st.floats(0, 1)), context_pairs=context_pairs,
-                burstiness=burstiness, n_labels=n_labels, heldout_label_frac=held, task_seed=draw(task_seeds))
+                burstiness=burstiness, n_labels=n_labels, heldout_label_frac=held, task_seed=draw(task_seeds),
+                data_stream=draw(st.sampled_from(["torch", "counter"])))
 
         return draw_spec()
 
@@ -181,6 +186,8 @@ class FewshotTask(ExemplarLabelTask):
     # --- batches ------------------------------------------------------------------------
 
     def train_batch(self, seed: int, step: int, batch_size: int) -> Batch:
+        if self.spec.data_stream == "counter":
+            return unstacked(self.train_batches([seed], step, batch_size), 0)
         return self._sample(rng(seed, 101, step), batch_size, classes="train", exemplars="train",
                             labels="train")
 
@@ -196,27 +203,48 @@ class FewshotTask(ExemplarLabelTask):
         return self._sample(rng(seed, 202, SPLITS.index(split)), n, classes=classes,
                             exemplars=exemplars, labels=labels)
 
+    def train_batches(self, seeds: Sequence[int], step: int, batch_size: int,
+                      device: torch.device | str = "cpu") -> Batch:
+        """The counter stream's training batches of every seed at ``step``, stacked ``[S, batch, …]``
+        and drawn on ``device``; ``train_batch`` is this for one seed on the CPU."""
+        s = self.spec
+        N, k, b = s.context_pairs, s.n_distinct, batch_size
+        device = torch.device(device)
+        key = counter.keys(seeds, 101, step, device=device)  # [S]
+        S = len(key)
+        # one draw, in this order: class keys, context order, label set, label order, exemplars
+        w_cls, w_perm, w_set, w_lab, w_ex = counter.draws(key, [(b, s.n_train_classes), (b, N), (b,), (b, k),
+                                                                (b, N + 1)])
+        cls = counter.order(w_cls).topk(k, dim=-1).indices  # [S, b, k], distinct; slot 0 the query's
+        perm = counter.order(w_perm).argsort(dim=-1)
+        sets = self._on(device)["train"]
+        chosen = sets[counter.below(w_set, len(sets))]  # [S, b, k]
+        label_order = counter.order(w_lab).argsort(dim=-1)
+        ex = counter.below(w_ex, s.train_exemplars)
+        flat = self._assemble(cls.reshape(S * b, k), perm.reshape(S * b, N), chosen.reshape(S * b, k),
+                              label_order.reshape(S * b, k), ex.reshape(S * b, N + 1), self._on(device)["bank"])
+        return stacked(flat, S)
+
+    def _on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The exemplar bank and the train label sets on ``device`` (moved once per device)."""
+        cache = self.__dict__.setdefault("_device_copies", {})
+        if device not in cache:
+            cache[device] = {"bank": self.exemplars.to(device), "train": self.label_sets["train"].to(device)}
+        return cache[device]
+
     def _sample(self, g: torch.Generator, b: int, *, classes: str, exemplars: str, labels: str) -> Batch:
         s = self.spec
-        N, B, k = s.context_pairs, s.burstiness, s.n_distinct
+        N, k = s.context_pairs, s.n_distinct
         n_cls = s.n_train_classes if classes == "train" else s.n_test_classes
         offset = 0 if classes == "train" else s.n_train_classes
 
         # distinct classes per sequence: slot 0 is the query's class, slots 1.. the distractors
         cls = torch.rand(b, n_cls, generator=g).topk(k, dim=1).indices + offset  # [b, k], distinct
-        # context items: B of slot 0, one of each distractor slot, shuffled
-        slots = torch.cat([torch.zeros(B, dtype=torch.long), torch.arange(1, k)])  # [N]
-        perm = torch.rand(b, N, generator=g).argsort(dim=1)
-        ctx_slot = slots[perm]  # [b, N]
-        item_slot = torch.cat([ctx_slot, torch.zeros(b, 1, dtype=torch.long)], dim=1)  # + query
-        item_cls = cls.gather(1, item_slot)  # [b, N+1]
-
+        perm = torch.rand(b, N, generator=g).argsort(dim=1)  # the context's order
         # labels: an allowed unordered set, randomly ordered; slot j gets label order[j]
         sets = self.label_sets[labels]
         chosen = sets[torch.randint(len(sets), (b,), generator=g)]  # [b, k]
-        slot_label = chosen.gather(1, torch.rand(b, k, generator=g).argsort(dim=1))  # [b, k]
-        ctx_labels = slot_label.gather(1, ctx_slot)  # [b, N]
-        query_label = slot_label[:, 0]
+        label_order = torch.rand(b, k, generator=g).argsort(dim=1)
 
         if exemplars == "train":
             ex = torch.randint(s.train_exemplars, (b, N + 1), generator=g)
@@ -224,18 +252,36 @@ class FewshotTask(ExemplarLabelTask):
             ex = torch.randint(s.train_exemplars, s.n_exemplars, (b, N + 1), generator=g)
         else:
             ex = torch.zeros(b, N + 1, dtype=torch.long)
-        x = self.exemplars[item_cls, ex]  # [b, N+1, dim]
+        return self._assemble(cls, perm, chosen, label_order, ex, self.exemplars)
+
+    def _assemble(self, cls: torch.Tensor, perm: torch.Tensor, chosen: torch.Tensor, label_order: torch.Tensor,
+                  ex: torch.Tensor, bank: torch.Tensor) -> Batch:
+        """A batch from its draws (no randomness here): ``cls`` ``[b, k]`` the distinct classes (slot
+        0 the query's), ``perm`` ``[b, N]`` the context's order of slots, ``chosen`` the label set,
+        ``label_order`` its order over slots, ``ex`` ``[b, N+1]`` the exemplar indices."""
+        s = self.spec
+        N, B, k = s.context_pairs, s.burstiness, s.n_distinct
+        b, dev = cls.shape[0], cls.device
+        # context items: B of slot 0, one of each distractor slot, shuffled
+        slots = torch.cat([torch.zeros(B, dtype=torch.long, device=dev), torch.arange(1, k, device=dev)])  # [N]
+        ctx_slot = slots[perm]  # [b, N]
+        item_slot = torch.cat([ctx_slot, torch.zeros(b, 1, dtype=torch.long, device=dev)], dim=1)  # + query
+        item_cls = cls.gather(1, item_slot)  # [b, N+1]
+        slot_label = chosen.gather(1, label_order)  # [b, k]
+        ctx_labels = slot_label.gather(1, ctx_slot)  # [b, N]
+        query_label = slot_label[:, 0]
+        x = bank[item_cls, ex]  # [b, N+1, dim]
 
         n_ctx = 2 * N + 1
-        targets = torch.full((b, n_ctx), IGNORE, dtype=torch.long)
+        targets = torch.full((b, n_ctx), IGNORE, dtype=torch.long, device=dev)
         targets[:, -1] = query_label
-        label_pos = torch.arange(1, 2 * N, 2)
-        match = torch.zeros(b, n_ctx, dtype=torch.bool)
-        nonmatch = torch.zeros(b, n_ctx, dtype=torch.bool)
+        label_pos = torch.arange(1, 2 * N, 2, device=dev)
+        match = torch.zeros(b, n_ctx, dtype=torch.bool, device=dev)
+        nonmatch = torch.zeros(b, n_ctx, dtype=torch.bool, device=dev)
         is_match = ctx_labels == query_label[:, None]
         match[:, label_pos] = is_match
         nonmatch[:, label_pos] = ~is_match
-        present = torch.zeros(b, s.n_labels, dtype=torch.bool).scatter_(1, ctx_labels, True)
+        present = torch.zeros(b, s.n_labels, dtype=torch.bool, device=dev).scatter_(1, ctx_labels, True)
         return Batch(inputs=(x, ctx_labels), targets=targets, match_mask=match, nonmatch_mask=nonmatch,
                      context_labels=present,
                      extra={"classes": item_cls, "exemplar_ids": ex, "query_label": query_label,

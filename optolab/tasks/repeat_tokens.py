@@ -19,13 +19,15 @@ Rules:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from optolab.core.errors import SpecError
-from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng
+import optolab.tasks.counter as counter
+from optolab.tasks.base import IGNORE, Batch, ModelIO, Task, TaskSpec, rng, stacked, unstacked
 from optolab.tasks.tokens import induction_targets
 
 
@@ -36,6 +38,8 @@ class RepeatTokensSpec(TaskSpec):
     seq_len_min: int | None = Field(None, ge=1, description="draw L per sequence from [seq_len_min, seq_len]")
     n_repeats: int = Field(3, ge=2, description="copies of the random segment (R)")
     loss_on: Literal["all", "repeats"] = "all"
+
+    DATA_STREAMS: ClassVar[tuple[str, ...]] = ("torch", "counter")
 
     @model_validator(mode="after")
     def _lengths(self) -> RepeatTokensSpec:
@@ -72,7 +76,8 @@ class RepeatTokensTask(Task):
             variable = draw(st.booleans())
             return RepeatTokensSpec(n_tokens=draw(st.integers(2, 40)), seq_len=seq_len,
                                     seq_len_min=draw(st.integers(shortest, seq_len)) if variable else None,
-                                    n_repeats=n_repeats, loss_on=loss_on)
+                                    n_repeats=n_repeats, loss_on=loss_on,
+                                    data_stream=draw(st.sampled_from(["torch", "counter"])))
 
         return draw_spec()
 
@@ -112,7 +117,26 @@ class RepeatTokensTask(Task):
         return self.spec.n_tokens, self.bos
 
     def train_batch(self, seed: int, step: int, batch_size: int) -> Batch:
+        if self.spec.data_stream == "counter":
+            return unstacked(self.train_batches([seed], step, batch_size), 0)
         return self._sample(rng(seed, 101, step), batch_size)
+
+    def train_batches(self, seeds: Sequence[int], step: int, batch_size: int,
+                      device: torch.device | str = "cpu") -> Batch:
+        """The counter stream's training batches of every seed at ``step``, stacked ``[S, batch, …]``
+        and drawn on ``device``; ``train_batch`` is this for one seed on the CPU."""
+        s, b = self.spec, batch_size
+        key = counter.keys(seeds, 101, step, device=device)  # [S]
+        S = len(key)
+        # one draw, in this order: the segment, its length, the filler
+        w_seg, w_len, w_fill = counter.draws(key, [(b, s.seq_len), (b, 1), (b, self.n_ctx - 1)])
+        segment = counter.below(w_seg, s.n_tokens)
+        L = None
+        if s.seq_len_min is not None:
+            span = s.seq_len - s.seq_len_min + 1
+            L = (s.seq_len_min + counter.below(w_len, span)).reshape(S * b, 1)
+        filler = counter.below(w_fill, s.n_tokens)
+        return stacked(self._assemble(segment.reshape(S * b, -1), L, filler.reshape(S * b, -1)), S)
 
     def eval_batch(self, split: str, seed: int, n: int) -> Batch:
         self.check_split(split)
@@ -120,17 +144,23 @@ class RepeatTokensTask(Task):
 
     def _sample(self, g: torch.Generator, b: int) -> Batch:
         s = self.spec
-        n = self.n_ctx - 1  # positions after BOS
         segment = torch.randint(s.n_tokens, (b, s.seq_len), generator=g)
-        if s.seq_len_min is None:
-            L = torch.full((b, 1), s.seq_len)
-        else:
-            L = torch.randint(s.seq_len_min, s.seq_len + 1, (b, 1), generator=g)
-        pos = torch.arange(n)[None, :]  # [1, n]
+        L = None if s.seq_len_min is None else torch.randint(s.seq_len_min, s.seq_len + 1, (b, 1), generator=g)
+        filler = torch.randint(s.n_tokens, (b, self.n_ctx - 1), generator=g)
+        return self._assemble(segment, L, filler)
+
+    def _assemble(self, segment: torch.Tensor, L: torch.Tensor | None, filler: torch.Tensor) -> Batch:
+        """A batch from its draws (no randomness here): the segments ``[b, seq_len]``, their
+        lengths ``[b, 1]`` (None: ``seq_len``) and the filler ``[b, n_ctx − 1]``."""
+        s = self.spec
+        b, dev = segment.shape[0], segment.device
+        n = self.n_ctx - 1  # positions after BOS
+        if L is None:
+            L = torch.full((b, 1), s.seq_len, device=dev)
+        pos = torch.arange(n, device=dev)[None, :]  # [1, n]
         in_copies = pos < L * s.n_repeats  # [b, n]
-        filler = torch.randint(s.n_tokens, (b, n), generator=g)
         body = torch.where(in_copies, segment.gather(1, (pos % L).expand(b, n)), filler)
-        tokens = torch.cat([torch.full((b, 1), self.bos), body], dim=1)
+        tokens = torch.cat([torch.full((b, 1), self.bos, device=dev), body], dim=1)
         # the target at position p is token p+1 = body[p]: keep it if body[p] is in the copies
         # "repeats": from the second token of copy 2 on (the first follows copy 1's last token,
         # whose earlier occurrences do not predict it)

@@ -139,8 +139,8 @@ def iid_excluding(probs: Float[Tensor, "n"], draws: Int[Tensor, "batch m"], excl
 def induction_targets(L: torch.Tensor, n_repeats: int, n_ctx: int, prefix: int) -> torch.Tensor:
     """``[b, q, k]``: key ``k`` is the token after an earlier copy of query ``q``'s segment
     position, for segments of length ``L[b]`` repeated ``n_repeats`` times after ``prefix``."""
-    q = torch.arange(n_ctx)[None, :, None] - prefix  # segment coordinates
-    k = torch.arange(n_ctx)[None, None, :] - prefix
+    q = torch.arange(n_ctx, device=L.device)[None, :, None] - prefix  # segment coordinates
+    k = torch.arange(n_ctx, device=L.device)[None, None, :] - prefix
     L = L.reshape(-1, 1, 1)
     gap = q - k + 1  # = m·L for the m-th earlier copy
     return (q >= L) & (q < L * n_repeats) & (k >= 1) & (gap >= L) & (gap % L == 0)

@@ -101,6 +101,8 @@ def specs(spec_cls: type[TaskSpec], **fixed: Any) -> st.SearchStrategy:
                 data[name] = draw(value) if isinstance(value, st.SearchStrategy) else value
             elif name == "task_seed":
                 data[name] = draw(task_seeds)
+            elif name == "data_stream":  # only the streams the task has
+                data[name] = draw(st.sampled_from(spec_cls.DATA_STREAMS))
             else:
                 data[name] = draw(_field_strategy(info))
         try:

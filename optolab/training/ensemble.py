@@ -10,7 +10,8 @@ Rules:
   :class:`~optolab.training.runbook.RunBook`, exactly as if it had run alone.
 - Training: each member trains on the solo run's batch for its data seed
   (``task.train_batch(seeds.data, step, …)``, or the shared ``data`` schedule's), drawn once per
-  distinct data seed and a few steps ahead (:mod:`optolab.training.batches`); the forward pass is
+  distinct data seed and a few steps ahead (:mod:`optolab.training.batches`; on the counter stream,
+  every member's at once on the run's device); the forward pass is
   ``torch.func.vmap`` over members of the model's own ``forward`` with the member's parameters
   (``functional_call``), so every op runs once for all members. Clamps act through site hooks on
   a shared skeleton (:class:`~optolab.training.compiled.SiteDispatch`) running one program per step: a condition's own program when all members share it, else the
@@ -120,6 +121,14 @@ def _stack_batches(batches: list[Batch]) -> tuple[dict[str, Tensor], dict, int]:
         len(batches[0].inputs)
 
 
+def _stacked_fields(batch: Batch) -> tuple[dict[str, Tensor], dict, int]:
+    """:func:`_stack_batches`' result for a batch already stacked on a member axis (``extra`` is
+    the first member's, as there: the step reads no ``extra``)."""
+    tensors, rest = _batch_fields(batch)
+    rest["extra"] = {k: v[0] if isinstance(v, Tensor) else v for k, v in rest.get("extra", {}).items()}
+    return tensors, rest, len(batch.inputs)
+
+
 def _unstack_batch(tensors: dict[str, Tensor], rest: dict, n_inputs: int) -> Batch:
     inputs = tuple(tensors[f"inputs.{i}"] for i in range(n_inputs))
     kwargs = {k: v for k, v in tensors.items() if not k.startswith("inputs.")}
@@ -156,10 +165,15 @@ class _Step:
     parameters' gradients and each member's loss."""
 
     def __init__(self, skeleton: nn.Module, conditions: Conditions, names: list[str], compiled: bool,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), options: dict | None = None) -> None:
+        """``options``: the compiler's (default :func:`step_options`); ``benchmarks/gpu_check.py``
+        adds ``triton.cudagraphs`` to capture the step once on a GPU. Training runs do not yet: it
+        is untested on a GPU, and a captured graph's outputs are overwritten by its next replay, so
+        every use of a step's gradients and losses must end before the next step."""
         self.conditions, self.names, self.compiled = conditions, names, compiled
         self.dispatch = SiteDispatch(skeleton)
-        self.fn = compile_fn(self._grads, step_options(device)) if compiled else self._grads
+        self.fn = compile_fn(self._grads, step_options(device) if options is None else options) if compiled \
+            else self._grads
         self.keys = CallKeys()
         self._unused: dict[tuple, dict[str, list[int]]] = {}
 
@@ -310,7 +324,7 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     if compiled:
         fresh_caches()
     S = len(protocols)
-    draw = Batches(source, [p.seeds.data for p in protocols], bs, total)
+    draw = Batches(source, [p.seeds.data for p in protocols], bs, total, device=device)
 
     alive = [True] * S
     failed: dict[int, RunFailed] = {}
@@ -340,8 +354,10 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
                                 alive[i], ended[i] = False, b.finish(step)
                 if step >= total or (stop_after is not None and step >= stop_after) or not any(alive):
                     break
-                batches = draw(step)
-                tensors, rest, n_inputs = to_device(_stack_batches(batches), device)  # one move per step
+                if draw.device is not None:  # the counter stream: drawn stacked, on the device
+                    tensors, rest, n_inputs = _stacked_fields(draw.stacked(step))
+                else:
+                    tensors, rest, n_inputs = to_device(_stack_batches(draw(step)), device)  # one move per step
 
                 keys = torch.stack([call_key(p.seeds.init, p.seeds.data, step, True) for p in protocols]).to(device)
                 with cast:

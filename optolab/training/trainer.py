@@ -39,7 +39,7 @@ from optolab.model.transformer import Transformer, build_model
 from optolab.protocol.data_schedule import train_data
 from optolab.protocol.schema import Protocol
 from optolab.tasks import IGNORE, Task, make_task
-from optolab.tasks.base import Batch
+from optolab.tasks.base import Batch, unstacked
 from optolab.training.batches import Batches
 from optolab.training.compiled import CompiledForward, fresh_caches, require_compiler
 from optolab.training.compiled_step import CompiledStep
@@ -134,7 +134,8 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     bar = tqdm(total=total, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
                desc=protocol.name, mininterval=0.5)
     model.train()
-    draw = Batches(source, [protocol.seeds.data], bs, total)
+    # the counter stream draws on a GPU itself (on the CPU the draws ahead are the same numbers)
+    draw = Batches(source, [protocol.seeds.data], bs, total, device=None if device.type == "cpu" else device)
     cast = autocast(device, t.precision)
     try:
         with numerics(device, t.precision, t.deterministic, t.flush_denormals):
@@ -143,7 +144,7 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
                     bar.set_postfix({f"{task.main_split} loss": f"{book.last_loss:.3f}"}, refresh=False)
                 if book.done(step) or (stop_after is not None and step >= stop_after):
                     break
-                batch = draw(step)[0].to_device(device)
+                batch = unstacked(draw.stacked(step), 0) if draw.device is not None else draw(step)[0].to_device(device)
                 with cast:
                     loss = update(batch, step)
                 book.check_loss(step, loss)
