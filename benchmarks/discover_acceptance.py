@@ -104,9 +104,8 @@ def reuse_screen(out: Path, spec, record: dict, seeds: int, workers) -> tuple[di
     if listed:
         data = {"name": "fixed_rest", "protocol": str((FILE.parent / spec.protocol).resolve()), "seeds": [0],
                 "set": spec.set, "conditions": listed, "stop_at_answer": False, "run_figures": False}
-        if not any(c["name"] == ref for c in listed):
-            data["conditions"].insert(0, {"name": ref, "seeds": [], "set": {"train.stop": rule(None)}})
-        data["reference"] = ref
+        if any(c["name"] == ref for c in listed):
+            data["reference"] = ref
         (out / "fixed_rest.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         run_sweep(out / "fixed_rest.yaml", rest, workers=workers, max_runs=10_000)
     wall = time.monotonic() - t1
