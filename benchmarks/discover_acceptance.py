@@ -187,7 +187,9 @@ def main() -> int:
         ok = f is not None and ((mine.startswith("effect") and theirs == mine) or
                                 (not mine.startswith("effect") and not theirs.startswith("effect")))
         agree += ok
-        ci = lambda v: f"{v['ratio'] if v['ratio'] is not None else float('inf'):.3g} [{v['ci'][0]}, {v['ci'][1]}]"  # noqa: E731
+        ci = lambda v: (f"{v['ratio'] if v['ratio'] is not None else float('inf'):.3g} "  # noqa: E731
+                        f"[{v['ci'][0] if v['ci'][0] is None else format(v['ci'][0], '.3g')}, "
+                        f"{v['ci'][1] if v['ci'][1] is None else format(v['ci'][1], '.3g')}]")
         print(f"| {n} | {mine} | {ci(shown)} ({shown['n_pairs']}) | {theirs} | {ci(f) if f else '-'} | "
               f"{'yes' if ok else 'no'} |")
     print()
