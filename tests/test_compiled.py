@@ -34,8 +34,8 @@ def _groups(tmp_path) -> dict[str, list[dict]]:
     save_file({"p": torch.full((5, 5), 0.2)}, str(pattern))
     return {
         "none": [],
-        # one pass, many site kinds; perfect_match has a window, so the run switches programs and
-        # back (after step 25 the first program's graph must be chosen again: CallKeys)
+        # one pass, many site kinds; perfect_match has a window, an input of the compiled program
+        # (ctx.live: tests/test_windows.py)
         "site clamps": [
             {"kind": "ablate", "site": "v1", "heads": [0], "how": "zero"},
             {"kind": "ablate", "site": "result0", "heads": [1], "how": "mean"},
@@ -49,7 +49,10 @@ def _groups(tmp_path) -> dict[str, list[dict]]:
             {"kind": "scale", "site": "scores1", "factor": 2.0},
             {"kind": "add", "site": "embed", "value": 0.1},
         ],
-        "two passes": [{"kind": "preserve", "site": "pattern0"}, {"kind": "preserve", "site": "pattern1"},
+        # a preserve adds a pass, so its window switches programs and back (after step 25 the first
+        # program's graph must be chosen again: CallKeys)
+        "two passes": [{"kind": "preserve", "site": "pattern0"},
+                       {"kind": "preserve", "site": "pattern1", "window": {"start": 10, "stop": 25, "unit": "steps"}},
                        {"kind": "ablate", "site": "v0", "heads": [1]},
                        {"kind": "perfect_copy", "layer": 1, "head": 3}],
         # the layer clamp cuts block 0 off the loss until step 25: no gradient, so no Adam update

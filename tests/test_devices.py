@@ -142,6 +142,25 @@ def test_compile_auto_picks_as_documented(monkeypatch):
     assert not core_device.decide_compile(long, cpu)  # auto without a compiler: eager, not an error
 
 
+def test_validate_says_what_compile_auto_will_do_and_why(monkeypatch):
+    from optolab.protocol.describe import describe_protocol
+
+    def described(**train) -> str:
+        return " ".join(" ".join(describe_protocol(validate_protocol(_protocol(device="cpu", **train)))).split())
+
+    short = described()  # 40 steps: auto runs eagerly, clamps on the protocol's engine
+    assert "; eager (train.compile: auto: 40 steps are fewer than the 10,000" in short
+    assert "applied through nnsight;" in short and "compiled path" not in short and "torch.compile (" not in short
+    assert "applied through the compiled path" in described(compile=True)
+    monkeypatch.setattr("optolab.core.device.shutil.which", lambda name: "/usr/bin/g++")
+    long = described(steps=core_device.AUTO_COMPILE_STEPS)
+    assert "every forward through torch.compile (train.compile: auto: 10,000 steps, at least" in long
+    assert "applied through the compiled path" in long
+    monkeypatch.setattr("optolab.core.device.shutil.which", lambda name: None)
+    assert "eager (train.compile: auto: torch.compile cannot build kernels for cpu" in described(
+        steps=core_device.AUTO_COMPILE_STEPS)
+
+
 def test_sweeps_know_gpu_jobs():
     job = [("r", {"train": {"device": "auto"}})]
     assert not gpu_jobs([job], 0) and gpu_jobs([job], 1)

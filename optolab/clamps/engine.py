@@ -14,6 +14,20 @@ Rules:
   the backward and the optimizer step after the ``with`` block.
 - Which clamps act is decided per call from the step and the phase (training or evaluation);
   the program for each distinct set of active clamps is built once and cached.
+- Windows as inputs (``windows=True``: the compiled path, so that moving a window, or crossing
+  its boundary, compiles nothing new). A clamp whose acting changes nothing but its own ops
+  (:func:`windowed`: no pass of its own, no output, nothing prepared) and that acts in the
+  phase at some steps but not all is *gated*: its ops are in the program at every step of the
+  phase, each as ``where(live[row, index], op(out), out)``, where ``live`` is a bool table made
+  outside the program from the step, the phase and the windows (:meth:`ClampForward.live`;
+  ``row`` is its condition in a union). The program is then keyed by the clamps it holds, never
+  by a window: one program, so one graph, for every step and every window of those clamps. A
+  gated-off op runs and is discarded: its value and its gradient are the activation's as it came
+  (an op must be finite where it is discarded, as ``torch.where`` multiplies its gradient by
+  zero). Clamps that add passes, define the output or prepare inputs still switch programs at
+  their boundaries (running their passes outside their windows would cost a pass per step).
+  Which parameters a step's loss does not depend on is still asked of the program of the clamps
+  acting now (:meth:`ClampForward.program_at`), so updates equal the switching path's.
 - Each call gets a random key from the run's seeds, the step and the phase
   (:mod:`optolab.clamps.rng`) and its step as a tensor (:func:`~optolab.clamps.values.call_inputs`);
   ops that draw random numbers or follow a schedule read them from the pass context.
@@ -67,12 +81,30 @@ class Program:
 RankedOps = list[tuple[str, int, Op]]  # (site, rank, op)
 
 
-def program_parts(plan: Plan, active: list[Planned],
-                  save: Sequence[str]) -> tuple[list[tuple[str, RankedOps]], tuple[str, str, int] | None]:
+def windowed(c: Planned) -> bool:
+    """Clamp ``c``'s window can be an input of the program (see the module rules): while it does
+    not act, its ops passing the activation through is all that differs."""
+    s = c.spec
+    return (s.acts_on_forward and not s.needs and not s.excludes_main() and not s.defines_output
+            and type(s).prepare is ClampSpec.prepare)
+
+
+def live_op(op: Op, row: int, index: int) -> Op:
+    """``op`` where clamp ``index`` of condition ``row`` acts at this call (``ctx.live``), else
+    the activation as it came."""
+    def fn(out: Tensor, ctx: PassContext) -> Tensor:
+        return torch.where(ctx.live[row, index], op(out, ctx), out)
+    return fn
+
+
+def program_parts(plan: Plan, active: list[Planned], save: Sequence[str], gated: frozenset[int] = frozenset(),
+                  row: int = 0) -> tuple[list[tuple[str, RankedOps]], tuple[str, str, int] | None]:
     """The passes of the program for ``active`` as ranked op lists, in run order, and its copy
     output. ``rank`` orders the ops at one site (:mod:`optolab.clamps.kind`), so every record and
-    save sees the value the model goes on with."""
-    parts = Parts.of(active, plan.exemplar_label)
+    save sees the value the model goes on with. The ops of clamps in ``gated`` (indices) act by
+    ``ctx.live[row]`` (:func:`live_op`)."""
+    parts = Parts.of(active, plan.exemplar_label,
+                     lambda c, op: live_op(op, row, c.index) if c.index in gated else None)
     names = list(parts.ops)
     parts.ops[names[-1]] += [(s, 5, save_op(s)) for s in save]
     return list(parts.ops.items()), parts.output
@@ -87,8 +119,9 @@ def assemble(plan: Plan, name: str, ops: RankedOps) -> Pass:
     return Pass(name, list(by_site.items()))
 
 
-def build_program(plan: Plan, active: list[Planned], save: Sequence[str]) -> Program:
-    parts, output = program_parts(plan, active, save)
+def build_program(plan: Plan, active: list[Planned], save: Sequence[str],
+                  gated: frozenset[int] = frozenset()) -> Program:
+    parts, output = program_parts(plan, active, save, gated)
     prepared = [c for c in active if type(c.spec).prepare is not ClampSpec.prepare]
     return Program([assemble(plan, name, ops) for name, ops in parts], output, prepared)
 
@@ -133,6 +166,17 @@ def copy_logits(logits: Tensor, scores: Tensor, head: int, batch: Batch) -> Tens
     return torch.cat([logits[:, :-1], query[:, None]], dim=1)
 
 
+def live_table(rows: Sequence[Sequence[bool]], device: torch.device, cache: dict) -> Tensor:
+    """``PassContext.live``: one row per condition (padded with False), on ``device``; made once
+    per distinct table and kept in ``cache`` (a run has a few: they change at window boundaries)."""
+    width = max([1, *(len(r) for r in rows)])
+    key = (tuple(tuple(r) + (False,) * (width - len(r)) for r in rows), str(device))
+    table = cache.get(key)
+    if table is None:
+        table = cache[key] = torch.tensor(key[0], dtype=torch.bool, device=device)
+    return table
+
+
 class ClampForward(Forward):
     """A :class:`~optolab.model.forward.Forward` that applies a protocol's clamps. ``seeds``
     (init, data) key the random numbers ops draw."""
@@ -142,6 +186,8 @@ class ClampForward(Forward):
         self.backend = backend
         self.seeds = seeds
         self._programs: dict[tuple, Program] = {}
+        self._live: dict[tuple, Tensor] = {}
+        self._gated: dict[bool, frozenset[int]] = {}
         self._envoys: dict[int, tuple] = {}  # id(model) -> (model, its NNsight wrapper, envoys, passes)
         self._hooks: SiteHooks | None = None
         self._plain = PlainForward()
@@ -156,6 +202,46 @@ class ClampForward(Forward):
         total = self.plan.total_steps
         return [c for c in self._acting if c.when.active(step, training, total)]
 
+    def gated(self, training: bool) -> frozenset[int]:
+        """The clamps (indices) whose windows are inputs of the program in this phase (see the
+        module rules): windowed kinds acting at some of the phase's steps but not at all."""
+        gated = self._gated.get(training)
+        if gated is None:
+            total = self.plan.total_steps
+            gated = self._gated[training] = frozenset(
+                c.index for c in self._acting if windowed(c) and (c.when.train if training else c.when.eval)
+                and not (c.when.start <= 0 and c.when.stop >= total))
+        return gated
+
+    def in_program(self, step: int, training: bool, windows: bool) -> tuple[list[Planned], frozenset[int]]:
+        """The clamps in this call's program (protocol order) and which of them are gated: the
+        active ones, and with ``windows`` every gated one."""
+        if not windows:
+            return self.active(step, training), frozenset()
+        gated = self.gated(training)
+        total = self.plan.total_steps
+        return [c for c in self._acting if c.index in gated or c.when.active(step, training, total)], gated
+
+    def live(self, step: int, training: bool) -> list[bool]:
+        """Which clamps (by index) act at this call: ``PassContext.live``'s row for this plan."""
+        total = self.plan.total_steps
+        row = [False] * (1 + max((c.index for c in self.plan.clamps), default=-1))
+        for c in self._acting:
+            row[c.index] = c.when.active(step, training, total)
+        return row
+
+    def program_at(self, step: int, training: bool, save: Sequence[str] = (),
+                   windows: bool = False) -> Program | None:
+        """The program of this call (None when no clamp is in it), built once per set of clamps."""
+        clamps, gated = self.in_program(step, training, windows)
+        if not clamps:
+            return None
+        key = (tuple(c.index for c in clamps), tuple(sorted(gated)), tuple(save))
+        program = self._programs.get(key)
+        if program is None:
+            program = self._programs[key] = build_program(self.plan, clamps, save, gated)
+        return program
+
     def __call__(self, model: nn.Module, batch: Batch, *, step: int, training: bool,
                  save: Sequence[str] = (), seeds: tuple[int, int] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """As any Forward; ``seeds`` stands in for the forward's own (an ensemble member's evals)."""
@@ -167,21 +253,22 @@ class ClampForward(Forward):
         return program_logits(program, logits, ctx, batch), ctx.saved
 
     def prepare(self, model: nn.Module, batch: Batch, step: int, training: bool,
-                save: Sequence[str] = (), seeds: tuple[int, int] | None = None) -> tuple[Program | None, dict]:
+                save: Sequence[str] = (), seeds: tuple[int, int] | None = None,
+                windows: bool = False) -> tuple[Program | None, dict]:
         """Everything before the passes: parameter clamps' sources applied, the program of the
-        clamps active at ``step`` (None when none is), and the call's inputs to the pass context:
-        what clamps prepare outside the passes, the random key and the step."""
+        clamps active at ``step`` (with ``windows``, of every clamp gated in the phase too; None
+        when no clamp is in it), and the call's inputs to the pass context: what clamps prepare
+        outside the passes, the random key, the step and, for a gated program, ``live``."""
         self._apply_sources(model, step)
-        active = self.active(step, training)
-        if not active:
-            return None, {}
-        key = (tuple(c.index for c in active), tuple(save))
-        program = self._programs.get(key)
+        program = self.program_at(step, training, save, windows)
         if program is None:
-            program = self._programs[key] = build_program(self.plan, active, save)
+            return None, {}
         init, data = self.seeds if seeds is None else seeds
+        device = batch.targets.device
+        live = live_table([self.live(step, training)], device, self._live) if windows and self.gated(training) \
+            else None
         return program, {"prepared": {c.index: c.spec.prepare(c, batch) for c in program.prepared},
-                         **call_inputs(call_key(init, data, step, training, batch.targets.device), step)}
+                         **call_inputs(call_key(init, data, step, training, device), step, live)}
 
     # --- one pass ------------------------------------------------------------------------
 

@@ -24,6 +24,8 @@ Rules for a kind:
   rank)``. Ranks order the ops at one site: 0 read the input, 1 preserve, 2 clamps, 3 recipe
   writes, 4 records, 5 saves. An op never writes in place into ``out`` (autograd saved it, and
   nnsight assigns the result back): it returns a new tensor (``torch.where`` on the selection).
+  Its value and gradient stay finite on any activation: the compiled path runs a windowed
+  clamp's ops outside its window too, discarded by ``torch.where`` (:mod:`optolab.clamps.engine`).
 - **What an op may read**: the activation ``out`` (as earlier ops left it), the pass context
   (:class:`~optolab.clamps.values.PassContext`): the batch, what earlier ops recorded, what
   :meth:`ClampSpec.prepare` computed outside the passes, the call's step as tensors
@@ -188,6 +190,7 @@ class Parts:
         self.exemplar_label = exemplar_label
         self.ops: dict[str, list[tuple[str, int, Op]]] = {n: [] for n in names}
         self.output: tuple[str, str, int] | None = None  # (pass, scores site, head) whose scores are the logits
+        self._wrap: Callable[[Op], Op] | None = None  # what the contributing clamp's ops go through
 
     @property
     def forward_passes(self) -> list[str]:
@@ -196,18 +199,22 @@ class Parts:
 
     def add(self, pass_: str, site: str, rank: int, op: Op) -> None:
         if pass_ in self.ops:
-            self.ops[pass_].append((site, rank, op))
+            self.ops[pass_].append((site, rank, op if self._wrap is None else self._wrap(op)))
 
     @classmethod
-    def of(cls, active: list[Planned], exemplar_label: bool) -> Parts:
-        """The passes ``active`` need, in order (``main`` unless one excludes it), with their ops."""
+    def of(cls, active: list[Planned], exemplar_label: bool,
+           wrap: Callable[[Planned, Op], Op | None] | None = None) -> Parts:
+        """The passes ``active`` need, in order (``main`` unless one excludes it), with their ops;
+        ``wrap(c, op)``, where given, stands in for each op clamp ``c`` adds (None: ``op`` itself)."""
         specs = [c.spec for c in active]
         needed = set().union(*(set(s.needs) for s in specs))
         if not any(s.excludes_main() for s in specs):
             needed.add("main")
         parts = cls(pass_order(needed, pass_positions(specs)), exemplar_label)
         for c in active:  # protocol order
+            parts._wrap = None if wrap is None else (lambda op, c=c: wrap(c, op) or op)
             c.spec.contribute(c, parts)
+        parts._wrap = None
         return parts
 
 

@@ -27,6 +27,10 @@ Rules:
   exactly the solo program under ``vmap``.
 - Saves (evaluations) sit at the end of each condition's last pass, gated: a member keeps the
   values of its own program's last pass (:func:`gated_save`).
+- Windows as inputs (the compiled path asks with ``windows=True``): each condition's gated
+  clamps (:mod:`optolab.clamps.engine`) are in the union at every step of the phase, acting by
+  ``live[k, index]`` (row ``k``: condition ``k``), so conditions that differ only in their
+  windows (a window scan) share one program, and one graph, at every step.
 - Kinds that declare themselves unpackable (``graft``, ``freeze``) never reach a union
   (:func:`optolab.training.ensemble.why_not_packable`).
 """
@@ -39,7 +43,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from optolab.clamps.engine import ClampForward, Program, assemble, build_program, program_parts, saving
+from optolab.clamps.engine import (
+    ClampForward,
+    Program,
+    assemble,
+    build_program,
+    live_op,
+    live_table,
+    program_parts,
+    saving,
+)
 from optolab.clamps.kind import Op, Planned, pass_order, pass_positions
 from optolab.clamps.plan import Plan
 from optolab.clamps.rng import call_key
@@ -75,20 +88,22 @@ def gated_save(name: str, k: int) -> Op:
 
 
 def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Planned]],
-                  save: Sequence[str] = ()) -> Program:
-    """One program for members of several conditions (``plans[k]``, its clamps active now
-    ``actives[k]``), saving ``save``; see the module rules."""
+                  save: Sequence[str] = (), windowed: Sequence[frozenset[int]] | None = None) -> Program:
+    """One program for members of several conditions (``plans[k]``, its clamps in the program
+    ``actives[k]``, of which ``windowed[k]`` act by ``ctx.live[k]``), saving ``save``; see the
+    module rules."""
+    windowed = [frozenset()] * len(plans) if windowed is None else windowed
     live = [k for k, a in enumerate(actives) if a]
     if not live:
         return saving(save)
     if len(plans) == 1:
-        return build_program(plans[0], actives[0], save)
+        return build_program(plans[0], actives[0], save, windowed[0])
     common, actives = _common(plans, actives)
     by_pass: dict[str, list] = {}
     outputs: list[tuple[str, str | None, int | None]] = []
     for k, (plan, active) in enumerate(zip(plans, actives)):
         if active:
-            parts, output = program_parts(plan, active, ())
+            parts, output = program_parts(plan, active, (), windowed[k], row=k)
         else:
             parts, output = [("main", [])], None
         last = parts[-1][0]
@@ -99,11 +114,17 @@ def union_program(plans: Sequence[Plan | None], actives: Sequence[list[Planned]]
             by_pass.setdefault(name, []).extend(ranked)
         outputs.append(output if output is not None else (last, None, None))
     plan = plans[live[0]]
-    shared = [(c.site.name, c.spec.site_rank, c.spec.op(c, plan.exemplar_label)) for c in common]
+    # a common clamp is the same, in the same window, in every condition: condition 0's row says when it acts
+    shared = [(c.site.name, c.spec.site_rank, _maybe_live(c.spec.op(c, plan.exemplar_label), c, windowed[0]))
+              for c in common]
     positions = pass_positions(c.spec for active in actives for c in active)
     passes = [assemble(plan, name, by_pass[name] + (shared if name != "clean" else []))
               for name in pass_order(by_pass, positions)]
     return Program(passes, None, [], outputs)
+
+
+def _maybe_live(op: Op, c: Planned, windowed: frozenset[int]) -> Op:
+    return live_op(op, 0, c.index) if c.index in windowed else op
 
 
 def _common(plans: Sequence[Plan | None], actives: Sequence[list[Planned]]):
@@ -140,6 +161,7 @@ class Conditions:
         self.gates = torch.nn.functional.one_hot(torch.tensor(list(of_member)), len(self.forwards)).bool() \
             .to(self.device)
         self._programs: dict[tuple, Program] = {}
+        self._live: dict[tuple, Tensor] = {}
 
     def gate(self, k: int) -> Tensor:
         """Condition ``k``'s one-hot gate (``[condition]``)."""
@@ -152,12 +174,29 @@ class Conditions:
         """What decides the programs at ``step``: each condition's active clamps."""
         return tuple(tuple(c.index for c in a) for a in self._actives(step, training))
 
-    def program(self, step: int, training: bool = True, save: Sequence[str] = ()) -> Program:
-        key = (self.key(step, training), training, tuple(save))
+    def _in_program(self, step: int, training: bool,
+                    windows: bool) -> tuple[list[list[Planned]], list[frozenset[int]]]:
+        """Each condition's clamps in the program at ``step``, and its gated ones (see the module rules)."""
+        got = [f.in_program(step, training, windows) if isinstance(f, ClampForward) else ([], frozenset())
+               for f in self.forwards]
+        return [a for a, _ in got], [g for _, g in got]
+
+    def program(self, step: int, training: bool = True, save: Sequence[str] = (), windows: bool = False) -> Program:
+        """The union program at ``step``; with ``windows``, gated clamps act by ``ctx.live`` (:meth:`live`)."""
+        actives, gated = self._in_program(step, training, windows)
+        key = (tuple(tuple(c.index for c in a) for a in actives), training, tuple(save), windows)
         program = self._programs.get(key)
         if program is None:
-            program = self._programs[key] = union_program(self.plans, self._actives(step, training), save)
+            program = self._programs[key] = union_program(self.plans, actives, save, gated)
         return program
+
+    def live(self, step: int, training: bool = True) -> Tensor | None:
+        """``PassContext.live`` at ``step`` (a row per condition) for a program built with
+        ``windows``; None where no condition has gated clamps."""
+        if not any(f.gated(training) for f in self.forwards if isinstance(f, ClampForward)):
+            return None
+        rows = [f.live(step, training) if isinstance(f, ClampForward) else [] for f in self.forwards]
+        return live_table(rows, self.device, self._live)
 
     def own_program(self, k: int, step: int) -> Program:
         """Condition ``k``'s own training program at ``step`` (as its solo run's)."""
@@ -173,10 +212,11 @@ class Conditions:
             f.close()
 
     def prepare(self, model, batch, step: int, training: bool, save: Sequence[str] = (),
-                seeds: tuple[int, int] | None = None) -> tuple[Program, dict]:
+                seeds: tuple[int, int] | None = None, windows: bool = False) -> tuple[Program, dict]:
         """As :meth:`ClampForward.prepare <optolab.clamps.engine.ClampForward.prepare>`: the union
         program of this call (nothing is prepared: grafts are never packed), the random key of
-        the member whose ``seeds`` these are, and the step."""
+        the member whose ``seeds`` these are, the step and (with ``windows``) ``live``."""
         init, data = seeds if seeds is not None else (0, 0)
-        return self.program(step, training, save), {
-            "prepared": {}, **call_inputs(call_key(init, data, step, training, batch.targets.device), step)}
+        key = call_key(init, data, step, training, batch.targets.device)
+        return self.program(step, training, save, windows), {
+            "prepared": {}, **call_inputs(key, step, self.live(step, training) if windows else None)}

@@ -10,7 +10,9 @@ Rules:
   reach the clean pass, as in the authors' two-pass clamps).
 - A call's step and random key reach the ops as tensors made outside every trace or compiled
   graph (:func:`call_inputs`), like the batch: an op that reads them (:meth:`PassContext.clock`,
-  :meth:`PassContext.normal`) is one graph for every step, and equal on every path.
+  :meth:`PassContext.normal`) is one graph for every step, and equal on every path. So does,
+  on the compiled path, which clamps act at the call (``PassContext.live``: windows as inputs,
+  :mod:`optolab.clamps.engine`).
 - Built-in patterns (ANCHORS §2), for a row ``i`` of ``[query_pos, key_pos]``:
   previous_token(s): ``P[i, i-1] = s, P[i, i] = 1 - s`` (i ≥ 1), ``P[0, 0] = 1``;
   perfect_match(s), query row only: ``s`` spread evenly over the label tokens that carry the
@@ -54,6 +56,9 @@ class PassContext:
     gate: Tensor | None = None  # in a union program: the member's condition, one-hot [condition]
     key: Tensor | None = None  # the call's random key (optolab.clamps.rng), [2] int64
     step: Tensor | None = None  # the call's step, an int64 scalar made outside every graph
+    # which clamps act at this call, [condition, clamp index] bool, made outside every graph: the
+    # gate of ops whose window is an input of the program (optolab.clamps.engine); None elsewhere
+    live: Tensor | None = None
     draws: set[int] | None = None  # set by the planner's probe: the streams drawn from (optolab.clamps.plan)
 
     def normal(self, shape: tuple[int, ...], stream: int, device=None) -> Tensor:
@@ -80,10 +85,13 @@ class PassContext:
         return Clock(step, step.new_full((), start), step.new_full((), stop), fraction)
 
 
-def call_inputs(key: Tensor, step: int) -> dict[str, Tensor]:
+def call_inputs(key: Tensor, step: int, live: Tensor | None = None) -> dict[str, Tensor]:
     """A call's pass-context inputs made outside every graph: its random key and its step (on
-    the key's device)."""
-    return {"key": key, "step": torch.tensor(step, dtype=torch.int64, device=key.device)}
+    the key's device), and ``live`` (which clamps act) where the program is gated by it."""
+    inputs = {"key": key, "step": torch.tensor(step, dtype=torch.int64, device=key.device)}
+    if live is not None:
+        inputs["live"] = live
+    return inputs
 
 
 def previous_token_pattern(n_q: int, n_k: int, strength: float) -> Tensor:

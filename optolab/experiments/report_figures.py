@@ -81,17 +81,25 @@ def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame,
                 metrics: dict[str, tuple[str, pd.DataFrame]], windows: dict | None = None) -> list[Path]:
     """The figures; ``metrics`` is each run's ``(main split, metrics table)`` from the report,
     ``windows`` each group's clamp windows in sequences (shaded)."""
-    from optolab.experiments import stats
+    import seaborn as sns
 
     windows = windows or {}
-    import seaborn as sns
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
     figs = sweep_dir / "figures"
     figs.mkdir(exist_ok=True)
     palette = dict(zip(cond["group"], sns.color_palette(n_colors=len(cond))))
-    paths = []
+    made = [_loss_figure(figs, df, metrics, windows, palette), _scores_figure(figs, df, metrics, windows, palette),
+            _times_figure(figs, df, cond), _effects_figure(figs, cond), _survival_figure(figs, df, palette)]
+    return [p for p in made if p is not None]
+
+
+def _save(fig, path: Path, dpi: int = 110) -> Path:
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def _loss_figure(figs: Path, df: pd.DataFrame, metrics: dict, windows: dict, palette: dict) -> Path:
+    import seaborn as sns
+    from matplotlib.figure import Figure
 
     curves = _loss_curves(metrics, df)
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
@@ -106,39 +114,54 @@ def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame,
            title="Loss per condition (ticks: phase-change onsets; shaded: clamp windows)")
     plain_log(ax)
     ax.legend(fontsize=7, title="condition")
-    paths.append(figs / "loss_curves.png")
-    fig.savefig(paths[-1], dpi=110)
+    return _save(fig, figs / "loss_curves.png")
+
+
+def _scores_figure(figs: Path, df: pd.DataFrame, metrics: dict, windows: dict, palette: dict) -> Path | None:
+    """``head_scores.png``, where the runs measured a head score."""
+    from matplotlib.figure import Figure
 
     scores, rows = _score_curves(metrics, df)
-    if rows:
-        picked = {label: _strongest_heads(scores[scores.row == label]) for label in rows}
-        width = max(len(h) for h in picked.values())
-        fig = Figure(figsize=(2.6 * width + 1, 2.3 * len(rows) + 0.8), layout="constrained")
-        axes = fig.subplots(len(rows), width, sharex=True, sharey="row", squeeze=False)
-        for r, label in enumerate(rows):
-            for c in range(width):
-                ax = axes[r][c]
-                if c >= len(picked[label]):
-                    ax.set_visible(False)
-                    continue
-                head = picked[label][c]
-                part = scores[(scores.row == label) & (scores["head"] == head)]
-                if not part.empty:
-                    sns.lineplot(data=part, x="sequences", y="value", hue="group", palette=palette,
-                                 estimator="median", errorbar=("pi", 100), ax=ax, lw=1, legend=(r == c == 0))
-                    _shade(ax, windows, palette)
-                ax.set(title=f"{label} H{head}", xlabel="", ylabel="")
-                ax.title.set_fontsize(8)
-                ax.tick_params(labelsize=6)
-                ax.xaxis.set_major_locator(MaxNLocator(3))
-                ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
-        if axes[0][0].get_legend() is not None:
-            axes[0][0].legend(fontsize=6, title=None)
-        fig.suptitle(f"Head-score trajectories of the {width} heads with the highest final score per row "
-                     "(median over seeds; band: range)", fontsize=10)
-        fig.supxlabel("sequences seen", fontsize=8)
-        paths.append(figs / "head_scores.png")
-        fig.savefig(paths[-1], dpi=100)
+    if not rows:
+        return None
+    picked = {label: _strongest_heads(scores[scores.row == label]) for label in rows}
+    width = max(len(h) for h in picked.values())
+    fig = Figure(figsize=(2.6 * width + 1, 2.3 * len(rows) + 0.8), layout="constrained")
+    axes = fig.subplots(len(rows), width, sharex=True, sharey="row", squeeze=False)
+    for r, label in enumerate(rows):
+        for c in range(width):
+            if c >= len(picked[label]):
+                axes[r][c].set_visible(False)
+                continue
+            head = picked[label][c]
+            _score_panel(axes[r][c], scores[(scores.row == label) & (scores["head"] == head)], f"{label} H{head}",
+                         windows, palette, legend=(r == c == 0))
+    if axes[0][0].get_legend() is not None:
+        axes[0][0].legend(fontsize=6, title=None)
+    fig.suptitle(f"Head-score trajectories of the {width} heads with the highest final score per row "
+                 "(median over seeds; band: range)", fontsize=10)
+    fig.supxlabel("sequences seen", fontsize=8)
+    return _save(fig, figs / "head_scores.png", dpi=100)
+
+
+def _score_panel(ax, part: pd.DataFrame, title: str, windows: dict, palette: dict, legend: bool) -> None:
+    import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
+
+    if not part.empty:
+        sns.lineplot(data=part, x="sequences", y="value", hue="group", palette=palette,
+                     estimator="median", errorbar=("pi", 100), ax=ax, lw=1, legend=legend)
+        _shade(ax, windows, palette)
+    ax.set(title=title, xlabel="", ylabel="")
+    ax.title.set_fontsize(8)
+    ax.tick_params(labelsize=6)
+    ax.xaxis.set_major_locator(MaxNLocator(3))
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+
+
+def _times_figure(figs: Path, df: pd.DataFrame, cond: pd.DataFrame) -> Path:
+    import seaborn as sns
+    from matplotlib.figure import Figure
 
     order = list(cond["group"])
     fig = Figure(figsize=(6.5, 0.45 * len(cond) + 1.5), layout="constrained")
@@ -155,25 +178,35 @@ def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame,
         ax.legend(fontsize=7)
     ax.set(xlabel="sequences to loss < 0.5, interpolated (dots: seeds; red: median)", ylabel="",
            title="Learning time per condition")
-    paths.append(figs / "times.png")
-    fig.savefig(paths[-1], dpi=110)
+    return _save(fig, figs / "times.png")
 
-    if "t05_ratio" in cond and cond.t05_ratio.notna().any():
-        eff = cond[cond.t05_ratio.notna()]
-        fig = Figure(figsize=(6.5, 0.45 * len(eff) + 1.5), layout="constrained")
-        ax = fig.add_subplot()
-        for i, row in enumerate(eff.itertuples(index=False)):
-            lo = row.t05_ratio_ci_low if not pd.isna(row.t05_ratio_ci_low) else row.t05_ratio
-            hi = row.t05_ratio_ci_high if not pd.isna(row.t05_ratio_ci_high) else row.t05_ratio
-            ax.errorbar(row.t05_ratio, i, xerr=[[row.t05_ratio - lo], [hi - row.t05_ratio]], fmt="o",
-                        color="C3" if row.t05_resolved else "0.6", capsize=4)
-        ax.axvline(1, color="k", lw=0.8, ls="--")
-        ax.set_yticks(range(len(eff)), list(eff.group))
-        ax.set(xscale="log", xlabel="time to loss < 0.5 ÷ the reference's, paired by seed (95 % CI; grey: "
-               "not resolved)", title="Effect on learning time")
-        plain_log(ax, "x")
-        paths.append(figs / "effects.png")
-        fig.savefig(paths[-1], dpi=110)
+
+def _effects_figure(figs: Path, cond: pd.DataFrame) -> Path | None:
+    """``effects.png``, where the report has paired ratios (a reference)."""
+    from matplotlib.figure import Figure
+
+    if "t05_ratio" not in cond or not cond.t05_ratio.notna().any():
+        return None
+    eff = cond[cond.t05_ratio.notna()]
+    fig = Figure(figsize=(6.5, 0.45 * len(eff) + 1.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, row in enumerate(eff.itertuples(index=False)):
+        lo = row.t05_ratio_ci_low if not pd.isna(row.t05_ratio_ci_low) else row.t05_ratio
+        hi = row.t05_ratio_ci_high if not pd.isna(row.t05_ratio_ci_high) else row.t05_ratio
+        ax.errorbar(row.t05_ratio, i, xerr=[[row.t05_ratio - lo], [hi - row.t05_ratio]], fmt="o",
+                    color="C3" if row.t05_resolved else "0.6", capsize=4)
+    ax.axvline(1, color="k", lw=0.8, ls="--")
+    ax.set_yticks(range(len(eff)), list(eff.group))
+    ax.set(xscale="log", xlabel="time to loss < 0.5 ÷ the reference's, paired by seed (95 % CI; grey: "
+           "not resolved)", title="Effect on learning time")
+    plain_log(ax, "x")
+    return _save(fig, figs / "effects.png")
+
+
+def _survival_figure(figs: Path, df: pd.DataFrame, palette: dict) -> Path:
+    from matplotlib.figure import Figure
+
+    from optolab.experiments import stats
 
     fig = Figure(figsize=(6.5, 4), layout="constrained")
     ax = fig.add_subplot()
@@ -187,6 +220,4 @@ def plot_report(sweep_dir: Path, df: pd.DataFrame, cond: pd.DataFrame,
     ax.set(xlabel="sequences seen", ylabel="fraction of seeds not yet below loss 0.5",
            title="Transition times (Kaplan–Meier; never-crossing seeds censored)", ylim=(-0.02, 1.02))
     ax.legend(fontsize=7)
-    paths.append(figs / "survival.png")
-    fig.savefig(paths[-1], dpi=110)
-    return paths
+    return _save(fig, figs / "survival.png")

@@ -1,9 +1,14 @@
-"""Plain-words descriptions of a protocol (``optolab validate``) and of a model's hook sites."""
+"""Plain-words descriptions of a protocol (``optolab validate``) and of a model's hook sites.
+
+Rules: the description says what the run will do on this machine, not what its fields say:
+``train.compile: auto`` is described as what it resolves to here (compiled or eager) and why
+(:func:`compiling`; the run decides with :func:`~optolab.core.device.decide_compile`)."""
 
 from __future__ import annotations
 
 from optolab.clamps.describe import describe_clamp
-from optolab.core.device import AUTO_COMPILE_STEPS
+from optolab.core.device import AUTO_COMPILE_STEPS, decide_compile, has_compiler, resolve_device
+from optolab.core.errors import OptolabError
 from optolab.measures.registry import active, at_checkpoints
 from optolab.model.hooks import dry_run
 from optolab.model.transformer import Transformer, build_model
@@ -36,10 +41,7 @@ def describe_protocol(p: Protocol) -> list[str]:
         f"Training: Adam lr {t.lr:g}, betas {t.betas}, weight decay {t.weight_decay:g}, "
         f"grad clip {t.grad_clip if t.grad_clip else 'none'}, batch {t.batch_size}, "
         f"{t.total_steps:,} steps = {t.total_steps * t.batch_size:,} sequences"
-        + {True: "; every forward through torch.compile (train.compile).", False: ".",
-           "auto": (f"; compiled where torch.compile can build kernels (train.compile: auto compiles runs of "
-                    f"{AUTO_COMPILE_STEPS:,} steps or more)." if t.total_steps >= AUTO_COMPILE_STEPS else
-                    f"; eager (train.compile: auto compiles runs of {AUTO_COMPILE_STEPS:,} steps or more).")}[t.compile],
+        + _compile_words(t),
         f"Seeds: init {p.seeds.init}, data {p.seeds.data}, eval {p.seeds.eval}."
         + ("" if p.init_from is None else
            f" The model starts from {p.init_from.run} ({'its last checkpoint' if p.init_from.step is None else f'its checkpoint at step {p.init_from.step}'}"
@@ -62,11 +64,41 @@ def describe_protocol(p: Protocol) -> list[str]:
         return lines
     plan = p.clamp_plan(task, cfg)
     everything = plan.clamps
-    how = "the compiled path (train.compile)" if p.train.compile else p.train.clamp_engine
+    how = "the compiled path (train.compile)" if compiling(p.train)[0] else p.train.clamp_engine
     lines.append(f"Clamps ({len(everything)}, applied through {how}; "
                  "layers and heads count from 0):")
     lines += ["  " + describe_clamp(c, plan, cfg.n_heads) for c in everything]
     return lines
+
+
+def compiling(t) -> tuple[bool, str]:
+    """Whether a run with these ``train`` settings compiles when run alone here, and, for
+    ``compile: auto``, why (in words)."""
+    if t.compile != "auto":
+        return bool(t.compile), ""
+    try:
+        device = resolve_device(t.device)
+    except OptolabError:  # a device this machine lacks: the run refuses it, so say nothing of kernels
+        device = None
+    compiled = device is not None and decide_compile(t, device)
+    ensemble = "; packed in an ensemble, on steps × members"
+    if t.total_steps < AUTO_COMPILE_STEPS:
+        why = (f"{t.total_steps:,} steps are fewer than the {AUTO_COMPILE_STEPS:,} a compile needs to repay "
+               f"itself{ensemble}")
+    elif device is None or not has_compiler(device):
+        why = f"torch.compile cannot build kernels for {t.device} on this machine"
+    else:
+        why = f"{t.total_steps:,} steps, at least the {AUTO_COMPILE_STEPS:,} a compile needs to repay itself"
+    return compiled, why
+
+
+def _compile_words(t) -> str:
+    compiled, why = compiling(t)
+    if t.compile != "auto":
+        return "; every forward through torch.compile (train.compile)." if compiled else "."
+    if compiled:
+        return f"; every forward through torch.compile (train.compile: auto: {why})."
+    return f"; eager (train.compile: auto: {why})."
 
 
 def site_shapes(p: Protocol, batch_size: int = 2) -> list[tuple[str, tuple[int, ...]]]:

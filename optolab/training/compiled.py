@@ -11,6 +11,13 @@ Rules:
 - The call's random key (:mod:`optolab.clamps.rng`) and its step are inputs of the graph, made
   outside it (:func:`~optolab.clamps.values.call_inputs`): a step-aware or stochastic op compiles
   once for every step (``tests/test_ramp.py`` counts the graphs).
+- So are clamp windows: programs are asked of the engine with ``windows=True``, so a site clamp
+  with a window is in the program at every step of its phase, gated by ``live`` (which clamps
+  act at the call, made outside the graph from the step and the windows; rules in
+  :mod:`optolab.clamps.engine`). Crossing a window's boundary, or packing conditions that differ
+  only in their windows (a window scan), compiles no new graph (``tests/test_windows.py`` counts
+  them). Clamps that add passes, define the output or prepare inputs still switch programs at
+  their boundaries.
 - What is compiled: every forward of the run. Evaluations call :class:`CompiledForward` (which
   saves the activations measures read through the same dispatch, ``save`` ops last at their
   site, as the engine orders them); a training step compiles its forward, loss and backward as
@@ -24,8 +31,8 @@ Rules:
 - Results equal the nnsight path up to float rounding (the compiler reorders sums); the
   tolerance is stated and tested in ``tests/test_compiled.py``.
 - A compiled run starts by clearing torch.compile's caches (:func:`fresh_caches`) and allowing
-  :data:`RECOMPILES` graphs per function (torch's default, 8, is below what a run with clamp
-  windows and two eval shapes needs): a long-lived process (a sweep worker, a notebook) then
+  :data:`RECOMPILES` graphs per function (torch's default, 8, is below what a run with
+  pass-adding clamps' windows and two eval shapes needs): a long-lived process (a sweep worker, a notebook) then
   never hits the limit, where torch would silently fall back to eager.
 - On CPU the compiler needs a C++ compiler; without one the protocol is refused before anything
   runs (:func:`require_compiler`), not at the first step.
@@ -222,12 +229,21 @@ class CompiledForward(Forward):
         <optolab.clamps.engine.ClampForward.prepare>`)."""
         program, inputs = None, {}
         if isinstance(self.inner, (ClampForward, Conditions)):
-            program, inputs = self.inner.prepare(model, batch, step, training, save, seeds)
+            program, inputs = self.inner.prepare(model, batch, step, training, save, seeds, windows=True)
         if program is None:
             key = tuple(save)
             program = self._saving.get(key) or self._saving.setdefault(key, saving(key))
             inputs = {}
         return program, inputs
+
+    def own_program(self, step: int, training: bool) -> Program:
+        """The program of the clamps acting at ``step``, windows as constants (the switching
+        path's): what :func:`unused_parameters` is asked of, so that a gated clamp's window
+        changes which parameters get no update exactly as it does without gating."""
+        program = self.inner.program_at(step, training) if isinstance(self.inner, ClampForward) else None
+        if program is None:
+            program = self._saving.get(()) or self._saving.setdefault((), saving(()))
+        return program
 
     def dispatch(self, model: nn.Module) -> SiteDispatch:
         """The site hooks on ``model`` (one set per model, shared with :mod:`optolab.training.compiled_step`)."""

@@ -15,8 +15,10 @@ Rules:
   checkpoints save and resumption loads.
 - A parameter the step's loss does not depend on at all (below a layer clamp) gets no update,
   as torch's optimizers skip a parameter without a gradient; ``grad_and_value`` would give it
-  zeros, which Adam's momentum and weight decay would act on (found once per program:
-  :func:`~optolab.training.compiled.unused_parameters`).
+  zeros, which Adam's momentum and weight decay would act on (found once per set of clamps
+  acting, on their own program, windows as constants:
+  :func:`~optolab.training.compiled.unused_parameters`,
+  :meth:`~optolab.training.compiled.CompiledForward.own_program`).
 - A non-finite loss leaves parameters and optimizer state untouched (as the eager path); the
   caller then stops the run.
 - The step's graph is compiled with :data:`~optolab.training.compiled.STEP_OPTIONS` (a C++ wrapper),
@@ -107,6 +109,7 @@ class CompiledStep:
         """Indices of the parameters ``program``'s loss depends on (see :func:`unused_parameters`)."""
         used = self._used_by.get(id(program))  # programs live as long as their engine: ids stay unique
         if used is None:
+            self.dispatch.cover(program)
             unused = unused_parameters(lambda p: self._loss(p, program, batch, inputs), self.detached)
             used = self._used_by[id(program)] = [i for i, n in enumerate(self.names) if n not in unused]
         return used
@@ -116,7 +119,7 @@ class CompiledStep:
         program, inputs = self.forward.program(model, batch, step, True)
         self.dispatch.warm(program, tuple(t.shape for t in batch.inputs),
                            lambda: self.dispatch.run(program, batch, inputs))
-        used = self._used(program, batch, inputs)
+        used = self._used(self.forward.own_program(step, True), batch, inputs)
         with self.keys.guards(program, batch, inputs):
             grads, loss = self.compiled(self.detached, program, batch, inputs)
         if not math.isfinite(loss.item()):

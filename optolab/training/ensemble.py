@@ -14,9 +14,11 @@ Rules:
   every member's at once on the run's device); the forward pass is
   ``torch.func.vmap`` over members of the model's own ``forward`` with the member's parameters
   (``functional_call``), so every op runs once for all members. Clamps act through site hooks on
-  a shared skeleton (:class:`~optolab.training.compiled.SiteDispatch`) running one program per step: a condition's own program when all members share it, else the
-  union of the conditions' programs with each op gated to its condition's members
-  (:mod:`optolab.clamps.union`). The loss is each member's mean, summed: members share no
+  a shared skeleton (:class:`~optolab.training.compiled.SiteDispatch`) running one program per
+  step: a condition's own program when all members share it, else the union of the conditions'
+  programs with each op gated to its condition's members (:mod:`optolab.clamps.union`).
+  Compiled, clamp windows are inputs of that program (``ctx.live``): a window scan's conditions
+  share one program, and one graph, at every step. The loss is each member's mean, summed: members share no
   parameter, so each gets exactly its own gradient; Adam is elementwise, so the stacked update is
   each member's own.
 - The gradient comes from autograd (eager) or, with ``train.compile``, from
@@ -180,26 +182,28 @@ class _Step:
     def __call__(self, step: int, params, buffers, tensors, keys: Tensor, rest: dict, n_inputs: int,
                  alive: Tensor) -> tuple[list[Tensor], Tensor]:
         """``keys``: each member's random key for this step (``[member, 2]``, :mod:`optolab.clamps.rng`)."""
-        program = self.conditions.program(step)
+        # compiled, windows are inputs (ctx.live): crossing a boundary or a window scan's conditions add no graph
+        program = self.conditions.program(step, windows=self.compiled)
         gates = self.conditions.gates
         # the step reaches the ops as a tensor (optolab.clamps.values.call_inputs): one graph for every step
-        at = call_inputs(keys, step)["step"]
+        shared = call_inputs(keys, step, self.conditions.live(step) if self.compiled else None)
+        shared.pop("key")  # each member's own comes from ``keys``, under vmap
         if not self.compiled:  # autograd: eager, torch.func's grad transform costs ~10 % per op
             self.dispatch.cover(program)
             token = PLAIN_KERNELS.set(True)
             try:
                 for p in params.values():
                     p.grad = None
-                losses = _member_losses(self._logits(program, params, buffers, tensors, gates, keys, at, rest,
+                losses = _member_losses(self._logits(program, params, buffers, tensors, gates, keys, shared, rest,
                                                      n_inputs), tensors["targets"])
                 torch.where(alive, losses, losses.new_zeros(())).sum().backward()
             finally:
                 PLAIN_KERNELS.reset(token)
             return [params[n].grad for n in self.names], losses.detach()
         params = {n: p.detach() for n, p in params.items()}
-        args = (program, params, buffers, tensors, gates, keys, at, rest, n_inputs)
+        args = (program, params, buffers, tensors, gates, keys, shared, rest, n_inputs)
         self.dispatch.warm(program, tuple(t.shape for t in tensors.values()), lambda: self._logits(*args))
-        with self.keys.guards(program, tensors, rest, n_inputs):
+        with self.keys.guards(program, tensors, shared, rest, n_inputs):
             return self.fn(*args, alive)
 
     def unused(self, step: int, params, buffers, tensors, keys: Tensor, rest: dict,
@@ -230,26 +234,27 @@ class _Step:
                 n: members for n in params if (members := [i for i, k in enumerate(of_member) if n in by_condition[k]])}
         return found
 
-    def _logits(self, program: Program, params, buffers, tensors, gates: Tensor, keys: Tensor, at: Tensor,
-                rest: dict, n_inputs: int) -> Tensor:
+    def _logits(self, program: Program, params, buffers, tensors, gates: Tensor, keys: Tensor,
+                shared: dict[str, Tensor], rest: dict, n_inputs: int) -> Tensor:
+        """``shared``: the pass context's inputs every member reads (the step, ``live``)."""
         skeleton, run = self.dispatch.model, self.dispatch.run
 
         def member(p: dict, b: dict, t: dict, g: Tensor, k: Tensor) -> Tensor:
-            return run(program, _unstack_batch(t, rest, n_inputs), {"prepared": {}, "key": k, "step": at},
+            return run(program, _unstack_batch(t, rest, n_inputs), {"prepared": {}, "key": k, **shared},
                        lambda *inputs: functional_call(skeleton, (p, b), inputs), g)[0]
 
         return vmap(member)(params, buffers, tensors, gates, keys)  # [member, batch, pos, d_out]
 
-    def _loss(self, params, program: Program, buffers, tensors, gates: Tensor, keys: Tensor, at: Tensor, rest: dict,
-              n_inputs: int, alive: Tensor):
-        losses = _member_losses(self._logits(program, params, buffers, tensors, gates, keys, at, rest, n_inputs),
+    def _loss(self, params, program: Program, buffers, tensors, gates: Tensor, keys: Tensor, shared: dict,
+              rest: dict, n_inputs: int, alive: Tensor):
+        losses = _member_losses(self._logits(program, params, buffers, tensors, gates, keys, shared, rest, n_inputs),
                                 tensors["targets"])
         return torch.where(alive, losses, losses.new_zeros(())).sum(), losses
 
-    def _grads(self, program: Program, params, buffers, tensors, gates: Tensor, keys: Tensor, at: Tensor,
+    def _grads(self, program: Program, params, buffers, tensors, gates: Tensor, keys: Tensor, shared: dict,
                rest: dict, n_inputs: int, alive: Tensor):
         grads, (_, losses) = grad_and_value(self._loss, has_aux=True)(params, program, buffers, tensors, gates,
-                                                                      keys, at, rest, n_inputs, alive)
+                                                                      keys, shared, rest, n_inputs, alive)
         return [grads[n] for n in self.names], losses
 
 
@@ -261,8 +266,37 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
     that step's evals/checkpoints, as a kill would (tests)."""
     from tqdm.auto import tqdm
 
-    keys = {pack_key(p) for p in protocols}
-    if len(keys) != 1:
+    _check_packable(protocols, outs)
+    ens = _Ensemble(protocols, outs)
+    step, total, t0 = ens.step, ens.total, protocols[0].train
+    bar = tqdm(total=total, initial=step, disable=not progress, unit="step", desc=f"ensemble of {len(protocols)}")
+    try:
+        with numerics(ens.device, t0.precision, t0.deterministic, t0.flush_denormals):
+            while any(ens.alive):
+                ens.bookkeeping(step)
+                if step >= total or (stop_after is not None and step >= stop_after) or not any(ens.alive):
+                    break
+                ens.train_step(step)
+                step += 1
+                bar.update(1)
+    except KeyboardInterrupt:
+        ens.interrupted(step)
+        raise
+    except OSError as e:  # the disk the members write to is full (or gone read-only): each says why
+        stopped = ens.cannot_write(step, e)
+        if stopped is not None:
+            raise stopped from None
+        raise
+    except BaseException:
+        ens.release()
+        raise
+    finally:
+        bar.close()
+    return ens.results(step)
+
+
+def _check_packable(protocols: Sequence[Protocol], outs: Sequence[str | Path]) -> None:
+    if len({pack_key(p) for p in protocols}) != 1:
         raise ValueError("ensemble members must share everything but their name, seeds and clamps")
     for p in protocols:
         reason = why_not_packable(p)
@@ -270,13 +304,11 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
             raise ValueError(f"{p.name} cannot run in an ensemble: {reason}")
     if not resumable_together(outs):
         raise ValueError("ensemble members must resume from the same checkpoint step")
-    p0 = protocols[0]
-    task = make_task(p0.task)
-    cfg = p0.model_config_for(task)
-    t0 = p0.train
-    device = resolve_device(t0.device)
-    compiled = decide_compile(t0, device, members=len(protocols))  # on the packed job's work
-    source = train_data(p0, task)  # members share the schedule (pack_key): each draws with its data seed
+
+
+def _member_forwards(protocols: Sequence[Protocol], task, cfg, device: torch.device,
+                     compiled: bool) -> tuple[Conditions, list[Forward]]:
+    """The members' conditions (one Forward per distinct clamp list) and each member's eval Forward."""
     index: dict[str, int] = {}
     of_member = [index.setdefault(condition_key(p), len(index)) for p in protocols]
     # one Forward per condition: its clamp plan, and its members' evals
@@ -288,125 +320,153 @@ def train_ensemble(protocols: Sequence[Protocol], outs: Sequence[str | Path], *,
         union = CompiledForward(conditions)
         evals = [_MemberEval(union, (p.seeds.init, p.seeds.data), conditions.gate(k))
                  for p, k in zip(protocols, of_member)]
-    books: list[RunBook] = []
+    return conditions, evals
+
+
+def _release_on_error(books: list[RunBook], fn):
+    """``fn()``'s value; if it raises, every member's directory is released first."""
     try:
-        for p, o, e in zip(protocols, outs, evals):
-            books.append(RunBook(p, o, task, cfg, e, device, data=source))
-    except BaseException:  # one member's directory refused: release the others'
-        for b in books:
-            b.release()
-        raise
-    models = [build_model(cfg, p.seeds.init).to(device) for p in protocols]  # initialised on the CPU
-    shared = build_model(cfg, p0.seeds.init).to(device)  # evaluated with each member's weights in turn
-    optimizers = [make_optimizer(p, m) for p, m in zip(protocols, models)]
-    try:
-        for b, m, o in zip(books, models, optimizers):
-            b.load(m, o)  # every member's refusals before any member's directory is written
-        starts = {b.start(m, o) for b, m, o in zip(books, models, optimizers)}
+        return fn()
     except BaseException:
         for b in books:
             b.release()
         raise
-    step = starts.pop()
-    total, bs = books[0].total, books[0].bs
 
-    names = [n for n, _ in models[0].named_parameters()]
-    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_(True)
-              for n in names}
-    buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in models]) for n, _ in models[0].named_buffers()}
-    optimizer = make_optimizer(p0, _Params(params))
-    _load_moments(optimizer, params, models, optimizers)
-    skeleton = copy.deepcopy(models[0]).to("meta")
-    update = _Step(skeleton, conditions, names, compiled, device)
-    plain = plain_adam(p0)
-    if plain:
-        ensure_state(optimizer)
-    if compiled:
-        fresh_caches()
-    S = len(protocols)
-    draw = Batches(source, [p.seeds.data for p in protocols], bs, total, device=device)
 
-    alive = [True] * S
-    failed: dict[int, RunFailed] = {}
-    ended: dict[int, dict] = {}  # members stopped at their answer (train.stop): finished at their own step
+class _Ensemble:
+    """An ensemble's state: the members' RunBooks, solo models and optimizers (for evals and
+    checkpoints), the stacked parameters and their optimizer, and who is still training."""
 
-    def guard(i: int, fn, *args) -> None:
+    def __init__(self, protocols: Sequence[Protocol], outs: Sequence[str | Path]) -> None:
+        self.protocols = protocols
+        p0 = protocols[0]
+        task = make_task(p0.task)
+        cfg = p0.model_config_for(task)
+        self.device = device = resolve_device(p0.train.device)
+        compiled = decide_compile(p0.train, device, members=len(protocols))  # on the packed job's work
+        source = train_data(p0, task)  # members share the schedule (pack_key): each draws with its data seed
+        conditions, evals = _member_forwards(protocols, task, cfg, device, compiled)
+        self.books: list[RunBook] = []
+
+        def open_books() -> None:  # one member's directory refused: the others' are released
+            for p, o, e in zip(protocols, outs, evals):
+                self.books.append(RunBook(p, o, task, cfg, e, device, data=source))
+
+        _release_on_error(self.books, open_books)
+        self.models = [build_model(cfg, p.seeds.init).to(device) for p in protocols]  # initialised on the CPU
+        self.shared = build_model(cfg, p0.seeds.init).to(device)  # evaluated with each member's weights in turn
+        self.optimizers = [make_optimizer(p, m) for p, m in zip(protocols, self.models)]
+        self.step: int = _release_on_error(self.books, self._start)
+        self.total, bs = self.books[0].total, self.books[0].bs
+        self._stack(p0, conditions, compiled)
+        self.draw = Batches(source, [p.seeds.data for p in protocols], bs, self.total, device=device)
+        self.cast = autocast(device, p0.train.precision)
+        self.alive = [True] * len(protocols)
+        self.failed: dict[int, RunFailed] = {}
+        self.ended: dict[int, dict] = {}  # members stopped at their answer (train.stop): finished at their own step
+
+    def _start(self) -> int:
+        """Every member loaded (resumed) and started; the step they start at."""
+        members = list(zip(self.books, self.models, self.optimizers))
+        for b, m, o in members:
+            b.load(m, o)  # every member's refusals before any member's directory is written
+        return {b.start(m, o) for b, m, o in members}.pop()
+
+    def _stack(self, p0: Protocol, conditions: Conditions, compiled: bool) -> None:
+        """The members' parameters and buffers stacked (a leading member axis), their Adam state,
+        and the step that trains them."""
+        models = self.models
+        self.names = names = [n for n, _ in models[0].named_parameters()]
+        self.params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_(True)
+                       for n in names}
+        self.buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in models])
+                        for n, _ in models[0].named_buffers()}
+        self.optimizer = make_optimizer(p0, _Params(self.params))
+        _load_moments(self.optimizer, self.params, models, self.optimizers)
+        skeleton = copy.deepcopy(models[0]).to("meta")
+        self.update = _Step(skeleton, conditions, names, compiled, self.device)
+        self.plain = plain_adam(p0)
+        if self.plain:
+            ensure_state(self.optimizer)
+        if compiled:
+            fresh_caches()
+
+    def guard(self, i: int, fn, *args) -> None:
         """Run a member's bookkeeping; a member that diverges stops, the others go on."""
         try:
             fn(*args)
         except RunFailed as e:
-            alive[i], failed[i] = False, e
+            self.alive[i], self.failed[i] = False, e
 
-    bar = tqdm(total=total, initial=step, disable=not progress, unit="step", desc=f"ensemble of {S}")
-    cast = autocast(device, t0.precision)
-    try:
-        with numerics(device, t0.precision, t0.deterministic, t0.flush_denormals):
-            while any(alive):
-                if any(b.busy(step) for b, a in zip(books, alive) if a):
-                    _sync_members(params, optimizer, models, optimizers)
-                    for i, (b, m, o) in enumerate(zip(books, models, optimizers)):
-                        if alive[i]:
-                            with torch.no_grad():
-                                for mine, theirs in zip(shared.parameters(), m.parameters()):
-                                    mine.copy_(theirs)
-                            guard(i, b.at_step, step, m, o, shared)
-                            if alive[i] and b.stop_reason is not None and step < total:
-                                alive[i], ended[i] = False, b.finish(step)
-                if step >= total or (stop_after is not None and step >= stop_after) or not any(alive):
-                    break
-                if draw.device is not None:  # the counter stream: drawn stacked, on the device
-                    tensors, rest, n_inputs = _stacked_fields(draw.stacked(step))
-                else:
-                    tensors, rest, n_inputs = to_device(_stack_batches(draw(step)), device)  # one move per step
+    def bookkeeping(self, step: int) -> None:
+        """Each live member's evals and checkpoints due at ``step``, on its solo model; a member
+        whose stop rule answers finishes here."""
+        alive = self.alive
+        if not any(b.busy(step) for b, a in zip(self.books, alive) if a):
+            return
+        _sync_members(self.params, self.optimizer, self.models, self.optimizers)
+        for i, (b, m, o) in enumerate(zip(self.books, self.models, self.optimizers)):
+            if alive[i]:
+                with torch.no_grad():
+                    for mine, theirs in zip(self.shared.parameters(), m.parameters()):
+                        mine.copy_(theirs)
+                self.guard(i, b.at_step, step, m, o, self.shared)
+                if alive[i] and b.stop_reason is not None and step < self.total:
+                    alive[i], self.ended[i] = False, b.finish(step)
 
-                keys = torch.stack([call_key(p.seeds.init, p.seeds.data, step, True) for p in protocols]).to(device)
-                with cast:
-                    grads, losses = update(step, params, buffers, tensors, keys, rest, n_inputs,
-                                           torch.tensor(alive, device=device))
-                finite = torch.isfinite(losses).tolist()  # one check of every member (one sync on a GPU)
-                for i, b in enumerate(books):
-                    if alive[i] and not finite[i]:
-                        guard(i, b.check_loss, step, losses[i])
-                # a stopped member contributes nothing, and its NaNs reach no other member (members'
-                # slices never mix); its gradient is zeroed too (0 x NaN is NaN)
-                if any(alive):
-                    dead = [i for i, a in enumerate(alive) if not a]
-                    if dead:
-                        for g in grads:
-                            if g is not None:
-                                g[dead] = 0
-                    skip = update.unused(step, params, buffers, tensors, keys, rest, n_inputs)
-                    _adam(optimizer, params, grads, skip, plain)
-                for i, b in enumerate(books):
-                    if alive[i]:
-                        b.add_loss(losses[i])
-                step += 1
-                bar.update(1)
-    except KeyboardInterrupt:
+    def train_step(self, step: int) -> None:
+        """One update of every member: the vmapped step, each member's loss checked and logged."""
+        alive, books, device = self.alive, self.books, self.device
+        if self.draw.device is not None:  # the counter stream: drawn stacked, on the device
+            tensors, rest, n_inputs = _stacked_fields(self.draw.stacked(step))
+        else:
+            tensors, rest, n_inputs = to_device(_stack_batches(self.draw(step)), device)  # one move per step
+        keys = torch.stack([call_key(p.seeds.init, p.seeds.data, step, True) for p in self.protocols]).to(device)
+        with self.cast:
+            grads, losses = self.update(step, self.params, self.buffers, tensors, keys, rest, n_inputs,
+                                        torch.tensor(alive, device=device))
+        finite = torch.isfinite(losses).tolist()  # one check of every member (one sync on a GPU)
+        for i, b in enumerate(books):
+            if alive[i] and not finite[i]:
+                self.guard(i, b.check_loss, step, losses[i])
+        # a stopped member contributes nothing, and its NaNs reach no other member (members'
+        # slices never mix); its gradient is zeroed too (0 x NaN is NaN)
+        if any(alive):
+            dead = [i for i, a in enumerate(alive) if not a]
+            if dead:
+                for g in grads:
+                    if g is not None:
+                        g[dead] = 0
+            skip = self.update.unused(step, self.params, self.buffers, tensors, keys, rest, n_inputs)
+            _adam(self.optimizer, self.params, grads, skip, self.plain)
         for i, b in enumerate(books):
             if alive[i]:
+                b.add_loss(losses[i])
+
+    def interrupted(self, step: int) -> None:
+        for i, b in enumerate(self.books):
+            if self.alive[i]:
                 b.interrupted(step)
-        raise
-    except OSError as e:  # the disk the members write to is full (or gone read-only): each says why
+
+    def cannot_write(self, step: int, error: OSError) -> RunFailed | None:
+        """Each live member says why it stopped; every directory is released. The RunFailed to raise, if any."""
         stopped: RunFailed | None = None
-        for i, b in enumerate(books):
+        for i, b in enumerate(self.books):
             try:
-                if alive[i]:
-                    b.cannot_write(step, e)
+                if self.alive[i]:
+                    b.cannot_write(step, error)
             except RunFailed as r:
                 stopped = r
-        for b in books:
+        self.release()
+        return stopped
+
+    def release(self) -> None:
+        for b in self.books:
             b.release()
-        if stopped is not None:
-            raise stopped from None
-        raise
-    except BaseException:
-        for b in books:
-            b.release()
-        raise
-    finally:
-        bar.close()
-    return [failed[i] if i in failed else ended[i] if i in ended else b.finish(step) for i, b in enumerate(books)]
+
+    def results(self, step: int) -> list:
+        return [self.failed[i] if i in self.failed else self.ended[i] if i in self.ended else b.finish(step)
+                for i, b in enumerate(self.books)]
 
 
 def _adam(optimizer: torch.optim.Optimizer, params: dict[str, Tensor], grads: list[Tensor | None],
