@@ -12,7 +12,7 @@ Then the science: every run's time to loss 0.5 and 0.277 (interpolated crossing 
 loss, :func:`optolab.experiments.stats.crossing_time`) in bf16 beside float32, seed by seed, and
 each T4 condition's median ratio to ``none`` in both precisions (the ordering T4 asks for).
 
-    python benchmarks/bf16_science.py --out results/bf16 [--only t1 t4 t4_bf16]
+    python benchmarks/bf16_science.py --out results/bf16 [--only t1 t4 t4_bf16] [--report-only]
 """
 
 from __future__ import annotations
@@ -76,11 +76,15 @@ def main() -> int:
     ap.add_argument("--out", default="results/bf16")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--only", nargs="*", default=list(SWEEPS), choices=list(SWEEPS))
+    ap.add_argument("--report-only", action="store_true", help="print the tables of OUT's finished sweeps")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
-    costs = {name: run(name, out, args.workers) for name in args.only}
-    (out / "costs.json").write_text(json.dumps(costs, indent=2))
+    if args.report_only:
+        costs = json.loads((out / "costs.json").read_text())
+    else:
+        costs = {name: run(name, out, args.workers) for name in args.only}
+        (out / "costs.json").write_text(json.dumps(costs, indent=2))
 
     print("\n| sweep | estimate (CPU-min) | took (CPU-min) | error | wall (min) |\n|---|---|---|---|---|")
     for c in costs.values():
@@ -98,6 +102,12 @@ def main() -> int:
                 fa, fb = a.get(x), b.get(x)
                 cells += [fmt(fa), fmt(fb), f"{fb / fa:.3f}" if fa and fb else "—"]
             print(f"| {s} | " + " | ".join(cells) + " |")
+        print("\n| T1 run | final acc | layer-1 heads with induction strength > 0.4 |\n|---|---|---|")
+        for rid in sorted(p.name for p in (out / "t1").iterdir() if (p / "summary.json").is_file()):
+            summary = json.loads((out / "t1" / rid / "summary.json").read_text())
+            final = summary["final"][summary["main_split"]]
+            heads = [h for h, v in final.get("induction_strength", {}).items() if h.startswith("L1") and v > 0.4]
+            print(f"| {rid} | {final['acc']:.4f} | {len(heads)} ({', '.join(heads)}) |")
 
     if all((out / n / "sweep.json").is_file() for n in ("t4", "t4_bf16")):
         a, b = crossings(out / "t4"), crossings(out / "t4_bf16")

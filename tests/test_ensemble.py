@@ -5,10 +5,12 @@ work, and incompatible runs are never packed."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from optolab.clamps.union import pass_signature
 from optolab.protocol.loader import validate_protocol
@@ -74,15 +76,25 @@ def mixed_solo(tmp_path_factory):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_members_of_mixed_conditions_each_equal_their_run_alone(mixed_solo, tmp_path, compiled):
+def test_members_of_mixed_conditions_each_equal_their_run_alone(mixed_solo, tmp_path, compiled, monkeypatch):
+    import optolab.core.device as device
+
     solo, root = mixed_solo
-    protocols = [validate_protocol({**p.resolved(), "train": {**p.resolved()["train"], "compile": compiled}})
+    # compiled: `compile: auto` with the threshold between one member's steps and the packed job's,
+    # so the ensemble compiles where each run alone would not (meta.json must say what ran)
+    steps = solo[0].train.total_steps
+    monkeypatch.setattr(device, "AUTO_COMPILE_STEPS", steps * len(solo) if compiled else device.AUTO_COMPILE_STEPS)
+    protocols = [validate_protocol({**p.resolved(), "train": {**p.resolved()["train"],
+                                                              "compile": "auto" if compiled else False}})
                  for p in solo]
+    assert device.decide_compile(protocols[0].train, torch.device("cpu")) is False
     assert len({pack_key(p) for p in protocols}) == 1
     assert len({condition_key(p) for p in protocols}) == len(MIXED)
     train_ensemble(protocols, [tmp_path / f"ens{i}" for i in range(len(protocols))])
     for i, name in enumerate(MIXED):
         assert _max_diff(tmp_path / f"ens{i}", root / f"solo{i}") < TOLERANCE, name
+        segment = json.loads((tmp_path / f"ens{i}" / "meta.json").read_text())["segments"][-1]
+        assert segment["compiled"] is compiled, name
 
 
 def _max_diff(a, b) -> float:

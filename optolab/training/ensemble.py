@@ -350,7 +350,7 @@ class _Ensemble:
 
         def open_books() -> None:  # one member's directory refused: the others' are released
             for p, o, e in zip(protocols, outs, evals):
-                self.books.append(RunBook(p, o, task, cfg, e, device, data=source))
+                self.books.append(RunBook(p, o, task, cfg, e, device, data=source, compiled=compiled))
 
         _release_on_error(self.books, open_books)
         self.models = [build_model(cfg, p.seeds.init).to(device) for p in protocols]  # initialised on the CPU

@@ -64,13 +64,17 @@ from optolab.training.trackers import require as require_trackers
 
 class RunBook:
     def __init__(self, protocol: Protocol, out: str | Path, task: Task, cfg, forward: Forward,
-                 device: torch.device = torch.device("cpu"), data=None, *, overwrite: bool = False) -> None:
+                 device: torch.device = torch.device("cpu"), data=None, *, overwrite: bool = False,
+                 compiled: bool | None = None) -> None:
         """``data``: what the training loop draws its batches from (the task, or the protocol's
         data schedule: :func:`~optolab.protocol.data_schedule.train_data`; default: the task).
         Measures that run at checkpoints sample from it. ``overwrite``: discard what ``out``
-        holds (only a run's own files: :meth:`RunDir.clear`) when the run starts. Nothing is
+        holds (only a run's own files: :meth:`RunDir.clear`) when the run starts. ``compiled``:
+        whether its training steps compile, as ``meta.json`` records it (an ensemble decides on
+        the packed job's work, not this run's; default: this run's own decision). Nothing is
         written here (the module rules)."""
         self.protocol, self.task, self.forward, self.device = protocol, task, forward, device
+        self.compiled = decide_compile(protocol.train, device) if compiled is None else compiled
         self.run = RunDir(out)
         self.overwrite = overwrite
         self.lock: DirLock | None = None
@@ -167,7 +171,7 @@ class RunBook:
                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       **describe_device(self.device), "precision": t.precision,
                                       "deterministic": t.deterministic,
-                                      "compiled": decide_compile(t, self.device)})
+                                      "compiled": self.compiled})
         if t.track:  # a tracker that cannot start is dropped, and meta.json says so
             self.trackers = Trackers(t.track, self.run.path, self._resolved)
             if self.trackers.failures:

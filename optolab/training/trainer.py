@@ -120,7 +120,8 @@ def train(protocol: Protocol, out: str | Path, *, forward: Forward | None = None
     if isinstance(forward, CompiledForward):
         fresh_caches()
     source = train_data(protocol, task)  # the task itself, or the data schedule's batches
-    book = RunBook(protocol, out, task, cfg, forward, device, data=source, overwrite=overwrite)
+    book = RunBook(protocol, out, task, cfg, forward, device, data=source, overwrite=overwrite,
+                   compiled=isinstance(forward, CompiledForward))
     model = build_model(cfg, protocol.seeds.init).to(device)  # initialised on the CPU: the same weights everywhere
     optimizer = make_optimizer(protocol, model)
     total, bs = book.total, book.bs
