@@ -3,7 +3,8 @@ calibrated on this machine in a few seconds.
 
 Rules:
 - A job of ``k`` packed runs costs ``steps × step_s(k) + evals × k × eval_s`` (+ ``COMPILE_S``
-  per clamp program when it compiles), where ``step_s(k) = a + b·k`` (an ensemble's step grows
+  when it compiles: once per job, since a packed job's conditions and their windows share one
+  training graph and one eval graph, :mod:`optolab.training.compiled`), where ``step_s(k) = a + b·k`` (an ensemble's step grows
   linearly with its members: ``vmap`` batches every op) and ``eval_s`` is one member's eval.
 - Calibration (:func:`calibrate`): eager solo runs and eager ensembles of
   ``CALIBRATION_MEMBERS`` of the job's protocol, each at two lengths (``CALIBRATION_STEPS``),
@@ -15,8 +16,9 @@ Rules:
   other processes (the eval times, recorded as wall time, are scaled by the run's CPU/wall).
   ``eval_s`` from the eval times. Once per distinct :func:`~optolab.training.ensemble.pack_key`.
 - A compiled job's steps are taken as :data:`COMPILED_SPEEDUP` times faster than eager, its
-  compile as :data:`COMPILE_S` seconds per program (the middle of what ``docs/speed.md``
-  measured); these two are the model's assumptions, not calibrated here.
+  compile as :data:`COMPILE_S` seconds (the middle of what ``docs/speed.md`` measured); these
+  two are the model's assumptions, not calibrated here. Charging the compile per condition (as
+  before windows became graph inputs) put T4's estimate at +24 % (docs/results.md#cost-model-error).
 - ``steps`` is the budget, or with ``train.stop`` and a known reference crossing the cap (a run
   cannot go past it); a run that stops at its answer costs less, so with stop-at-answer the
   estimate is an upper bound and says so. CPU-minutes count one core per worker process.
@@ -116,7 +118,7 @@ def job_seconds(model: CostModel, protocols: list, compiled: bool, n_programs: i
 def estimate(runs: dict, jobs: list[list[str]], models: dict | None = None) -> tuple[list[float], dict]:
     """Each job's estimated seconds, calibrating once per pack key (``models`` is reused/filled)."""
     from optolab.core.device import decide_compile, resolve_device
-    from optolab.training.ensemble import condition_key, pack_key
+    from optolab.training.ensemble import pack_key
 
     models = {} if models is None else models
     out = []
@@ -126,7 +128,7 @@ def estimate(runs: dict, jobs: list[list[str]], models: dict | None = None) -> t
         if key not in models:
             models[key] = calibrate(protocols[0])
         compiled = decide_compile(protocols[0].train, resolve_device(protocols[0].train.device), members=len(job))
-        out.append(job_seconds(models[key], protocols, compiled, len({condition_key(p) for p in protocols})))
+        out.append(job_seconds(models[key], protocols, compiled))
     return out, models
 
 
