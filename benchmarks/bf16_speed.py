@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from main_config import main_config  # benchmarks/main_config.py
+from main_config import chunk_rates, main_config  # benchmarks/main_config.py
 
 PREV = {"kind": "set", "site": "pattern0", "heads": [2], "to": "previous_token"}
 SETTINGS = {f"{path} {precision}": {**train, "precision": precision}
@@ -31,18 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     steppers = {name: main_config([PREV], **train).step for name, train in SETTINGS.items()}
-    for step in steppers.values():  # warm-up: compiles, and nnsight parses its trace once
-        for i in range(60):
-            step(i)
-    rates: dict[str, list[float]] = {name: [] for name in steppers}
-    i = 1000
-    for _ in range(args.chunks):
-        for name, step in steppers.items():
-            t = time.perf_counter()
-            for _ in range(args.chunk_steps):
-                step(i)
-                i += 1
-            rates[name].append(args.chunk_steps / (time.perf_counter() - t))
+    rates = chunk_rates(steppers, args.chunks, args.chunk_steps)
     med = {name: statistics.median(r) for name, r in rates.items()}
     print(f"main config, one pattern clamp, one core, median of {args.chunks} chunks of {args.chunk_steps} steps")
     print("| path | fp32 steps/s | bf16 steps/s | bf16 ÷ fp32 |")

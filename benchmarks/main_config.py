@@ -1,9 +1,11 @@
 """The Singh et al. main config (2 layers × 8 heads, d_model 64, batch 32) as a benchmark's
 training step: the trainer's own update (``make_update``: compiled when ``train.compile``), on the
-task's batches for data seed 0. Shared by ``train_speed.py`` and ``clamp_overhead.py``."""
+task's batches for data seed 0. Shared by ``train_speed.py``, ``clamp_overhead.py``,
+``speed_table.py`` and ``bf16_speed.py`` (:func:`chunk_rates`: settings timed side by side)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,3 +48,25 @@ def main_config(clamps: list[dict] = (), **train) -> Stepper:
         update(task.train_batch(0, i, bs), i)
 
     return Stepper(step, protocol, model, forward, task, cfg)
+
+
+def chunk_rates(steppers: dict[str, Callable[[int], None]], chunks: int, chunk_steps: int,
+                between: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Steps/s of each stepper over ``chunks`` rounds that time every stepper in turn for
+    ``chunk_steps`` steps (side by side: load drifts hit every setting alike), after 60 warm-up
+    steps each (compiles; nnsight parses its trace once). ``between``: called after each round."""
+    for step in steppers.values():
+        for i in range(60):
+            step(i)
+    rates: dict[str, list[float]] = {name: [] for name in steppers}
+    i = 1000
+    for _ in range(chunks):
+        for name, step in steppers.items():
+            t = time.perf_counter()
+            for _ in range(chunk_steps):
+                step(i)
+                i += 1
+            rates[name].append(chunk_steps / (time.perf_counter() - t))
+        if between is not None:
+            between()
+    return rates

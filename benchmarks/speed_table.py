@@ -25,11 +25,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from main_config import main_config  # benchmarks/main_config.py
+from main_config import chunk_rates, main_config  # benchmarks/main_config.py
 
 HERE = Path(__file__).resolve().parent
 PREV = {"kind": "set", "site": "pattern0", "heads": [2], "to": "previous_token"}
@@ -51,25 +50,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     steppers = {name: main_config([PREV], **train).step for name, train in PATHS.items()}
-    for step in steppers.values():  # warm-up: compiles, and nnsight parses its trace once
-        for i in range(60):
-            step(i)
-    rates: dict[str, list[float]] = {name: [] for name in steppers}
     jax_rates: dict[str, list[float]] = {"JAX step loop": [], "JAX lax.scan loop": []}
     have_jax = os.path.exists(args.jax_python)
-    i = 1000
-    for _ in range(args.chunks):
-        for name, step in steppers.items():
-            t = time.perf_counter()
-            for _ in range(args.chunk_steps):
-                step(i)
-                i += 1
-            rates[name].append(args.chunk_steps / (time.perf_counter() - t))
-        if have_jax:  # one JAX measurement (3 chunks of its own) between optolab's chunks
-            got = _jax(args.jax_python, "--chunks", "3", "--chunk-steps", str(args.chunk_steps))
-            jax_rates["JAX step loop"].append(got["jax_step_steps_per_s"])
-            jax_rates["JAX lax.scan loop"].append(got["jax_scan_steps_per_s"])
-            flops = got["flops_per_step"]
+    flops = None
+
+    def jax_chunk() -> None:  # one JAX measurement (3 chunks of its own) between optolab's rounds
+        nonlocal flops
+        got = _jax(args.jax_python, "--chunks", "3", "--chunk-steps", str(args.chunk_steps))
+        jax_rates["JAX step loop"].append(got["jax_step_steps_per_s"])
+        jax_rates["JAX lax.scan loop"].append(got["jax_scan_steps_per_s"])
+        flops = got["flops_per_step"]
+
+    rates = chunk_rates(steppers, args.chunks, args.chunk_steps, jax_chunk if have_jax else None)
     peak = None
     if have_jax:
         peak = _jax(args.jax_python, "--peak")["matmul_gflops"]["peak"] * 1e9
