@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from optolab.core.counts import Count, PosCount
-from optolab.core.errors import OptolabError, from_validation_error
+from optolab.core.errors import OptolabError
 from optolab.core.strict import StrictModel
 from optolab.experiments.answering import StopAtAnswerSpec
 from optolab.experiments.designs import Targets
@@ -95,14 +95,9 @@ class DiscoverSpec(StrictModel):
 
 
 def load(path: str | Path) -> DiscoverSpec:
-    from optolab.protocol.loader import read_yaml
+    from optolab.protocol.loader import read_spec
 
-    data, lines = read_yaml(path, "discover file")
-    data = {"name": Path(path).stem, **data}
-    try:
-        return DiscoverSpec.model_validate(data)
-    except ValidationError as e:
-        raise from_validation_error(e, source=str(path), lines=lines, model=DiscoverSpec) from None
+    return read_spec(path, "discover file", DiscoverSpec)[0]
 
 
 # --- the stages' sweeps ----------------------------------------------------------------------

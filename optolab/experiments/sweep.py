@@ -49,7 +49,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from optolab.core.counts import PosCount, Seed
 from optolab.core.device import check_device
-from optolab.core.errors import OptolabError, SpecError, from_validation_error, lookup_line
+from optolab.core.errors import OptolabError, SpecError, lookup_line
 from optolab.core.lock import DirLock
 from optolab.core.strict import StrictModel
 from optolab.experiments.answering import StopAtAnswerField
@@ -374,14 +374,9 @@ def _validate(data: dict, run_id: str, overrides: dict, source: str | None, line
 
 
 def load_sweep(path: str | Path, max_runs: int = MAX_RUNS) -> tuple[SweepSpec, dict[str, SweepRun]]:
-    from optolab.protocol.loader import read_yaml
+    from optolab.protocol.loader import read_spec
 
-    data, lines = read_yaml(path, "sweep file")
-    data = {"name": Path(path).stem, **data}
-    try:
-        spec = SweepSpec.model_validate(data)
-    except ValidationError as e:
-        raise from_validation_error(e, source=str(path), lines=lines, model=SweepSpec) from None
+    spec, lines = read_spec(path, "sweep file", SweepSpec)
     spec, origins = apply_design(spec, Path(path).parent, str(path), lines, max_runs)
     runs = expand(spec, Path(path).parent, str(path), lines, max_runs, origins)
     if spec.reference is not None and spec.reference not in {c.name for c in spec.conditions}:

@@ -97,17 +97,9 @@ def time_to_fraction(losses: pd.Series, fraction: float) -> int | None:
 
 
 def load_toy(path: str | Path) -> ToyProtocol:
-    from pydantic import ValidationError
+    from optolab.protocol.loader import read_spec
 
-    from optolab.core.errors import from_validation_error
-    from optolab.protocol.loader import read_yaml
-
-    data, lines = read_yaml(path, "protocol")
-    data = {"name": Path(path).stem, **data}
-    try:
-        return ToyProtocol.model_validate(data)
-    except ValidationError as e:
-        raise from_validation_error(e, source=str(path), lines=lines, model=ToyProtocol) from None
+    return read_spec(path, "protocol", ToyProtocol)[0]
 
 
 def run_toy(protocol: ToyProtocol, out: str | Path, overwrite: bool = False) -> dict:

@@ -200,6 +200,20 @@ def name_from_file(path: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", ascii_stem).strip("_") or "protocol"
 
 
+def read_spec(path: str | Path, what: str, model):
+    """A YAML file of ``what`` (sweep, discover, toy protocol) as ``model``: read within bounds
+    (:func:`read_yaml`), named after its file unless it says (:func:`name_from_file`), and its
+    validation errors translated to one line naming the file and field."""
+    from pydantic import ValidationError
+
+    data, lines = read_yaml(path, what)
+    data = {"name": name_from_file(path), **data}
+    try:
+        return model.model_validate(data), lines
+    except ValidationError as e:
+        raise from_validation_error(e, source=str(path), lines=lines, model=model) from None
+
+
 def load_protocol(path: str | Path, *, seed: int | None = None, name: str | None = None,
                   device: str | None = None) -> Protocol:
     """Load and validate a protocol file. ``seed`` sets both the init and the data seed;
