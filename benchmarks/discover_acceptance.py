@@ -128,6 +128,34 @@ def reuse_screen(out: Path, spec, record: dict, seeds: int, workers) -> tuple[di
     return t, c, cpu, full, wall
 
 
+def time_fixed(out: Path, spec, seeds: int, workers) -> dict[str, float]:
+    """CPU-seconds of one job of the fixed design at its full budget (no stop), measured: the
+    reference and the first condition, ``seeds`` members each, with the base protocol's own evals
+    (what one runs without the instrument) and with discover's (the question's split only), side
+    by side on the workers. A full-budget job trains the same steps whatever its clamp, so the
+    fixed design's compute is this times its (conditions + 1) jobs."""
+    from optolab.experiments import discover
+    from optolab.experiments.sweep import run_sweep
+
+    base = str((FILE.parent / spec.protocol).resolve())
+    name, clamps, _ = discover.screen_conditions(spec, base)[0]
+    lean = discover.run_set(spec, base)
+    conds = [{"name": f"{who}_{evals}", "seeds": list(range(seeds)), "set": dict(sets),
+              **({"clamps": clamps} if who != "reference" else {})}
+             for evals, sets in (("own", spec.set), ("lean", lean)) for who in ("reference", name)]
+    data = {"name": "fixed_sample", "protocol": base, "seeds": [0], "set": {}, "conditions": conds,
+            "stop_at_answer": False, "run_figures": False}
+    (out / "fixed_sample.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    run_sweep(out / "fixed_sample.yaml", out / "fixed_sample", workers=workers, max_pack=seeds, max_runs=10_000)
+    meta = json.loads((out / "fixed_sample" / "sweep.json").read_text())
+    per_job: dict[str, list[float]] = {}
+    for job in [j for inv in meta["invocations"] for j in inv["jobs"]]:
+        walls = [json.loads((out / "fixed_sample" / rid / "meta.json").read_text())["wall_time_s"] for rid in job]
+        evals = meta["runs"][job[0]]["condition"].rsplit("_", 1)[1]
+        per_job.setdefault(evals, []).append(max(walls) * seeds / len(job))
+    return {k: sum(v) / len(v) for k, v in per_job.items()}
+
+
 def main() -> int:
     import torch
 
@@ -142,6 +170,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--skip-fixed", action="store_true")
     ap.add_argument("--reuse-screen", action="store_true", help="the fixed design's seeds from the screen (docstring)")
+    ap.add_argument("--time-fixed", action="store_true",
+                    help="measure the fixed design's full-budget compute on sample jobs (time_fixed)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -199,9 +229,17 @@ def main() -> int:
     if cpu_full is not None:
         print(f"fixed design at full budgets (extrapolated from steps trained): {cpu_full / 60:.1f} CPU-min "
               f"(ratio {cpu_full / max(cpu_discover, 1e-9):.2f}x)")
+    measured = None
+    if args.time_fixed:
+        per_job = time_fixed(out, spec, args.seeds, args.workers)
+        jobs = len(screen) + 1
+        measured = {k: v * jobs for k, v in per_job.items()}
+        for k, v in measured.items():
+            print(f"fixed design at full budgets, {'the protocol' if k == 'own' else 'discover'}'s evals (measured on "
+                  f"sample jobs, x{jobs} jobs): {v / 60:.1f} CPU-min (ratio {v / max(cpu_discover, 1e-9):.2f}x)")
     (out / "acceptance.json").write_text(json.dumps({"discover_cpu_s": cpu_discover, "fixed_cpu_s": cpu_fixed,
                                                      "fixed_full_cpu_s": cpu_full, "agree": agree, "n": len(screen),
-                                                     "discover_wall_s": wall}))
+                                                     "discover_wall_s": wall, "fixed_full_measured_cpu_s": measured}))
     return 0
 
 

@@ -104,6 +104,30 @@ def test_bisection_finds_a_known_critical_window(lo, hi, resolution):
     assert len(calls) <= math.ceil(math.log2(3.0 / resolution)) + 1  # bisection, not a grid
 
 
+def test_known_ends_narrow_the_brackets_and_keep_the_answer():
+    """A window starting after every reference crossing, or stopping after every whole-clamp
+    crossing, is known without a probe (window_search rules): fewer rounds, the same answer."""
+    f = _response(0.4, 0.7, 0.5)  # nothing after 0.7 T matters
+
+    def run(**known):
+        calls = []
+
+        def probe(asks):
+            calls.append(asks)
+            return {k: f(a, b) for k, (a, b) in asks.items()}
+
+        return window_search.search(probe, "delay", 0.1, 3.0, 0.05, **known), len(calls)
+
+    full, n_full = run()
+    narrow, n_narrow = run(start_fails=0.75, stop_holds=0.75)
+    assert n_narrow < n_full
+    for which, true in (("latest_start", 0.64), ("earliest_stop", 0.46)):
+        lo, hi = narrow[which]["bracket"]
+        assert lo <= true <= hi and hi - lo <= 0.05
+        assert abs(narrow[which]["value"] - full[which]["value"]) <= 0.05
+    assert run(start_fails=5.0, stop_holds=5.0)[0] == full  # a known end past hi is hi
+
+
 def test_bisection_speedup_direction():
     got = window_search.search(lambda asks: {k: 1 / _response(0.2, 0.5, 1.0)(a, b) for k, (a, b) in asks.items()},
                                "speedup", 0.2, 2.0, 0.05)

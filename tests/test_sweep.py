@@ -201,6 +201,19 @@ def test_plan_jobs_packs_ensembles_only_of_compatible_runs(tmp_path):
     assert all(len(j) == 1 for j in plan_jobs(runs, todo, tmp_path / "out", pack="off", max_pack=8, workers=2))
 
 
+def test_plan_jobs_splits_a_group_into_whole_waves_of_near_equal_jobs(tmp_path):
+    from optolab.experiments.sweep import plan_jobs
+
+    sweep = _sweep(tmp_path, seeds=list(range(14)), reference=None, conditions=[{"name": "a"}])
+    _, runs = load_sweep(sweep)
+    # 14 runs of at most 5: 3 jobs would leave the second wave on 2 workers half empty; 4 do not
+    jobs = plan_jobs(runs, list(runs), tmp_path / "out", pack="auto", max_pack=5, workers=2)
+    assert sorted(map(len, jobs)) == [3, 3, 4, 4] and sorted(r for j in jobs for r in j) == sorted(runs)
+    assert [len(j) for j in plan_jobs(runs, list(runs), tmp_path / "out", pack="auto", max_pack=16,
+                                      workers=2)] == [7, 7]
+    assert len(plan_jobs(runs, list(runs), tmp_path / "out", pack="auto", max_pack=5, workers=1)) == 3
+
+
 def test_a_dry_run_lists_the_runs_and_how_they_would_pack_and_writes_nothing(tmp_path, capsys):
     pattern = {"kind": "set", "site": "blocks.0.attn.hook_pattern", "heads": [0], "to": "previous_token"}
     sweep = _sweep(tmp_path, conditions=[{"name": "lr1e-3"}, {"name": "pattern", "set": {"clamps": [pattern]}}])

@@ -10,7 +10,12 @@ Rules:
 - **screen** (``OUT/1_screen``): every target × intervention against the reference, in
   sequential rounds: ``seeds.start`` seeds each, then ``seeds.add`` more for conditions still
   open, up to ``seeds.max``. Each condition gets a verdict (effect, null within ``margin``, or
-  open) and a Holm-corrected signed-rank test over the screen.
+  open) and a Holm-corrected signed-rank test over the screen. The first round's reference runs
+  train first (their median crossing sets the cap); every later round, and every later stage,
+  is capped there, so its runs train together.
+- **What runs evaluate** (``evals``): ``question`` (default) evaluates the main split only, every
+  measure and per-example loss off (:func:`run_set`): the verdicts read nothing else, training is
+  unchanged (the main split's rows equal a full eval's: ``tests/test_eval_splits.py``).
 - **confirm** (``OUT/2_confirm``): the screen's effects again on fresh seeds (``confirm.offset``
   onwards; a screen's winners are selected, so their screen CIs are optimistic), the same rounds.
   Confirmed: an effect in the screen's direction.
@@ -32,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field
@@ -90,6 +95,10 @@ class DiscoverSpec(StrictModel):
     windows: WindowSpec | None = Field(default_factory=WindowSpec)
     dose: dict[str, DoseSpec] = Field(default_factory=dict, description="intervention name -> the field and values")
     budget: Budget = Field(default_factory=Budget)
+    evals: Literal["question", "all"] = Field(
+        "question", description="what each run evaluates: 'question', the main split's loss and accuracy only "
+                                "(no head measures, no per-example losses: training is unchanged and the eval "
+                                "work several times smaller); 'all', the base protocol's measures")
     workers: PosCount | None = None
     max_pack: PosCount = 8
 
@@ -108,6 +117,7 @@ class Ctx:
     def __init__(self, spec: DiscoverSpec, path: Path, out: Path, workers: int | None, progress=print) -> None:
         self.spec, self.path, self.out = spec, path, out
         self.base = str((path.parent / spec.protocol).resolve())
+        self.set = run_set(spec, self.base)
         self.workers = workers or spec.workers
         self.say = progress
         self.record_path = out / "discover.json"
@@ -119,6 +129,21 @@ class Ctx:
 
     def stage_dir(self, k: int, stage: str) -> Path:
         return self.out / f"{k}_{stage}"
+
+
+def run_set(spec: DiscoverSpec, base: str) -> dict[str, Any]:
+    """The dotted overrides of every stage's runs: with ``evals: question``, only the main
+    split's loss is evaluated (every measure off, no per-example losses); the file's ``set`` last,
+    so a measure it switches on stays on."""
+    if spec.evals == "all":
+        return dict(spec.set)
+    from optolab.measures.registry import measures
+    from optolab.protocol.loader import load_protocol
+    from optolab.tasks import make_task
+
+    main = make_task(load_protocol(base).task).main_split
+    lean = {"measures.splits": [main], "measures.per_example": False, **{f"measures.{n}": False for n in measures()}}
+    return {**lean, **spec.set}
 
 
 def screen_conditions(spec: DiscoverSpec, base: str) -> list[tuple[str, list[dict], str]]:
@@ -138,7 +163,7 @@ def screen_conditions(spec: DiscoverSpec, base: str) -> list[tuple[str, list[dic
 
 
 def write_sweep(ctx: Ctx, file: Path, conditions: list[dict], stop: dict) -> None:
-    data = {"name": file.stem, "protocol": ctx.base, "seeds": [0], "set": ctx.spec.set,
+    data = {"name": file.stem, "protocol": ctx.base, "seeds": [0], "set": ctx.set,
             "conditions": conditions, "stop_at_answer": stop, "run_figures": False}
     if any(c["name"] == REFERENCE for c in conditions):
         data["reference"] = REFERENCE
@@ -157,9 +182,10 @@ def run_round(ctx: Ctx, file: Path, sweep_dir: Path) -> None:
                            fix="fix the cause and run the same command again: finished runs are kept.")
 
 
-def crossings(sweep_dir: Path, loss: float) -> dict[str, dict[int, Any]]:
+def crossings(sweep_dir: Path, loss: float, interpolate: bool = True) -> dict[str, dict[int, Any]]:
     """``{condition: {seed: Crossing}}`` of a stage's finished runs: the main loss's first
-    crossing of ``loss`` (interpolated), or where a run that never crossed was censored."""
+    crossing of ``loss`` (interpolated; else the first eval at or below it), or where a run that
+    never crossed was censored."""
     import pandas as pd
 
     from optolab.experiments.stats import crossing_time
@@ -176,7 +202,7 @@ def crossings(sweep_dir: Path, loss: float) -> dict[str, dict[int, Any]]:
         m = pd.read_parquet(sweep_dir / rid / "metrics.parquet")
         curve = m[(m.split == main) & (m.metric == "loss")].sort_values("step")
         out.setdefault(info["condition"], {})[info["seed"]] = crossing_time(
-            curve.sequences.to_numpy(), curve.value.to_numpy(), loss)
+            curve.sequences.to_numpy(), curve.value.to_numpy(), loss, interpolate=interpolate)
     return out
 
 
@@ -231,8 +257,8 @@ def sequential_stage(ctx: Ctx, k: int, stage: str, conds: dict[str, list[dict]],
         ref_seeds = sorted({s for v in seeds.values() for s in v})
         listed = [{"name": REFERENCE, "seeds": ref_seeds}] + [
             {"name": n, "clamps": conds[n], "seeds": seeds[n]} for n in conds]
-        stop: dict | bool = ctx.spec.question.model_dump()  # the screen: capped relative to its own reference
-        if cap is not None:  # later stages: the screen's reference gives an absolute cap, so nothing waits
+        stop: dict | bool = ctx.spec.question.model_dump()  # the screen's first round: capped relative to its reference
+        if cap is not None:  # later rounds and stages: an absolute cap from the screen's reference, so nothing waits
             for c in listed:
                 c["set"] = {"train.stop": _stop_rule(ctx, None if c["name"] == REFERENCE else cap)}
             stop = False
@@ -242,6 +268,10 @@ def sequential_stage(ctx: Ctx, k: int, stage: str, conds: dict[str, list[dict]],
                 f"({len(conds)} conditions)")
         run_round(ctx, file, sweep_dir)
         t, c = times(sweep_dir, ctx.spec.question.loss), censored(sweep_dir, ctx.spec.question.loss)
+        if cap is None:  # later rounds: capped at this round's reference, so their runs need not wait for its new seeds
+            from optolab.experiments.answering import cap_sequences
+
+            cap = cap_sequences(ctx.spec.question, list(t.get(REFERENCE, {}).values()))
         verdicts = {n: judge(t.get(n, {}), t.get(REFERENCE, {}), ctx.spec.margin, cond_censored=c.get(n),
                              ref_censored=c.get(REFERENCE), alpha_look=alpha_look) for n in conds}
         grown = {n: sequential.next_seeds(seeds[n], verdicts[n]["verdict"], rule.add, rule.max) for n in conds}
@@ -359,6 +389,7 @@ def stage_windows(ctx: Ctx) -> dict:
     hi = max(1.0, min(cap or 3 * t_event, budget) / t_event)  # a window from hi·T on clamps nothing the time sees
     clamps = {n: c for n, c, _ in screen_conditions(ctx.spec, ctx.base)}
     sweep_dir = ctx.stage_dir(3, "windows")
+    first = crossings(confirm_dir, ctx.spec.question.loss, interpolate=False)
     searches = {}
     listed: list[dict] = []  # every probe so far: the stage's sweep.json lists them all
     for name, v in picks:
@@ -389,10 +420,25 @@ def stage_windows(ctx: Ctx) -> dict:
                     **{which: judge(t.get(c, {}), {s: ref[s] for s in seeds}, ctx.spec.margin, cond_censored=cens.get(c),
                                     ref_censored=ref_cens)["point"] for which, c in names.items()}}
 
-        searches[name] = window_search.search(probe, v["direction"], w.effect, hi, w.resolution)
+        # known ends (window_search rules): one batch past the probe seeds' last eval at or below
+        # the loss, so the eval that saw the crossing is inside (stop) or before (start) the window
+        bs = base.train.batch_size
+        searches[name] = window_search.search(
+            probe, v["direction"], w.effect, hi, w.resolution,
+            start_fails=_latest(first.get(REFERENCE, {}), seeds, bs, t_event),
+            stop_holds=_latest(first.get(name, {}), seeds, bs, t_event))
     return {"searches": searches, "t_event": t_event, "relative_to": w.relative_to, "seeds": seeds,
             "runs": len(listed) * len(seeds),
             "compute_s": compute_s(sweep_dir), "dir": str(sweep_dir)}
+
+
+def _latest(first: dict, seeds: list[int], batch: int, t_event: float) -> float | None:
+    """``(latest first eval at or below the loss + one batch) / T`` over ``seeds``; None when a
+    seed never crossed (or crossed by its first eval) or is missing."""
+    got = [first.get(s) for s in seeds]
+    if any(x is None or not x.crossed or x.left for x in got):
+        return None
+    return (max(x.time for x in got) + batch) / t_event
 
 
 def stage_dose(ctx: Ctx) -> dict:

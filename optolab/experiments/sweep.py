@@ -517,7 +517,8 @@ def plan_jobs(runs: dict[str, SweepRun], todo: list[str], out: Path, *, pack: st
     :func:`~optolab.training.ensemble.pack_key` and, with ``pack="auto"``, equal pass signatures (a
     union of conditions with other passes would run every pass for every member:
     :mod:`optolab.clamps.union`) and layer-clamp layers, or with ``pack="seeds"`` equal clamps. A group is split so
-    every worker gets work, a condition's runs kept together where they fit; everything else
+    every worker gets work, into a multiple of ``workers`` jobs of near-equal size when it needs more
+    jobs than workers, a condition's runs kept together where they fit; everything else
     trains alone. Longest jobs first."""
     from optolab.clamps.union import pass_signature
     from optolab.training.ensemble import condition_key, pack_key, resumable_together, why_not_packable
@@ -547,9 +548,11 @@ def plan_jobs(runs: dict[str, SweepRun], todo: list[str], out: Path, *, pack: st
                 by_step.setdefault(_last_checkpoint(out / rid), []).append(rid)
             groups.update({(*key, step): ids for step, ids in by_step.items()})
     for group in groups.values():
-        n_chunks = min(len(group), max(math.ceil(len(group) / max_pack), round(workers * len(group) / packable)))
-        size = math.ceil(len(group) / n_chunks)
-        jobs += [group[i: i + size] for i in range(0, len(group), size)]
+        n = len(group)
+        n_chunks = min(n, max(math.ceil(n / max_pack), round(workers * n / packable)))
+        if n_chunks > workers:  # whole waves: on 2 workers, 8 jobs of 14 end before 7 of 16 (4 waves, the last half empty)
+            n_chunks = min(n, math.ceil(n_chunks / workers) * workers)
+        jobs += [group[i * n // n_chunks: (i + 1) * n // n_chunks] for i in range(n_chunks)]
     return sorted(jobs, key=lambda job: -_cost(runs[job[0]].protocol) * len(job) ** 0.5)
 
 

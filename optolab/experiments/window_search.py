@@ -18,6 +18,12 @@ Rules:
   1 / (1 + effect) for a speed-up (a censored condition seed counts as later than every time).
   The search assumes the effect shrinks as the window shrinks (monotone); a probe that breaks
   that is kept in ``probes`` so the report can show it.
+- **Known ends.** A window that starts after the reference's runs have all crossed cannot move
+  their times (each run is its reference until then), so the latest start's bracket may end at
+  the probe seeds' latest reference crossing (``start_fails``) instead of ``hi``; a window
+  that stops after the whole-clamp runs have all crossed leaves their times as the whole clamp's,
+  so the earliest stop's may start at their latest crossing (``stop_holds``). Narrower brackets
+  need fewer rounds (3 instead of 4 on the quickstart).
 - It stops when the bracket is at most ``resolution`` (in units of T) wide: the answer is the
   bracket's inner end (the last start that held, the first stop that held) and the bracket is
   reported as its uncertainty. Both searches advance together, one probe each per round.
@@ -84,10 +90,15 @@ def window(start: float, stop: float, t: float, budget: int | None = None) -> di
 
 
 def search(probe: Callable[[dict[str, tuple[float, float]]], Mapping[str, float | None]], direction: str,
-           effect: float, hi: float, resolution: float, max_rounds: int = 20) -> dict:
+           effect: float, hi: float, resolution: float, max_rounds: int = 20, *,
+           start_fails: float | None = None, stop_holds: float | None = None) -> dict:
     """Run both bisections; ``probe({name: (start, stop)})`` returns each window's median ratio.
-    (:mod:`optolab.experiments.discover` probes with sweeps; tests with a known response.)"""
-    start, stop = Bisection(0.0, hi, resolution), Bisection(hi, 0.0, resolution)
+    (:mod:`optolab.experiments.discover` probes with sweeps; tests with a known response.)
+    ``start_fails`` / ``stop_holds`` (T units, at most ``hi``): where each bracket's known end is
+    when the runs already tell (module rules); default ``hi``."""
+    bad_start = hi if start_fails is None else min(hi, start_fails)
+    good_stop = hi if stop_holds is None else min(hi, stop_holds)
+    start, stop = Bisection(0.0, bad_start, resolution), Bisection(good_stop, 0.0, resolution)
     for _ in range(max_rounds):
         asks = {}
         if (s := start.next()) is not None:

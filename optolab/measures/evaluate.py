@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from optolab.core.device import to_device
+from optolab.core.errors import OptolabError
 from optolab.measures.measure import ModelData, SplitData, model_row
 from optolab.measures.registry import active
 from optolab.model.forward import Forward
@@ -40,12 +41,29 @@ class EvalSet:
     @classmethod
     def build(cls, task: Task, spec, seed: int, n_ctx: int, device: torch.device | None = None) -> EvalSet:
         """Made on the CPU (the same numbers everywhere), then moved to ``device``."""
-        splits = {s: task.eval_batch(s, seed, spec.eval_sequences) for s in task.eval_splits}
+        splits = {s: task.eval_batch(s, seed, spec.eval_sequences) for s in eval_splits(spec, task)}
         evals = cls(splits, {m.NAME: m.build(task, spec, seed, n_ctx) for m in active(spec)})
         return evals if device is None or device.type == "cpu" else evals.to_device(device)
 
     def to_device(self, device: torch.device) -> EvalSet:
         return EvalSet(to_device(self.splits, device), to_device(self.extra, device))
+
+
+def eval_splits(spec, task: Task) -> list[str]:
+    """The splits ``spec`` (a protocol's ``measures:``) evaluates, in the task's order:
+    ``measures.splits`` or every split. Each split's batch is drawn from the eval seed alone, so
+    leaving splits out changes no other split's numbers (and never training)."""
+    if spec.splits is None:
+        return list(task.eval_splits)
+    unknown = [s for s in spec.splits if s not in task.eval_splits]
+    if unknown:
+        raise OptolabError(f"measures.splits names '{unknown[0]}', which the task ({task.kind}) has no split of.",
+                           field="measures.splits", fix=f"choose from {', '.join(task.eval_splits)}.")
+    if task.main_split not in spec.splits:
+        raise OptolabError(f"measures.splits leaves out the main split '{task.main_split}' (summaries, stop "
+                           "rules and reports read it).", field="measures.splits",
+                           fix=f"add '{task.main_split}' to the list.")
+    return [s for s in task.eval_splits if s in spec.splits]
 
 
 @torch.no_grad()

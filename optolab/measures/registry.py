@@ -7,7 +7,7 @@ Rules:
   An installed package adds its own with an entry point in the group ``optolab.measures``
   (``[project.entry-points."optolab.measures"] my_score = "mypkg.measures:MyScore"``); they are
   read once, when the protocol schema is built.
-- The ``measures:`` section is :class:`MeasuresBase` (schedule, eval set size) plus, per measure,
+- The ``measures:`` section is :class:`MeasuresBase` (schedule, eval set size, which splits) plus, per measure,
   a switch ``<NAME>: bool`` (default ``DEFAULT``). A measure with a ``CONFIG`` (one that runs at
   checkpoints) takes ``<NAME>: false | true | {its fields}`` instead, resolved to ``null`` or the
   full mapping; so does an installed (entry-point) measure with ``OPTIONS``: its options are
@@ -44,6 +44,9 @@ class MeasuresBase(StrictModel):
     per_example: bool = Field(True, description="keep each scored position's loss at every eval "
                                                 "(RUN_DIR/per_example/, float16; optolab.training.per_example)")
     per_example_max: PosCount = Field(4096, description="the first this many scored positions of each split")
+    splits: list[str] | None = Field(None, min_length=1,
+                                     description="evaluate only these of the task's eval splits (the main split "
+                                                 "among them); default every split. Training is unchanged.")
 
 
 def _check(cls: Any, name: str) -> type[Measure]:

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from optolab.core.counts import MAX_SEED
 from optolab.core.errors import OptolabError, duplicate_key, from_validation_error, yaml_line_map
+from optolab.measures.evaluate import eval_splits
 from optolab.protocol.conditions import condition_protocols, plan_condition
 from optolab.protocol.data_schedule import check_data
 from optolab.protocol.data_schedule import resolve_paths as resolve_data_paths
@@ -261,6 +262,11 @@ def validate_protocol(data: dict, *, source: str | None = None, lines: dict | No
         task = make_task(protocol.task)
         cfg = protocol.model_config_for(task)  # shape checks that need the task
         check_data(protocol, task)  # the data schedule's tasks fit the model (and mix)
+        evaluated = eval_splits(protocol.measures, task)  # measures.splits: the task's, the main one among them
+        stop = protocol.train.stop
+        if stop is not None and stop.split is not None and stop.split not in evaluated:
+            raise OptolabError(f"train.stop.split '{stop.split}' is not evaluated, so the run would never stop.",
+                               field="train.stop.split", fix=f"choose from {', '.join(evaluated)}.")
         check_footprint(protocol, cfg.n_ctx)
         protocol.eval_steps()
         protocol.checkpoint_steps()
