@@ -18,6 +18,10 @@ Rules:
 - The clamp is optolab's {"kind": "set", "site": "pattern0", "heads": [2], "to": "previous_token"}
   (strength 1): layer 0 head 2's pattern is replaced by P[i, i-1] = 1 (i >= 1), P[0, 0] = 1,
   with jnp.where inside the jitted step, so no gradient reaches that head's scores.
+- ``--bf16``: every product (the projections, the attention einsums, the unembedding) takes
+  bfloat16 operands and accumulates into float32 (``preferred_element_type``); parameters, Adam,
+  LN, softmax and the loss stay float32, as under torch's CPU autocast. ``--peak --bf16`` times
+  the chained products in bfloat16.
 - Timed: (a) step loop, a Python loop over a jitted step with donated params and optimizer
   state; (b) scan loop, one jitted lax.scan over a chunk of stacked batches. Batches are random
   (content does not change the speed), made with numpy and put on the device before timing.
@@ -102,23 +106,41 @@ def _rope(x):  # [b, pos, head, E], interleaved pairs
     return jnp.stack([ev * COS - od * SIN, ev * SIN + od * COS], axis=-1).reshape(x.shape)
 
 
+PRODUCTS = {"dtype": None}  # --bf16: jnp.bfloat16 (set once in main, before anything is traced)
+
+
+def mm(a, b):
+    """A product as the step runs it: float32, or (``--bf16``) bfloat16 operands accumulated into
+    float32, the master weights, Adam and the loss staying float32 (torch's CPU autocast)."""
+    if PRODUCTS["dtype"] is None:
+        return a @ b
+    return jnp.matmul(a.astype(PRODUCTS["dtype"]), b.astype(PRODUCTS["dtype"]), preferred_element_type=jnp.float32)
+
+
+def es(spec, a, b):
+    if PRODUCTS["dtype"] is None:
+        return jnp.einsum(spec, a, b)
+    return jnp.einsum(spec, a.astype(PRODUCTS["dtype"]), b.astype(PRODUCTS["dtype"]),
+                      preferred_element_type=jnp.float32)
+
+
 def loss_fn(params, batch, clamp: bool):
     ex_in, labels, targets = batch
-    ex = ex_in @ params["W_X"] + params["b_X"]  # [b, 3, D]
+    ex = mm(ex_in, params["W_X"]) + params["b_X"]  # [b, 3, D]
     lab = params["W_L"][labels]  # one-hot @ W_L, as a row lookup (what torch does too)
     pairs = jnp.stack([ex[:, :N_LAB], lab], axis=2).reshape(B, 2 * N_LAB, D)
     x = jnp.concatenate([pairs, ex[:, N_LAB:]], axis=1)
     for li, p in enumerate(params["layers"]):
         h = _ln(x, p["ln_w"], p["ln_b"])
-        q, k, v = ((h @ p[w]).reshape(B, N, H, E) for w in ("W_Q", "W_K", "W_V"))
+        q, k, v = (mm(h, p[w]).reshape(B, N, H, E) for w in ("W_Q", "W_K", "W_V"))
         q, k = _rope(q), _rope(k)
-        scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(E)
+        scores = es("bqhe,bkhe->bhqk", q, k) / math.sqrt(E)
         pattern = jax.nn.softmax(jnp.where(CAUSAL, scores, -jnp.inf), axis=-1)
         if clamp and li == CLAMP_LAYER:
             pattern = jnp.where(CLAMP_HEADS, PREV_TOKEN, pattern)
-        z = jnp.einsum("bhqk,bkhe->bqhe", pattern, v).reshape(B, N, H * E)
-        x = x + z @ p["W_O"]
-    logits = _ln(x, params["lnf_w"], params["lnf_b"]) @ params["W_U"] + params["b_U"]
+        z = es("bhqk,bkhe->bqhe", pattern, v).reshape(B, N, H * E)
+        x = x + mm(z, p["W_O"])
+    logits = mm(_ln(x, params["lnf_w"], params["lnf_b"]), params["W_U"]) + params["b_U"]
     keep = targets != IGNORE
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.where(keep, targets, 0)[..., None], axis=-1)[..., 0]
@@ -197,15 +219,15 @@ def time_loops(clamp: bool, chunks: int, chunk_steps: int) -> tuple[float, float
     return rates[0], rates[1]
 
 
-def matmul_peak(reps: int = 2000) -> dict[str, float]:
-    """Single-core float32 GFLOP/s of the step's products at their shapes, each a chain of
+def matmul_peak(reps: int = 2000, dtype=jnp.float32) -> dict[str, float]:
+    """Single-core GFLOP/s (float32, or ``dtype``) of the step's products at their shapes, each a chain of
     dependent products inside one jitted loop (so neither dispatch nor hoisting is measured).
     The weights are (semi-)orthogonal so the chained values neither blow up nor go denormal."""
     rng = np.random.default_rng(0)
     out = {}
     for name, (m, k, n) in {"proj_160x64x64": (B * N, D, D), "xmap_96x512x64": (B * N_EX, D_IN, D)}.items():
-        w = jnp.asarray(np.linalg.qr(rng.standard_normal((k, n)))[0], jnp.float32)  # [k, n]
-        x0 = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        w = jnp.asarray(np.linalg.qr(rng.standard_normal((k, n)))[0], dtype)  # [k, n]
+        x0 = jnp.asarray(rng.standard_normal((m, k)), dtype)
         if k == n:
             f = jax.jit(lambda x, w: jax.lax.fori_loop(0, reps, lambda _, x: x @ w, x))
             flop = 2 * m * k * n * reps
@@ -243,20 +265,24 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON line for a driver")
     ap.add_argument("--peak", action="store_true", help="measure matmul GFLOP/s instead")
     ap.add_argument("--check", action="store_true", help="correctness sanity instead")
+    ap.add_argument("--bf16", action="store_true", help="products in bfloat16 (float32 accumulation, weights, Adam)")
     a = ap.parse_args()
+    if a.bf16:
+        PRODUCTS["dtype"] = jnp.bfloat16
     if a.check:
         return check()
     if a.peak:
-        r = {"matmul_gflops": matmul_peak(), "jax_version": jax.__version__}
+        r = {"matmul_gflops": matmul_peak(dtype=jnp.bfloat16 if a.bf16 else jnp.float32),
+             "jax_version": jax.__version__, "bf16": a.bf16}
         return print(json.dumps(r) if a.json else
                      "\n".join(f"{k}: {v:.1f} GFLOP/s" for k, v in r["matmul_gflops"].items()))
     step_rate, scan_rate = time_loops(a.clamp, a.chunks, a.chunk_steps)
     r = {"jax_step_steps_per_s": step_rate, "jax_scan_steps_per_s": scan_rate,
          "jax_version": jax.__version__, "chunks": a.chunks, "chunk_steps": a.chunk_steps,
-         "clamp": a.clamp, "flops_per_step": flops_per_step()}
+         "clamp": a.clamp, "flops_per_step": flops_per_step(), "bf16": a.bf16}
     f = r["flops_per_step"]
     print(json.dumps(r) if a.json else
-          f"jax {jax.__version__}, clamp={a.clamp}, median of {a.chunks} x {a.chunk_steps} steps\n"
+          f"jax {jax.__version__}, clamp={a.clamp}, bf16={a.bf16}, median of {a.chunks} x {a.chunk_steps} steps\n"
           f"step loop: {step_rate:.1f} steps/s ({step_rate * f / 1e9:.1f} GFLOP/s)\n"
           f"scan loop: {scan_rate:.1f} steps/s ({scan_rate * f / 1e9:.1f} GFLOP/s)\n"
           f"matrix work: {f / 1e6:.2f} MFLOP/step")

@@ -175,6 +175,20 @@ def test_shipped_discover_files_load():
         assert len(discover.screen_conditions(spec, str((f.parent / spec.protocol).resolve()))) == 16
 
 
+def test_windows_relative_to_the_drop_need_the_curve_past_the_crossing(tmp_path):
+    from optolab.core.errors import OptolabError
+
+    base = {"name": "x", "protocol": "p.yaml", "targets": {"heads": {"layers": [0]}},
+            "interventions": {"a": {"kind": "ablate", "site": "blocks.{layer}.attn.hook_v", "heads": ["{head}"]}},
+            "question": {"loss": 0.5, "margin_evals": 1}}
+    f = tmp_path / "d.yaml"
+    f.write_text(yaml.safe_dump({**base, "windows": {"relative_to": "drop_onset"}}))
+    with pytest.raises(OptolabError, match="margin_evals must be at least 3"):
+        discover.load(f)
+    f.write_text(yaml.safe_dump({**base, "windows": {"relative_to": "crossing"}}))
+    assert discover.load(f).question.margin_evals == 1  # the crossing alone needs no more
+
+
 def test_live_progress_counts_runs_and_steps(tmp_path):
     """progress.json from the runs' own files: a finished run, a run stopped at its answer (its
     unrun steps leave the total), one training, one waiting."""

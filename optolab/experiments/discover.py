@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from optolab.core.counts import Count, PosCount
 from optolab.core.errors import OptolabError
@@ -50,6 +50,7 @@ from optolab.experiments.designs import Targets
 from optolab.training.rundir import write_atomic
 
 STAGES = ("screen", "confirm", "windows", "dose")
+DETECTOR_EVALS = 3  # evals past the crossing the phase detector needs to see a drop end (stop-at-answer's default)
 REFERENCE = "reference"
 
 
@@ -101,6 +102,15 @@ class DiscoverSpec(StrictModel):
                                 "work several times smaller); 'all', the base protocol's measures")
     workers: PosCount | None = None
     max_pack: PosCount = 8
+
+    @model_validator(mode="after")
+    def _detector_needs_curve(self) -> DiscoverSpec:
+        w = self.windows
+        if w is not None and w.relative_to != "crossing" and self.question.margin_evals < DETECTOR_EVALS:
+            raise ValueError(f"windows.relative_to: {w.relative_to} reads the reference's loss drop with the phase "
+                             f"detector, which needs the curve past the crossing: question.margin_evals must be at "
+                             f"least {DETECTOR_EVALS} (got {self.question.margin_evals})")
+        return self
 
 
 def load(path: str | Path) -> DiscoverSpec:

@@ -59,6 +59,12 @@ def _when(stage: dict) -> list[str]:
         rows.append(f"| {n} | {a['value']:.3g} ({a['value'] * t:,.0f} seq) | [{a['bracket'][0]:.3g}, "
                     f"{a['bracket'][1]:.3g}] | {b['value']:.3g} ({b['value'] * t:,.0f} seq) | [{b['bracket'][0]:.3g}, "
                     f"{b['bracket'][1]:.3g}] | {len(a['probes']) + len(b['probes'])} |")
+    known = [f"{n}: a start from {k['start_fails']:.3g} T fails (every probe seed's reference had crossed), "
+             f"a stop from {k['stop_holds']:.3g} T holds (every whole-clamp run had crossed)"
+             for n, s in stage["searches"].items() if (k := s.get("known")) and
+             (k["start_fails"] < s["hi"] or k["stop_holds"] < s["hi"])]
+    if known:
+        rows += ["", "Known without a probe, so the brackets started there: " + "; ".join(known) + "."]
     return rows
 
 

@@ -113,4 +113,5 @@ def search(probe: Callable[[dict[str, tuple[float, float]]], Mapping[str, float 
         if "stop" in asks:
             stop.record(asks["stop"][1], holds(got["stop"], direction, effect))
     return {"latest_start": start.result(), "earliest_stop": stop.result(), "resolution": resolution,
-            "hi": hi, "direction": direction, "effect": effect}
+            "hi": hi, "known": {"start_fails": bad_start, "stop_holds": good_stop}, "direction": direction,
+            "effect": effect}
