@@ -53,3 +53,43 @@ def test_bad_toy_protocols_are_refused_in_one_line(tmp_path, capsys, bad, words)
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def _toy(tmp_path, **changes):
+    proto = {"kind": "toy_tensor", "name": "toy", "dim": 6, "iterations": 60, "seeds": [0],
+             "conditions": {"none": []}, **changes}
+    path = tmp_path / f"toy{len(changes)}.yaml"
+    path.write_text(yaml.safe_dump(proto))
+    return str(path)
+
+
+def test_a_folder_with_the_users_files_is_refused_and_left_as_it_was(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", _toy(tmp_path), "--out", str(out)]) == 0
+    (out / "figures" / "my_plot.png").write_text("mine")  # a user's file among a toy run's
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for extra in ([], ["--overwrite"]):
+        assert main(["run", _toy(tmp_path), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "figures/my_plot.png" in err and len(err.splitlines()) == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "metrics.csv").write_text("my,data\n")  # one of the toy's names, but no toy run here
+    assert main(["run", _toy(tmp_path), "--out", str(own), "--overwrite"]) == 2
+    assert "no toy run's protocol.yaml" in capsys.readouterr().err
+    assert (own / "metrics.csv").read_text() == "my,data\n"
+
+
+def test_another_protocol_needs_overwrite_which_replaces_only_the_toys_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", _toy(tmp_path), "--out", str(out)]) == 0
+    first = (out / "summary.json").read_text()
+    assert main(["run", _toy(tmp_path), "--out", str(out)]) == 0  # the same protocol: its finished run
+    assert (out / "summary.json").read_text() == first
+    capsys.readouterr()
+    assert main(["run", _toy(tmp_path, iterations=80), "--out", str(out)]) == 2
+    assert "different protocol" in capsys.readouterr().err
+    assert main(["run", _toy(tmp_path, iterations=80), "--out", str(out), "--overwrite"]) == 0
+    assert yaml.safe_load((out / "protocol.yaml").read_text())["iterations"] == 80

@@ -14,7 +14,10 @@ Rules (following the authors' ``simple_model_solver.py``):
   reproduced in torch), so numbers match the paper in ordering, not digit for digit.
 - A run directory holds ``protocol.yaml`` (resolved), ``meta.json``, ``metrics.csv`` (one row
   per condition, seed and iteration: loss and the misalignment 1 − cos²(â, a) of each vector),
-  ``summary.json`` and ``figures/loss.png``.
+  ``summary.json`` and ``figures/loss.png`` (:data:`TOY_FILES`), written under the folder's lock.
+  A folder holding anything else, or no toy run's ``protocol.yaml``, is refused with nothing
+  touched, ``--overwrite`` or not; ``--overwrite`` replaces a toy run's own files. Without it, the
+  same protocol's finished run is returned as it is, and another protocol's is refused.
 """
 
 from __future__ import annotations
@@ -102,15 +105,58 @@ def load_toy(path: str | Path) -> ToyProtocol:
     return read_spec(path, "protocol", ToyProtocol)[0]
 
 
+TOY_FILES = ("protocol.yaml", "meta.json", "metrics.csv", "summary.json", "figures/loss.png")
+
+
+def _existing(out: Path, protocol: ToyProtocol, overwrite: bool) -> dict | None:
+    """What ``out`` already holds (module rules): the finished run's summary to return, or None
+    to write the run; refused, with nothing touched, when it holds anything a toy run did not
+    write or a toy run of another protocol (unless ``overwrite``)."""
+    from optolab.core.lock import LOCK_NAME
+
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise OptolabError(f"'{out}' is a file, not a folder.", field="--out", fix="choose a new folder for the run.")
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME)
+    if not files:
+        return None
+    try:
+        record = yaml.safe_load((out / "protocol.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        record = None
+    foreign = [f for f in files if f not in TOY_FILES]
+    if foreign or not isinstance(record, dict) or record.get("kind") != "toy_tensor":
+        shown = ", ".join(foreign[:3]) + (" …" if len(foreign) > 3 else "") if foreign else "and no toy run's protocol.yaml"
+        raise OptolabError(f"'{out}' holds files a toy run did not write ({shown}); nothing was changed.",
+                           field="--out", fix="choose another --out (--overwrite replaces only a toy run's own files).")
+    if overwrite:
+        return None
+    if record != protocol.model_dump(mode="json"):
+        raise OptolabError(f"'{out}' holds a toy run of a different protocol.", field="--out",
+                           fix="choose another --out, or pass --overwrite to redo it there.")
+    if (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    return None  # the same protocol, unfinished: the toy keeps no checkpoints, so it trains again
+
+
 def run_toy(protocol: ToyProtocol, out: str | Path, overwrite: bool = False) -> dict:
-    from optolab.training.rundir import environment
+    from optolab.core.lock import DirLock
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        if (out / "summary.json").exists():
-            return json.loads((out / "summary.json").read_text())
-        raise OptolabError(f"{out} holds files but no finished toy run.", field="--out",
-                           fix="choose another --out, or pass --overwrite.")
+    done = _existing(out, protocol, overwrite)
+    if done is not None:
+        return done
+    lock = DirLock(out, "toy run")  # one writer per run directory
+    try:
+        return _write_run(protocol, out)
+    finally:
+        lock.release()
+
+
+def _write_run(protocol: ToyProtocol, out: Path) -> dict:
+    from optolab.training.rundir import environment
+
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "protocol.yaml").write_text(yaml.safe_dump(protocol.model_dump(mode="json"), sort_keys=False))
     (out / "meta.json").write_text(json.dumps(environment(), indent=2))
