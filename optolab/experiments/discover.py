@@ -295,11 +295,10 @@ def sequential_stage(ctx: Ctx, k: int, stage: str, conds: dict[str, list[dict]],
     survives = sequential.holm({n: min(1.0, looks * v["p"]) for n, v in verdicts.items()}, ctx.spec.alpha)
     for n, v in verdicts.items():
         v.update(holm=survives[n], seeds=len(seeds[n]), at_cap=v["verdict"] == "open" and len(seeds[n]) >= rule.max)
-    return {"verdicts": verdicts, "rounds": r, "alpha_look": alpha_look, "runs": _stage_runs(seeds), "budget_reached": budget_reached,
-            "reference_times": {str(s): x for s, x in
-                                                                   times(sweep_dir, ctx.spec.question.loss)
-                                                                   .get(REFERENCE, {}).items()},
-            "compute_s": compute_s(sweep_dir), "dir": str(sweep_dir)}
+    ref_times = times(sweep_dir, ctx.spec.question.loss).get(REFERENCE, {})
+    return {"verdicts": verdicts, "rounds": r, "alpha_look": alpha_look, "runs": _stage_runs(seeds),
+            "budget_reached": budget_reached, "reference_times": {str(s): x for s, x in ref_times.items()},
+            "cap": cap, "compute_s": compute_s(sweep_dir), "dir": str(sweep_dir)}
 
 
 def _stage_runs(seeds: dict[str, list[int]]) -> int:
@@ -350,10 +349,14 @@ def stage_screen(ctx: Ctx) -> dict:
 
 
 def _cap(ctx: Ctx) -> int | None:
+    """The cap of the later stages: the one the screen's later rounds had (its first round's
+    reference); from all its reference times for a record written before it was kept."""
     from optolab.experiments.answering import cap_sequences
 
-    ref = ctx.record["stages"]["screen"]["reference_times"]
-    return cap_sequences(ctx.spec.question, list(ref.values()))
+    screen = ctx.record["stages"]["screen"]
+    if "cap" in screen:
+        return screen["cap"]
+    return cap_sequences(ctx.spec.question, list(screen["reference_times"].values()))
 
 
 def stage_confirm(ctx: Ctx) -> dict:
