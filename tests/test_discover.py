@@ -5,6 +5,7 @@ every stage boundary, the formation map, and one tiny real run through real swee
 from __future__ import annotations
 
 import json
+import re
 import numpy as np
 import pytest
 import yaml
@@ -122,6 +123,10 @@ def test_dry_run_plan(tmp_path):
     text = "\n".join(lines)
     assert "screen" in text and "CPU-min" in text
     assert " 24 " in lines[3] or "24" in lines[3]  # 3 conditions + reference, 6 seeds each
+    # calibrated on the runs as the stages make them: the question's evals cost less than all of them
+    every = "\n".join(discover.plan(_spec(tmp_path, evals="all")))
+    per_eval = [float(re.search(r"(\d+) ms per eval", t).group(1)) for t in (text, every)]
+    assert "evals: question" in text and per_eval[0] < per_eval[1]
 
 
 def _edit(out, stage, name, **values):
