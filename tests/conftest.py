@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -54,3 +56,11 @@ def write_protocol(folder: Path, data: dict, name: str = "p.yaml") -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def max_metrics_diff(a: Path, b: Path) -> float:
+    """The largest difference between two runs' metric values, after checking that their rows
+    (step, split, metric, head, ...) are the same ones in the same order."""
+    x, y = pd.read_parquet(a / "metrics.parquet"), pd.read_parquet(b / "metrics.parquet")
+    pd.testing.assert_frame_equal(x.drop(columns="value"), y.drop(columns="value"))
+    return float(np.nanmax(np.abs(x.value.to_numpy() - y.value.to_numpy())))

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -19,7 +17,7 @@ from optolab.training.compiled_step import CompiledStep, adam_, ensure_state
 from optolab.training.ensemble import train_ensemble
 from optolab.training.trainer import make_forward, make_optimizer, make_update, train
 
-from .conftest import fewshot_protocol
+from .conftest import fewshot_protocol, max_metrics_diff
 
 # The compiler fuses and reorders float sums, so numbers agree to rounding, not bit for bit.
 # Measured over 40 steps at lr 1e-3: at most 1e-6 on any metric, for every group below.
@@ -73,12 +71,6 @@ def _protocol(clamps: list[dict], compiled: bool, seed: int = 0, **train):
     return validate_protocol(data)
 
 
-def _max_diff(a, b) -> float:
-    x, y = pd.read_parquet(a / "metrics.parquet"), pd.read_parquet(b / "metrics.parquet")
-    pd.testing.assert_frame_equal(x.drop(columns="value"), y.drop(columns="value"))
-    return float(np.nanmax(np.abs(x.value.to_numpy() - y.value.to_numpy())))
-
-
 @pytest.mark.numerics
 @pytest.mark.parametrize("group", ["none", "site clamps", "two passes", "three passes", "graft+freeze"])
 def test_compiled_run_equals_the_nnsight_run(group, tmp_path):
@@ -87,7 +79,7 @@ def test_compiled_run_equals_the_nnsight_run(group, tmp_path):
     extra = {"grad_clip": 0.5} if group == "graft+freeze" else {}
     ref = train(_protocol(clamps, False, **extra), tmp_path / "nnsight", progress=False)
     got = train(_protocol(clamps, True, **extra), tmp_path / "compiled", progress=False)
-    assert _max_diff(tmp_path / "nnsight", tmp_path / "compiled") < TOLERANCE
+    assert max_metrics_diff(tmp_path / "nnsight", tmp_path / "compiled") < TOLERANCE
     for (name, a), b in zip(ref.model.named_parameters(), got.model.parameters()):
         assert torch.allclose(a, b, atol=TOLERANCE, rtol=0), name
     if group == "graft+freeze":  # the frozen head did not move in either run
@@ -102,7 +94,7 @@ def test_compiled_ensemble_members_equal_their_nnsight_runs(group, tmp_path):
     train_ensemble(members, [tmp_path / "e0", tmp_path / "e1"])
     for s in (0, 1):
         train(_protocol(clamps, False, seed=s), tmp_path / f"solo{s}", progress=False)
-        assert _max_diff(tmp_path / f"e{s}", tmp_path / f"solo{s}") < TOLERANCE
+        assert max_metrics_diff(tmp_path / f"e{s}", tmp_path / f"solo{s}") < TOLERANCE
 
 
 def test_a_resumed_compiled_run_repeats_the_uninterrupted_one(tmp_path):

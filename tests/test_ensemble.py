@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ from optolab.protocol.loader import validate_protocol
 from optolab.training.ensemble import condition_key, pack_key, train_ensemble, why_not_packable
 from optolab.training.trainer import train
 
-from .conftest import fewshot_protocol
+from .conftest import fewshot_protocol, max_metrics_diff
 
 # Batched matrix products sum in another order than the solo run's, so numbers agree to float32
 # rounding, not bit for bit. Measured over 60 steps: at most 6e-7 for every clamp kind below.
@@ -92,15 +90,9 @@ def test_members_of_mixed_conditions_each_equal_their_run_alone(mixed_solo, tmp_
     assert len({condition_key(p) for p in protocols}) == len(MIXED)
     train_ensemble(protocols, [tmp_path / f"ens{i}" for i in range(len(protocols))])
     for i, name in enumerate(MIXED):
-        assert _max_diff(tmp_path / f"ens{i}", root / f"solo{i}") < TOLERANCE, name
+        assert max_metrics_diff(tmp_path / f"ens{i}", root / f"solo{i}") < TOLERANCE, name
         segment = json.loads((tmp_path / f"ens{i}" / "meta.json").read_text())["segments"][-1]
         assert segment["compiled"] is compiled, name
-
-
-def _max_diff(a, b) -> float:
-    x, y = pd.read_parquet(a / "metrics.parquet"), pd.read_parquet(b / "metrics.parquet")
-    pd.testing.assert_frame_equal(x.drop(columns="value"), y.drop(columns="value"))
-    return float(np.nanmax(np.abs(x.value.to_numpy() - y.value.to_numpy())))
 
 
 @pytest.mark.numerics
@@ -110,7 +102,7 @@ def test_each_member_equals_its_run_alone(kind, tmp_path):
     train_ensemble(protocols, [tmp_path / f"ens{i}" for i in range(3)])
     for i, p in enumerate(protocols):
         train(p, tmp_path / f"solo{i}", progress=False)
-        assert _max_diff(tmp_path / f"ens{i}", tmp_path / f"solo{i}") < TOLERANCE
+        assert max_metrics_diff(tmp_path / f"ens{i}", tmp_path / f"solo{i}") < TOLERANCE
         assert (tmp_path / f"ens{i}" / "summary.json").is_file()
         assert sorted(p.name for p in (tmp_path / f"ens{i}" / "checkpoints").glob("*.json")) == \
             sorted(p.name for p in (tmp_path / f"solo{i}" / "checkpoints").glob("*.json"))
@@ -128,7 +120,7 @@ def test_an_interrupted_ensemble_resumes_from_its_members_checkpoints(tmp_path, 
     train_ensemble(protocols, outs)
     for i, p in enumerate(protocols):
         train(p, tmp_path / f"solo{i}", progress=False)
-        assert _max_diff(outs[i], tmp_path / f"solo{i}") < TOLERANCE
+        assert max_metrics_diff(outs[i], tmp_path / f"solo{i}") < TOLERANCE
 
 
 def test_packing_never_mixes_incompatible_runs():
@@ -186,7 +178,7 @@ def test_a_member_that_diverges_stops_alone(tmp_path, monkeypatch, compiled):
     assert results[0]["status"] == "finished"
     monkeypatch.setattr(FewshotTask, "train_batch", original)
     train(protocols[0], tmp_path / "solo", progress=False)
-    assert _max_diff(tmp_path / "a", tmp_path / "solo") < TOLERANCE  # the healthy member is unaffected
+    assert max_metrics_diff(tmp_path / "a", tmp_path / "solo") < TOLERANCE  # the healthy member is unaffected
 
 
 def test_a_compiled_mixed_ensemble_evaluates_right_when_no_clamp_acts(tmp_path):
@@ -198,7 +190,7 @@ def test_a_compiled_mixed_ensemble_evaluates_right_when_no_clamp_acts(tmp_path):
     for i, p in enumerate(protocols):
         train(validate_protocol({**p.resolved(), "train": {**p.resolved()["train"], "compile": False}}),
               tmp_path / f"solo{i}", progress=False)
-        assert _max_diff(tmp_path / f"ens{i}", tmp_path / f"solo{i}") < TOLERANCE
+        assert max_metrics_diff(tmp_path / f"ens{i}", tmp_path / f"solo{i}") < TOLERANCE
 
 
 def test_a_clamp_every_condition_has_acts_once_and_members_still_equal_their_runs_alone(tmp_path):
@@ -224,7 +216,7 @@ def test_a_clamp_every_condition_has_acts_once_and_members_still_equal_their_run
     train_ensemble(protocols + clashing, outs)
     for i, p in enumerate(protocols + clashing):
         train(p, tmp_path / f"solo{i}", progress=False)
-        assert _max_diff(outs[i], tmp_path / f"solo{i}") < TOLERANCE, i
+        assert max_metrics_diff(outs[i], tmp_path / f"solo{i}") < TOLERANCE, i
 
 
 def test_members_with_one_data_seed_each_equal_their_run_alone(tmp_path):
@@ -234,4 +226,4 @@ def test_members_with_one_data_seed_each_equal_their_run_alone(tmp_path):
     train_ensemble(members, [tmp_path / "e0", tmp_path / "e1"])
     for i, p in enumerate(members):
         train(p, tmp_path / f"solo{i}", progress=False)
-        assert _max_diff(tmp_path / f"e{i}", tmp_path / f"solo{i}") < TOLERANCE
+        assert max_metrics_diff(tmp_path / f"e{i}", tmp_path / f"solo{i}") < TOLERANCE

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from optolab.protocol.loader import protocol_from_resolved, validate_protocol
 from optolab.training.ensemble import train_ensemble
 from optolab.training.trainer import train
 
-from .conftest import fewshot_protocol
+from .conftest import fewshot_protocol, max_metrics_diff
 
 TOLERANCE = 1e-5  # as tests/test_noise.py: float rounding only
 RAMP = [{"kind": "ramp", "clamp": {"kind": "ablate", "site": "v0", "heads": [1, 2]},
@@ -32,12 +30,6 @@ def _protocol(clamps=RAMP, seed: int = 0, **train_fields):
     data = fewshot_protocol(steps=40, **train_fields)
     data.update(name=f"r{seed}", clamps=copy.deepcopy(clamps), seeds={"init": seed, "data": seed, "eval": 1})
     return validate_protocol(data)
-
-
-def _max_diff(a, b) -> float:
-    x, y = pd.read_parquet(a / "metrics.parquet"), pd.read_parquet(b / "metrics.parquet")
-    pd.testing.assert_frame_equal(x.drop(columns="value"), y.drop(columns="value"))
-    return float(np.nanmax(np.abs(x.value.to_numpy() - y.value.to_numpy())))
 
 
 def _strengths(c, steps) -> list[float]:
@@ -101,14 +93,14 @@ def test_a_ramp_changes_training_and_reruns_repeat_exactly(tmp_path):
     train(_protocol(), tmp_path / "a", progress=False)
     train(_protocol(), tmp_path / "b", progress=False)
     train(_protocol(clamps=[]), tmp_path / "plain", progress=False)
-    assert _max_diff(tmp_path / "a", tmp_path / "b") == 0.0
-    assert _max_diff(tmp_path / "a", tmp_path / "plain") > 1e-3
+    assert max_metrics_diff(tmp_path / "a", tmp_path / "b") == 0.0
+    assert max_metrics_diff(tmp_path / "a", tmp_path / "plain") > 1e-3
 
 
 def test_hooks_and_nnsight_ramp_bit_for_bit(tmp_path):
     train(_protocol(clamp_engine="nnsight"), tmp_path / "nn", progress=False)
     train(_protocol(clamp_engine="hooks"), tmp_path / "hooks", progress=False)
-    assert _max_diff(tmp_path / "nn", tmp_path / "hooks") == 0.0
+    assert max_metrics_diff(tmp_path / "nn", tmp_path / "hooks") == 0.0
 
 
 def test_a_run_resumed_inside_the_window_repeats_the_uninterrupted_one(tmp_path):
@@ -116,7 +108,7 @@ def test_a_run_resumed_inside_the_window_repeats_the_uninterrupted_one(tmp_path)
     train(_protocol(), tmp_path / "cut", progress=False, stop_after=20)  # both ramps half-way
     resumed = protocol_from_resolved(tmp_path / "cut" / "protocol.yaml")  # the recorded ramp reloads
     train(resumed, tmp_path / "cut", progress=False)
-    assert _max_diff(tmp_path / "whole", tmp_path / "cut") == 0.0
+    assert max_metrics_diff(tmp_path / "whole", tmp_path / "cut") == 0.0
     for a, b in zip(sorted((tmp_path / "whole" / "checkpoints").glob("*.safetensors")),
                     sorted((tmp_path / "cut" / "checkpoints").glob("*.safetensors"))):
         assert a.read_bytes() == b.read_bytes()
@@ -134,7 +126,7 @@ def _graphs(protocol, out) -> int:
 def test_compiled_ramp_equals_nnsight_and_compiles_once_for_every_step(tmp_path):
     train(_protocol(), tmp_path / "eager", progress=False)
     ramped = _graphs(_protocol(compile=True), tmp_path / "compiled")
-    assert _max_diff(tmp_path / "eager", tmp_path / "compiled") < TOLERANCE
+    assert max_metrics_diff(tmp_path / "eager", tmp_path / "compiled") < TOLERANCE
     # the same clamps at full strength over the same windows: the ramps' 30 steps add no graph
     fixed = [{**r["clamp"], "window": r["window"]} for r in RAMP]
     assert ramped == _graphs(_protocol(fixed, compile=True), tmp_path / "fixed")
@@ -157,7 +149,7 @@ def test_ensemble_members_ramp_as_their_solo_runs(tmp_path, compiled):
     for i, p in enumerate(protocols):
         solo = tmp_path / f"solo{i}"
         train(_protocol(clamps=p.resolved()["clamps"], seed=i), solo, progress=False)  # eager nnsight
-        assert _max_diff(outs[i], solo) < TOLERANCE
+        assert max_metrics_diff(outs[i], solo) < TOLERANCE
 
 
 def test_a_dose_design_varies_the_ramps_shape(tmp_path):

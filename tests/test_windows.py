@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -20,7 +18,7 @@ from optolab.training.compiled import CompiledForward
 from optolab.training.ensemble import train_ensemble
 from optolab.training.trainer import train
 
-from .conftest import fewshot_protocol
+from .conftest import fewshot_protocol, max_metrics_diff
 
 TOLERANCE = 1e-5  # as tests/test_compiled.py: the compiler reorders float sums
 PREV = {"kind": "set", "site": "pattern0", "heads": [2], "to": "previous_token", "apply_at": "train"}
@@ -37,12 +35,6 @@ def _protocol(clamps: list[dict], compiled: bool = True, seed: int = 0):
     data = fewshot_protocol(steps=40, weight_decay=0.05, compile=compiled)
     data.update(name=f"w{seed}", clamps=copy.deepcopy(clamps), seeds={"init": seed, "data": seed, "eval": 1})
     return validate_protocol(data)
-
-
-def _max_diff(a, b) -> float:
-    x, y = pd.read_parquet(a / "metrics.parquet"), pd.read_parquet(b / "metrics.parquet")
-    pd.testing.assert_frame_equal(x.drop(columns="value"), y.drop(columns="value"))
-    return float(np.nanmax(np.abs(x.value.to_numpy() - y.value.to_numpy())))
 
 
 def _graphs(fn, *args, **kwargs) -> int:
@@ -88,10 +80,10 @@ def test_a_windowed_compiled_run_equals_the_nnsight_run_and_resumes_exactly(tmp_
               {"kind": "ablate", "site": "v1", "heads": [0], "apply_at": "both", **_window(15, 40)}]
     train(_protocol(clamps, compiled=False), tmp_path / "nnsight", progress=False)
     whole = train(_protocol(clamps), tmp_path / "whole", progress=False)
-    assert _max_diff(tmp_path / "nnsight", tmp_path / "whole") < TOLERANCE
+    assert max_metrics_diff(tmp_path / "nnsight", tmp_path / "whole") < TOLERANCE
     train(_protocol(clamps), tmp_path / "cut", progress=False, stop_after=20)  # between two boundaries
     resumed = train(_protocol(clamps), tmp_path / "cut", progress=False)
-    assert _max_diff(tmp_path / "whole", tmp_path / "cut") == 0.0
+    assert max_metrics_diff(tmp_path / "whole", tmp_path / "cut") == 0.0
     for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
 
@@ -113,4 +105,4 @@ def test_a_window_scan_packed_in_one_ensemble_compiles_as_one_condition(tmp_path
     for k in (0, 2):  # members equal their solo runs on the switching (eager nnsight) path
         solo = tmp_path / f"solo{k}"
         train(_protocol(scan[k].resolved()["clamps"], compiled=False, seed=k), solo, progress=False)
-        assert _max_diff(outs[k], solo) < TOLERANCE
+        assert max_metrics_diff(outs[k], solo) < TOLERANCE
