@@ -280,15 +280,8 @@ def paired_effect(cond: Mapping[Any, float | None], ref: Mapping[Any, float | No
            "per_seed": {s: None if math.isnan(e) else e for s, e in per_seed.items()},
            "per_seed_bounds": {s: (None, None) if math.isnan(b[0]) else b for s, b in bounds.items()},
            "min_pairs": need, "warning": None}
-    notes = []
-    if unpaired:
-        notes.append(f"{len(unpaired)} seed(s) ran in only one condition and are left out")
-    if out["n_undefined"]:
-        why = "neither condition crossed" + (", or both crossed at 0" if kind == "ratio" else "")
-        notes.append(f"{out['n_undefined']} seed(s) have no effect ({why}) and are left out")
     if n == 0:
-        notes.append("no seed has an effect in both conditions, so there is nothing to estimate")
-        out["warning"] = "; ".join(notes) + "."
+        out["warning"] = _paired_warning(out, kind, level, censored, None, None)
         return out
     low, high = float(_middle(np.sort(lows))), float(_middle(np.sort(highs)))
     rng = np.random.default_rng(seed)
@@ -299,6 +292,24 @@ def paired_effect(cond: Mapping[Any, float | None], ref: Mapping[Any, float | No
     point = low if low == high else math.nan
     out.update(effect=_bounded(point), effect_low=_bounded(low), effect_high=_bounded(high),
                ci_low=_bounded(lo), ci_high=_bounded(hi), resolved=bool(n >= need and (lo > null or hi < null)))
+    out["warning"] = _paired_warning(out, kind, level, censored, low, high)
+    return out
+
+
+def _paired_warning(out: dict, kind: str, level: float, censored: dict, low: float | None,
+                    high: float | None) -> str | None:
+    """:func:`paired_effect`'s plain-English warning: seeds left out, too few pairs, a median
+    that is only bounded or censored (``low``/``high`` are ``None`` when no seed has an effect)."""
+    notes = []
+    n, need, unpaired = out["n_pairs"], out["min_pairs"], out["unpaired"]
+    if unpaired:
+        notes.append(f"{len(unpaired)} seed(s) ran in only one condition and are left out")
+    if out["n_undefined"]:
+        why = "neither condition crossed" + (", or both crossed at 0" if kind == "ratio" else "")
+        notes.append(f"{out['n_undefined']} seed(s) have no effect ({why}) and are left out")
+    if n == 0:
+        notes.append("no seed has an effect in both conditions, so there is nothing to estimate")
+        return "; ".join(notes) + "."
     if n < need:
         notes.append(f"with {n} paired seed(s) the {level:.0%} CI cannot resolve effects: below {need} pairs a "
                      f"percentile bootstrap CI is the range of the per-seed effects, which excludes 'no effect' "
@@ -309,10 +320,9 @@ def paired_effect(cond: Mapping[Any, float | None], ref: Mapping[Any, float | No
                  (("reference", censored["reference"]), ("condition", censored["condition"])) if k]
         notes.append("cannot say: " + " and ".join(sides) + f", so the median effect is only bounded: between "
                      f"{_words(low)} and {_words(high)}")
-    elif not math.isfinite(point):
+    elif not math.isfinite(low):
         notes.append("the median seed's effect is censored (a condition never crossed), so it has no finite value")
-    out["warning"] = "; ".join(notes) + "." if notes else None
-    return out
+    return "; ".join(notes) + "." if notes else None
 
 
 def _words(v: float) -> str:
