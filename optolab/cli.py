@@ -33,6 +33,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         message = message.removeprefix("argument ")
+        flag, _, what = message.partition(": ")
+        if what.startswith("expected") and "argument" in what and flag.startswith("--"):
+            # argparse reads a value like -1e-4 as another flag, and then says only this
+            message = (f"{flag}: {what.rstrip('.')} (a value that starts with '-', as -1e-4, is read as a "
+                       f"flag). Fix: give it, joined to its flag when it starts with '-': {flag.split('/')[0]}=VALUE")
         if "Fix:" not in message:
             message = f"{message.rstrip('.')}. Fix: see `{self.prog} --help`"
         self.exit(EXIT_USER_ERROR, f"optolab: error: {self.prog}: {message}.\n")

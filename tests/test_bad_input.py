@@ -164,3 +164,15 @@ def test_mutated_protocols_are_accepted_or_refused_with_an_optolab_error(base, d
         validate_protocol(proto)
     except OptolabError as e:
         assert "\n" not in str(e)
+
+
+@pytest.mark.parametrize("argv", [["llc", "RUN", "--step-size", "-1e-4"],
+                                  ["llc", "RUN", "--calibrate", "--step-sizes", "-1e-4", "1e-5"]])
+def test_a_value_read_as_a_flag_says_to_join_it_to_its_flag(argv, capsys):
+    # argparse reads "-1e-4" as a flag, not a number: the line must say how to pass it
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    flag = argv[-2] if argv[-1] == "-1e-4" else argv[-3]
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{flag}=VALUE" in err and "-1e-4" in err

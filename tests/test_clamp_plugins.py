@@ -15,8 +15,7 @@ from optolab.protocol.loader import load_protocol, protocol_from_resolved, valid
 from optolab.training.ensemble import train_ensemble
 from optolab.training.trainer import train
 
-from .conftest import ROOT, fewshot_protocol, write_protocol
-from .test_noise import _max_diff
+from .conftest import ROOT, fewshot_protocol, max_metrics_diff, write_protocol
 
 
 DOC_MODULES = ("myclamps", "myjitter", "myfade", "mypaths")  # the page's examples, by their first line
@@ -160,14 +159,14 @@ def test_a_kind_that_draws_is_never_shared_across_conditions(myclamps):
 def test_a_kind_that_draws_is_the_same_on_nnsight_hooks_compiled_and_resumed(myclamps, tmp_path):
     train(_seeded([OTHER, JITTER], clamp_engine="nnsight"), tmp_path / "nn", progress=False)
     train(_seeded([OTHER, JITTER], clamp_engine="hooks"), tmp_path / "hooks", progress=False)
-    assert _max_diff(tmp_path / "nn", tmp_path / "hooks") == 0.0
+    assert max_metrics_diff(tmp_path / "nn", tmp_path / "hooks") == 0.0
     train(_seeded([OTHER, JITTER]), tmp_path / "cut", progress=False, stop_after=10)
     train(_seeded([OTHER, JITTER]), tmp_path / "cut", progress=False)
-    assert _max_diff(tmp_path / "nn", tmp_path / "cut") == 0.0
+    assert max_metrics_diff(tmp_path / "nn", tmp_path / "cut") == 0.0
     train(_seeded([OTHER, JITTER], compile=True), tmp_path / "compiled", progress=False)
-    assert _max_diff(tmp_path / "nn", tmp_path / "compiled") < TOLERANCE
+    assert max_metrics_diff(tmp_path / "nn", tmp_path / "compiled") < TOLERANCE
     train(_seeded([OTHER]), tmp_path / "plain", progress=False)
-    assert _max_diff(tmp_path / "nn", tmp_path / "plain") > 1e-3  # the jitter acts
+    assert max_metrics_diff(tmp_path / "nn", tmp_path / "plain") > 1e-3  # the jitter acts
 
 
 def test_each_condition_of_an_ensemble_draws_its_own_stream(myclamps, tmp_path):
@@ -182,7 +181,7 @@ def test_each_condition_of_an_ensemble_draws_its_own_stream(myclamps, tmp_path):
     train_ensemble(protocols, outs)
     for i, c in enumerate(conditions):
         train(_seeded(c, seed=i), tmp_path / f"solo{i}", progress=False)  # eager nnsight
-        assert _max_diff(outs[i], tmp_path / f"solo{i}") < TOLERANCE
+        assert max_metrics_diff(outs[i], tmp_path / f"solo{i}") < TOLERANCE
 
 
 def test_a_draw_lands_on_the_device_of_the_tensor_it_fills():
@@ -228,11 +227,11 @@ def torch_close(a, b):
 def test_a_scheduled_kind_is_the_same_on_every_path(myclamps, tmp_path):
     train(_seeded([FADE], clamp_engine="nnsight"), tmp_path / "nn", progress=False)
     train(_seeded([FADE], clamp_engine="hooks"), tmp_path / "hooks", progress=False)
-    assert _max_diff(tmp_path / "nn", tmp_path / "hooks") == 0.0
+    assert max_metrics_diff(tmp_path / "nn", tmp_path / "hooks") == 0.0
     train(_seeded([FADE], compile=True), tmp_path / "compiled", progress=False)
-    assert _max_diff(tmp_path / "nn", tmp_path / "compiled") < TOLERANCE
+    assert max_metrics_diff(tmp_path / "nn", tmp_path / "compiled") < TOLERANCE
     train_ensemble([_seeded([FADE], seed=0), _seeded([], seed=1)], [tmp_path / "m0", tmp_path / "m1"])
-    assert _max_diff(tmp_path / "nn", tmp_path / "m0") < TOLERANCE
+    assert max_metrics_diff(tmp_path / "nn", tmp_path / "m0") < TOLERANCE
 
 
 # --- a kind with a pass of its own (docs: mypaths.py) ---------------------------------------
@@ -243,9 +242,9 @@ def test_a_kind_declares_its_own_pass(myclamps, tmp_path):
     train(_seeded([cut], steps=20), tmp_path / "plugin", progress=False)
     train(_seeded([{"kind": "path_ablate", "site": "k1", "without": "attn_out0"}], steps=20), tmp_path / "builtin",
           progress=False)
-    assert _max_diff(tmp_path / "plugin", tmp_path / "builtin") == 0.0
+    assert max_metrics_diff(tmp_path / "plugin", tmp_path / "builtin") == 0.0
     train(_seeded([], steps=20), tmp_path / "plain", progress=False)
-    assert _max_diff(tmp_path / "plugin", tmp_path / "plain") > 1e-3
+    assert max_metrics_diff(tmp_path / "plugin", tmp_path / "plain") > 1e-3
 
 
 def test_a_pass_given_two_positions_is_refused(myclamps):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torch.func import vmap
@@ -17,7 +15,7 @@ from optolab.protocol.loader import validate_protocol
 from optolab.training.ensemble import train_ensemble
 from optolab.training.trainer import train
 
-from .conftest import fewshot_protocol
+from .conftest import fewshot_protocol, max_metrics_diff
 
 # as tests/test_compiled.py and tests/test_ensemble.py: float rounding only
 TOLERANCE = 1e-5
@@ -30,16 +28,6 @@ def _protocol(clamps=NOISE, seed: int = 0, **train_fields) -> object:
     data = fewshot_protocol(steps=40, **train_fields)
     data.update(name=f"n{seed}", clamps=copy.deepcopy(clamps), seeds={"init": seed, "data": seed, "eval": 1})
     return validate_protocol(data)
-
-
-def _metrics(run) -> pd.DataFrame:
-    return pd.read_parquet(run / "metrics.parquet")
-
-
-def _max_diff(a, b) -> float:
-    x, y = _metrics(a), _metrics(b)
-    pd.testing.assert_frame_equal(x.drop(columns="value"), y.drop(columns="value"))
-    return float(np.nanmax(np.abs(x.value.to_numpy() - y.value.to_numpy())))
 
 
 def test_the_same_key_gives_the_same_numbers_and_others_differ():
@@ -72,29 +60,29 @@ def test_noise_changes_training_and_reruns_repeat_exactly(tmp_path):
     train(_protocol(), a, progress=False)
     train(_protocol(), b, progress=False)
     train(_protocol(clamps=[]), plain, progress=False)
-    assert _max_diff(a, b) == 0.0
-    assert _max_diff(a, plain) > 1e-3
+    assert max_metrics_diff(a, b) == 0.0
+    assert max_metrics_diff(a, plain) > 1e-3
 
 
 @pytest.mark.numerics
 def test_hooks_and_nnsight_draw_the_same_noise_bit_for_bit(tmp_path):
     train(_protocol(clamp_engine="nnsight"), tmp_path / "nn", progress=False)
     train(_protocol(clamp_engine="hooks"), tmp_path / "hooks", progress=False)
-    assert _max_diff(tmp_path / "nn", tmp_path / "hooks") == 0.0
+    assert max_metrics_diff(tmp_path / "nn", tmp_path / "hooks") == 0.0
 
 
 def test_a_resumed_noisy_run_repeats_the_uninterrupted_one(tmp_path):
     train(_protocol(), tmp_path / "whole", progress=False)
     train(_protocol(), tmp_path / "cut", progress=False, stop_after=20)
     train(_protocol(), tmp_path / "cut", progress=False)
-    assert _max_diff(tmp_path / "whole", tmp_path / "cut") == 0.0
+    assert max_metrics_diff(tmp_path / "whole", tmp_path / "cut") == 0.0
 
 
 @pytest.mark.numerics
 def test_compiled_noise_equals_the_nnsight_run(tmp_path):
     train(_protocol(), tmp_path / "eager", progress=False)
     train(_protocol(compile=True), tmp_path / "compiled", progress=False)
-    assert _max_diff(tmp_path / "eager", tmp_path / "compiled") < TOLERANCE
+    assert max_metrics_diff(tmp_path / "eager", tmp_path / "compiled") < TOLERANCE
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -107,7 +95,7 @@ def test_ensemble_members_draw_their_solo_runs_noise(tmp_path, compiled):
     for i, p in enumerate(protocols):
         solo = tmp_path / f"solo{i}"
         train(_protocol(clamps=p.resolved()["clamps"], seed=i), solo, progress=False)  # eager nnsight
-        assert _max_diff(outs[i], solo) < TOLERANCE
+        assert max_metrics_diff(outs[i], solo) < TOLERANCE
 
 
 def test_relative_noise_scales_with_the_activation():
