@@ -144,6 +144,11 @@ def test_the_planner_finds_a_kind_that_draws(myclamps):
     assert noise.draws
     ramped = _plan(_seeded([{"kind": "ramp", "clamp": {"kind": "noise", "site": "v0", "sigma": 0.1}}])).clamps[0]
     assert ramped.draws and not ramped.shareable  # a ramp is shareable, the noise it ramps is not
+    from optolab.clamps.describe import describe_clamp
+
+    plan = _plan(_seeded([JITTER, OTHER]))
+    said = [describe_clamp(c, plan, 8) for c in plan.clamps]  # validate shows the probe's verdict
+    assert "draws random numbers" in said[0] and "draws random numbers" not in said[1]
 
 
 def test_a_kind_that_draws_is_never_shared_across_conditions(myclamps):

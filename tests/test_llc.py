@@ -331,6 +331,39 @@ def test_stages_read_the_llc_when_a_run_has_it():
     np.testing.assert_array_equal(signals["llc rises"].ys, llc_y)
 
 
+def test_stages_read_only_the_llc_estimates_whose_chains_are_healthy():
+    # stages_llc at seed 0: the estimates across the drop are negative (the chains find lower loss
+    # than the checkpoint), and read as a curve they made an "llc falls" on the plateau
+    from optolab.training.summary import stage_signals
+
+    xs = np.arange(0, 40) * 1000.0
+    rows = [{"step": i, "sequences": x, "split": "main", "metric": "loss", "layer": None, "head": None,
+             "src_layer": None, "value": 1.0 if x < 20000 else 0.2} for i, x in enumerate(xs)]
+    llc_x = xs[::4]
+    llc_y = np.where((llc_x >= 16000) & (llc_x < 28000), -300.0, 100.0 + llc_x / 1000)
+    ok = (llc_y > 0).astype(float)
+    for metric, values in (("llc", llc_y), ("llc_ok", ok)):
+        rows += [{"step": int(x / 1000), "sequences": x, "split": "llc", "metric": metric, "layer": None,
+                  "head": None, "src_layer": None, "value": v} for x, v in zip(llc_x, values)]
+    signals = stage_signals(pd.DataFrame(rows), "main")
+    np.testing.assert_array_equal(signals["llc rises"].xs, llc_x[ok == 1])
+    assert (signals["llc falls"].ys > 0).all()
+    without = stage_signals(pd.DataFrame([r for r in rows if r["metric"] != "llc_ok"]), "main")
+    assert len(without["llc rises"].xs) == len(llc_x)  # runs written before the marker: every estimate
+
+
+def test_llc_rows_mark_whether_each_estimate_may_be_read():
+    spec = llc.LLCSpec(chains=2, draws=10, burn_in=2).model_dump(mode="json")
+    flat = np.full((2, 12), 0.5)  # chains sampling at the checkpoint's loss: near it, no trend
+    near = llc.Estimate("model", np.array([40.0, 42.0]), flat, np.full(12, 0.5), 100.0, spec)
+    below = llc.Estimate("L1H3", np.array([-40.0, -42.0]), flat, np.full(12, 0.5), 100.0, spec)
+    assert near.health().verdict == "ok" and below.health().verdict == "negative"
+    marks = {(r["metric"], r["head"]): r["value"] for r in llc.rows([near, below])}
+    assert marks[("llc_ok", None)] == 1.0 and marks[("llc_head_ok", 3)] == 0.0
+    assert set(marks) == {("llc", None), ("llc_std", None), ("llc_ok", None),
+                          ("llc_head", 3), ("llc_head_std", 3), ("llc_head_ok", 3)}
+
+
 def test_the_llc_samples_the_data_the_run_trains_on_at_that_step():
     from optolab.protocol.data_schedule import train_data
     from optolab.tasks import make_task

@@ -121,12 +121,12 @@ def test_an_installed_measure_reads_its_option_and_reaches_the_summary(tmp_path)
     runs = {}
     for keys in (1, 3):
         data = fewshot_protocol(steps=10)
-        data["measures"].update(attention_sink={"attention_sink_keys": keys})
+        data["measures"].update(attention_sink={"sink_keys": keys})
         runs[keys] = tmp_path / f"k{keys}"
         result = _train(write_protocol(tmp_path, data, f"k{keys}.yaml"), runs[keys], site=site)
         assert result.returncode == 0, result.stderr
         assert yaml.safe_load((runs[keys] / "protocol.yaml").read_text())["measures"]["attention_sink"] == {
-            "attention_sink_keys": keys}
+            "sink_keys": keys}
     one, three = (pd.read_parquet(runs[k] / "metrics.parquet") for k in (1, 3))
     one, three = (df[df.metric == "attention_sink"].value.to_numpy() for df in (one, three))
     assert len(one) == len(three) > 0 and (one <= 1 + 1e-6).all()
@@ -134,6 +134,6 @@ def test_an_installed_measure_reads_its_option_and_reaches_the_summary(tmp_path)
     final = json.loads((runs[1] / "summary.json").read_text())["final"]
     assert any("attention_sink" in metrics for metrics in final.values())
     data = fewshot_protocol(steps=10)
-    data["measures"].update(attention_sink={"attention_sink_keys": 0})
+    data["measures"].update(attention_sink={"sink_keys": 0})
     bad = _train(write_protocol(tmp_path, data, "bad.yaml"), tmp_path / "bad", site=site)
-    assert bad.returncode != 0 and "measures.attention_sink.attention_sink_keys" in bad.stderr
+    assert bad.returncode != 0 and "measures.attention_sink.sink_keys" in bad.stderr

@@ -229,6 +229,24 @@ def test_a_dry_run_lists_the_runs_and_how_they_would_pack_and_writes_nothing(tmp
     assert not out.exists()
 
 
+def test_the_cost_calibration_keeps_late_windows_inside_its_short_runs():
+    # a window starting past the calibration's 8 steps refused every --dry-run of such a sweep
+    from optolab.experiments.cost import _short
+    from optolab.protocol.loader import validate_protocol
+
+    base = fewshot_protocol(steps=400)
+    scale = {"kind": "scale", "site": "blocks.1.attn.hook_attn_scores", "factor": 0.5}
+    per = base["train"]["batch_size"]
+    data = {**base, "clamps": [{**scale, "heads": [0], "window": {"start": 100, "unit": "steps"}},
+                               {**scale, "heads": [1], "window": {"start": 300 * per, "stop": 390 * per}}],
+            "data": {"tasks": {"b2": {**base["task"], "burstiness": 2}},
+                     "phases": [{"task": "b2", "window": {"start": 200, "unit": "steps"}}]}}
+    short = _short(validate_protocol(data), 8, "calib", 0)
+    windows = [(c.window.start, c.window.stop) for c in short.clamps]
+    assert short.train.total_steps == 8 and windows == [(2, None), (6, 8)]
+    assert short.data.phases[0].window.start == 4
+
+
 def test_dense_evals_train_the_reference_first_then_evaluate_the_others_around_its_drop(tmp_path, capsys):
     sweep = _sweep(tmp_path, dense_evals={"every": 16, "span": [0.5, 1.5], "loss": 1.7})
     out = tmp_path / "out"

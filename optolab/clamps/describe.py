@@ -5,6 +5,9 @@ Rules:
   (:meth:`~optolab.clamps.kind.ClampSpec.describe`), written with the helpers of :class:`Words`
   so every kind names sites, heads and positions the same way.
 - Clamps on parameters act on updates: their *when* names no phase.
+- A clamp whose ops draw random numbers (the planner's probe, or the kind's declaration) says
+  so, and that it is never shared across an ensemble's conditions: a plug-in author can see the
+  probe's verdict.
 """
 
 from __future__ import annotations
@@ -56,4 +59,5 @@ def describe_clamp(c: Planned, plan: Plan, n_heads: int) -> str:
     s = c.spec
     label = f"Clamp {c.index}" + (f" ({s.name})" if s.name else "")
     when = _when(c, plan, phase=s.acts_on_forward)
-    return f"{label}, {when}: {s.describe(c, Words(n_heads))}"
+    draws = " It draws random numbers: never shared across an ensemble's conditions." if c.draws else ""
+    return f"{label}, {when}: {s.describe(c, Words(n_heads))}{draws}"

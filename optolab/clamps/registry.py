@@ -58,7 +58,8 @@ def clamp_class(kind: Any, field: str) -> type[ClampSpec]:
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise OptolabError(f"unknown clamp kind '{kind}'.", field=field,
                        fix=f"{hint}set 'kind' to one of {known_kinds()}, or name your own class with "
-                           "'kind: package.module:Class'.")
+                           "'kind: package.module:Class' (a plug-in's kind is known once its package is "
+                           "installed where optolab runs: docs/clamps.md).")
 
 
 def validate_clamp(data: Any, field: str) -> ClampSpec:

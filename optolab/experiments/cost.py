@@ -48,10 +48,33 @@ class CostModel:
         return max(self.a + self.b * k, 1e-6)
 
 
+def _squeeze(node, total: int, batch_size: int, steps: int) -> None:
+    """Every ``window`` in ``node`` (clamps, a ramp's inner clamp, data phases) mapped from the
+    ``total``-step run onto a ``steps``-step one in proportion, so that a window late in training
+    still acts (and costs) in the short calibration run instead of starting past its end."""
+    if isinstance(node, list):
+        for item in node:
+            _squeeze(item, total, batch_size, steps)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key == "window" and isinstance(value, dict) and "start" in value:
+            per = batch_size if value.get("unit", "sequences") == "sequences" else 1
+            start = min(int(value["start"] / per * steps / total), steps - 1)
+            stop = value.get("stop")
+            stop = None if stop is None else min(max(-(-int(stop / per * steps) // total), start + 1), steps)
+            node[key] = {"start": start, "stop": stop, "unit": "steps"}
+        else:
+            _squeeze(value, total, batch_size, steps)
+
+
 def _short(protocol, steps: int, name: str, seed: int):
     from optolab.protocol.loader import validate_protocol
 
     data = copy.deepcopy(protocol.resolved())
+    _squeeze({k: v for k, v in data.items() if k != "train"}, protocol.train.total_steps,
+             protocol.train.batch_size, steps)
     data["train"].update(steps=steps, sequences=None, compile=False, device="cpu", stop=None, track=[])
     data["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": steps}}
     data["measures"]["schedule"] = {"unit": "steps", "every": steps}

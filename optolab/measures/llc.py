@@ -341,14 +341,16 @@ def estimates(model, data, forward, spec: LLCSpec, *, step: int, batch_size: int
 
 
 def rows(found: list[Estimate]) -> list[dict]:
-    """Metrics rows (split ``llc``): ``llc`` and ``llc_std`` of the whole model; ``llc_head`` and
-    ``llc_head_std`` of each restricted head (with its layer and head)."""
+    """Metrics rows (split ``llc``): ``llc``, ``llc_std`` and ``llc_ok`` of the whole model;
+    ``llc_head``, ``llc_head_std`` and ``llc_head_ok`` of each restricted head (with its layer
+    and head). ``*_ok`` is 1 when the estimate's chain health says ``ok``, else 0."""
     out = []
     for e in found:
         whole = e.target == "model"
         layer, head = (None, None) if whole else map(int, HEAD.match(e.target).groups())
         name = "llc" if whole else "llc_head"
-        for metric, value in ((name, e.mean), (f"{name}_std", e.std)):
+        ok = float(e.health().verdict == "ok")
+        for metric, value in ((name, e.mean), (f"{name}_std", e.std), (f"{name}_ok", ok)):
             out.append({"split": "llc", "metric": metric, "layer": layer, "head": head, "value": value})
     return out
 

@@ -37,7 +37,10 @@ Rules for a measure:
   the summary, stages, head-score plots and the report's ``score_midpoint`` take the first
   measure, in run order, whose curve the run measured), ``previous_token`` (the first layer's
   per-head score: stages and plots) and ``stage`` (a whole-model curve stages read both ways,
-  e.g. the LLC). :meth:`Measure.summary` adds the measure's own entries to ``summary.json``.
+  e.g. the LLC). A curve whose points may be unreadable names a ``valid`` metric written beside
+  it (1 where the point may be read, 0 where not, e.g. an LLC whose chains left the basin):
+  stages read only its valid points. :meth:`Measure.summary` adds the measure's own entries to
+  ``summary.json``.
 """
 
 from __future__ import annotations
@@ -95,13 +98,15 @@ class CheckpointData:
 class Curve:
     """A curve a measure offers to summaries, stages, plots and reports (see the module rules):
     its ``metric``, ``role``, which layer (``first``/``last``; ``None`` for whole-model values),
-    the split it is on (``None``: the task's main split) and a title for plots."""
+    the split it is on (``None``: the task's main split), a title for plots, and the metric
+    (same split and step) that says which of its points may be read (``None``: all)."""
 
     metric: str
     role: Literal["induction", "previous_token", "stage"]
     layer: Literal["first", "last"] | None = "last"
     split: str | None = None
     title: str = ""
+    valid: str | None = None
 
     def layer_index(self, n_layers: int) -> int | None:
         return None if self.layer is None else 0 if self.layer == "first" else n_layers - 1

@@ -101,8 +101,11 @@ def stage_signals(df: pd.DataFrame, split: str, speed: tuple | None = None) -> d
             best = rows.groupby("sequences").value.max()
             signals[f"{metric} L{layer}"] = Signal(best.index.to_numpy(float), best.to_numpy(float), "up")
     for curve in registry.curves("stage"):  # e.g. the LLC at checkpoints: Hoogland's stages turn it both ways
-        rows = df[(df.split == (curve.split or split)) & (df.metric == curve.metric) & df["layer"].isna()]
-        rows = rows.sort_values("step")
+        at = df[(df.split == (curve.split or split)) & df["layer"].isna()]
+        rows = at[at.metric == curve.metric].sort_values("step")
+        if curve.valid is not None and (at.metric == curve.valid).any():  # runs before the marker: all
+            ok = at[(at.metric == curve.valid) & (at.value == 1)].step
+            rows = rows[rows.step.isin(ok)]
         if len(rows) >= 4:
             xs, ys = rows.sequences.to_numpy(float), rows.value.to_numpy(float)
             signals[f"{curve.metric} rises"] = Signal(xs, ys, "up")

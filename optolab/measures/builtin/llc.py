@@ -13,7 +13,10 @@ from optolab.measures.measure import CheckpointData, Curve, Measure
 class LLC(Measure):
     NAME: ClassVar[str] = "llc"
     METRICS: ClassVar[tuple[str, ...]] = ("llc", "llc_head")
-    CURVES: ClassVar[tuple[Curve, ...]] = (Curve("llc", "stage", layer=None, split="llc", title="LLC"),)
+    # stages read only estimates whose chains are healthy (a chain that left the basin, or a
+    # negative LLC, is no reading of the checkpoint: docs/measures.md#llc)
+    CURVES: ClassVar[tuple[Curve, ...]] = (Curve("llc", "stage", layer=None, split="llc", title="LLC",
+                                                 valid="llc_ok"),)
     DEFAULT: ClassVar[bool] = False
     CONFIG: ClassVar[type] = llc.LLCSpec
     DOC: ClassVar[str] = "local learning coefficient by SGLD (devinterp; docs/measures.md#llc)"
