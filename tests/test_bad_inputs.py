@@ -33,6 +33,8 @@ def _argv(case: dict, out: Path) -> list[str]:
         return ["tasks", "check", path]
     if command == "sweep":
         return ["sweep", path, "--out", str(out)]
+    if command == "discover":
+        return ["discover", path, "--out", str(out)]
     if command == "evaluate":
         return ["evaluate", str(CORPUS / "ckpt_protocol.yaml"), "--checkpoint", path, "--out", str(out / "x.csv")]
     raise AssertionError(f"unknown command {command}")

@@ -186,12 +186,42 @@ def test_windows_relative_to_the_drop_need_the_curve_past_the_crossing(tmp_path)
     base = {"name": "x", "protocol": "p.yaml", "targets": {"heads": {"layers": [0]}},
             "interventions": {"a": {"kind": "ablate", "site": "blocks.{layer}.attn.hook_v", "heads": ["{head}"]}},
             "question": {"loss": 0.5, "margin_evals": 1}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(fewshot_protocol(steps=40)))
     f = tmp_path / "d.yaml"
     f.write_text(yaml.safe_dump({**base, "windows": {"relative_to": "drop_onset"}}))
     with pytest.raises(OptolabError, match="margin_evals must be at least 3"):
         discover.load(f)
     f.write_text(yaml.safe_dump({**base, "windows": {"relative_to": "crossing"}}))
     assert discover.load(f).question.margin_evals == 1  # the crossing alone needs no more
+
+
+def test_an_out_holding_another_discovery_is_refused_with_nothing_written(tmp_path, fake):
+    from optolab.core.errors import OptolabError
+
+    path = _spec(tmp_path)
+    discover.run_discover(path, tmp_path / "out", stop_after="screen", progress=lambda *_: None)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
+    other = yaml.safe_load(path.read_text())
+    other["margin"] = 0.2  # a different question: the recorded screen's verdicts are not its answers
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(OptolabError, match=r"another file \(fields differ: margin\)"):
+        discover.run_discover(tmp_path / "other.yaml", tmp_path / "out", progress=lambda *_: None)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == before
+    discover.run_discover(path, tmp_path / "out", progress=lambda *_: None)  # its own file goes on
+
+
+def test_a_bad_intervention_or_dose_is_refused_before_anything_is_written(tmp_path):
+    from optolab.core.errors import OptolabError
+
+    path = _spec(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    for change, words in (({"interventions": {"prev": {**spec["interventions"]["prev"], "to": "nowhere"}}},
+                           "interventions.prev"),
+                          ({"dose": {"prev": {"field": "strength", "values": [-1.0]}}}, "interventions.prev.strength")):
+        path.write_text(yaml.safe_dump({**spec, **change}))
+        with pytest.raises(OptolabError, match=re.escape(words)):
+            discover.run_discover(path, tmp_path / "out", progress=lambda *_: None)
+        assert not (tmp_path / "out").exists()
 
 
 def test_live_progress_counts_runs_and_steps(tmp_path):

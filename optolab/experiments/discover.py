@@ -43,7 +43,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from optolab.core.counts import Count, PosCount
-from optolab.core.errors import OptolabError
+from optolab.core.errors import OptolabError, SpecError
 from optolab.core.strict import StrictModel
 from optolab.experiments.answering import StopAtAnswerSpec
 from optolab.experiments.designs import Targets
@@ -58,6 +58,13 @@ class SeedRule(StrictModel):
     start: PosCount = Field(7, description="seeds per condition in the first round (2·2^-start <= alpha / looks)")
     add: PosCount = Field(2, description="seeds added to an open condition per round")
     max: PosCount = Field(11, description="the most seeds a condition gets")
+
+    @model_validator(mode="after")
+    def _cap_holds_the_start(self) -> SeedRule:
+        if self.max < self.start:
+            raise SpecError("max", f"max ({self.max}) is below start ({self.start}): the first round would already "
+                                   "pass the seed cap.", "raise max to at least start, or lower start.")
+        return self
 
 
 class ConfirmSpec(SeedRule):
@@ -107,16 +114,62 @@ class DiscoverSpec(StrictModel):
     def _detector_needs_curve(self) -> DiscoverSpec:
         w = self.windows
         if w is not None and w.relative_to != "crossing" and self.question.margin_evals < DETECTOR_EVALS:
-            raise ValueError(f"windows.relative_to: {w.relative_to} reads the reference's loss drop with the phase "
-                             f"detector, which needs the curve past the crossing: question.margin_evals must be at "
-                             f"least {DETECTOR_EVALS} (got {self.question.margin_evals})")
+            raise SpecError("windows.relative_to", f"{w.relative_to} reads the reference's loss drop with the phase "
+                            f"detector, which needs the curve past the crossing, so question.margin_evals must be at "
+                            f"least {DETECTOR_EVALS} (got {self.question.margin_evals}).",
+                            f"set question.margin_evals: {DETECTOR_EVALS}, or windows.relative_to: crossing.")
+        unknown = sorted(set(self.dose) - set(self.interventions))
+        if unknown:
+            raise SpecError(f"dose.{unknown[0]}", f"'{unknown[0]}' is not one of the interventions "
+                            f"({', '.join(self.interventions)}).", "name an intervention of this file, or remove it.")
         return self
 
 
 def load(path: str | Path) -> DiscoverSpec:
+    """The discover file, validated whole: its schema, and every run its screen and dose would
+    make (each condition's protocol), so a bad intervention is refused before anything is
+    written; errors name the file and the discover field."""
     from optolab.protocol.loader import read_spec
 
-    return read_spec(path, "discover file", DiscoverSpec)[0]
+    spec, lines = read_spec(path, "discover file", DiscoverSpec)
+    try:
+        _check_runs(spec, str((Path(path).parent / spec.protocol).resolve()))
+    except OptolabError as e:
+        if e.source:
+            raise
+        field = (e.field or "").removeprefix("design.")  # the screen design's fields are this file's
+        raise OptolabError(e.message, field=field, fix=e.fix).located(str(path), lines) from None
+    return spec
+
+
+def _check_runs(spec: DiscoverSpec, base: str) -> None:
+    """Validate the reference, every screen condition and every dose value as the stages' runs."""
+    import re
+
+    from optolab.protocol.loader import load_protocol, validate_protocol
+
+    conds = screen_conditions(spec, base)
+    data = load_protocol(base).resolved()
+    from optolab.experiments.sweep import _set
+
+    for dotted, value in run_set(spec, base).items():
+        _set(data, dotted, value)
+    n_base = len(data["clamps"])
+    runs = [(name, clamps, why) for name, clamps, why in conds]
+    for why, dose in spec.dose.items():
+        first = next(((n, c) for n, c, w in conds if w == why), None)
+        for v in dose.values if first else []:
+            runs.append((f"{first[0]} at {dose.field} {v:g}", [{**first[1][0], dose.field: v}, *first[1][1:]], why))
+    validate_protocol(data)
+    for name, clamps, why in runs:
+        try:
+            validate_protocol({**data, "clamps": [*data["clamps"], *clamps]})
+        except OptolabError as e:
+            hit = re.fullmatch(r"clamps\.(\d+)(?:\.(.*))?", e.field or "")
+            field = f"interventions.{why}" + (f".{hit.group(2)}" if hit and hit.group(2) else "") \
+                if hit and int(hit.group(1)) >= n_base else e.field
+            raise OptolabError(f"{e.message} (condition '{name}')", field=field,
+                               fix=e.fix or "check the intervention.") from None
 
 
 # --- the stages' sweeps ----------------------------------------------------------------------
@@ -496,11 +549,13 @@ def run_discover(path: str | Path, out: str | Path, *, workers: int | None = Non
 
     spec = load(path)
     out = Path(out)
+    _same_discovery(spec, out / "discover.json")
     out.mkdir(parents=True, exist_ok=True)
     lock = DirLock(out, "discover")
     try:
         ctx = Ctx(spec, Path(path), out, workers, progress)
-        ctx.record.update(name=spec.name, source=str(Path(path).resolve()))
+        ctx.record.update(name=spec.name, source=str(Path(path).resolve()), spec=spec.model_dump(mode="json"))
+        ctx.save()  # the spec first: an interrupted first stage still belongs to this file
         for stage in STAGES:
             if stage in ctx.record["stages"]:
                 progress(f"[discover] {stage}: recorded, skipped")
@@ -517,6 +572,26 @@ def run_discover(path: str | Path, out: str | Path, *, workers: int | None = Non
     finally:
         lock.release()
     return ctx.record
+
+
+def _same_discovery(spec: DiscoverSpec, record: Path) -> None:
+    """Refuse an ``--out`` that holds another discovery (a record of a different spec): its
+    recorded stages would be read as this file's answers."""
+    if not record.is_file():
+        return
+    from optolab.core.files import read_json_object
+
+    old = read_json_object(record, "delete discover.json to redo every stage's verdicts from its runs, or choose "
+                                   "another --out.").get("spec")
+    if old is None:  # recorded before the spec was kept: its stages are taken as they are
+        return
+    new = spec.model_dump(mode="json")
+    same = {"name", "workers"}  # a renamed file, or more workers, asks the same questions
+    differ = sorted(k for k in (set(old) | set(new)) - same if old.get(k) != new.get(k))
+    if differ:
+        raise OptolabError(f"'{record.parent}' holds a discovery of another file (fields differ: {', '.join(differ)}); "
+                           "its recorded stages are not this file's answers.", field="--out",
+                           fix="choose another --out, or run the file that made it.")
 
 
 def plan(path: str | Path, workers: int | None = None) -> list[str]:
