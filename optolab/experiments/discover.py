@@ -146,20 +146,20 @@ def _check_runs(spec: DiscoverSpec, base: str) -> None:
     """Validate the reference, every screen condition and every dose value as the stages' runs."""
     import re
 
+    from optolab.experiments.designs import _put
+    from optolab.experiments.sweep import _set
     from optolab.protocol.loader import load_protocol, validate_protocol
 
     conds = screen_conditions(spec, base)
     data = load_protocol(base).resolved()
-    from optolab.experiments.sweep import _set
-
     for dotted, value in run_set(spec, base).items():
         _set(data, dotted, value)
     n_base = len(data["clamps"])
-    runs = [(name, clamps, why) for name, clamps, why in conds]
-    for why, dose in spec.dose.items():
+    runs = list(conds)
+    for why, dose in spec.dose.items():  # as stage_dose makes them, on the intervention's first target
         first = next(((n, c) for n, c, w in conds if w == why), None)
         for v in dose.values if first else []:
-            runs.append((f"{first[0]} at {dose.field} {v:g}", [{**first[1][0], dose.field: v}, *first[1][1:]], why))
+            runs.append((f"{first[0]} at {dose.field} {v:g}", [_put(c, dose.field, v) for c in first[1]], why))
     validate_protocol(data)
     for name, clamps, why in runs:
         try:
