@@ -245,6 +245,17 @@ def run_round(ctx: Ctx, file: Path, sweep_dir: Path) -> None:
                            fix="fix the cause and run the same command again: finished runs are kept.")
 
 
+def sweep_round(ctx: Ctx, file: Path, listed: list[dict], stop: dict | bool, sweep_dir: Path,
+                message: str) -> tuple[dict, dict]:
+    """Write ``listed`` as the sweep ``file``, say ``message``, run it into ``sweep_dir``; the
+    crossing times and the censored runs' last evals of everything in that folder."""
+    write_sweep(ctx, file, listed, stop)
+    ctx.say(message)
+    run_round(ctx, file, sweep_dir)
+    loss = ctx.spec.question.loss
+    return times(sweep_dir, loss), censored(sweep_dir, loss)
+
+
 def crossings(sweep_dir: Path, loss: float, interpolate: bool = True) -> dict[str, dict[int, Any]]:
     """``{condition: {seed: Crossing}}`` of a stage's finished runs: the main loss's first
     crossing of ``loss`` (interpolated; else the first eval at or below it), or where a run that
@@ -325,12 +336,9 @@ def sequential_stage(ctx: Ctx, k: int, stage: str, conds: dict[str, list[dict]],
             for c in listed:
                 c["set"] = {"train.stop": _stop_rule(ctx, None if c["name"] == REFERENCE else cap)}
             stop = False
-        file = ctx.out / f"{k}_{stage}.round{r}.yaml"
-        write_sweep(ctx, file, listed, stop)
-        ctx.say(f"[discover] {stage} round {r}: {sum(map(len, seeds.values())) + len(ref_seeds)} runs "
-                f"({len(conds)} conditions)")
-        run_round(ctx, file, sweep_dir)
-        t, c = times(sweep_dir, ctx.spec.question.loss), censored(sweep_dir, ctx.spec.question.loss)
+        t, c = sweep_round(ctx, ctx.out / f"{k}_{stage}.round{r}.yaml", listed, stop, sweep_dir,
+                           f"[discover] {stage} round {r}: {sum(map(len, seeds.values())) + len(ref_seeds)} runs "
+                           f"({len(conds)} conditions)")
         if cap is None:  # later rounds: capped at this round's reference, so their runs need not wait for its new seeds
             from optolab.experiments.answering import cap_sequences
 
@@ -476,12 +484,9 @@ def stage_windows(ctx: Ctx) -> dict:
                                    "set": {"train.stop": _stop_rule(ctx, cap)}})
             t, cens = {}, {}
             if names:
-                file = ctx.out / f"3_windows.{name}.round{next(rounds)}.yaml"
-                write_sweep(ctx, file, listed, False)
-                ctx.say(f"[discover] windows {name}: probing "
-                        f"{', '.join(f'{k} {a:.3g}-{b:.3g} T' for k, (a, b) in asks.items())}")
-                run_round(ctx, file, sweep_dir)
-                t, cens = times(sweep_dir, ctx.spec.question.loss), censored(sweep_dir, ctx.spec.question.loss)
+                t, cens = sweep_round(ctx, ctx.out / f"3_windows.{name}.round{next(rounds)}.yaml", listed, False,
+                                      sweep_dir, f"[discover] windows {name}: probing "
+                                      f"{', '.join(f'{k} {a:.3g}-{b:.3g} T' for k, (a, b) in asks.items())}")
             return {**{which: 1.0 for which in empty},
                     **{which: judge(t.get(c, {}), {s: ref[s] for s in seeds}, ctx.spec.margin, cond_censored=cens.get(c),
                                     ref_censored=ref_cens)["point"] for which, c in names.items()}}
@@ -521,11 +526,8 @@ def stage_dose(ctx: Ctx) -> dict:
     listed = [{"name": f"{pick}__dose_{v:g}".replace(".", "p"), "clamps": [_put(c, d.field, v) for c in by_name[pick][0]],
                "seeds": seeds, "set": {"train.stop": _stop_rule(ctx, _cap(ctx))}} for v in d.values]
     sweep_dir = ctx.stage_dir(4, "dose")
-    file = ctx.out / "4_dose.yaml"
-    write_sweep(ctx, file, listed, False)
-    ctx.say(f"[discover] dose of {pick}: {d.field} in {d.values}, {len(listed) * len(seeds)} runs")
-    run_round(ctx, file, sweep_dir)
-    t, cens = times(sweep_dir, ctx.spec.question.loss), censored(sweep_dir, ctx.spec.question.loss)
+    t, cens = sweep_round(ctx, ctx.out / "4_dose.yaml", listed, False, sweep_dir,
+                          f"[discover] dose of {pick}: {d.field} in {d.values}, {len(listed) * len(seeds)} runs")
     ref_cens = censored(confirm_dir, ctx.spec.question.loss).get(REFERENCE, {})
     doses = {f"{v:g}": judge(t.get(c["name"], {}), {s: ref[s] for s in seeds}, ctx.spec.margin,
                              cond_censored=cens.get(c["name"]), ref_censored=ref_cens)
