@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from optolab.cli import main
 from optolab.protocol.loader import load_protocol
 from optolab.training.trainer import train
+from optolab.training.rundir import LISTED, RECORD
 
 from .conftest import ROOT, fewshot_protocol, write_protocol
 
@@ -128,8 +129,27 @@ def test_overwrite_refuses_a_user_file_in_any_folder_and_deletes_only_what_optol
     capsys.readouterr()
     left = set(_tree(out))
     assert not {p for p in left if p.split("/")[0] in ("wandb", "tensorboard", "posthoc", "measures")}, left
-    assert "checkpoints/step_00000010.json.tmp" not in left and ".optolab.files" not in left
+    assert "checkpoints/step_00000010.json.tmp" not in left
+    listed = (out / ".optolab.files").read_text().splitlines()  # the new run lists its own checkpoints only
+    assert listed[0] == LISTED and all(p.startswith("checkpoints/step_") for p in listed[1:])
     assert (out / "summary.json").is_file()
+
+
+def test_overwrite_keeps_a_checkpoint_copied_in_under_a_step_name(tmp_path, capsys):
+    # a step name optolab uses is not enough: a run lists the checkpoint files it wrote
+    path = write_protocol(tmp_path, fewshot_protocol(steps=20))
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+    copied = out / "checkpoints" / "step_00000099.safetensors"
+    shutil.copy(out / "checkpoints" / "step_00000020.safetensors", copied)
+    before = _tree(tmp_path)
+    assert main(["run", str(path), "--out", str(out), "--overwrite", "--no-progress"]) == 2
+    _one_line(capsys, "checkpoints/step_00000099.safetensors", "--overwrite deletes only a run's own files")
+    assert _tree(tmp_path) == before
+    # a run written before runs listed their checkpoints is judged by the names alone, as then
+    (out / RECORD).unlink()
+    assert main(["run", str(path), "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    assert not copied.exists() and (out / RECORD).read_text().startswith(LISTED)
 
 
 # --- a refusal writes nothing -----------------------------------------------------------------

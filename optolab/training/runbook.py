@@ -50,6 +50,7 @@ from optolab.model.checkpoint import (
     load_weights,
     prune,
     save_checkpoint,
+    stem,
 )
 from optolab.model.forward import Forward, PlainForward
 from optolab.protocol.schema import Protocol
@@ -160,6 +161,8 @@ class RunBook:
         if was_stopped(self.run):  # allowed by _check_same_protocol only under another stop rule
             reopen(self.run)
         self.run.write_protocol(self._resolved)
+        if not self.resumed:
+            self.run.begin_listing()
         self.run.truncate_metrics(self.start_step if self.resumed else -1)  # a run that died before its
         per_example.truncate(self.run.path, self.start_step if self.resumed else -1)  # first checkpoint starts clean
         self._forget_after(self.start_step if self.resumed else -1)
@@ -222,6 +225,7 @@ class RunBook:
             if bad is not None:  # never checkpoint a broken model: the last good one stays the last
                 self.diverged(step, f"parameter {bad} is not finite")
             self._checkpoint_measures(step, model)  # before the checkpoint: a resume from the last one redoes them
+            self.run.list_checkpoint(stem(step))  # before writing: an interrupted write's leftovers are the run's
             save_checkpoint(self.run.checkpoints, step, step * self.bs, model, optimizer,
                             {"name": self.protocol.name, "train_loss_sum": self.loss_sum.item(),
                              "train_loss_n": self.loss_n})

@@ -19,9 +19,12 @@ Rules:
   ``tensorboard/events.out.tfevents.*``, everything inside wandb's own run folder
   ``wandb/offline-run-…-optolab-<id>/``, and a ``.tmp`` leftover of any of them), and those
   recorded in ``.optolab.files`` when written (:func:`record`: files whose names the user
-  chooses, as ``optolab evaluate``'s CSVs). Anything else anywhere in the folder — a file, a
-  folder, a symbolic link, in ``checkpoints/``, ``figures/`` or any subfolder — refuses the
-  overwrite naming it, and nothing is deleted (:meth:`RunDir.clearable`). A folder that holds no
+  chooses, as ``optolab evaluate``'s CSVs). A run started by this version also lists every
+  checkpoint file it writes there (the record's first line, :data:`LISTED`, says so): in such a
+  run a file in ``checkpoints/`` is the run's only when listed, so a checkpoint copied in under
+  a step name (``step_00000099.safetensors``) is not deleted. Anything else anywhere in the
+  folder — a file, a folder, a symbolic link, in ``checkpoints/``, ``figures/`` or any
+  subfolder — refuses the overwrite naming it, and nothing is deleted (:meth:`RunDir.clearable`). A folder that holds no
   run (no ``protocol.yaml`` or ``meta.json``) is refused likewise. Files are then deleted one by
   one and emptied folders removed: a file that appears meanwhile is kept.
 - ``metrics.jsonl`` is append-only during a run; on resume, rows after the checkpoint's step are
@@ -77,6 +80,8 @@ _OWNED_FOLDERS = re.compile(r"checkpoints|figures|per_example|tensorboard|wandb|
 DAMAGED_LOG_FIX = ("delete that line (rows after the last checkpoint are recomputed on resume), or pass "
                    "--overwrite to redo the run.")
 RECORD = ".optolab.files"  # paths of files optolab wrote under names it does not choose (one a line)
+LISTED = "# and every checkpoint file this run wrote"  # the record's first line in runs that list them
+CHECKPOINT_SUFFIXES = (".safetensors", ".optim.safetensors", ".json")  # optolab.model.checkpoint's three
 
 
 def record(run_dir: str | Path, path: str | Path) -> None:
@@ -86,6 +91,15 @@ def record(run_dir: str | Path, path: str | Path) -> None:
         return
     with (Path(run_dir) / RECORD).open("a") as f:
         f.write(rel + "\n")
+
+
+def _listing(run_dir: Path) -> bool:
+    """Whether this run lists its checkpoint files in the record (see the module rules)."""
+    try:
+        with (run_dir / RECORD).open() as f:
+            return f.readline().rstrip("\n") == LISTED
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _recorded(run_dir: Path) -> set[str]:
@@ -152,7 +166,7 @@ class RunDir:
         """``(files, folders)`` :meth:`clear` would delete; raises (one line) where it would refuse."""
         if not self.path.is_dir():
             raise OptolabError(f"'{self.path}' is not a folder.", field="--out", fix="choose a run directory.")
-        files, folders, foreign = _walk(self.path, _recorded(self.path))
+        files, folders, foreign = _walk(self.path, _recorded(self.path), _listing(self.path))
         if (files or folders or foreign) and not (self.protocol.is_file() or self.meta.is_file()):
             raise OptolabError(f"refusing to overwrite '{self.path}': it is not an optolab run directory.",
                                field="--out", fix="choose another folder.")
@@ -162,6 +176,19 @@ class RunDir:
                                f"({shown}); --overwrite deletes only a run's own files.", field="--out",
                                fix="move those files out, or choose another --out.")
         return files, folders
+
+    def begin_listing(self) -> None:
+        """A run starting from step 0 with no checkpoint yet lists its checkpoint files from now
+        on (the record's first line says so; a record already there keeps its lines)."""
+        if _listing(self.path) or any(self.checkpoints.glob("step_*")):
+            return
+        kept = sorted(_recorded(self.path))
+        write_atomic(self.path / RECORD, "\n".join([LISTED, *kept]) + "\n")
+
+    def list_checkpoint(self, stem: str) -> None:
+        """Record the files of checkpoint ``stem`` (``step_00001234``) before they are written."""
+        for suffix in CHECKPOINT_SUFFIXES:
+            record(self.path, self.checkpoints / f"{stem}{suffix}")
 
     def write_protocol(self, resolved: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -219,10 +246,11 @@ class RunDir:
         os.replace(tmp, self.metrics_parquet)
 
 
-def _walk(root: Path, recorded: set[str]) -> tuple[list[Path], list[Path], list[str]]:
+def _walk(root: Path, recorded: set[str], listing: bool = False) -> tuple[list[Path], list[Path], list[str]]:
     """Every entry under ``root`` but the lock: ``(owned files, owned folders, foreign paths)``.
     A folder is owned when a run makes it (or a recorded file is in it) and all it holds is
-    owned; links are never followed (and are foreign, but for wandb's own)."""
+    owned; links are never followed (and are foreign, but for wandb's own). With ``listing``,
+    a checkpoint file is owned only when recorded (or the ``.tmp`` of one that is)."""
     parents = {Path(r).parent.as_posix() for r in recorded}
     folders_of_record = {q for r in parents for q in _ancestors(r)}
     files: list[Path] = []
@@ -241,6 +269,8 @@ def _walk(root: Path, recorded: set[str]) -> tuple[list[Path], list[Path], list[
             if rel == LOCK_NAME:
                 continue
             ours = rel in recorded or _OWNED.fullmatch(rel) is not None
+            if ours and listing and rel.startswith("checkpoints/"):
+                ours = rel.removesuffix(".tmp") in recorded
             if p.is_dir() and not p.is_symlink():
                 if not (_OWNED_FOLDERS.fullmatch(rel) or rel in folders_of_record):
                     foreign.append(rel + "/")
