@@ -24,9 +24,10 @@ Rules:
   run a file in ``checkpoints/`` is the run's only when listed, so a checkpoint copied in under
   a step name (``step_00000099.safetensors``) is not deleted. Anything else anywhere in the
   folder — a file, a folder, a symbolic link, in ``checkpoints/``, ``figures/`` or any
-  subfolder — refuses the overwrite naming it, and nothing is deleted (:meth:`RunDir.clearable`). A folder that holds no
-  run (no ``protocol.yaml`` or ``meta.json``) is refused likewise. Files are then deleted one by
-  one and emptied folders removed: a file that appears meanwhile is kept.
+  subfolder — refuses the overwrite naming it, and nothing is deleted
+  (:meth:`RunDir.clearable`). A folder that holds no run (no ``protocol.yaml`` or
+  ``meta.json``) is refused likewise. Files are then deleted one by one and emptied folders
+  removed: a file that appears meanwhile is kept.
 - ``metrics.jsonl`` is append-only during a run; on resume, rows after the checkpoint's step are
   dropped (they will be recomputed identically). A finished run keeps its rows in
   ``metrics.parquet`` and the log gzipped (``metrics.jsonl.gz``, :meth:`RunDir.finish_log`), so a
