@@ -73,8 +73,7 @@ def _short(protocol, steps: int, name: str, seed: int):
     from optolab.protocol.loader import validate_protocol
 
     data = copy.deepcopy(protocol.resolved())
-    _squeeze({k: v for k, v in data.items() if k != "train"}, protocol.train.total_steps,
-             protocol.train.batch_size, steps)
+    _squeeze(data, protocol.train.total_steps, protocol.train.batch_size, steps)
     data["train"].update(steps=steps, sequences=None, compile=False, device="cpu", stop=None, track=[])
     data["train"]["checkpoints"] = {"schedule": {"unit": "steps", "every": steps}}
     data["measures"]["schedule"] = {"unit": "steps", "every": steps}

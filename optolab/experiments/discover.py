@@ -147,20 +147,16 @@ def _check_runs(spec: DiscoverSpec, base: str) -> None:
     import re
 
     from optolab.experiments.designs import _put
-    from optolab.experiments.sweep import _set
     from optolab.protocol.loader import load_protocol, validate_protocol
 
     conds = screen_conditions(spec, base)
-    data = load_protocol(base).resolved()
-    for dotted, value in run_set(spec, base).items():
-        _set(data, dotted, value)
+    data = _as_run(load_protocol(base), run_set(spec, base)).resolved()  # the reference, validated
     n_base = len(data["clamps"])
     runs = list(conds)
     for why, dose in spec.dose.items():  # as stage_dose makes them, on the intervention's first target
         first = next(((n, c) for n, c, w in conds if w == why), None)
         for v in dose.values if first else []:
             runs.append((f"{first[0]} at {dose.field} {v:g}", [_put(c, dose.field, v) for c in first[1]], why))
-    validate_protocol(data)
     for name, clamps, why in runs:
         try:
             validate_protocol({**data, "clamps": [*data["clamps"], *clamps]})
